@@ -1,0 +1,119 @@
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/safetensors.h"
+
+namespace amalgam::core {
+
+enum class MergeMethod { kAverage, kWeighted, kFisher, kRegMean };
+
+// How Gram matrices enter a RegMean merge.
+enum class GramNormalization {
+  // As uploaded; the Grams must all be `sum` or all `mean`.
+  kAsUploaded,
+  // Each `sum` Gram is divided by its `num_examples`.
+  kMean,
+};
+
+// One model of a merge. The readers are owned by the caller and must outlive
+// the plan and its execution.
+struct MergeInput {
+  const SafetensorsReader* weights = nullptr;
+  // Required for kRegMean: per-linear-weight Gram matrices.
+  const SafetensorsReader* gram = nullptr;
+  // Required for kFisher: diagonal Fisher, same names and shapes as weights.
+  const SafetensorsReader* fisher = nullptr;
+  // Relative weight (>= 0); all zero means equal weights. Normalised to sum 1.
+  double coefficient = 0.0;
+  // How error messages name this model (an artifact id, a file name).
+  std::string label;
+};
+
+struct MergeOptions {
+  MergeMethod method = MergeMethod::kAverage;
+  // RegMean non-diagonal scaling in [0, 1].
+  double alpha = 0.9;
+  // RE2 full-match patterns of tensor names left out of the merge.
+  std::vector<std::string> exclude;
+  // Index of the model excluded tensors are copied from; -1 drops them.
+  int take_excluded_from = -1;
+  GramNormalization gram_normalization = GramNormalization::kAsUploaded;
+  // Fisher: where sum c_i F_i < fisher_floor * max(sum c_i F_i), the weighted
+  // average is used instead.
+  double fisher_floor = 1e-12;
+  // "cpu", "cuda", "cuda:N" or "auto".
+  std::string device = "cpu";
+};
+
+// How one output tensor is produced.
+enum class TensorRule {
+  kAverage,  // sum c_i W_i (also used for average/weighted)
+  kFisher,   // sum c_i F_i W_i / sum c_i F_i
+  kRegMean,  // closed-form solve from the Grams
+  kCopy,     // excluded tensor copied from one model
+};
+
+struct PlannedTensor {
+  TensorInfo info;  // name, dtype and shape of the output (from model 0)
+  TensorRule rule = TensorRule::kAverage;
+  int copy_from = -1;  // for kCopy
+};
+
+// The validated recipe of a merge: the output tensors in write order and the
+// normalised coefficients.
+struct MergePlan {
+  std::vector<PlannedTensor> tensors;
+  std::vector<double> coefficients;
+  // Per model: scale applied to its Grams (1 or 1/num_examples).
+  std::vector<double> gram_scale;
+  uint64_t output_bytes = 0;
+};
+
+// Validates a merge in full without reading tensor data (beyond metadata):
+// at least two models; coefficients >= 0 and not all zero unless all are
+// zero; alpha in [0,1]; statistics present for the method; the same tensor
+// names, dtypes and shapes in every model unless excluded; Grams square and
+// `in x in` for their weight, present for every model or for none; Fisher
+// shapes equal to their weight. INVALID_ARGUMENT for a malformed request,
+// FAILED_PRECONDITION for inputs that do not fit together; the message names
+// the tensor, the models and both shapes.
+absl::StatusOr<MergePlan> PlanMerge(const std::vector<MergeInput>& inputs,
+                                    const MergeOptions& options);
+
+struct MergeProgress {
+  int64_t tensors_done = 0;
+  int64_t tensors_total = 0;
+  uint64_t bytes_done = 0;
+  uint64_t bytes_total = 0;
+};
+
+// Runs `plan` tensor by tensor, streaming the result into a safetensors file
+// at `out_path` (written atomically). Peak memory is O(N x largest tensor).
+// Output dtype = input dtype; arithmetic in float32 (float64 for the RegMean
+// solve). `progress` (may be empty) is called after each tensor. Returns
+// CANCELLED when `*cancelled` becomes true, FAILED_PRECONDITION when a RegMean
+// system is singular (naming the tensor), RESOURCE_EXHAUSTED when out of
+// memory. Same inputs give bitwise the same output on CPU.
+absl::Status ExecuteMerge(
+    const MergePlan& plan, const std::vector<MergeInput>& inputs,
+    const MergeOptions& options, const std::string& out_path,
+    const std::function<void(const MergeProgress&)>& progress,
+    const std::atomic<bool>* cancelled);
+
+// "cpu" or "cuda:N" for a --device value ("auto", "cpu", "cuda", "cuda:N").
+// INVALID_ARGUMENT for a malformed value, FAILED_PRECONDITION for CUDA when
+// this build or machine has none.
+absl::StatusOr<std::string> ResolveDevice(const std::string& spec);
+
+// One line naming LibTorch's version, its BLAS and whether CUDA is usable.
+std::string DescribeRuntime();
+
+}  // namespace amalgam::core

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs every Debian package Amalgam needs to build, test and run. Idempotent.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config git
+  libtorch-dev libopenblas0-pthread
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev prometheus-cpp-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libre2-dev libsqlite3-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev
+  clang-format
+  python3-grpcio python3-protobuf python3-torch python3-numpy python3-pytest
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${packages[@]}"
