@@ -43,8 +43,9 @@ struct SafetensorsHeader {
 // tensor's `file_offset`. INVALID_ARGUMENT (naming the tensor) for malformed
 // JSON, unknown dtypes, negative dims, offsets that disagree with the shape,
 // overlap or point past the end of the data. Thread-safe.
-absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
-    absl::string_view json, uint64_t data_size, uint64_t data_start);
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view json,
+                                                         uint64_t data_size,
+                                                         uint64_t data_start);
 
 // Reads a safetensors file, or a Hugging Face sharded checkpoint
 // (`model.safetensors.index.json` and its shards), through mmap: nothing is
@@ -126,6 +127,8 @@ class SafetensorsWriter {
 
   std::string path_;
   std::FILE* file_;
+  // The stdio buffer of `file_` (glibc ignores setvbuf's size without one).
+  std::unique_ptr<char[]> buffer_;
   uint64_t data_size_;
   uint64_t written_ = 0;
   bool finished_ = false;

@@ -44,7 +44,8 @@ std::string Sha256::HexDigest() {
 absl::StatusOr<std::string> Sha256File(const std::string& path) {
   std::FILE* file = std::fopen(path.c_str(), "rb");
   if (file == nullptr) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat("no file ", path));
+    if (errno == ENOENT)
+      return absl::NotFoundError(absl::StrCat("no file ", path));
     return absl::InternalError(
         absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
   }

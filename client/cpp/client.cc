@@ -1,0 +1,381 @@
+#include "client/cpp/client.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/sha256.h"
+#include "core/status_macros.h"
+#include "grpcpp/grpcpp.h"
+
+namespace amalgam::client {
+namespace {
+
+namespace v1 = ::amalgam::v1;
+
+// Framing and the rest of an UploadRequest around its data bytes.
+constexpr int64_t kChunkOverheadBytes = 4096;
+
+absl::Status ErrnoError(const std::string& what, const std::string& path) {
+  const int error = errno;
+  std::string message =
+      absl::StrCat(what, " ", path, ": ", std::strerror(error));
+  if (error == ENOENT) return absl::NotFoundError(message);
+  if (error == EACCES || error == EPERM) {
+    return absl::PermissionDeniedError(message);
+  }
+  return absl::InternalError(message);
+}
+
+// Writes all of `data` to `fd`.
+absl::Status WriteAll(int fd, const std::string& data,
+                      const std::string& path) {
+  const char* p = data.data();
+  size_t left = data.size();
+  while (left > 0) {
+    const ssize_t n = ::write(fd, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError("cannot write", path);
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+// Owns a file descriptor; closes it on destruction.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  // Closes now, reporting the error that close() may surface.
+  int Close() {
+    const int fd = fd_;
+    fd_ = -1;
+    return ::close(fd);
+  }
+
+ private:
+  int fd_;
+};
+
+}  // namespace
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      status.error_message());
+}
+
+bool IsFinal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Create(
+    const ClientOptions& options) {
+  if (options.address.empty()) {
+    return absl::InvalidArgumentError("empty server address");
+  }
+  if (options.max_send_message_bytes <= 0 ||
+      options.max_receive_message_bytes <= 0) {
+    return absl::InvalidArgumentError("message size limits must be positive");
+  }
+  if (options.chunk_bytes <= 0 || options.chunk_bytes + kChunkOverheadBytes >
+                                      options.max_send_message_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk size ", options.chunk_bytes, " does not fit in a message of ",
+        options.max_send_message_bytes, " bytes"));
+  }
+  if (options.unary_deadline <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("unary deadline must be positive");
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxSendMessageSize(options.max_send_message_bytes);
+  args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
+      options.address, grpc::InsecureChannelCredentials(), args);
+  return std::make_unique<Client>(options, std::move(channel));
+}
+
+Client::Client(const ClientOptions& options,
+               std::shared_ptr<grpc::Channel> channel)
+    : options_(options),
+      channel_(std::move(channel)),
+      artifacts_(v1::ArtifactService::NewStub(channel_)),
+      jobs_(v1::JobService::NewStub(channel_)) {}
+
+void Client::Prepare(grpc::ClientContext* context, bool unary) const {
+  if (!options_.token.empty()) {
+    context->AddMetadata("authorization", "Bearer " + options_.token);
+  }
+  if (unary) {
+    context->set_deadline(
+        absl::ToChronoTime(absl::Now() + options_.unary_deadline));
+  }
+}
+
+absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
+                                            const std::string& path,
+                                            const std::string& name,
+                                            const std::string& describes,
+                                            const ProgressCallback& progress) {
+  std::error_code error;
+  const uintmax_t size = std::filesystem::file_size(path, error);
+  if (error) {
+    std::string message =
+        absl::StrCat("cannot read ", path, ": ", error.message());
+    if (error == std::errc::no_such_file_or_directory) {
+      return absl::NotFoundError(message);
+    }
+    return absl::InvalidArgumentError(message);
+  }
+  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(path));
+
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return ErrnoError("cannot open", path);
+
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/false);
+  v1::UploadResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadRequest>> writer =
+      artifacts_->Upload(&context, &response);
+
+  v1::UploadRequest request;
+  v1::UploadHeader* header = request.mutable_header();
+  header->set_kind(kind);
+  header->set_name(name);
+  header->set_size_bytes(static_cast<int64_t>(size));
+  header->set_sha256(sha256);
+  header->set_describes(describes);
+  bool open = writer->Write(request);
+
+  const int64_t total = static_cast<int64_t>(size);
+  int64_t offset = 0;
+  if (progress) progress(0, total);
+  while (open && offset < total) {
+    request.Clear();
+    v1::UploadChunk* chunk = request.mutable_chunk();
+    chunk->set_offset(offset);
+    std::string* data = chunk->mutable_data();
+    const int64_t n = std::min(options_.chunk_bytes, total - offset);
+    data->resize(static_cast<size_t>(n));
+    if (!in.read(data->data(), n)) {
+      context.TryCancel();
+      writer->Finish().IgnoreError();
+      return absl::DataLossError(
+          absl::StrCat("cannot read ", path, " at offset ", offset,
+                       " (was it changed during the upload?)"));
+    }
+    open = writer->Write(request);
+    if (open) {
+      offset += n;
+      if (progress) progress(offset, total);
+    }
+  }
+  // When a write fails the stream is broken; Finish reports why.
+  writer->WritesDone();
+  AMALGAM_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+  if (offset < total) {
+    return absl::UnavailableError(absl::StrCat(
+        "upload stream closed after ", offset, " of ", total, " bytes"));
+  }
+  return std::move(*response.mutable_artifact());
+}
+
+absl::StatusOr<v1::ListArtifactsResponse> Client::ListArtifacts(
+    v1::ArtifactKind kind) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::ListArtifactsRequest request;
+  request.set_kind(kind);
+  v1::ListArtifactsResponse response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(artifacts_->ListArtifacts(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<v1::Artifact> Client::GetArtifact(const std::string& id) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::GetArtifactRequest request;
+  request.set_id(id);
+  v1::Artifact response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(artifacts_->GetArtifact(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<v1::DownloadChunk> Client::Download(
+    const std::string& artifact_id, const std::string& out_path,
+    const ProgressCallback& progress) {
+  const std::string tmp_path = out_path + ".tmp";
+  Fd fd(
+      ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (fd.get() < 0) return ErrnoError("cannot create", tmp_path);
+
+  // Removes the temporary file unless the download completes.
+  bool done = false;
+  struct Cleanup {
+    const std::string& path;
+    const bool& done;
+    ~Cleanup() {
+      if (!done) std::remove(path.c_str());
+    }
+  } cleanup{tmp_path, done};
+
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/false);
+  v1::DownloadRequest request;
+  request.set_artifact_id(artifact_id);
+  std::unique_ptr<grpc::ClientReader<v1::DownloadChunk>> reader =
+      artifacts_->Download(&context, request);
+
+  v1::DownloadChunk first;
+  bool have_first = false;
+  core::Sha256 hash;
+  int64_t offset = 0;
+  v1::DownloadChunk chunk;
+  absl::Status local = absl::OkStatus();
+  while (reader->Read(&chunk)) {
+    if (!have_first) {
+      have_first = true;
+      first.set_size_bytes(chunk.size_bytes());
+      first.set_sha256(chunk.sha256());
+      if (progress) progress(0, first.size_bytes());
+    }
+    if (chunk.offset() != offset) {
+      local = absl::DataLossError(absl::StrCat(
+          "chunk at offset ", chunk.offset(), ", expected ", offset));
+      break;
+    }
+    if (offset + static_cast<int64_t>(chunk.data().size()) >
+        first.size_bytes()) {
+      local = absl::DataLossError(
+          absl::StrCat("server sent more than the announced ",
+                       first.size_bytes(), " bytes"));
+      break;
+    }
+    local = WriteAll(fd.get(), chunk.data(), tmp_path);
+    if (!local.ok()) break;
+    hash.Update(chunk.data());
+    offset += static_cast<int64_t>(chunk.data().size());
+    if (progress) progress(offset, first.size_bytes());
+  }
+  if (!local.ok()) {
+    context.TryCancel();
+    reader->Finish().IgnoreError();
+    return local;
+  }
+  AMALGAM_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
+  if (!have_first) {
+    return absl::DataLossError("download stream ended without any chunk");
+  }
+  if (offset != first.size_bytes()) {
+    return absl::DataLossError(absl::StrCat("received ", offset, " of ",
+                                            first.size_bytes(), " bytes"));
+  }
+  const std::string digest = hash.HexDigest();
+  if (digest != first.sha256()) {
+    return absl::DataLossError(absl::StrCat(
+        "sha256 mismatch: received ", digest, ", announced ", first.sha256()));
+  }
+  if (::fsync(fd.get()) != 0) return ErrnoError("cannot fsync", tmp_path);
+  if (fd.Close() != 0) return ErrnoError("cannot close", tmp_path);
+  if (std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
+    return ErrnoError("cannot rename to", out_path);
+  }
+  done = true;
+  return first;
+}
+
+absl::StatusOr<v1::Job> Client::SubmitJob(const v1::SubmitJobRequest& request) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::Job response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(jobs_->SubmitJob(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<v1::Job> Client::GetJob(const std::string& id) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::GetJobRequest request;
+  request.set_id(id);
+  v1::Job response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(jobs_->GetJob(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<v1::ListJobsResponse> Client::ListJobs() {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::ListJobsRequest request;
+  v1::ListJobsResponse response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(jobs_->ListJobs(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id,
+                                         const JobEventCallback& callback) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/false);
+  v1::WatchJobRequest request;
+  request.set_id(id);
+  std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader =
+      jobs_->WatchJob(&context, request);
+  v1::JobEvent event;
+  v1::Job last;
+  while (reader->Read(&event)) {
+    if (callback) callback(event);
+    last = event.job();
+  }
+  // The server ends the stream after a final state.
+  const absl::Status status = FromGrpcStatus(reader->Finish());
+  if (IsFinal(last.state())) return last;
+  AMALGAM_RETURN_IF_ERROR(status);
+  // The stream ended without a final state: ask once more.
+  AMALGAM_ASSIGN_OR_RETURN(v1::Job job, GetJob(id));
+  if (!IsFinal(job.state())) {
+    return absl::AbortedError(absl::StrCat("watch of job ", id,
+                                           " ended while the job is ",
+                                           v1::JobState_Name(job.state())));
+  }
+  if (callback) {
+    v1::JobEvent final_event;
+    *final_event.mutable_job() = job;
+    callback(final_event);
+  }
+  return job;
+}
+
+absl::StatusOr<v1::Job> Client::CancelJob(const std::string& id) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::CancelJobRequest request;
+  request.set_id(id);
+  v1::Job response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(jobs_->CancelJob(&context, request, &response)));
+  return response;
+}
+
+}  // namespace amalgam::client

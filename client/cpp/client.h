@@ -1,0 +1,100 @@
+#pragma once
+
+// C++ client of the Amalgam API (amalgam.v1): uploads and downloads of
+// artifacts, job submission, watching and cancellation.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "amalgam/v1/amalgam.grpc.pb.h"
+#include "amalgam/v1/amalgam.pb.h"
+
+namespace amalgam::client {
+
+struct ClientOptions {
+  // host:port of amalgamd.
+  std::string address = "127.0.0.1:50051";
+  // Bearer token; when non-empty every call sends
+  // `authorization: Bearer <token>`.
+  std::string token;
+  // Deadline of each unary call. Streaming calls (upload, download, watch)
+  // have none: they last as long as the transfer or the job.
+  absl::Duration unary_deadline = absl::Seconds(30);
+  // gRPC message size limits, both directions.
+  int max_send_message_bytes = 16 << 20;
+  int max_receive_message_bytes = 16 << 20;
+  // Bytes per upload chunk; must leave room for framing under
+  // max_send_message_bytes.
+  int64_t chunk_bytes = 1 << 20;
+};
+
+// Called with bytes done and bytes total as a transfer advances.
+using ProgressCallback = std::function<void(int64_t done, int64_t total)>;
+// Called with every event of a watched job, the final one included.
+using JobEventCallback = std::function<void(const amalgam::v1::JobEvent&)>;
+
+// Converts a gRPC status to an absl::Status: same numeric code, the server's
+// message. The only such conversion in the client.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+// True for SUCCEEDED, FAILED and CANCELLED.
+bool IsFinal(amalgam::v1::JobState state);
+
+// A connection to one server. Methods return the server's status code and
+// message on failure. Thread-safe: calls may run concurrently.
+class Client {
+ public:
+  // INVALID_ARGUMENT for unusable options. Does not connect: the first call
+  // does, and fails with UNAVAILABLE when nothing listens.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(
+      const ClientOptions& options);
+
+  Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel);
+
+  // Hashes the file at `path` (sha256, size), then streams it. `describes`
+  // names the weights artifact that a gram or fisher file belongs to (may be
+  // empty). NOT_FOUND when the file is missing. Returns the new artifact.
+  absl::StatusOr<amalgam::v1::Artifact> Upload(
+      amalgam::v1::ArtifactKind kind, const std::string& path,
+      const std::string& name, const std::string& describes,
+      const ProgressCallback& progress = nullptr);
+
+  absl::StatusOr<amalgam::v1::ListArtifactsResponse> ListArtifacts(
+      amalgam::v1::ArtifactKind kind = amalgam::v1::ARTIFACT_KIND_UNSPECIFIED);
+  absl::StatusOr<amalgam::v1::Artifact> GetArtifact(const std::string& id);
+
+  // Streams the artifact into `out_path + ".tmp"`, checks the size and the
+  // sha256 announced in the first chunk, fsyncs and renames to `out_path`.
+  // DATA_LOSS on a mismatch (the temporary file is removed). Returns the
+  // artifact's size and sha256 as announced.
+  absl::StatusOr<amalgam::v1::DownloadChunk> Download(
+      const std::string& artifact_id, const std::string& out_path,
+      const ProgressCallback& progress = nullptr);
+
+  absl::StatusOr<amalgam::v1::Job> SubmitJob(
+      const amalgam::v1::SubmitJobRequest& request);
+  absl::StatusOr<amalgam::v1::Job> GetJob(const std::string& id);
+  absl::StatusOr<amalgam::v1::ListJobsResponse> ListJobs();
+  // Follows the job until it reaches a final state and returns it (a failed
+  // job is an OK status with state FAILED). ABORTED if the stream ends early
+  // and the job is still not final.
+  absl::StatusOr<amalgam::v1::Job> WatchJob(
+      const std::string& id, const JobEventCallback& callback = nullptr);
+  absl::StatusOr<amalgam::v1::Job> CancelJob(const std::string& id);
+
+ private:
+  // Sets metadata (token) and, for unary calls, the deadline.
+  void Prepare(grpc::ClientContext* context, bool unary) const;
+
+  const ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<amalgam::v1::ArtifactService::Stub> artifacts_;
+  std::unique_ptr<amalgam::v1::JobService::Stub> jobs_;
+};
+
+}  // namespace amalgam::client

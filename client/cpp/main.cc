@@ -1,0 +1,772 @@
+// amalgam: command-line client of amalgamd.
+//
+// Exit status: 0 on success, 1 when the server (or the local file system)
+// reports an error or a job fails, 2 on a usage error.
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "client/cpp/client.h"
+
+namespace amalgam::client {
+namespace {
+
+namespace v1 = ::amalgam::v1;
+
+constexpr char kDefaultServer[] = "127.0.0.1:50051";
+
+constexpr char kUsage[] =
+    R"(usage: amalgam [--server ADDR] [--token T] COMMAND [ARGS]
+
+Options (before COMMAND):
+  --server ADDR   amalgamd address (default $AMALGAM_SERVER, else 127.0.0.1:50051)
+  --token T       bearer token (default $AMALGAM_TOKEN)
+
+Commands:
+  upload weights|gram|fisher PATH [--name N] [--for ID]
+                  upload a safetensors file; prints the artifact id
+  ls              list artifacts
+  show ID         show an artifact: metadata and tensors
+  merge --method average|weighted|fisher|regmean --model ID[:COEFF]...
+        [--gram ID]... [--fisher ID]... [--alpha A] [--exclude REGEX]...
+        [--take-excluded-from K] [--gram-normalization as-uploaded|mean]
+        [--name N] [--watch] [--out FILE]
+                  submit a merge job; prints the job id. The i-th --gram and
+                  --fisher belong to the i-th --model. --watch waits for the
+                  job; --out waits and downloads the result to FILE
+  jobs            list jobs
+  watch JOB       follow a job until it ends; prints its result ids
+  cancel JOB      cancel a job
+  download ID --out FILE
+                  download an artifact
+  help            show this text
+)";
+
+// One usage line per command, shown with usage errors and `COMMAND --help`.
+const std::map<std::string, std::string>& CommandUsages() {
+  static const auto* usages = new std::map<std::string, std::string>{
+      {"upload",
+       "amalgam upload weights|gram|fisher PATH [--name N] [--for ID]"},
+      {"ls", "amalgam ls"},
+      {"show", "amalgam show ID"},
+      {"merge",
+       "amalgam merge --method average|weighted|fisher|regmean "
+       "--model ID[:COEFF]... [--gram ID]... [--fisher ID]... [--alpha A] "
+       "[--exclude REGEX]... [--take-excluded-from K] "
+       "[--gram-normalization as-uploaded|mean] [--name N] [--watch] "
+       "[--out FILE]"},
+      {"jobs", "amalgam jobs"},
+      {"watch", "amalgam watch JOB"},
+      {"cancel", "amalgam cancel JOB"},
+      {"download", "amalgam download ID --out FILE"},
+      {"help", "amalgam help"},
+  };
+  return *usages;
+}
+
+int UsageError(const std::string& command, absl::string_view message) {
+  std::cerr << "amalgam: " << message << "\n";
+  auto it = CommandUsages().find(command);
+  if (it != CommandUsages().end()) {
+    std::cerr << "usage: " << it->second << "\n";
+  } else {
+    std::cerr << "usage: amalgam [--server ADDR] [--token T] COMMAND [ARGS] "
+                 "(see `amalgam help`)\n";
+  }
+  return 2;
+}
+
+int Fail(const absl::Status& status) {
+  std::cerr << "amalgam: error: " << absl::StatusCodeToString(status.code())
+            << ": " << status.message() << "\n";
+  return 1;
+}
+
+// ---------------------------------------------------------------------------
+// Argument parsing
+// ---------------------------------------------------------------------------
+
+struct OptionSpec {
+  std::set<std::string> with_value;  // --opt V or --opt=V
+  std::set<std::string> flags;       // --opt
+  std::set<std::string> repeated;    // may appear more than once
+};
+
+struct Args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::vector<std::string>> options;
+  bool help = false;
+
+  bool Has(const std::string& option) const {
+    return options.count(option) > 0;
+  }
+  std::string Value(const std::string& option,
+                    const std::string& fallback = "") const {
+    auto it = options.find(option);
+    return it == options.end() ? fallback : it->second.back();
+  }
+  std::vector<std::string> Values(const std::string& option) const {
+    auto it = options.find(option);
+    return it == options.end() ? std::vector<std::string>() : it->second;
+  }
+};
+
+// INVALID_ARGUMENT (a usage error) for unknown options, missing values and
+// options repeated that may appear once. `--` ends the options.
+absl::StatusOr<Args> ParseArgs(const std::vector<std::string>& argv,
+                               const OptionSpec& spec) {
+  Args args;
+  bool options_done = false;
+  for (size_t i = 0; i < argv.size(); ++i) {
+    const std::string& arg = argv[i];
+    if (options_done || arg.size() < 2 || arg[0] != '-') {
+      args.positional.push_back(arg);
+      continue;
+    }
+    if (arg == "--") {
+      options_done = true;
+      continue;
+    }
+    if (arg == "-h" || arg == "--help") {
+      args.help = true;
+      continue;
+    }
+    std::string name = arg;
+    std::string value;
+    bool has_inline_value = false;
+    if (const size_t eq = arg.find('='); eq != std::string::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+      has_inline_value = true;
+    }
+    if (spec.flags.count(name) > 0) {
+      if (has_inline_value) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option ", name, " takes no value"));
+      }
+    } else if (spec.with_value.count(name) > 0) {
+      if (!has_inline_value) {
+        if (i + 1 >= argv.size()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("option ", name, " needs a value"));
+        }
+        value = argv[++i];
+      }
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown option ", name));
+    }
+    if (args.Has(name) && spec.repeated.count(name) == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("option ", name, " given more than once"));
+    }
+    args.options[name].push_back(value);
+  }
+  return args;
+}
+
+// ---------------------------------------------------------------------------
+// Formatting
+// ---------------------------------------------------------------------------
+
+std::string FormatBytes(int64_t bytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024 && unit < 4) {
+    value /= 1024;
+    ++unit;
+  }
+  if (unit == 0) return absl::StrCat(bytes, " B");
+  return absl::StrFormat("%.1f %s", value, kUnits[unit]);
+}
+
+std::string FormatTime(int64_t unix_seconds) {
+  if (unix_seconds <= 0) return "-";
+  return absl::FormatTime("%Y-%m-%d %H:%M:%S",
+                          absl::FromUnixSeconds(unix_seconds),
+                          absl::UTCTimeZone());
+}
+
+std::string KindName(v1::ArtifactKind kind) {
+  switch (kind) {
+    case v1::ARTIFACT_KIND_WEIGHTS:
+      return "weights";
+    case v1::ARTIFACT_KIND_GRAM:
+      return "gram";
+    case v1::ARTIFACT_KIND_FISHER:
+      return "fisher";
+    default:
+      return "?";
+  }
+}
+
+std::string StateName(v1::JobState state) {
+  switch (state) {
+    case v1::JOB_STATE_QUEUED:
+      return "queued";
+    case v1::JOB_STATE_RUNNING:
+      return "running";
+    case v1::JOB_STATE_SUCCEEDED:
+      return "succeeded";
+    case v1::JOB_STATE_FAILED:
+      return "failed";
+    case v1::JOB_STATE_CANCELLED:
+      return "cancelled";
+    default:
+      return "?";
+  }
+}
+
+std::string MethodName(v1::MergeMethod method) {
+  switch (method) {
+    case v1::MERGE_METHOD_AVERAGE:
+      return "average";
+    case v1::MERGE_METHOD_WEIGHTED:
+      return "weighted";
+    case v1::MERGE_METHOD_FISHER:
+      return "fisher";
+    case v1::MERGE_METHOD_REGMEAN:
+      return "regmean";
+    default:
+      return "?";
+  }
+}
+
+std::string JobKind(const v1::Job& job) {
+  switch (job.spec_case()) {
+    case v1::Job::kMerge:
+      return absl::StrCat("merge/", MethodName(job.merge().method()));
+    case v1::Job::kGrow:
+      return absl::StrCat("grow/", job.grow().layout());
+    case v1::Job::kSweep:
+      return "sweep";
+    default:
+      return "?";
+  }
+}
+
+std::string DTypeName(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_F16:
+      return "F16";
+    case v1::DTYPE_BF16:
+      return "BF16";
+    case v1::DTYPE_F32:
+      return "F32";
+    case v1::DTYPE_F64:
+      return "F64";
+    default:
+      return "?";
+  }
+}
+
+std::string ProgressText(const v1::Progress& progress) {
+  if (progress.tensors_total() <= 0) return "-";
+  std::string text = absl::StrCat(progress.tensors_done(), "/",
+                                  progress.tensors_total(), " tensors");
+  if (progress.bytes_total() > 0) {
+    absl::StrAppend(&text, ", ", FormatBytes(progress.bytes_done()), "/",
+                    FormatBytes(progress.bytes_total()));
+  }
+  return text;
+}
+
+// Prints rows as left-aligned columns separated by two spaces.
+void PrintTable(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> widths;
+  for (const auto& row : rows) {
+    if (widths.size() < row.size()) widths.resize(row.size(), 0);
+    for (size_t i = 0; i < row.size(); ++i) {
+      widths[i] = std::max(widths[i], row[i].size());
+    }
+  }
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t i = 0; i < row.size(); ++i) {
+      if (i + 1 == row.size()) {
+        absl::StrAppend(&line, row[i]);
+      } else {
+        absl::StrAppend(&line, row[i],
+                        std::string(widths[i] - row[i].size() + 2, ' '));
+      }
+    }
+    std::cout << line << "\n";
+  }
+}
+
+// A self-overwriting status line on stderr, shown only when stderr is a
+// terminal. Updates are throttled to ten per second.
+class StatusLine {
+ public:
+  StatusLine() : enabled_(::isatty(STDERR_FILENO) == 1) {}
+  ~StatusLine() { Done(); }
+
+  bool enabled() const { return enabled_; }
+
+  void Show(const std::string& text, bool force = false) {
+    if (!enabled_) return;
+    const absl::Time now = absl::Now();
+    if (!force && now - last_ < absl::Milliseconds(100)) return;
+    last_ = now;
+    std::cerr << "\r" << text << "\033[K" << std::flush;
+    shown_ = true;
+  }
+
+  // Ends the line, if one was shown.
+  void Done() {
+    if (shown_) std::cerr << "\n" << std::flush;
+    shown_ = false;
+  }
+
+  ProgressCallback Transfer(const std::string& label) {
+    return [this, label](int64_t done, int64_t total) {
+      Show(absl::StrCat(
+               label, " ", FormatBytes(done), " / ", FormatBytes(total),
+               total > 0 ? absl::StrFormat(" (%.0f%%)", 100.0 * done / total)
+                         : std::string()),
+           done == total);
+    };
+  }
+
+ private:
+  const bool enabled_;
+  absl::Time last_ = absl::InfinitePast();
+  bool shown_ = false;
+};
+
+// Follows a job, showing progress on stderr (a live line on a terminal,
+// otherwise one line per state change). Returns the final job.
+absl::StatusOr<v1::Job> WatchWithProgress(Client& client,
+                                          const std::string& job_id) {
+  StatusLine line;
+  v1::JobState last_state = v1::JOB_STATE_UNSPECIFIED;
+  auto result = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+    const v1::Job& job = event.job();
+    const bool changed = job.state() != last_state;
+    last_state = job.state();
+    if (line.enabled()) {
+      std::string text =
+          absl::StrCat("job ", job.id(), ": ", StateName(job.state()));
+      if (job.progress().tensors_total() > 0) {
+        absl::StrAppend(&text, ", ", ProgressText(job.progress()));
+      }
+      line.Show(text, changed || client::IsFinal(job.state()));
+    } else if (changed) {
+      std::cerr << "job " << job.id() << ": " << StateName(job.state()) << "\n";
+    }
+  });
+  line.Done();
+  return result;
+}
+
+// Exit status for a finished job: 0 when it succeeded, otherwise 1 after
+// printing its error.
+int CheckJob(const v1::Job& job) {
+  if (job.state() == v1::JOB_STATE_SUCCEEDED) return 0;
+  if (job.state() == v1::JOB_STATE_CANCELLED) {
+    return Fail(absl::CancelledError(
+        job.error_message().empty()
+            ? absl::StrCat("job ", job.id(), " was cancelled")
+            : job.error_message()));
+  }
+  const absl::StatusCode code =
+      job.error_code() == 0 ? absl::StatusCode::kUnknown
+                            : static_cast<absl::StatusCode>(job.error_code());
+  std::string message = job.error_message();
+  if (message.empty()) message = absl::StrCat("job ", job.id(), " failed");
+  return Fail(absl::Status(code, message));
+}
+
+// ---------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------
+
+struct Context {
+  ClientOptions options;
+  std::unique_ptr<Client> client;
+};
+
+int RunUpload(Context& ctx, const Args& args) {
+  if (args.positional.size() != 2) {
+    return UsageError("upload", "upload takes a kind and a path");
+  }
+  const std::string& kind_name = args.positional[0];
+  v1::ArtifactKind kind;
+  if (kind_name == "weights") {
+    kind = v1::ARTIFACT_KIND_WEIGHTS;
+  } else if (kind_name == "gram") {
+    kind = v1::ARTIFACT_KIND_GRAM;
+  } else if (kind_name == "fisher") {
+    kind = v1::ARTIFACT_KIND_FISHER;
+  } else {
+    return UsageError("upload", absl::StrCat("unknown kind '", kind_name,
+                                             "' (weights, gram or fisher)"));
+  }
+  if (kind == v1::ARTIFACT_KIND_WEIGHTS && args.Has("--for")) {
+    return UsageError("upload", "--for applies to gram and fisher uploads");
+  }
+  const std::string& path = args.positional[1];
+  const std::string name =
+      args.Value("--name", std::filesystem::path(path).filename().string());
+  StatusLine line;
+  auto artifact = ctx.client->Upload(kind, path, name, args.Value("--for"),
+                                     line.Transfer("upload " + name));
+  line.Done();
+  if (!artifact.ok()) return Fail(artifact.status());
+  std::cout << artifact->id() << std::endl;
+  return 0;
+}
+
+int RunLs(Context& ctx, const Args& args) {
+  if (!args.positional.empty())
+    return UsageError("ls", "ls takes no arguments");
+  auto response = ctx.client->ListArtifacts();
+  if (!response.ok()) return Fail(response.status());
+  std::vector<std::vector<std::string>> rows = {
+      {"ID", "KIND", "NAME", "SIZE", "SHA256"}};
+  for (const v1::Artifact& artifact : response->artifacts()) {
+    rows.push_back({artifact.id(), KindName(artifact.kind()), artifact.name(),
+                    absl::StrCat(artifact.size_bytes()),
+                    artifact.sha256().substr(0, 12)});
+  }
+  PrintTable(rows);
+  return 0;
+}
+
+int RunShow(Context& ctx, const Args& args) {
+  if (args.positional.size() != 1)
+    return UsageError("show", "show takes one ID");
+  auto artifact = ctx.client->GetArtifact(args.positional[0]);
+  if (!artifact.ok()) return Fail(artifact.status());
+  std::vector<std::vector<std::string>> rows = {
+      {"id:", artifact->id()},
+      {"kind:", KindName(artifact->kind())},
+      {"name:", artifact->name()},
+      {"owner:", artifact->owner()},
+      {"size:", absl::StrCat(artifact->size_bytes(), " bytes (",
+                             FormatBytes(artifact->size_bytes()), ")")},
+      {"sha256:", artifact->sha256()},
+      {"created:", FormatTime(artifact->created_at())},
+  };
+  if (!artifact->describes().empty()) {
+    rows.push_back({"describes:", artifact->describes()});
+  }
+  if (!artifact->produced_by_job().empty()) {
+    rows.push_back({"produced by:", artifact->produced_by_job()});
+  }
+  PrintTable(rows);
+  // Sorted: protobuf maps have no order.
+  std::map<std::string, std::string> metadata(artifact->metadata().begin(),
+                                              artifact->metadata().end());
+  std::cout << "metadata:" << (metadata.empty() ? " (none)" : "") << "\n";
+  for (const auto& [key, value] : metadata) {
+    std::cout << "  " << key << ": " << value << "\n";
+  }
+  const int64_t count = artifact->tensor_count() > 0 ? artifact->tensor_count()
+                                                     : artifact->tensors_size();
+  std::cout << "tensors: " << count << "\n";
+  std::vector<std::vector<std::string>> tensors;
+  for (const v1::TensorInfo& tensor : artifact->tensors()) {
+    tensors.push_back(
+        {"  " + tensor.name(), DTypeName(tensor.dtype()),
+         absl::StrCat("[", absl::StrJoin(tensor.shape(), ", "), "]")});
+  }
+  PrintTable(tensors);
+  return 0;
+}
+
+// Parses "ID" or "ID:COEFF" into `model`.
+absl::Status ParseModel(const std::string& text, v1::MergeModel* model) {
+  const size_t colon = text.rfind(':');
+  if (colon == std::string::npos) {
+    model->set_weights_id(text);
+  } else {
+    double coefficient;
+    const std::string number = text.substr(colon + 1);
+    if (!absl::SimpleAtod(number, &coefficient) ||
+        !std::isfinite(coefficient) || coefficient <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad coefficient '", number, "' in --model ", text,
+                       " (want a positive number)"));
+    }
+    model->set_weights_id(text.substr(0, colon));
+    model->set_coefficient(coefficient);
+  }
+  if (model->weights_id().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("empty id in --model ", text));
+  }
+  return absl::OkStatus();
+}
+
+int RunMerge(Context& ctx, const Args& args) {
+  if (!args.positional.empty()) {
+    return UsageError("merge", absl::StrCat("unexpected argument '",
+                                            args.positional[0], "'"));
+  }
+  v1::SubmitJobRequest request;
+  v1::MergeSpec* spec = request.mutable_merge();
+  const std::string method = args.Value("--method");
+  if (method == "average") {
+    spec->set_method(v1::MERGE_METHOD_AVERAGE);
+  } else if (method == "weighted") {
+    spec->set_method(v1::MERGE_METHOD_WEIGHTED);
+  } else if (method == "fisher") {
+    spec->set_method(v1::MERGE_METHOD_FISHER);
+  } else if (method == "regmean") {
+    spec->set_method(v1::MERGE_METHOD_REGMEAN);
+  } else if (method.empty()) {
+    return UsageError("merge", "merge needs --method");
+  } else {
+    return UsageError("merge", absl::StrCat("unknown method '", method, "'"));
+  }
+  const std::vector<std::string> models = args.Values("--model");
+  const std::vector<std::string> grams = args.Values("--gram");
+  const std::vector<std::string> fishers = args.Values("--fisher");
+  if (models.empty()) return UsageError("merge", "merge needs --model");
+  if (grams.size() > models.size() || fishers.size() > models.size()) {
+    return UsageError("merge",
+                      "more --gram or --fisher than --model (the i-th "
+                      "statistic belongs to the i-th model)");
+  }
+  for (size_t i = 0; i < models.size(); ++i) {
+    v1::MergeModel* model = spec->add_models();
+    if (absl::Status status = ParseModel(models[i], model); !status.ok()) {
+      return UsageError("merge", status.message());
+    }
+    if (i < grams.size()) model->set_gram_id(grams[i]);
+    if (i < fishers.size()) model->set_fisher_id(fishers[i]);
+  }
+  if (args.Has("--alpha")) {
+    double alpha;
+    if (!absl::SimpleAtod(args.Value("--alpha"), &alpha) ||
+        !std::isfinite(alpha)) {
+      return UsageError(
+          "merge", absl::StrCat("bad --alpha '", args.Value("--alpha"), "'"));
+    }
+    spec->set_alpha(alpha);
+  }
+  for (const std::string& pattern : args.Values("--exclude")) {
+    spec->add_exclude(pattern);
+  }
+  if (args.Has("--take-excluded-from")) {
+    int32_t index;
+    if (!absl::SimpleAtoi(args.Value("--take-excluded-from"), &index) ||
+        index < 0) {
+      return UsageError("merge",
+                        absl::StrCat("bad --take-excluded-from '",
+                                     args.Value("--take-excluded-from"),
+                                     "' (want a model number, 1-based)"));
+    }
+    spec->set_take_excluded_from(index);
+  }
+  if (args.Has("--gram-normalization")) {
+    const std::string normalization = args.Value("--gram-normalization");
+    if (normalization == "as-uploaded") {
+      spec->set_gram_normalization(v1::GRAM_NORMALIZATION_AS_UPLOADED);
+    } else if (normalization == "mean") {
+      spec->set_gram_normalization(v1::GRAM_NORMALIZATION_MEAN);
+    } else {
+      return UsageError("merge", absl::StrCat("unknown --gram-normalization '",
+                                              normalization, "'"));
+    }
+  }
+  spec->set_result_name(args.Value("--name"));
+  const bool has_out = args.Has("--out");
+  const std::string out = args.Value("--out");
+  if (has_out && out.empty()) return UsageError("merge", "empty --out");
+
+  auto job = ctx.client->SubmitJob(request);
+  if (!job.ok()) return Fail(job.status());
+  std::cout << job->id() << std::endl;
+  if (!args.Has("--watch") && !has_out) return 0;
+
+  auto final_job = WatchWithProgress(*ctx.client, job->id());
+  if (!final_job.ok()) return Fail(final_job.status());
+  if (const int code = CheckJob(*final_job); code != 0) return code;
+  if (!has_out) return 0;
+  if (final_job->result_ids().empty()) {
+    return Fail(absl::InternalError(
+        absl::StrCat("job ", job->id(), " succeeded without a result")));
+  }
+  const std::string& result_id = final_job->result_ids(0);
+  StatusLine line;
+  auto downloaded = ctx.client->Download(
+      result_id, out, line.Transfer("download " + result_id));
+  line.Done();
+  if (!downloaded.ok()) return Fail(downloaded.status());
+  std::cerr << "wrote " << out << " (" << FormatBytes(downloaded->size_bytes())
+            << ", artifact " << result_id << ")\n";
+  return 0;
+}
+
+int RunJobs(Context& ctx, const Args& args) {
+  if (!args.positional.empty()) {
+    return UsageError("jobs", "jobs takes no arguments");
+  }
+  auto response = ctx.client->ListJobs();
+  if (!response.ok()) return Fail(response.status());
+  std::vector<std::vector<std::string>> rows = {
+      {"ID", "KIND", "STATE", "PROGRESS", "CREATED", "RESULT"}};
+  for (const v1::Job& job : response->jobs()) {
+    rows.push_back({job.id(), JobKind(job), StateName(job.state()),
+                    ProgressText(job.progress()), FormatTime(job.created_at()),
+                    job.result_ids().empty()
+                        ? "-"
+                        : absl::StrJoin(job.result_ids(), ",")});
+  }
+  PrintTable(rows);
+  return 0;
+}
+
+int RunWatch(Context& ctx, const Args& args) {
+  if (args.positional.size() != 1) {
+    return UsageError("watch", "watch takes one job id");
+  }
+  auto job = WatchWithProgress(*ctx.client, args.positional[0]);
+  if (!job.ok()) return Fail(job.status());
+  if (const int code = CheckJob(*job); code != 0) return code;
+  for (const std::string& id : job->result_ids()) std::cout << id << "\n";
+  return 0;
+}
+
+int RunCancel(Context& ctx, const Args& args) {
+  if (args.positional.size() != 1) {
+    return UsageError("cancel", "cancel takes one job id");
+  }
+  auto job = ctx.client->CancelJob(args.positional[0]);
+  if (!job.ok()) return Fail(job.status());
+  std::cout << job->id() << " " << StateName(job->state()) << "\n";
+  return 0;
+}
+
+int RunDownload(Context& ctx, const Args& args) {
+  if (args.positional.size() != 1) {
+    return UsageError("download", "download takes one artifact id");
+  }
+  const std::string out = args.Value("--out");
+  if (out.empty()) return UsageError("download", "download needs --out FILE");
+  const std::string& id = args.positional[0];
+  StatusLine line;
+  auto downloaded =
+      ctx.client->Download(id, out, line.Transfer("download " + id));
+  line.Done();
+  if (!downloaded.ok()) return Fail(downloaded.status());
+  std::cerr << "wrote " << out << " (" << FormatBytes(downloaded->size_bytes())
+            << ")\n";
+  return 0;
+}
+
+struct Command {
+  int (*run)(Context&, const Args&);
+  OptionSpec options;
+};
+
+const std::map<std::string, Command>& Commands() {
+  static const auto* commands = new std::map<std::string, Command>{
+      {"upload", {RunUpload, {{"--name", "--for"}, {}, {}}}},
+      {"ls", {RunLs, {}}},
+      {"show", {RunShow, {}}},
+      {"merge",
+       {RunMerge,
+        {{"--method", "--model", "--gram", "--fisher", "--alpha", "--exclude",
+          "--take-excluded-from", "--gram-normalization", "--name", "--out"},
+         {"--watch"},
+         {"--model", "--gram", "--fisher", "--exclude"}}}},
+      {"jobs", {RunJobs, {}}},
+      {"watch", {RunWatch, {}}},
+      {"cancel", {RunCancel, {}}},
+      {"download", {RunDownload, {{"--out"}, {}, {}}}},
+  };
+  return *commands;
+}
+
+std::string EnvOr(const char* name, const std::string& fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' ? std::string(value) : fallback;
+}
+
+int Main(int argc, char** argv) {
+  ClientOptions options;
+  options.address = EnvOr("AMALGAM_SERVER", kDefaultServer);
+  options.token = EnvOr("AMALGAM_TOKEN", "");
+
+  std::vector<std::string> rest(argv + 1, argv + argc);
+  // Global options, up to the command.
+  size_t i = 0;
+  for (; i < rest.size() && !rest[i].empty() && rest[i][0] == '-'; ++i) {
+    const std::string& arg = rest[i];
+    if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage;
+      return 0;
+    }
+    std::string name = arg;
+    std::string value;
+    if (const size_t eq = arg.find('='); eq != std::string::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+    } else if (arg == "--server" || arg == "--token") {
+      if (i + 1 >= rest.size()) {
+        return UsageError("", absl::StrCat("option ", arg, " needs a value"));
+      }
+      value = rest[++i];
+    }
+    if (name == "--server") {
+      options.address = value;
+    } else if (name == "--token") {
+      options.token = value;
+    } else {
+      return UsageError("", absl::StrCat("unknown option ", name));
+    }
+  }
+  if (i >= rest.size()) return UsageError("", "no command given");
+  const std::string command = rest[i];
+  const std::vector<std::string> command_args(rest.begin() + i + 1, rest.end());
+  if (command == "help") {
+    std::cout << kUsage;
+    return 0;
+  }
+  auto it = Commands().find(command);
+  if (it == Commands().end()) {
+    return UsageError("", absl::StrCat("unknown command '", command, "'"));
+  }
+  auto args = ParseArgs(command_args, it->second.options);
+  if (!args.ok()) return UsageError(command, args.status().message());
+  if (args->help) {
+    std::cout << "usage: " << CommandUsages().at(command) << "\n";
+    return 0;
+  }
+  if (options.address.empty()) return UsageError("", "empty --server");
+
+  Context ctx;
+  ctx.options = options;
+  auto client = Client::Create(options);
+  if (!client.ok()) return Fail(client.status());
+  ctx.client = std::move(*client);
+  return it->second.run(ctx, *args);
+}
+
+}  // namespace
+}  // namespace amalgam::client
+
+int main(int argc, char** argv) { return amalgam::client::Main(argc, argv); }

@@ -1,0 +1,808 @@
+#include "core/merge.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <dlfcn.h>
+#include <re2/re2.h>
+#include <torch/cuda.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/status_macros.h"
+
+namespace amalgam::core {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Naming helpers for error messages.
+
+std::string ModelName(const std::vector<MergeInput>& inputs, size_t i) {
+  if (!inputs[i].label.empty()) return inputs[i].label;
+  return absl::StrCat("#", i);
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+const char* MethodName(MergeMethod method) {
+  switch (method) {
+    case MergeMethod::kAverage:
+      return "average";
+    case MergeMethod::kWeighted:
+      return "weighted";
+    case MergeMethod::kFisher:
+      return "fisher";
+    case MergeMethod::kRegMean:
+      return "regmean";
+  }
+  return "unknown";
+}
+
+// ---------------------------------------------------------------------------
+// LibTorch error boundary: no exception leaves core.
+
+absl::Status FromTorchError(const c10::Error& e, absl::string_view context) {
+  std::string message(e.what_without_backtrace());
+  std::string text = absl::StrCat(context, ": ", message);
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr ||
+      absl::StrContains(message, "out of memory") ||
+      absl::StrContains(message, "can't allocate memory")) {
+    return absl::ResourceExhaustedError(text);
+  }
+  return absl::InternalError(text);
+}
+
+// Runs `f` (returning absl::Status or absl::StatusOr<T>) and turns any
+// exception into a status.
+template <typename F>
+auto GuardTorch(absl::string_view context, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    return FromTorchError(e, context);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(context, ": out of memory"));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(context, ": ", e.what()));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Plan helpers.
+
+struct GramInfo {
+  bool is_mean = false;
+  int64_t num_examples = 0;  // 0 when absent
+};
+
+absl::StatusOr<GramInfo> ReadGramMetadata(const std::vector<MergeInput>& inputs,
+                                          size_t i) {
+  GramInfo info;
+  const auto& metadata = inputs[i].gram->metadata();
+  auto it = metadata.find("reduction");
+  if (it != metadata.end()) {
+    if (it->second == "mean") {
+      info.is_mean = true;
+    } else if (it->second != "sum") {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the Grams of model ", ModelName(inputs, i), " have reduction \"",
+          it->second, "\"; expected \"sum\" or \"mean\""));
+    }
+  }
+  it = metadata.find("num_examples");
+  if (it != metadata.end()) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(it->second, &n) || n <= 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the Grams of model ", ModelName(inputs, i), " have num_examples \"",
+          it->second, "\"; expected a positive integer"));
+    }
+    info.num_examples = n;
+  }
+  return info;
+}
+
+absl::Status CheckOptions(const std::vector<MergeInput>& inputs,
+                          const MergeOptions& options) {
+  if (inputs.size() < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a merge needs at least two models, got ", inputs.size()));
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].weights == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model ", ModelName(inputs, i), " has no weights"));
+    }
+    double c = inputs[i].coefficient;
+    if (!std::isfinite(c) || c < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the coefficient of model ", ModelName(inputs, i),
+                       " is ", c, "; coefficients must be finite and >= 0"));
+    }
+  }
+  if (!(options.alpha >= 0.0 && options.alpha <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("alpha must be in [0, 1], got ", options.alpha));
+  }
+  if (!(options.fisher_floor >= 0.0) || !std::isfinite(options.fisher_floor)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "fisher_floor must be finite and >= 0, got ", options.fisher_floor));
+  }
+  if (options.take_excluded_from < -1 ||
+      options.take_excluded_from >= static_cast<int>(inputs.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "take_excluded_from is ", options.take_excluded_from, " but there are ",
+        inputs.size(), " models (use -1 to drop them)"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<double> NormalizeCoefficients(
+    const std::vector<MergeInput>& inputs) {
+  const size_t n = inputs.size();
+  double max = 0.0;
+  for (const auto& input : inputs) max = std::max(max, input.coefficient);
+  std::vector<double> c(n, 1.0 / static_cast<double>(n));
+  if (max == 0.0) return c;
+  // Divide by the largest first so the sum cannot overflow.
+  double sum = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    c[i] = inputs[i].coefficient / max;
+    sum += c[i];
+  }
+  for (double& x : c) x /= sum;
+  return c;
+}
+
+// Checks that tensor `name` of model `i` has the dtype and shape of model 0.
+absl::Status CheckSameTensor(const std::vector<MergeInput>& inputs, size_t i,
+                             const TensorInfo& ref, const TensorInfo& other) {
+  if (ref.dtype != other.dtype) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "tensor \"", ref.name, "\" has dtype ", DTypeName(ref.dtype),
+        " in model ", ModelName(inputs, 0), " but ", DTypeName(other.dtype),
+        " in model ", ModelName(inputs, i)));
+  }
+  if (ref.shape != other.shape) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "tensor \"", ref.name, "\" has shape ", ShapeString(ref.shape),
+        " in model ", ModelName(inputs, 0), " but ", ShapeString(other.shape),
+        " in model ", ModelName(inputs, i)));
+  }
+  return absl::OkStatus();
+}
+
+// Fisher: for every merged tensor, a Fisher in every model or in none.
+absl::Status PlanFisher(const std::vector<MergeInput>& inputs,
+                        std::vector<PlannedTensor>& merged) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].fisher == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("a fisher merge needs Fisher statistics for every "
+                       "model; model ",
+                       ModelName(inputs, i), " has none"));
+    }
+  }
+  for (PlannedTensor& t : merged) {
+    int present = -1;
+    int absent = -1;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const TensorInfo* f = inputs[i].fisher->Find(t.info.name);
+      if (f == nullptr) {
+        if (absent < 0) absent = static_cast<int>(i);
+        continue;
+      }
+      if (present < 0) present = static_cast<int>(i);
+      if (f->shape != t.info.shape) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "Fisher for tensor \"", t.info.name, "\" has shape ",
+            ShapeString(f->shape), " in model ", ModelName(inputs, i),
+            " but the weight has shape ", ShapeString(t.info.shape)));
+      }
+    }
+    if (present >= 0 && absent >= 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Fisher for tensor \"", t.info.name, "\" is in model ",
+          ModelName(inputs, present), " but missing from model ",
+          ModelName(inputs, absent), "; give it for every model or for none"));
+    }
+    t.rule = present >= 0 ? TensorRule::kFisher : TensorRule::kAverage;
+  }
+  return absl::OkStatus();
+}
+
+// RegMean: Grams square, `in x in` for a 2-D merged weight, present in every
+// model or in none; reductions consistent with the normalisation.
+absl::Status PlanRegMean(const std::vector<MergeInput>& inputs,
+                         const MergeOptions& options,
+                         const std::vector<std::unique_ptr<RE2>>& exclude,
+                         std::vector<PlannedTensor>& merged,
+                         std::vector<double>& gram_scale) {
+  const size_t n = inputs.size();
+  std::vector<GramInfo> grams(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (inputs[i].gram == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("a regmean merge needs Gram statistics for every "
+                       "model; model ",
+                       ModelName(inputs, i), " has none"));
+    }
+    AMALGAM_ASSIGN_OR_RETURN(grams[i], ReadGramMetadata(inputs, i));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (options.gram_normalization == GramNormalization::kAsUploaded) {
+      if (grams[i].is_mean != grams[0].is_mean) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "the Grams of model ", ModelName(inputs, 0), " are a ",
+            grams[0].is_mean ? "mean" : "sum", " but those of model ",
+            ModelName(inputs, i), " are a ", grams[i].is_mean ? "mean" : "sum",
+            "; choose a normalisation (normalise each Gram to a mean)"));
+      }
+      gram_scale[i] = 1.0;
+    } else if (grams[i].is_mean) {
+      gram_scale[i] = 1.0;
+    } else {
+      if (grams[i].num_examples <= 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "the Grams of model ", ModelName(inputs, i),
+            " are a sum without num_examples in their metadata, so they "
+            "cannot be normalised to a mean"));
+      }
+      gram_scale[i] = 1.0 / static_cast<double>(grams[i].num_examples);
+    }
+  }
+
+  // Every Gram must belong to a 2-D merged weight.
+  std::map<std::string, PlannedTensor*> by_name;
+  for (PlannedTensor& t : merged) by_name[t.info.name] = &t;
+  for (size_t i = 0; i < n; ++i) {
+    for (const TensorInfo& g : inputs[i].gram->tensors()) {
+      bool excluded = false;
+      for (const auto& re : exclude) {
+        if (RE2::FullMatch(g.name, *re)) {
+          excluded = true;
+          break;
+        }
+      }
+      if (excluded) continue;
+      auto it = by_name.find(g.name);
+      if (it == by_name.end()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "the Grams of model ", ModelName(inputs, i), " have \"", g.name,
+            "\", which is not a tensor of the weights"));
+      }
+      if (it->second->info.shape.size() != 2) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "the Grams of model ", ModelName(inputs, i), " have \"", g.name,
+            "\", but that weight has shape ",
+            ShapeString(it->second->info.shape), ", not [out, in]"));
+      }
+    }
+  }
+
+  for (PlannedTensor& t : merged) {
+    if (t.info.shape.size() != 2) continue;
+    int present = -1;
+    int absent = -1;
+    const int64_t in = t.info.shape[1];
+    for (size_t i = 0; i < n; ++i) {
+      const TensorInfo* g = inputs[i].gram->Find(t.info.name);
+      if (g == nullptr) {
+        if (absent < 0) absent = static_cast<int>(i);
+        continue;
+      }
+      if (present < 0) present = static_cast<int>(i);
+      if (g->shape.size() != 2 || g->shape[0] != in || g->shape[1] != in) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "Gram for tensor \"", t.info.name, "\" has shape ",
+            ShapeString(g->shape), " in model ", ModelName(inputs, i),
+            " but the weight ", ShapeString(t.info.shape), " needs [", in, ", ",
+            in, "]"));
+      }
+    }
+    if (present >= 0 && absent >= 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Gram for tensor \"", t.info.name, "\" is in model ",
+          ModelName(inputs, present), " but missing from model ",
+          ModelName(inputs, absent), "; give it for every model or for none"));
+    }
+    if (present >= 0) t.rule = TensorRule::kRegMean;
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// Execution helpers.
+
+at::ScalarType ScalarTypeOf(DType dtype) {
+  switch (dtype) {
+    case DType::kF16:
+      return at::kHalf;
+    case DType::kBF16:
+      return at::kBFloat16;
+    case DType::kF32:
+      return at::kFloat;
+    case DType::kF64:
+      return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+// Looks `name` up in `reader` and checks it still matches what was planned.
+absl::StatusOr<const TensorInfo*> FindPlanned(const SafetensorsReader& reader,
+                                              const std::string& name,
+                                              const char* what,
+                                              const std::string& model) {
+  const TensorInfo* info = reader.Find(name);
+  if (info == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, " of model ", model, " has no tensor \"", name,
+                     "\" (the inputs changed since the merge was planned)"));
+  }
+  return info;
+}
+
+// A read-only view of a tensor's bytes, converted to `compute` on `device`.
+// The result may alias the mapped file: callers never write into it.
+at::Tensor Load(const SafetensorsReader& reader, const TensorInfo& info,
+                at::ScalarType compute, const at::Device& device) {
+  const at::ScalarType stored = ScalarTypeOf(info.dtype);
+  if (info.numel == 0) {
+    return at::empty(info.shape,
+                     at::TensorOptions().dtype(compute).device(device));
+  }
+  absl::Span<const uint8_t> bytes = reader.Data(info);
+  TORCH_CHECK(bytes.size() == info.nbytes, "tensor \"", info.name, "\" has ",
+              bytes.size(), " bytes, expected ", info.nbytes);
+  at::Tensor t;
+  const auto address = reinterpret_cast<uintptr_t>(bytes.data());
+  if (address % DTypeSize(info.dtype) != 0) {
+    // Misaligned in the file: copy into an aligned buffer.
+    t = at::empty(info.shape, at::TensorOptions().dtype(stored));
+    std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
+  } else {
+    t = at::from_blob(const_cast<uint8_t*>(bytes.data()), info.shape,
+                      at::TensorOptions().dtype(stored));
+  }
+  return t.to(device, compute);
+}
+
+struct ExecContext {
+  const MergePlan* plan;
+  const std::vector<MergeInput>* inputs;
+  const MergeOptions* options;
+  at::Device device;
+};
+
+// Weighted average sum c_i W_i, accumulated in model order.
+at::Tensor MergeAverage(const ExecContext& ctx,
+                        const std::vector<const TensorInfo*>& weights,
+                        at::ScalarType compute) {
+  const auto& inputs = *ctx.inputs;
+  const auto& c = ctx.plan->coefficients;
+  at::Tensor acc;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    at::Tensor w = Load(*inputs[i].weights, *weights[i], compute, ctx.device);
+    if (i == 0) {
+      acc = w.mul(c[0]);
+    } else {
+      acc.add_(w, c[i]);
+    }
+  }
+  return acc;
+}
+
+// sum c_i F_i W_i / sum c_i F_i, the average where the denominator is below
+// the floor.
+at::Tensor MergeFisher(const ExecContext& ctx,
+                       const std::vector<const TensorInfo*>& weights,
+                       const std::vector<const TensorInfo*>& fishers,
+                       at::ScalarType compute) {
+  const auto& inputs = *ctx.inputs;
+  const auto& c = ctx.plan->coefficients;
+  at::Tensor num, den, avg;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    at::Tensor w = Load(*inputs[i].weights, *weights[i], compute, ctx.device);
+    at::Tensor f = Load(*inputs[i].fisher, *fishers[i], compute, ctx.device);
+    at::Tensor cf = f.mul(c[i]);
+    if (i == 0) {
+      num = cf.mul(w);
+      den = cf;
+      avg = w.mul(c[0]);
+    } else {
+      num.addcmul_(cf, w);
+      den.add_(cf);
+      avg.add_(w, c[i]);
+    }
+  }
+  if (den.numel() == 0) return avg;
+  at::Tensor threshold = den.max().mul(ctx.options->fisher_floor);
+  at::Tensor use_average = den.le(0).logical_or_(den.lt(threshold));
+  return at::where(use_average, avg, num.div(den));
+}
+
+// The RegMean closed form, in float64.
+absl::StatusOr<at::Tensor> MergeRegMean(
+    const ExecContext& ctx, const std::string& name,
+    const std::vector<const TensorInfo*>& weights,
+    const std::vector<const TensorInfo*>& grams) {
+  const auto& inputs = *ctx.inputs;
+  const auto& c = ctx.plan->coefficients;
+  const double alpha = ctx.options->alpha;
+  at::Tensor a, b;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    at::Tensor w =
+        Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
+    at::Tensor g = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device)
+                       .mul(c[i] * ctx.plan->gram_scale[i]);
+    at::Tensor gt = g;
+    if (alpha != 1.0) {
+      gt = g.mul(alpha);
+      gt.diagonal().copy_(g.diagonal());
+    }
+    at::Tensor gw = gt.matmul(w.t());  // [in, out]
+    if (i == 0) {
+      a = gt.clone();
+      b = gw;
+    } else {
+      a.add_(gt);
+      b.add_(gw);
+    }
+  }
+  auto all_finite = [](const at::Tensor& t) {
+    return at::isfinite(t).all().item<bool>();
+  };
+  at::Tensor x;
+  bool solved = false;
+  if (all_finite(a) && all_finite(b)) {
+    at::Tensor l, info;
+    std::tie(l, info) = at::linalg_cholesky_ex(a);
+    if (info.item<int64_t>() == 0) {
+      x = at::cholesky_solve(b, l);
+      solved = all_finite(x);
+    }
+    if (!solved) {
+      at::Tensor lu, pivots;
+      std::tie(lu, pivots, info) = at::linalg_lu_factor_ex(a);
+      if (info.item<int64_t>() == 0) {
+        // Treat a pivot that vanishes relative to the largest as singular.
+        at::Tensor u = lu.diagonal().abs();
+        const double ratio =
+            u.min().item<double>() / std::max(u.max().item<double>(), DBL_MIN);
+        if (ratio > static_cast<double>(a.size(0)) * DBL_EPSILON) {
+          x = at::linalg_lu_solve(lu, pivots, b);
+          solved = all_finite(x);
+        }
+      }
+    }
+  }
+  if (!solved) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "RegMean system for tensor \"", name,
+        "\" is singular (Cholesky and LU failed): the summed Grams have no "
+        "inverse, e.g. an input feature that is zero in every model; check "
+        "the Gram statistics or exclude the tensor"));
+  }
+  return x.t();
+}
+
+absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
+                                    const PlannedTensor& t) {
+  const auto& inputs = *ctx.inputs;
+  const size_t n = inputs.size();
+  std::vector<const TensorInfo*> weights(n), stats(n);
+  for (size_t i = 0; i < n; ++i) {
+    AMALGAM_ASSIGN_OR_RETURN(
+        weights[i], FindPlanned(*inputs[i].weights, t.info.name, "the weights",
+                                ModelName(inputs, i)));
+    if (weights[i]->dtype != t.info.dtype ||
+        weights[i]->shape != t.info.shape) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor \"", t.info.name, "\" of model ",
+                       ModelName(inputs, i), " no longer matches the plan"));
+    }
+    if (t.rule == TensorRule::kFisher) {
+      if (inputs[i].fisher == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "model ", ModelName(inputs, i), " has no Fisher statistics"));
+      }
+      AMALGAM_ASSIGN_OR_RETURN(
+          stats[i], FindPlanned(*inputs[i].fisher, t.info.name, "the Fisher",
+                                ModelName(inputs, i)));
+    } else if (t.rule == TensorRule::kRegMean) {
+      if (inputs[i].gram == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "model ", ModelName(inputs, i), " has no Gram statistics"));
+      }
+      AMALGAM_ASSIGN_OR_RETURN(
+          stats[i], FindPlanned(*inputs[i].gram, t.info.name, "the Grams",
+                                ModelName(inputs, i)));
+    }
+  }
+  const at::ScalarType compute =
+      t.info.dtype == DType::kF64 ? at::kDouble : at::kFloat;
+  at::Tensor merged;
+  switch (t.rule) {
+    case TensorRule::kAverage:
+      merged = MergeAverage(ctx, weights, compute);
+      break;
+    case TensorRule::kFisher:
+      merged = MergeFisher(ctx, weights, stats, compute);
+      break;
+    case TensorRule::kRegMean: {
+      AMALGAM_ASSIGN_OR_RETURN(merged,
+                               MergeRegMean(ctx, t.info.name, weights, stats));
+      break;
+    }
+    case TensorRule::kCopy:
+      return absl::InternalError("kCopy is not computed");
+  }
+  return merged.to(at::kCPU, ScalarTypeOf(t.info.dtype)).contiguous();
+}
+
+}  // namespace
+
+absl::StatusOr<MergePlan> PlanMerge(const std::vector<MergeInput>& inputs,
+                                    const MergeOptions& options) {
+  AMALGAM_RETURN_IF_ERROR(CheckOptions(inputs, options));
+  const size_t n = inputs.size();
+
+  std::vector<std::unique_ptr<RE2>> exclude;
+  for (const std::string& pattern : options.exclude) {
+    auto re = std::make_unique<RE2>(pattern, RE2::Quiet);
+    if (!re->ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "invalid exclusion pattern \"", pattern, "\": ", re->error()));
+    }
+    exclude.push_back(std::move(re));
+  }
+  auto is_excluded = [&exclude](const std::string& name) {
+    for (const auto& re : exclude) {
+      if (RE2::FullMatch(name, *re)) return true;
+    }
+    return false;
+  };
+
+  MergePlan plan;
+  plan.coefficients = NormalizeCoefficients(inputs);
+  plan.gram_scale.assign(n, 1.0);
+
+  // Merged tensors: the same names, dtypes and shapes in every model.
+  std::vector<PlannedTensor> merged;
+  for (const TensorInfo& ref : inputs[0].weights->tensors()) {
+    if (is_excluded(ref.name)) continue;
+    for (size_t i = 1; i < n; ++i) {
+      const TensorInfo* other = inputs[i].weights->Find(ref.name);
+      if (other == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "tensor \"", ref.name, "\" is in model ", ModelName(inputs, 0),
+            " but missing from model ", ModelName(inputs, i)));
+      }
+      AMALGAM_RETURN_IF_ERROR(CheckSameTensor(inputs, i, ref, *other));
+    }
+    PlannedTensor t;
+    t.info = ref;
+    merged.push_back(std::move(t));
+  }
+  for (size_t i = 1; i < n; ++i) {
+    for (const TensorInfo& other : inputs[i].weights->tensors()) {
+      if (is_excluded(other.name)) continue;
+      if (inputs[0].weights->Find(other.name) == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "tensor \"", other.name, "\" is in model ", ModelName(inputs, i),
+            " but missing from model ", ModelName(inputs, 0)));
+      }
+    }
+  }
+
+  if (options.method == MergeMethod::kFisher) {
+    AMALGAM_RETURN_IF_ERROR(PlanFisher(inputs, merged));
+  } else if (options.method == MergeMethod::kRegMean) {
+    AMALGAM_RETURN_IF_ERROR(
+        PlanRegMean(inputs, options, exclude, merged, plan.gram_scale));
+  }
+
+  plan.tensors = std::move(merged);
+  if (options.take_excluded_from >= 0) {
+    const auto& source = *inputs[options.take_excluded_from].weights;
+    for (const TensorInfo& info : source.tensors()) {
+      if (!is_excluded(info.name)) continue;
+      PlannedTensor t;
+      t.info = info;
+      t.rule = TensorRule::kCopy;
+      t.copy_from = options.take_excluded_from;
+      plan.tensors.push_back(std::move(t));
+    }
+  }
+  std::sort(plan.tensors.begin(), plan.tensors.end(),
+            [](const PlannedTensor& x, const PlannedTensor& y) {
+              return x.info.name < y.info.name;
+            });
+  for (const PlannedTensor& t : plan.tensors)
+    plan.output_bytes += t.info.nbytes;
+  return plan;
+}
+
+absl::Status ExecuteMerge(
+    const MergePlan& plan, const std::vector<MergeInput>& inputs,
+    const MergeOptions& options, const std::string& out_path,
+    const std::function<void(const MergeProgress&)>& progress,
+    const std::atomic<bool>* cancelled) {
+  if (plan.coefficients.size() != inputs.size() ||
+      plan.gram_scale.size() != inputs.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the plan is for ", plan.coefficients.size(),
+                     " models but ", inputs.size(), " were given"));
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].weights == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model ", ModelName(inputs, i), " has no weights"));
+    }
+  }
+  AMALGAM_ASSIGN_OR_RETURN(std::string device_name,
+                           ResolveDevice(options.device));
+  AMALGAM_ASSIGN_OR_RETURN(
+      at::Device device,
+      GuardTorch("device", [&]() -> absl::StatusOr<at::Device> {
+        return at::Device(device_name);
+      }));
+
+  std::vector<TensorSpec> specs;
+  specs.reserve(plan.tensors.size());
+  for (const PlannedTensor& t : plan.tensors) {
+    specs.push_back(TensorSpec{t.info.name, t.info.dtype, t.info.shape});
+  }
+  std::map<std::string, std::string> metadata = {
+      {"format", "pt"},
+      {"amalgam.method", MethodName(options.method)},
+      {"amalgam.models", absl::StrCat(inputs.size())},
+  };
+  if (options.method == MergeMethod::kRegMean) {
+    metadata["amalgam.alpha"] = absl::StrCat(options.alpha);
+  }
+  AMALGAM_ASSIGN_OR_RETURN(
+      std::unique_ptr<SafetensorsWriter> writer,
+      SafetensorsWriter::Create(out_path, std::move(specs), metadata));
+
+  ExecContext ctx{&plan, &inputs, &options, device};
+  MergeProgress state;
+  state.tensors_total = static_cast<int64_t>(plan.tensors.size());
+  state.bytes_total = plan.output_bytes;
+  for (const PlannedTensor& t : plan.tensors) {
+    if (cancelled != nullptr && cancelled->load()) {
+      return absl::CancelledError(
+          absl::StrCat("merge cancelled after ", state.tensors_done, " of ",
+                       state.tensors_total, " tensors"));
+    }
+    if (t.rule == TensorRule::kCopy) {
+      if (t.copy_from < 0 || t.copy_from >= static_cast<int>(inputs.size())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor \"", t.info.name, "\" is copied from model ",
+                         t.copy_from, " of ", inputs.size()));
+      }
+      const std::string model = ModelName(inputs, t.copy_from);
+      AMALGAM_ASSIGN_OR_RETURN(const TensorInfo* info,
+                               FindPlanned(*inputs[t.copy_from].weights,
+                                           t.info.name, "the weights", model));
+      if (info->nbytes != t.info.nbytes) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("tensor \"", t.info.name, "\" of model ", model,
+                         " no longer matches the plan"));
+      }
+      if (info->nbytes > 0) {
+        AMALGAM_RETURN_IF_ERROR(
+            writer->Append(inputs[t.copy_from].weights->Data(*info)));
+      }
+    } else {
+      AMALGAM_ASSIGN_OR_RETURN(
+          at::Tensor out,
+          GuardTorch(absl::StrCat("merging tensor \"", t.info.name, "\""),
+                     [&] { return MergeOne(ctx, t); }));
+      const uint64_t nbytes = out.numel() * out.element_size();
+      if (nbytes != t.info.nbytes) {
+        return absl::InternalError(
+            absl::StrCat("merged tensor \"", t.info.name, "\" has ", nbytes,
+                         " bytes, expected ", t.info.nbytes));
+      }
+      if (nbytes > 0) {
+        AMALGAM_RETURN_IF_ERROR(writer->Append(absl::Span<const uint8_t>(
+            static_cast<const uint8_t*>(out.data_ptr()), nbytes)));
+      }
+    }
+    ++state.tensors_done;
+    state.bytes_done += t.info.nbytes;
+    if (progress) progress(state);
+  }
+  return writer->Finish();
+}
+
+absl::StatusOr<std::string> ResolveDevice(const std::string& spec) {
+  int index = 0;
+  if (spec == "cpu") return std::string("cpu");
+  if (spec == "auto" || spec == "cuda") {
+    index = 0;
+  } else if (absl::StartsWith(spec, "cuda:")) {
+    const std::string digits = spec.substr(5);
+    if (digits.empty() ||
+        digits.find_first_not_of("0123456789") != std::string::npos ||
+        !absl::SimpleAtoi(digits, &index)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "invalid device \"", spec, "\"; expected auto, cpu, cuda or cuda:N"));
+    }
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "invalid device \"", spec, "\"; expected auto, cpu, cuda or cuda:N"));
+  }
+  size_t count = 0;
+  try {
+    count = torch::cuda::is_available() ? torch::cuda::device_count() : 0;
+  } catch (const c10::Error& e) {
+    return FromTorchError(e, "probing CUDA");
+  }
+  if (spec == "auto") {
+    return count > 0 ? std::string("cuda:0") : std::string("cpu");
+  }
+  if (count == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("device \"", spec,
+                     "\" requested but this build or machine has no CUDA"));
+  }
+  if (static_cast<size_t>(index) >= count) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("device \"", spec, "\" requested but there are only ",
+                     count, " CUDA devices"));
+  }
+  return absl::StrCat("cuda:", index);
+}
+
+std::string DescribeRuntime() {
+  std::string blas = "unknown";
+  // The BLAS actually loaded (Debian's LibTorch calls whatever libblas.so.3
+  // the alternatives system points to).
+  if (void* sgemm = dlsym(RTLD_DEFAULT, "sgemm_")) {
+    Dl_info info;
+    if (dladdr(sgemm, &info) != 0 && info.dli_fname != nullptr) {
+      blas = info.dli_fname;
+      if (char* real = realpath(info.dli_fname, nullptr)) {
+        blas = real;
+        std::free(real);
+      }
+    }
+  }
+  using GetConfig = const char* (*)();
+  if (auto get_config = reinterpret_cast<GetConfig>(
+          dlsym(RTLD_DEFAULT, "openblas_get_config"))) {
+    blas = absl::StrCat(get_config(), " (", blas, ")");
+  }
+  std::string cuda = "no";
+  int threads = 0;
+  try {
+    threads = at::get_num_threads();
+    if (torch::cuda::is_available()) {
+      cuda = absl::StrCat("yes (", torch::cuda::device_count(), " devices)");
+    }
+  } catch (const c10::Error&) {
+    cuda = "unknown";
+  }
+  return absl::StrCat("LibTorch ", TORCH_VERSION, "; BLAS: ", blas,
+                      "; intra-op threads: ", threads, "; CUDA: ", cuda);
+}
+
+}  // namespace amalgam::core

@@ -1,0 +1,117 @@
+#include "core/statistics.h"
+
+#include <cstring>
+#include <string>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/status_macros.h"
+
+namespace amalgam::core {
+namespace {
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+// First negative element of a floating tensor, or -1.
+int64_t FirstNegative(const SafetensorsReader& reader, const TensorInfo& t) {
+  const uint8_t* data = reader.Data(t).data();
+  for (int64_t i = 0; i < t.numel; ++i) {
+    bool negative = false;
+    switch (t.dtype) {
+      case DType::kF16:
+      case DType::kBF16: {
+        uint16_t bits;
+        std::memcpy(&bits, data + 2 * i, 2);
+        negative = (bits & 0x8000) && (bits & 0x7fff);
+        break;
+      }
+      case DType::kF32: {
+        float v;
+        std::memcpy(&v, data + 4 * i, 4);
+        negative = v < 0;
+        break;
+      }
+      case DType::kF64: {
+        double v;
+        std::memcpy(&v, data + 8 * i, 8);
+        negative = v < 0;
+        break;
+      }
+    }
+    if (negative) return i;
+  }
+  return -1;
+}
+
+}  // namespace
+
+absl::Status ValidateWeights(const SafetensorsReader& weights) {
+  return CheckAllFinite(weights);
+}
+
+absl::Status ValidateGram(const SafetensorsReader& gram,
+                          const SafetensorsReader* weights) {
+  const auto& metadata = gram.metadata();
+  if (auto it = metadata.find("reduction");
+      it != metadata.end() && it->second != "sum" && it->second != "mean") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Gram metadata reduction is \"", it->second,
+                     "\"; expected \"sum\" or \"mean\""));
+  }
+  if (auto it = metadata.find("num_examples"); it != metadata.end()) {
+    int64_t rows = 0;
+    if (!absl::SimpleAtoi(it->second, &rows) || rows <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram metadata num_examples is \"", it->second,
+                       "\"; expected a positive integer"));
+    }
+  }
+  for (const TensorInfo& t : gram.tensors()) {
+    if (t.shape.size() != 2 || t.shape[0] != t.shape[1]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram \"", t.name, "\" has shape ", ShapeString(t.shape),
+                       "; a Gram must be square"));
+    }
+    if (weights == nullptr) continue;
+    const TensorInfo* w = weights->Find(t.name);
+    if (w == nullptr || w->shape.size() != 2) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Gram \"", t.name, "\" names no 2-D weight of the described model"));
+    }
+    if (w->shape[1] != t.shape[0]) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Gram for tensor \"", t.name, "\" has shape ", ShapeString(t.shape),
+          " but the weight ", ShapeString(w->shape), " needs [", w->shape[1],
+          ", ", w->shape[1], "]"));
+    }
+  }
+  return CheckAllFinite(gram);
+}
+
+absl::Status ValidateFisher(const SafetensorsReader& fisher,
+                            const SafetensorsReader* weights) {
+  AMALGAM_RETURN_IF_ERROR(CheckAllFinite(fisher));
+  for (const TensorInfo& t : fisher.tensors()) {
+    if (const int64_t i = FirstNegative(fisher, t); i >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Fisher \"", t.name, "\" is negative at element ", i));
+    }
+    if (weights == nullptr) continue;
+    const TensorInfo* w = weights->Find(t.name);
+    if (w == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Fisher \"", t.name, "\" names no tensor of the described model"));
+    }
+    if (w->shape != t.shape) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Fisher for tensor \"", t.name, "\" has shape ", ShapeString(t.shape),
+          " but the weight has ", ShapeString(w->shape)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace amalgam::core

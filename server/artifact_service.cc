@@ -1,0 +1,409 @@
+#include "server/artifact_service.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "core/safetensors.h"
+#include "core/sha256.h"
+#include "core/statistics.h"
+#include "core/status_macros.h"
+#include "server/grpc_status.h"
+#include "server/log.h"
+
+namespace amalgam::server {
+namespace {
+
+absl::Status ValidateContent(const v1::Artifact& artifact,
+                             const core::SafetensorsReader& reader,
+                             const core::SafetensorsReader* described) {
+  switch (artifact.kind()) {
+    case v1::ARTIFACT_KIND_WEIGHTS:
+      return core::ValidateWeights(reader);
+    case v1::ARTIFACT_KIND_GRAM:
+      return core::ValidateGram(reader, described);
+    case v1::ARTIFACT_KIND_FISHER:
+      return core::ValidateFisher(reader, described);
+    default:
+      return absl::InvalidArgumentError("unknown artifact kind");
+  }
+}
+
+v1::DType ToProtoDType(core::DType dtype) {
+  switch (dtype) {
+    case core::DType::kF16:
+      return v1::DTYPE_F16;
+    case core::DType::kBF16:
+      return v1::DTYPE_BF16;
+    case core::DType::kF32:
+      return v1::DTYPE_F32;
+    case core::DType::kF64:
+      return v1::DTYPE_F64;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+}  // namespace
+
+std::string CallerOrganization(const grpc::CallbackServerContext& /*context*/) {
+  return "local";
+}
+
+// Receives header + chunks into a temp file, hashing as it goes; verification
+// and validation of the complete file run on the executor.
+class ArtifactServiceImpl::UploadReactor
+    : public grpc::ServerReadReactor<v1::UploadRequest> {
+ public:
+  UploadReactor(ArtifactServiceImpl* service, std::string owner,
+                v1::UploadResponse* response)
+      : service_(service), owner_(std::move(owner)), response_(response) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Complete();
+      return;
+    }
+    absl::Status status = Consume();
+    if (!status.ok()) {
+      Fail(status);
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnDone() override {
+    CloseFile();
+    if (!temp_path_.empty()) std::remove(temp_path_.c_str());
+    delete this;
+  }
+
+ private:
+  absl::Status Consume() {
+    if (!header_seen_) {
+      if (!request_.has_header()) {
+        return absl::InvalidArgumentError(
+            "the first upload message must carry the header");
+      }
+      header_seen_ = true;
+      return StartUpload(request_.header());
+    }
+    if (!request_.has_chunk()) {
+      return absl::InvalidArgumentError("upload header sent twice");
+    }
+    const v1::UploadChunk& chunk = request_.chunk();
+    if (chunk.offset() != received_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("chunk offset ", chunk.offset(), " but ", received_,
+                       " bytes were received so far"));
+    }
+    const int64_t size = static_cast<int64_t>(chunk.data().size());
+    if (received_ + size > header_.size_bytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("upload sends more than the declared size_bytes ",
+                       header_.size_bytes()));
+    }
+    if (std::fwrite(chunk.data().data(), 1, chunk.data().size(), file_) !=
+        chunk.data().size()) {
+      return absl::InternalError(absl::StrCat(
+          "cannot write upload to ", temp_path_, ": ", std::strerror(errno)));
+    }
+    hash_.Update(chunk.data());
+    received_ += size;
+    return absl::OkStatus();
+  }
+
+  absl::Status StartUpload(const v1::UploadHeader& header) {
+    header_ = header;
+    if (header.kind() == v1::ARTIFACT_KIND_UNSPECIFIED ||
+        !v1::ArtifactKind_IsValid(header.kind())) {
+      return absl::InvalidArgumentError(
+          "header.kind must be weights, gram or fisher");
+    }
+    if (header.size_bytes() <= 0 ||
+        header.size_bytes() > service_->options_.max_upload_bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.size_bytes is ", header.size_bytes(),
+                       "; must be 1..", service_->options_.max_upload_bytes));
+    }
+    if (!core::IsSha256Hex(header.sha256())) {
+      return absl::InvalidArgumentError(
+          "header.sha256 must be 64 lower-case hex digits");
+    }
+    if (!header.upload_id().empty()) {
+      return absl::UnimplementedError(
+          "resuming an upload (header.upload_id) is not supported yet");
+    }
+    if (!header.describes().empty()) {
+      if (header.kind() == v1::ARTIFACT_KIND_WEIGHTS) {
+        return absl::InvalidArgumentError(
+            "header.describes is for gram and fisher uploads only");
+      }
+      AMALGAM_ASSIGN_OR_RETURN(
+          v1::Artifact described,
+          service_->storage_->GetArtifact(header.describes()));
+      if (described.kind() != v1::ARTIFACT_KIND_WEIGHTS) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("header.describes names ", header.describes(),
+                         ", which is not a weights artifact"));
+      }
+      described_path_ = service_->storage_->BlobPath(described);
+    }
+    temp_path_ = service_->storage_->NewTempPath("upload");
+    file_ = std::fopen(temp_path_.c_str(), "wb");
+    if (file_ == nullptr) {
+      return absl::InternalError(absl::StrCat("cannot create ", temp_path_,
+                                              ": ", std::strerror(errno)));
+    }
+    return absl::OkStatus();
+  }
+
+  void Complete() {
+    if (!header_seen_) {
+      Fail(absl::InvalidArgumentError("upload stream carried no header"));
+      return;
+    }
+    if (received_ != header_.size_bytes()) {
+      Fail(absl::InvalidArgumentError(
+          absl::StrCat("upload ended after ", received_, " of ",
+                       header_.size_bytes(), " declared bytes")));
+      return;
+    }
+    if (!CloseFile()) {
+      Fail(absl::InternalError(absl::StrCat("cannot flush ", temp_path_)));
+      return;
+    }
+    const bool scheduled = service_->executor_->Schedule([this] {
+      absl::StatusOr<v1::Artifact> artifact = Finalize();
+      if (artifact.ok()) {
+        *response_->mutable_artifact() = *artifact;
+        Log(LogLevel::kInfo,
+            absl::StrCat("event=upload artifact=", artifact->id(),
+                         " owner=", owner_,
+                         " kind=", v1::ArtifactKind_Name(artifact->kind()),
+                         " bytes=", artifact->size_bytes()));
+        Finish(grpc::Status::OK);
+      } else {
+        Fail(artifact.status());
+      }
+    });
+    if (!scheduled) {
+      Fail(absl::ResourceExhaustedError(
+          "too many uploads are being verified; retry later"));
+    }
+  }
+
+  absl::StatusOr<v1::Artifact> Finalize() {
+    const std::string sha256 = hash_.HexDigest();
+    if (sha256 != header_.sha256()) {
+      return absl::DataLossError(
+          absl::StrCat("upload \"", header_.name(), "\" has sha256 ", sha256,
+                       " but the header declared ", header_.sha256()));
+    }
+    AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(temp_path_));
+    absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> reader =
+        core::SafetensorsReader::Open(temp_path_);
+    if (!reader.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "upload \"", header_.name(),
+          "\" is not a valid safetensors file: ", reader.status().message()));
+    }
+    std::unique_ptr<core::SafetensorsReader> described;
+    if (!described_path_.empty()) {
+      AMALGAM_ASSIGN_OR_RETURN(described,
+                               core::SafetensorsReader::Open(described_path_));
+    }
+    v1::Artifact artifact;
+    artifact.set_kind(header_.kind());
+    artifact.set_owner(owner_);
+    artifact.set_name(header_.name());
+    artifact.set_size_bytes(header_.size_bytes());
+    artifact.set_sha256(sha256);
+    artifact.set_describes(header_.describes());
+    AMALGAM_RETURN_IF_ERROR(
+        ValidateContent(artifact, **reader, described.get()));
+    artifact.set_tensor_count(
+        static_cast<int64_t>((*reader)->tensors().size()));
+    for (const auto& [key, value] : (*reader)->metadata()) {
+      (*artifact.mutable_metadata())[key] = value;
+    }
+    reader->reset();
+    AMALGAM_ASSIGN_OR_RETURN(
+        artifact, service_->storage_->AddArtifact(temp_path_, artifact));
+    temp_path_.clear();  // moved into the blob store
+    return artifact;
+  }
+
+  bool CloseFile() {
+    if (file_ == nullptr) return true;
+    const bool ok = std::fflush(file_) == 0;
+    std::fclose(file_);
+    file_ = nullptr;
+    return ok;
+  }
+
+  void Fail(const absl::Status& status) {
+    Log(LogLevel::kInfo, absl::StrCat("event=upload_failed owner=", owner_,
+                                      " code=", static_cast<int>(status.code()),
+                                      " error=\"", status.message(), "\""));
+    Finish(ToGrpcStatus(status));
+  }
+
+  ArtifactServiceImpl* const service_;
+  const std::string owner_;
+  v1::UploadResponse* const response_;
+  v1::UploadRequest request_;
+  v1::UploadHeader header_;
+  bool header_seen_ = false;
+  int64_t received_ = 0;
+  core::Sha256 hash_;
+  std::string temp_path_;
+  std::string described_path_;
+  std::FILE* file_ = nullptr;
+};
+
+// Streams a blob in chunks; the first carries the size and sha256.
+class ArtifactServiceImpl::DownloadReactor
+    : public grpc::ServerWriteReactor<v1::DownloadChunk> {
+ public:
+  DownloadReactor(const v1::Artifact& artifact, const std::string& path,
+                  int64_t offset, int64_t chunk_bytes)
+      : artifact_(artifact), offset_(offset), buffer_(chunk_bytes) {
+    file_ = std::fopen(path.c_str(), "rb");
+    if (file_ == nullptr) {
+      Finish(grpc::Status(
+          grpc::StatusCode::DATA_LOSS,
+          absl::StrCat("blob of artifact ", artifact.id(), " is missing")));
+      return;
+    }
+    if (offset_ > 0 && std::fseek(file_, offset_, SEEK_SET) != 0) {
+      Finish(grpc::Status(grpc::StatusCode::INTERNAL, "cannot seek"));
+      return;
+    }
+    SendNext();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "download cancelled"));
+      return;
+    }
+    SendNext();
+  }
+
+  void OnDone() override {
+    if (file_ != nullptr) std::fclose(file_);
+    delete this;
+  }
+
+ private:
+  void SendNext() {
+    const size_t n = std::fread(buffer_.data(), 1, buffer_.size(), file_);
+    if (n == 0 && !first_) {
+      Finish(std::ferror(file_)
+                 ? grpc::Status(grpc::StatusCode::INTERNAL, "cannot read blob")
+                 : grpc::Status::OK);
+      return;
+    }
+    chunk_.Clear();
+    if (first_) {
+      chunk_.set_size_bytes(artifact_.size_bytes());
+      chunk_.set_sha256(artifact_.sha256());
+      first_ = false;
+    }
+    chunk_.set_offset(offset_);
+    chunk_.set_data(buffer_.data(), n);
+    offset_ += static_cast<int64_t>(n);
+    StartWrite(&chunk_);
+  }
+
+  const v1::Artifact artifact_;
+  int64_t offset_;
+  std::vector<char> buffer_;
+  std::FILE* file_ = nullptr;
+  bool first_ = true;
+  v1::DownloadChunk chunk_;
+};
+
+ArtifactServiceImpl::ArtifactServiceImpl(Storage* storage, Executor* executor,
+                                         ArtifactServiceOptions options)
+    : storage_(storage), executor_(executor), options_(options) {}
+
+grpc::ServerReadReactor<v1::UploadRequest>* ArtifactServiceImpl::Upload(
+    grpc::CallbackServerContext* context, v1::UploadResponse* response) {
+  return new UploadReactor(this, CallerOrganization(*context), response);
+}
+
+grpc::ServerUnaryReactor* ArtifactServiceImpl::ListArtifacts(
+    grpc::CallbackServerContext* context,
+    const v1::ListArtifactsRequest* request,
+    v1::ListArtifactsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<std::vector<v1::Artifact>> artifacts =
+      storage_->ListArtifacts();
+  if (artifacts.ok()) {
+    for (v1::Artifact& artifact : *artifacts) {
+      if (request->kind() == v1::ARTIFACT_KIND_UNSPECIFIED ||
+          request->kind() == artifact.kind()) {
+        *response->add_artifacts() = std::move(artifact);
+      }
+    }
+  }
+  reactor->Finish(ToGrpcStatus(artifacts.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ArtifactServiceImpl::GetArtifact(
+    grpc::CallbackServerContext* context, const v1::GetArtifactRequest* request,
+    v1::Artifact* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status status = [&]() -> absl::Status {
+    AMALGAM_ASSIGN_OR_RETURN(*response, storage_->GetArtifact(request->id()));
+    AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(
+                                              storage_->BlobPath(*response)));
+    for (const core::TensorInfo& tensor : reader->tensors()) {
+      v1::TensorInfo* info = response->add_tensors();
+      info->set_name(tensor.name);
+      info->set_dtype(ToProtoDType(tensor.dtype));
+      for (int64_t dim : tensor.shape) info->add_shape(dim);
+    }
+    return absl::OkStatus();
+  }();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
+    grpc::CallbackServerContext* /*context*/,
+    const v1::DownloadRequest* request) {
+  absl::StatusOr<v1::Artifact> artifact =
+      storage_->GetArtifact(request->artifact_id());
+  if (artifact.ok() &&
+      (request->offset() < 0 || request->offset() > artifact->size_bytes())) {
+    artifact = absl::InvalidArgumentError(
+        absl::StrCat("offset ", request->offset(), " is outside artifact ",
+                     artifact->id(), " of ", artifact->size_bytes(), " bytes"));
+  }
+  if (!artifact.ok()) {
+    // A reactor that only reports the error.
+    class ErrorReactor : public grpc::ServerWriteReactor<v1::DownloadChunk> {
+     public:
+      explicit ErrorReactor(const absl::Status& status) {
+        Finish(ToGrpcStatus(status));
+      }
+      void OnDone() override { delete this; }
+    };
+    return new ErrorReactor(artifact.status());
+  }
+  return new DownloadReactor(*artifact, storage_->BlobPath(*artifact),
+                             request->offset(), options_.chunk_bytes);
+}
+
+}  // namespace amalgam::server

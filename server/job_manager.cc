@@ -1,0 +1,400 @@
+#include "server/job_manager.h"
+
+#include <algorithm>
+#include <ctime>
+#include <filesystem>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/merge.h"
+#include "core/safetensors.h"
+#include "core/sha256.h"
+#include "core/status_macros.h"
+#include "server/log.h"
+
+namespace amalgam::server {
+namespace {
+
+int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
+
+bool IsFinal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+absl::StatusOr<core::MergeMethod> ToCoreMethod(v1::MergeMethod method) {
+  switch (method) {
+    case v1::MERGE_METHOD_AVERAGE:
+      return core::MergeMethod::kAverage;
+    case v1::MERGE_METHOD_WEIGHTED:
+      return core::MergeMethod::kWeighted;
+    case v1::MERGE_METHOD_FISHER:
+      return core::MergeMethod::kFisher;
+    case v1::MERGE_METHOD_REGMEAN:
+      return core::MergeMethod::kRegMean;
+    default:
+      return absl::InvalidArgumentError(
+          "merge.method must be one of average, weighted, fisher, regmean");
+  }
+}
+
+}  // namespace
+
+// Open inputs and the validated plan of a job.
+struct JobManager::Prepared {
+  std::vector<std::unique_ptr<core::SafetensorsReader>> readers;
+  std::vector<core::MergeInput> inputs;
+  core::MergeOptions options;
+  core::MergePlan plan;
+};
+
+struct JobManager::Entry {
+  v1::Job job;
+  std::unique_ptr<Prepared> prepared;
+  std::atomic<bool> cancelled{false};
+  std::map<uint64_t, Listener> listeners;
+};
+
+JobManager::JobManager(Storage* storage, JobManagerOptions options)
+    : storage_(storage), options_(std::move(options)) {
+  for (int i = 0; i < std::max(1, options_.workers); ++i) {
+    workers_.emplace_back([this] { WorkerLoop(); });
+  }
+}
+
+JobManager::~JobManager() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    for (auto& [id, entry] : jobs_) entry->cancelled = true;
+  }
+  for (std::thread& worker : workers_) worker.join();
+}
+
+absl::Status JobManager::Recover() {
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Job> jobs, storage_->ListJobs());
+  int requeued = 0;
+  for (v1::Job& job : jobs) {
+    std::unique_ptr<Prepared> prepared;
+    if (!IsFinal(job.state())) {
+      absl::StatusOr<std::unique_ptr<Prepared>> p = Prepare(job);
+      if (p.ok()) {
+        prepared = *std::move(p);
+      } else {
+        job.set_state(v1::JOB_STATE_FAILED);
+        job.set_error_code(static_cast<int>(p.status().code()));
+        job.set_error_message(absl::StrCat(
+            "after a restart the job's inputs no longer validate: ",
+            p.status().message()));
+        job.set_finished_at(Now());
+        AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    if (prepared != nullptr) {
+      job.set_state(v1::JOB_STATE_QUEUED);
+      job.clear_progress();
+      AMALGAM_RETURN_IF_ERROR(Enqueue(job, std::move(prepared)));
+      ++requeued;
+    } else {
+      auto entry = std::make_unique<Entry>();
+      entry->job = job;
+      jobs_[job.id()] = std::move(entry);
+    }
+  }
+  Log(LogLevel::kInfo,
+      absl::StrCat("event=recover jobs=", jobs.size(), " requeued=", requeued));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<JobManager::Prepared>> JobManager::Prepare(
+    const v1::Job& job) {
+  if (!job.has_merge()) {
+    return absl::UnimplementedError(
+        "only merge jobs are implemented; grow and sweep are not yet");
+  }
+  const v1::MergeSpec& spec = job.merge();
+  auto prepared = std::make_unique<Prepared>();
+  core::MergeOptions& options = prepared->options;
+  AMALGAM_ASSIGN_OR_RETURN(options.method, ToCoreMethod(spec.method()));
+  if (spec.has_alpha()) options.alpha = spec.alpha();
+  if (spec.has_fisher_floor()) options.fisher_floor = spec.fisher_floor();
+  options.exclude.assign(spec.exclude().begin(), spec.exclude().end());
+  if (spec.take_excluded_from() < 0 ||
+      spec.take_excluded_from() > spec.models_size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("merge.take_excluded_from is ", spec.take_excluded_from(),
+                     "; expected 0 (drop) or 1..", spec.models_size()));
+  }
+  options.take_excluded_from = spec.take_excluded_from() - 1;
+  options.gram_normalization =
+      spec.gram_normalization() == v1::GRAM_NORMALIZATION_MEAN
+          ? core::GramNormalization::kMean
+          : core::GramNormalization::kAsUploaded;
+  options.device = options_.device;
+
+  // Opens artifact `id` for model `index`, checking its kind.
+  auto open = [&](const std::string& id, v1::ArtifactKind kind,
+                  const char* field,
+                  int index) -> absl::StatusOr<const core::SafetensorsReader*> {
+    if (id.empty()) return nullptr;
+    AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact, storage_->GetArtifact(id));
+    if (artifact.kind() != kind) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("merge.models[", index, "].", field, " is ", id, ", a ",
+                       v1::ArtifactKind_Name(artifact.kind()),
+                       " artifact; expected ", v1::ArtifactKind_Name(kind)));
+    }
+    AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(
+                                              storage_->BlobPath(artifact)));
+    prepared->readers.push_back(std::move(reader));
+    return prepared->readers.back().get();
+  };
+  for (int i = 0; i < spec.models_size(); ++i) {
+    const v1::MergeModel& model = spec.models(i);
+    if (model.weights_id().empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("merge.models[", i, "].weights_id is empty"));
+    }
+    core::MergeInput input;
+    input.label = model.weights_id();
+    input.coefficient = model.coefficient();
+    AMALGAM_ASSIGN_OR_RETURN(
+        input.weights,
+        open(model.weights_id(), v1::ARTIFACT_KIND_WEIGHTS, "weights_id", i));
+    AMALGAM_ASSIGN_OR_RETURN(
+        input.gram,
+        open(model.gram_id(), v1::ARTIFACT_KIND_GRAM, "gram_id", i));
+    AMALGAM_ASSIGN_OR_RETURN(
+        input.fisher,
+        open(model.fisher_id(), v1::ARTIFACT_KIND_FISHER, "fisher_id", i));
+    prepared->inputs.push_back(std::move(input));
+  }
+  AMALGAM_ASSIGN_OR_RETURN(prepared->plan,
+                           core::PlanMerge(prepared->inputs, options));
+  return prepared;
+}
+
+absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
+                                           const std::string& owner) {
+  v1::Job job;
+  job.set_id(NewId("job"));
+  job.set_owner(owner);
+  job.set_state(v1::JOB_STATE_QUEUED);
+  job.set_created_at(Now());
+  switch (request.spec_case()) {
+    case v1::SubmitJobRequest::kMerge:
+      *job.mutable_merge() = request.merge();
+      break;
+    case v1::SubmitJobRequest::kGrow:
+      *job.mutable_grow() = request.grow();
+      break;
+    case v1::SubmitJobRequest::kSweep:
+      *job.mutable_sweep() = request.sweep();
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          "SubmitJobRequest needs a merge, grow or sweep spec");
+  }
+  AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
+  job.mutable_progress()->set_tensors_total(
+      static_cast<int64_t>(prepared->plan.tensors.size()));
+  job.mutable_progress()->set_bytes_total(
+      static_cast<int64_t>(prepared->plan.output_bytes));
+  absl::MutexLock lock(&mu_);
+  if (static_cast<int>(queue_.size()) >= options_.max_queued) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the job queue is full (", options_.max_queued, " jobs); retry later"));
+  }
+  AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
+  AMALGAM_RETURN_IF_ERROR(Enqueue(job, std::move(prepared)));
+  Log(LogLevel::kInfo, absl::StrCat("event=job_state job=", job.id(), " owner=",
+                                    owner, " state=JOB_STATE_QUEUED"));
+  return job;
+}
+
+absl::Status JobManager::Enqueue(const v1::Job& job,
+                                 std::unique_ptr<Prepared> prepared) {
+  auto entry = std::make_unique<Entry>();
+  entry->job = job;
+  entry->prepared = std::move(prepared);
+  queue_.push_back(entry.get());
+  jobs_[job.id()] = std::move(entry);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::Job> JobManager::Get(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) {
+    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  }
+  return it->second->job;
+}
+
+std::vector<v1::Job> JobManager::List() {
+  absl::MutexLock lock(&mu_);
+  std::vector<v1::Job> jobs;
+  for (const auto& [id, entry] : jobs_) jobs.push_back(entry->job);
+  std::sort(jobs.begin(), jobs.end(), [](const v1::Job& a, const v1::Job& b) {
+    return std::make_tuple(a.created_at(), a.id()) <
+           std::make_tuple(b.created_at(), b.id());
+  });
+  return jobs;
+}
+
+absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) {
+    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  }
+  Entry* entry = it->second.get();
+  entry->cancelled = true;
+  if (entry->job.state() == v1::JOB_STATE_QUEUED) {
+    queue_.erase(std::remove(queue_.begin(), queue_.end(), entry),
+                 queue_.end());
+    entry->prepared.reset();
+    Update(entry, [](v1::Job& job) {
+      job.set_state(v1::JOB_STATE_CANCELLED);
+      job.set_finished_at(Now());
+    });
+  }
+  return entry->job;
+}
+
+absl::StatusOr<uint64_t> JobManager::Watch(const std::string& id,
+                                           Listener listener) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) {
+    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  }
+  const uint64_t token = next_token_++;
+  listener(it->second->job);
+  it->second->listeners.emplace(token, std::move(listener));
+  return token;
+}
+
+void JobManager::Unwatch(const std::string& id, uint64_t token) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it != jobs_.end()) it->second->listeners.erase(token);
+}
+
+void JobManager::Update(Entry* entry,
+                        const std::function<void(v1::Job&)>& change) {
+  const v1::JobState before = entry->job.state();
+  change(entry->job);
+  if (entry->job.state() != before) {
+    absl::Status status = storage_->PutJob(entry->job);
+    if (!status.ok()) {
+      Log(LogLevel::kError,
+          absl::StrCat("event=persist_failed job=", entry->job.id(),
+                       " error=\"", status.message(), "\""));
+    }
+    Log(LogLevel::kInfo,
+        absl::StrCat(
+            "event=job_state job=", entry->job.id(),
+            " owner=", entry->job.owner(),
+            " state=", v1::JobState_Name(entry->job.state()),
+            entry->job.error_message().empty()
+                ? ""
+                : absl::StrCat(" error=\"", entry->job.error_message(), "\"")));
+  }
+  for (auto& [token, listener] : entry->listeners) listener(entry->job);
+}
+
+void JobManager::WorkerLoop() {
+  while (true) {
+    Entry* entry = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](JobManager* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
+            return self->stopping_ || !self->queue_.empty();
+          },
+          this));
+      if (stopping_) return;
+      entry = queue_.front();
+      queue_.erase(queue_.begin());
+      Update(entry, [](v1::Job& job) {
+        job.set_state(v1::JOB_STATE_RUNNING);
+        job.set_started_at(Now());
+      });
+    }
+    Run(entry);
+  }
+}
+
+void JobManager::Run(Entry* entry) {
+  absl::StatusOr<std::vector<std::string>> results = RunMerge(entry);
+  absl::MutexLock lock(&mu_);
+  entry->prepared.reset();
+  if (stopping_ && results.status().code() == absl::StatusCode::kCancelled) {
+    // Interrupted by shutdown: the catalog keeps it running, so the next
+    // start re-runs it.
+    return;
+  }
+  Update(entry, [&](v1::Job& job) {
+    job.set_finished_at(Now());
+    if (results.ok()) {
+      job.set_state(v1::JOB_STATE_SUCCEEDED);
+      for (const std::string& id : *results) job.add_result_ids(id);
+    } else if (results.status().code() == absl::StatusCode::kCancelled) {
+      job.set_state(v1::JOB_STATE_CANCELLED);
+    } else {
+      job.set_state(v1::JOB_STATE_FAILED);
+      job.set_error_code(static_cast<int>(results.status().code()));
+      job.set_error_message(std::string(results.status().message()));
+    }
+  });
+}
+
+absl::StatusOr<std::vector<std::string>> JobManager::RunMerge(Entry* entry) {
+  const Prepared& prepared = *entry->prepared;
+  const std::string out_path = storage_->NewTempPath("merge");
+  v1::Job job;
+  {
+    absl::MutexLock lock(&mu_);
+    job = entry->job;
+  }
+  AMALGAM_RETURN_IF_ERROR(core::ExecuteMerge(
+      prepared.plan, prepared.inputs, prepared.options, out_path,
+      [&](const core::MergeProgress& progress) {
+        absl::MutexLock lock(&mu_);
+        Update(entry, [&](v1::Job& job) {
+          v1::Progress* p = job.mutable_progress();
+          p->set_tensors_done(progress.tensors_done);
+          p->set_tensors_total(progress.tensors_total);
+          p->set_bytes_done(static_cast<int64_t>(progress.bytes_done));
+          p->set_bytes_total(static_cast<int64_t>(progress.bytes_total));
+        });
+      },
+      &entry->cancelled));
+  v1::Artifact artifact;
+  artifact.set_kind(v1::ARTIFACT_KIND_WEIGHTS);
+  artifact.set_owner(job.owner());
+  artifact.set_name(job.merge().result_name().empty()
+                        ? absl::StrCat("merge-", job.id())
+                        : job.merge().result_name());
+  artifact.set_produced_by_job(job.id());
+  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(out_path));
+  artifact.set_sha256(sha256);
+  AMALGAM_ASSIGN_OR_RETURN(auto reader,
+                           core::SafetensorsReader::Open(out_path));
+  artifact.set_tensor_count(static_cast<int64_t>(reader->tensors().size()));
+  for (const auto& [key, value] : reader->metadata()) {
+    (*artifact.mutable_metadata())[key] = value;
+  }
+  reader.reset();
+  std::error_code error;
+  artifact.set_size_bytes(
+      static_cast<int64_t>(std::filesystem::file_size(out_path, error)));
+  AMALGAM_ASSIGN_OR_RETURN(
+      artifact, storage_->AddArtifact(out_path, std::move(artifact)));
+  return std::vector<std::string>{artifact.id()};
+}
+
+}  // namespace amalgam::server

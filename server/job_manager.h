@@ -1,0 +1,90 @@
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "amalgam/v1/amalgam.pb.h"
+#include "server/storage.h"
+
+namespace amalgam::server {
+
+struct JobManagerOptions {
+  // Jobs run concurrently.
+  int workers = 1;
+  // Jobs waiting to run; a submission past it is RESOURCE_EXHAUSTED.
+  int max_queued = 64;
+  // Resolved device ("cpu", "cuda:0").
+  std::string device = "cpu";
+};
+
+// Validates, queues, runs and tracks jobs on a pool of worker threads, off the
+// RPC threads. Every state change is persisted before it is announced; on
+// start-up Recover() re-queues jobs that were queued or running. Thread-safe.
+class JobManager {
+ public:
+  using Listener = std::function<void(const v1::Job&)>;
+
+  JobManager(Storage* storage, JobManagerOptions options);
+  // Cancels running jobs and joins the workers.
+  ~JobManager();
+  JobManager(const JobManager&) = delete;
+  JobManager& operator=(const JobManager&) = delete;
+
+  // Loads the jobs of the catalog and re-queues the unfinished ones (failing
+  // those whose inputs no longer validate). Call once, before Submit.
+  absl::Status Recover();
+
+  // Validates the whole job (artifacts exist and are of the right kinds,
+  // tensors agree) and queues it. INVALID_ARGUMENT, NOT_FOUND,
+  // FAILED_PRECONDITION as the request deserves; RESOURCE_EXHAUSTED when the
+  // queue is full.
+  absl::StatusOr<v1::Job> Submit(const v1::SubmitJobRequest& request,
+                                 const std::string& owner);
+  absl::StatusOr<v1::Job> Get(const std::string& id);
+  std::vector<v1::Job> List();
+  // Cancels a queued or running job; a finished job is returned unchanged.
+  absl::StatusOr<v1::Job> Cancel(const std::string& id);
+
+  // Calls `listener` with the job now and after every change until Unwatch.
+  // The listener runs under the manager's lock: it must not block or call
+  // back into the manager. Returns a token for Unwatch; NOT_FOUND.
+  absl::StatusOr<uint64_t> Watch(const std::string& id, Listener listener);
+  void Unwatch(const std::string& id, uint64_t token);
+
+ private:
+  struct Prepared;
+  struct Entry;
+
+  absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
+  absl::Status Enqueue(const v1::Job& job, std::unique_ptr<Prepared> prepared)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WorkerLoop();
+  void Run(Entry* entry);
+  absl::StatusOr<std::vector<std::string>> RunMerge(Entry* entry);
+  // Applies `change` to the job, persists it if the state changed, and tells
+  // the listeners.
+  void Update(Entry* entry, const std::function<void(v1::Job&)>& change)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  Storage* const storage_;
+  const JobManagerOptions options_;
+
+  absl::Mutex mu_;
+  std::map<std::string, std::unique_ptr<Entry>> jobs_ ABSL_GUARDED_BY(mu_);
+  std::vector<Entry*> queue_ ABSL_GUARDED_BY(mu_);  // FIFO
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_token_ ABSL_GUARDED_BY(mu_) = 1;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace amalgam::server

@@ -1,0 +1,159 @@
+#include "server/job_service.h"
+
+#include <deque>
+#include <string>
+
+#include "absl/synchronization/mutex.h"
+#include "server/artifact_service.h"
+#include "server/grpc_status.h"
+
+namespace amalgam::server {
+namespace {
+
+bool IsFinal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+// Finishes a unary call with the value or the error of `result`.
+template <typename T>
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      absl::StatusOr<T> result, T* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (result.ok()) *response = *std::move(result);
+  reactor->Finish(ToGrpcStatus(result.status()));
+  return reactor;
+}
+
+}  // namespace
+
+// Streams job snapshots: every state change is sent; progress-only updates
+// that arrive while a write is in flight collapse into the latest one.
+class JobServiceImpl::WatchReactor
+    : public grpc::ServerWriteReactor<v1::JobEvent> {
+ public:
+  WatchReactor(JobManager* jobs, std::string id)
+      : jobs_(jobs), id_(std::move(id)) {}
+
+  // Subscribes; must be called once, right after construction.
+  void Start() {
+    absl::StatusOr<uint64_t> token =
+        jobs_->Watch(id_, [this](const v1::Job& job) { OnJob(job); });
+    if (!token.ok()) {
+      Finish(ToGrpcStatus(token.status()));
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    token_ = *token;
+    subscribed_ = true;
+    started_ = true;
+    WriteNextLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok || IsFinal(in_flight_.job().state())) {
+        finish = true;
+        done_ = true;
+      } else {
+        WriteNextLocked();
+      }
+    }
+    if (finish) {
+      Unsubscribe();
+      Finish(ok ? grpc::Status::OK
+                : grpc::Status(grpc::StatusCode::CANCELLED, "watch ended"));
+    }
+  }
+
+  void OnDone() override {
+    Unsubscribe();
+    delete this;
+  }
+
+ private:
+  // Called by the manager under its lock.
+  void OnJob(const v1::Job& job) {
+    absl::MutexLock lock(&mu_);
+    if (done_) return;
+    if (!pending_.empty() && pending_.back().state() == job.state()) {
+      pending_.back() = job;
+    } else {
+      pending_.push_back(job);
+    }
+    // Until Start() has the token, nothing is written: a write could end
+    // the call before the subscription is known.
+    if (started_ && !writing_) WriteNextLocked();
+  }
+
+  void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (pending_.empty()) return;
+    *in_flight_.mutable_job() = std::move(pending_.front());
+    pending_.pop_front();
+    writing_ = true;
+    StartWrite(&in_flight_);
+  }
+
+  void Unsubscribe() {
+    uint64_t token = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!subscribed_) return;
+      subscribed_ = false;
+      token = token_;
+    }
+    jobs_->Unwatch(id_, token);
+  }
+
+  JobManager* const jobs_;
+  const std::string id_;
+  absl::Mutex mu_;
+  std::deque<v1::Job> pending_ ABSL_GUARDED_BY(mu_);
+  v1::JobEvent in_flight_ ABSL_GUARDED_BY(mu_);
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t token_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(
+    grpc::CallbackServerContext* context, const v1::SubmitJobRequest* request,
+    v1::Job* response) {
+  return FinishUnary(
+      context, jobs_->Submit(*request, CallerOrganization(*context)), response);
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::GetJob(
+    grpc::CallbackServerContext* context, const v1::GetJobRequest* request,
+    v1::Job* response) {
+  return FinishUnary(context, jobs_->Get(request->id()), response);
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(
+    grpc::CallbackServerContext* context,
+    const v1::ListJobsRequest* /*request*/, v1::ListJobsResponse* response) {
+  for (v1::Job& job : jobs_->List()) *response->add_jobs() = std::move(job);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
+    grpc::CallbackServerContext* /*context*/,
+    const v1::WatchJobRequest* request) {
+  auto* reactor = new WatchReactor(jobs_, request->id());
+  reactor->Start();
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(
+    grpc::CallbackServerContext* context, const v1::CancelJobRequest* request,
+    v1::Job* response) {
+  return FinishUnary(context, jobs_->Cancel(request->id()), response);
+}
+
+}  // namespace amalgam::server

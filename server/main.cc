@@ -1,0 +1,113 @@
+// amalgamd: the Amalgam model-merging server.
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "server/log.h"
+#include "server/server.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "gRPC address host:port (port 0 picks a free port)");
+ABSL_FLAG(std::string, data_dir, "./var/amalgam",
+          "data directory: blobs and the SQLite catalog");
+ABSL_FLAG(std::string, device, "auto", "auto | cpu | cuda | cuda:N");
+ABSL_FLAG(int, workers, 1, "merge jobs that run at once");
+ABSL_FLAG(int, max_queued_jobs, 64, "jobs that may wait to run");
+ABSL_FLAG(int64_t, max_upload_bytes, int64_t{64} << 30,
+          "largest artifact accepted, in bytes");
+ABSL_FLAG(std::string, port_file, "",
+          "if set, the bound port is written here once serving");
+ABSL_FLAG(std::string, log_level, "info", "debug | info | warning | error");
+
+namespace {
+
+// The contract spells flags with dashes (--data-dir); Abseil with
+// underscores. Rewrites the flag names only, never the values.
+std::vector<std::string> NormalizeFlagNames(int argc, char** argv) {
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (i > 0 && arg.size() > 2 && arg.compare(0, 2, "--") == 0) {
+      const size_t end = std::min(arg.find('='), arg.size());
+      for (size_t j = 2; j < end; ++j) {
+        if (arg[j] == '-') arg[j] = '_';
+      }
+    }
+    args.push_back(std::move(arg));
+  }
+  return args;
+}
+
+bool WritePortFile(const std::string& path, int port) {
+  const std::string temp = path + ".tmp";
+  {
+    std::ofstream out(temp);
+    out << port << "\n";
+    if (!out) return false;
+  }
+  return std::rename(temp.c_str(), path.c_str()) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using amalgam::server::Log;
+  using amalgam::server::LogLevel;
+  absl::SetProgramUsageMessage(
+      "amalgamd --listen 127.0.0.1:50051 --data-dir ./var/amalgam "
+      "[--device auto|cpu|cuda[:N]]");
+  std::vector<std::string> normalized = NormalizeFlagNames(argc, argv);
+  std::vector<char*> normalized_argv;
+  for (std::string& arg : normalized) normalized_argv.push_back(arg.data());
+  absl::ParseCommandLine(static_cast<int>(normalized_argv.size()),
+                         normalized_argv.data());
+
+  LogLevel level;
+  if (!amalgam::server::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    std::fprintf(
+        stderr,
+        "amalgamd: --log-level must be debug, info, warning or error\n");
+    return 2;
+  }
+  amalgam::server::SetLogLevel(level);
+
+  // Signals are taken synchronously by sigwait below; block them before any
+  // thread starts so every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  amalgam::server::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.data_dir = absl::GetFlag(FLAGS_data_dir);
+  options.device = absl::GetFlag(FLAGS_device);
+  options.workers = absl::GetFlag(FLAGS_workers);
+  options.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);
+  options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  auto server = amalgam::server::Server::Start(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "amalgamd: %s\n",
+                 std::string(server.status().message()).c_str());
+    return 1;
+  }
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty() && !WritePortFile(port_file, (*server)->port())) {
+    std::fprintf(stderr, "amalgamd: cannot write --port-file %s\n",
+                 port_file.c_str());
+    return 1;
+  }
+  int signal = 0;
+  sigwait(&signals, &signal);
+  Log(LogLevel::kInfo, absl::StrCat("event=shutdown signal=", signal));
+  (*server)->Shutdown();
+  return 0;
+}

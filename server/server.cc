@@ -1,0 +1,100 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include <chrono>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "core/merge.h"
+#include "core/status_macros.h"
+#include "server/log.h"
+
+namespace amalgam::server {
+
+namespace {
+constexpr int kMaxMessageBytes = 8 << 20;
+}  // namespace
+
+bool IsLoopbackAddress(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  const std::string host =
+      colon == std::string::npos ? address : address.substr(0, colon);
+  return host == "localhost" || host == "[::1]" ||
+         absl::StartsWith(host, "127.");
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(
+    const ServerOptions& options) {
+  if (!IsLoopbackAddress(options.listen)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--listen ", options.listen,
+        " is not a loopback address; amalgamd serves only loopback until "
+        "token authentication is configured"));
+  }
+  if (options.workers < 1 || options.max_queued_jobs < 1 ||
+      options.verify_threads < 1 || options.max_upload_bytes < 1) {
+    return absl::InvalidArgumentError(
+        "--workers, --max-queued-jobs, --verify-threads and "
+        "--max-upload-bytes must be positive");
+  }
+  AMALGAM_ASSIGN_OR_RETURN(std::string device,
+                           core::ResolveDevice(options.device));
+  auto server = std::unique_ptr<Server>(new Server());
+  AMALGAM_ASSIGN_OR_RETURN(server->storage_, Storage::Open(options.data_dir));
+  server->executor_ =
+      std::make_unique<Executor>(options.verify_threads, /*max_queued=*/256);
+  JobManagerOptions job_options;
+  job_options.workers = options.workers;
+  job_options.max_queued = options.max_queued_jobs;
+  job_options.device = device;
+  server->jobs_ =
+      std::make_unique<JobManager>(server->storage_.get(), job_options);
+  AMALGAM_RETURN_IF_ERROR(server->jobs_->Recover());
+
+  ArtifactServiceOptions artifact_options;
+  artifact_options.max_upload_bytes = options.max_upload_bytes;
+  server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
+      server->storage_.get(), server->executor_.get(), artifact_options);
+  server->job_service_ = std::make_unique<JobServiceImpl>(server->jobs_.get());
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(),
+                           &server->port_);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  builder.RegisterService(server->artifact_service_.get());
+  builder.RegisterService(server->job_service_.get());
+  server->grpc_server_ = builder.BuildAndStart();
+  if (server->grpc_server_ == nullptr || server->port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen));
+  }
+  server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
+  Log(LogLevel::kInfo,
+      absl::StrCat("event=serving listen=", options.listen,
+                   " port=", server->port_, " data_dir=", options.data_dir,
+                   " device=", device, " workers=", options.workers,
+                   " runtime=\"", core::DescribeRuntime(), "\""));
+  return server;
+}
+
+void Server::Shutdown() {
+  if (grpc_server_ == nullptr) return;
+  grpc_server_->GetHealthCheckService()->SetServingStatus(false);
+  grpc_server_->Shutdown(std::chrono::system_clock::now() +
+                         std::chrono::seconds(5));
+  grpc_server_->Wait();
+  grpc_server_.reset();
+  jobs_.reset();
+  Log(LogLevel::kInfo, "event=stopped");
+}
+
+Server::~Server() { Shutdown(); }
+
+}  // namespace amalgam::server

@@ -1,0 +1,64 @@
+#pragma once
+
+#include <grpcpp/server.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "server/artifact_service.h"
+#include "server/executor.h"
+#include "server/job_manager.h"
+#include "server/job_service.h"
+#include "server/storage.h"
+
+namespace amalgam::server {
+
+struct ServerOptions {
+  // host:port; port 0 picks a free one. Loopback only until tokens exist.
+  std::string listen = "127.0.0.1:50051";
+  std::string data_dir = "./var/amalgam";
+  // "auto", "cpu", "cuda" or "cuda:N".
+  std::string device = "auto";
+  // Jobs that run at once.
+  int workers = 1;
+  int max_queued_jobs = 64;
+  int64_t max_upload_bytes = int64_t{64} << 30;
+  // Threads that verify finished uploads.
+  int verify_threads = 2;
+};
+
+// amalgamd: storage, job manager and the gRPC services, with
+// grpc.health.v1 and server reflection.
+class Server {
+ public:
+  // Opens storage, recovers jobs, binds and starts serving.
+  // INVALID_ARGUMENT for bad options, UNAVAILABLE if the address cannot be
+  // bound.
+  static absl::StatusOr<std::unique_ptr<Server>> Start(
+      const ServerOptions& options);
+  ~Server();
+
+  // The bound port.
+  int port() const { return port_; }
+  // Stops accepting calls, waits for calls in flight, stops the workers
+  // (running jobs are re-run on the next start).
+  void Shutdown();
+
+ private:
+  Server() = default;
+
+  int port_ = 0;
+  std::unique_ptr<Storage> storage_;
+  std::unique_ptr<Executor> executor_;
+  std::unique_ptr<JobManager> jobs_;
+  std::unique_ptr<ArtifactServiceImpl> artifact_service_;
+  std::unique_ptr<JobServiceImpl> job_service_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+};
+
+// True if `address` (host:port) names a loopback interface.
+bool IsLoopbackAddress(const std::string& address);
+
+}  // namespace amalgam::server

@@ -1,0 +1,76 @@
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "amalgam/v1/amalgam.pb.h"
+
+struct sqlite3;
+
+namespace amalgam::server {
+
+// The embedded storage of a data directory:
+//   blobs/<sha256>   immutable artifact contents (content-addressed)
+//   tmp/             uploads and job outputs being written
+//   catalog.db       SQLite (WAL) catalog of artifacts and jobs
+// A blob is fsynced and renamed into place before its catalog row commits, so
+// a crash never leaves a visible artifact without its bytes. Thread-safe.
+class Storage {
+ public:
+  // Creates the directory layout if missing. INTERNAL on I/O or SQLite errors.
+  static absl::StatusOr<std::unique_ptr<Storage>> Open(
+      const std::string& data_dir);
+  ~Storage();
+
+  // A fresh path under tmp/ for a file being written (not created).
+  std::string NewTempPath(const std::string& prefix);
+
+  // Moves the complete, fsynced file at `temp_path` into the blob store under
+  // `artifact.sha256()` and commits the catalog row. Assigns the id and
+  // creation time; returns the stored artifact.
+  absl::StatusOr<v1::Artifact> AddArtifact(const std::string& temp_path,
+                                           v1::Artifact artifact);
+
+  // NOT_FOUND naming the id when there is no such artifact.
+  absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id);
+  absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts();
+  // The path of an artifact's blob.
+  std::string BlobPath(const v1::Artifact& artifact) const;
+
+  // Inserts or replaces a job's row.
+  absl::Status PutJob(const v1::Job& job);
+  absl::StatusOr<v1::Job> GetJob(const std::string& id);
+  absl::StatusOr<std::vector<v1::Job>> ListJobs();
+
+  const std::string& data_dir() const { return data_dir_; }
+
+ private:
+  Storage(std::string data_dir, sqlite3* db);
+
+  absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status PutRecord(const char* table, const std::string& id,
+                         const google::protobuf::Message& record)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::string> GetRecord(const char* table,
+                                        const std::string& id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::vector<std::string>> ListRecords(const char* table)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::string data_dir_;
+  absl::Mutex mu_;
+  sqlite3* db_ ABSL_GUARDED_BY(mu_);
+};
+
+// A random id with the given prefix, e.g. "art_3f9c0a7b21d4e5f6".
+std::string NewId(const std::string& prefix);
+
+// fsyncs the file and its directory; INTERNAL on failure.
+absl::Status SyncFileAndDir(const std::string& path);
+
+}  // namespace amalgam::server

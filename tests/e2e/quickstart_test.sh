@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# End-to-end quickstart: starts the real amalgamd on a free loopback port, uploads
+# demo models and their statistics with the amalgam CLI, runs merges (regmean,
+# average, weighted, fisher) and checks each result against a float64 numpy
+# reference computed from the same files. Also checks that bad requests fail with
+# the server's message and that usage errors exit 2.
+#
+# usage: quickstart_test.sh AMALGAMD AMALGAM
+# Env: PYTHON (default /usr/bin/python3), AMALGAM_E2E_DEVICE (default cpu),
+#      AMALGAM_E2E_KEEP=1 keeps the temporary directory.
+set -euo pipefail
+
+if [ $# -ne 2 ]; then
+  echo "usage: $0 AMALGAMD AMALGAM" >&2
+  exit 2
+fi
+AMALGAMD=$1
+AMALGAM=$2
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+PYTHON=${PYTHON:-/usr/bin/python3}
+DEVICE=${AMALGAM_E2E_DEVICE:-cpu}
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/amalgam-e2e.XXXXXX")
+SERVER_PID=""
+
+cleanup() {
+  local rc=$?
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  if [ $rc -ne 0 ] && [ -f "$TMP/server.log" ]; then
+    echo "--- last lines of the server log ---" >&2
+    tail -n 40 "$TMP/server.log" >&2
+  fi
+  if [ "${AMALGAM_E2E_KEEP:-0}" = 1 ]; then
+    echo "kept $TMP" >&2
+  else
+    rm -rf "$TMP"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+
+fail() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
+step() { echo "== $*"; }
+
+# Runs the CLI; stdout in $TMP/out, stderr in $TMP/err, exit status in $RC.
+cli() {
+  set +e
+  "$AMALGAM" --server "127.0.0.1:$PORT" "$@" >"$TMP/out" 2>"$TMP/err"
+  RC=$?
+  set -e
+}
+
+# Runs the CLI and fails the test unless it exits 0; echoes the last stdout line.
+cli_ok() {
+  cli "$@"
+  if [ "$RC" -ne 0 ]; then
+    cat "$TMP/err" >&2
+    fail "amalgam $* exited $RC"
+  fi
+  tail -n 1 "$TMP/out"
+}
+
+# Expects the last CLI call to have failed with exit 1 and `amalgam: error: CODE: msg`.
+expect_error() {
+  local code=$1 what=$2
+  [ "$RC" -eq 1 ] || fail "$what: exit status $RC, want 1 (stderr: $(cat "$TMP/err"))"
+  grep -Eq "^amalgam: error: $code: .+" "$TMP/err" ||
+    fail "$what: stderr is '$(cat "$TMP/err")', want 'amalgam: error: $code: <message>'"
+  echo "   got: $(head -n 1 "$TMP/err")"
+}
+
+is_id() { [[ $1 =~ ^[A-Za-z0-9_.:-]+$ ]]; }
+
+# --- start the server -------------------------------------------------------
+step "start amalgamd"
+"$AMALGAMD" --listen 127.0.0.1:0 --data-dir "$TMP/data" --port-file "$TMP/port" \
+  --device "$DEVICE" >"$TMP/server.log" 2>&1 &
+SERVER_PID=$!
+deadline=$((SECONDS + 60))
+PORT=""
+while :; do
+  if [ -s "$TMP/port" ]; then
+    PORT=$(tr -d '[:space:]' <"$TMP/port")
+    [[ $PORT =~ ^[0-9]+$ ]] && [ "$PORT" -gt 0 ] && break
+  fi
+  kill -0 "$SERVER_PID" 2>/dev/null || fail "amalgamd exited before writing its port file"
+  [ $SECONDS -lt $deadline ] || fail "amalgamd wrote no port file within 60 s"
+  sleep 0.05
+done
+echo "   listening on port $PORT"
+
+# --- demo data ---------------------------------------------------------------
+step "make demo models"
+"$PYTHON" "$ROOT/scripts/make_demo_models.py" "$TMP/demo" --count 3 --seed 7
+
+# --- uploads -----------------------------------------------------------------
+step "upload 3 models with grams and fishers"
+W=() G=() F=()
+for i in 0 1 2; do
+  W[i]=$(cli_ok upload weights "$TMP/demo/model_$i.safetensors" --name "demo-$i")
+  is_id "${W[i]}" || fail "upload printed '${W[i]}' as its last line, not an id"
+  G[i]=$(cli_ok upload gram "$TMP/demo/gram_$i.safetensors" --for "${W[i]}")
+  is_id "${G[i]}" || fail "upload printed '${G[i]}' as its last line, not an id"
+  F[i]=$(cli_ok upload fisher "$TMP/demo/fisher_$i.safetensors" --for "${W[i]}" \
+    --name "fisher-$i")
+  is_id "${F[i]}" || fail "upload printed '${F[i]}' as its last line, not an id"
+done
+echo "   weights ${W[*]}"
+
+step "ls and show"
+cli_ok ls >/dev/null
+for id in "${W[@]}" "${G[@]}" "${F[@]}"; do
+  grep -q -- "$id" "$TMP/out" || fail "ls does not list $id"
+done
+grep -q "demo-1" "$TMP/out" || fail "ls does not show the name demo-1"
+cli_ok show "${W[0]}" >/dev/null
+grep -q "0.weight" "$TMP/out" || fail "show lists no tensor 0.weight"
+grep -q "\[32, 16\]" "$TMP/out" || fail "show gives no shape [32, 16]"
+want_sha=$(sha256sum "$TMP/demo/model_0.safetensors" | cut -d' ' -f1)
+grep -q "$want_sha" "$TMP/out" || fail "show does not give the file's sha256 $want_sha"
+cli_ok show "${G[0]}" >/dev/null
+grep -q "reduction: sum" "$TMP/out" || fail "show of a gram gives no metadata reduction"
+grep -q "num_examples: 256" "$TMP/out" || fail "show of a gram gives no num_examples"
+grep -q "${W[0]}" "$TMP/out" || fail "show of a gram does not name the weights it describes"
+
+# --- reference checker ---------------------------------------------------------
+cat >"$TMP/check.py" <<'EOF'
+"""check.py ROOT DEMO_DIR RESULT METHOD [COEFF...]: compares RESULT with a float64 reference."""
+import sys
+
+import numpy as np
+
+root, demo, result, method = sys.argv[1:5]
+coeffs = np.array([float(c) for c in sys.argv[5:]] or [1.0, 1.0, 1.0])
+sys.path.insert(0, root + "/tests/fixtures")
+import safetensors_np  # noqa: E402
+
+ALPHA = 0.9  # the server's default
+n = len(coeffs)
+c = coeffs / coeffs.sum()
+models = [safetensors_np.load(f"{demo}/model_{i}.safetensors")[0] for i in range(n)]
+grams = [safetensors_np.load(f"{demo}/gram_{i}.safetensors")[0] for i in range(n)]
+fishers = [safetensors_np.load(f"{demo}/fisher_{i}.safetensors")[0] for i in range(n)]
+f64 = lambda t: {k: v.astype(np.float64) for k, v in t.items()}
+models, grams, fishers = map(lambda ts: [f64(t) for t in ts], (models, grams, fishers))
+
+reference = {}
+for name in models[0]:
+    ws = [m[name] for m in models]
+    if method == "regmean" and all(name in g for g in grams):
+        tilde = [ALPHA * g[name] + (1 - ALPHA) * np.diag(np.diag(g[name])) for g in grams]
+        lhs = sum(ci * t for ci, t in zip(c, tilde))
+        rhs = sum(ci * t @ w.T for ci, t, w in zip(c, tilde, ws))
+        reference[name] = np.linalg.solve(lhs, rhs).T
+    elif method == "fisher":
+        num = sum(ci * f[name] * w for ci, f, w in zip(c, fishers, ws))
+        den = sum(ci * f[name] for ci, f in zip(c, fishers))
+        reference[name] = num / den
+    else:
+        reference[name] = sum(ci * w for ci, w in zip(c, ws))
+
+got, _ = safetensors_np.load(result)
+if sorted(got) != sorted(reference):
+    sys.exit(f"tensor names {sorted(got)}, want {sorted(reference)}")
+worst = 0.0
+for name, ref in reference.items():
+    value = got[name]
+    if value.dtype != np.float32:
+        sys.exit(f"{name}: dtype {value.dtype}, want float32")
+    if value.shape != ref.shape:
+        sys.exit(f"{name}: shape {value.shape}, want {ref.shape}")
+    error = np.abs(value.astype(np.float64) - ref).max() / np.abs(ref).max()
+    worst = max(worst, error)
+    if error > 1e-5:
+        sys.exit(f"{name}: max relative error {error:.3g} > 1e-5")
+# The merge must differ from the plain average where the method says it should.
+if method in ("regmean", "fisher", "weighted"):
+    average = sum(m["2.weight"] for m in models) / n
+    if np.abs(reference["2.weight"] - average).max() < 1e-3:
+        sys.exit("reference equals the plain average: the demo data do not test the method")
+print(f"   {method}: {len(reference)} tensors, max relative error {worst:.2e}")
+EOF
+check() { "$PYTHON" "$TMP/check.py" "$ROOT" "$TMP/demo" "$@" || fail "result of $2 differs from the reference"; }
+
+# --- merges ----------------------------------------------------------------------
+step "merge regmean --out"
+job=$(cli_ok merge --method regmean --model "${W[0]}" --model "${W[1]}" --model "${W[2]}" \
+  --gram "${G[0]}" --gram "${G[1]}" --gram "${G[2]}" --name regmean-demo \
+  --out "$TMP/regmean.safetensors")
+is_id "$job" || fail "merge printed '$job' as its last line, not a job id"
+[ -f "$TMP/regmean.safetensors" ] || fail "merge --out wrote no file"
+[ ! -e "$TMP/regmean.safetensors.tmp" ] || fail "merge --out left its temporary file"
+check "$TMP/regmean.safetensors" regmean
+
+step "merge average --watch, then watch + download"
+avg_job=$(cli_ok merge --method average --model "${W[0]}" --model "${W[1]}" \
+  --model "${W[2]}" --watch)
+is_id "$avg_job" || fail "merge printed '$avg_job' as its last line, not a job id"
+grep -q "succeeded" "$TMP/err" || fail "merge --watch showed no final state on stderr"
+result=$(cli_ok watch "$avg_job")
+is_id "$result" || fail "watch printed '$result', not a result id"
+cli_ok download "$result" --out "$TMP/average.safetensors" >/dev/null
+check "$TMP/average.safetensors" average
+cli_ok show "$result" >/dev/null
+grep -q "$(sha256sum "$TMP/average.safetensors" | cut -d' ' -f1)" "$TMP/out" ||
+  fail "downloaded file's sha256 differs from the artifact's"
+cli_ok jobs >/dev/null
+grep -q "$avg_job" "$TMP/out" || fail "jobs does not list $avg_job"
+grep -q "$job" "$TMP/out" || fail "jobs does not list $job"
+
+step "merge weighted and fisher"
+cli_ok merge --method weighted --model "${W[0]}:1" --model "${W[1]}:2" \
+  --model "${W[2]}:3" --out "$TMP/weighted.safetensors" >/dev/null
+check "$TMP/weighted.safetensors" weighted 1 2 3
+cli_ok merge --method fisher --model "${W[0]}" --model "${W[1]}" --model "${W[2]}" \
+  --fisher "${F[0]}" --fisher "${F[1]}" --fisher "${F[2]}" \
+  --out "$TMP/fisher.safetensors" >/dev/null
+check "$TMP/fisher.safetensors" fisher
+
+# --- bad requests ------------------------------------------------------------------
+step "bad requests fail with the server's message"
+cli show no-such-artifact
+expect_error NOT_FOUND "show of an unknown id"
+grep -q "no-such-artifact" "$TMP/err" || fail "NOT_FOUND message does not name the id"
+cli merge --method average --model "${W[0]}" --model no-such-artifact
+expect_error NOT_FOUND "merge with an unknown model"
+cli merge --method average --model "${W[0]}"
+expect_error INVALID_ARGUMENT "merge of one model"
+cli merge --method regmean --model "${W[0]}" --model "${W[1]}"
+expect_error "(INVALID_ARGUMENT|FAILED_PRECONDITION)" "regmean without grams"
+[ ! -s "$TMP/out" ] || fail "a refused merge printed '$(cat "$TMP/out")' on stdout"
+
+step "usage errors exit 2"
+cli merge --method nonsense --model "${W[0]}"
+[ "$RC" -eq 2 ] || fail "unknown method: exit status $RC, want 2"
+grep -q "^usage: " "$TMP/err" || fail "usage error printed no usage line"
+cli frobnicate
+[ "$RC" -eq 2 ] || fail "unknown command: exit status $RC, want 2"
+
+echo "PASS"

@@ -1,0 +1,1044 @@
+// Tests of core/merge.h. Every expected value is computed here,
+// independently, in float64 with LibTorch (or from a closed form).
+#include "core/merge.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <stdlib.h>
+#include <torch/cuda.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace amalgam::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+using Tensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+DType DTypeOf(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf:
+      return DType::kF16;
+    case at::kBFloat16:
+      return DType::kBF16;
+    case at::kDouble:
+      return DType::kF64;
+    default:
+      return DType::kF32;
+  }
+}
+
+at::ScalarType ScalarTypeOf(DType dtype) {
+  switch (dtype) {
+    case DType::kF16:
+      return at::kHalf;
+    case DType::kBF16:
+      return at::kBFloat16;
+    case DType::kF64:
+      return at::kDouble;
+    case DType::kF32:
+      break;
+  }
+  return at::kFloat;
+}
+
+at::Generator Gen(uint64_t seed) {
+  return at::make_generator<at::CPUGeneratorImpl>(seed);
+}
+
+at::Tensor Randn(std::vector<int64_t> shape, uint64_t seed) {
+  return at::randn(shape, Gen(seed), at::TensorOptions().dtype(at::kDouble));
+}
+
+at::Tensor Rand(std::vector<int64_t> shape, uint64_t seed) {
+  return at::rand(shape, Gen(seed), at::TensorOptions().dtype(at::kDouble));
+}
+
+// The float64 value of `t` after rounding to `type` (what a file holds).
+at::Tensor Rounded(const at::Tensor& t, at::ScalarType type) {
+  return t.to(type).to(at::kDouble);
+}
+
+// max |a - b| / max |b|.
+double RelErr(const at::Tensor& a, const at::Tensor& b) {
+  const double scale = b.abs().max().item<double>();
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() /
+         (scale > 0 ? scale : 1.0);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+class MergeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string base;
+    if (const char* env = std::getenv("AMALGAM_TEST_TMPDIR")) base = env;
+    if (base.empty()) base = std::filesystem::temp_directory_path().string();
+    std::filesystem::create_directories(base);
+    std::string pattern = base + "/merge_test.XXXXXX";
+    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+    dir_ = pattern;
+  }
+  void TearDown() override {
+    readers_.clear();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+
+  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
+
+  // Writes `tensors` (in their own dtypes) with core's writer and opens the
+  // file; the reader lives as long as the test.
+  const SafetensorsReader* Write(
+      const std::string& name, const Tensors& tensors,
+      const std::map<std::string, std::string>& metadata = {}) {
+    std::vector<TensorSpec> specs;
+    for (const auto& [tensor_name, t] : tensors) {
+      specs.push_back(
+          TensorSpec{tensor_name, DTypeOf(t.scalar_type()), t.sizes().vec()});
+    }
+    auto writer = SafetensorsWriter::Create(Path(name), specs, metadata);
+    EXPECT_TRUE(writer.ok()) << writer.status();
+    if (!writer.ok()) return nullptr;
+    for (const auto& [tensor_name, t] : tensors) {
+      at::Tensor c = t.contiguous();
+      absl::Status s = (*writer)->Append(
+          absl::Span<const uint8_t>(static_cast<const uint8_t*>(c.data_ptr()),
+                                    c.numel() * c.element_size()));
+      EXPECT_TRUE(s.ok()) << s;
+    }
+    absl::Status s = (*writer)->Finish();
+    EXPECT_TRUE(s.ok()) << s;
+    return Open(Path(name));
+  }
+
+  const SafetensorsReader* Open(const std::string& path) {
+    auto reader = SafetensorsReader::Open(path);
+    EXPECT_TRUE(reader.ok()) << reader.status();
+    if (!reader.ok()) return nullptr;
+    readers_.push_back(std::move(reader).value());
+    return readers_.back().get();
+  }
+
+  // The tensor `name` of a file, as a float64 tensor (and its stored dtype).
+  static at::Tensor Read(const SafetensorsReader& reader,
+                         const std::string& name, DType* dtype = nullptr) {
+    const TensorInfo* info = reader.Find(name);
+    EXPECT_NE(info, nullptr) << name;
+    if (info == nullptr) return at::Tensor();
+    if (dtype != nullptr) *dtype = info->dtype;
+    at::Tensor t = at::empty(info->shape, ScalarTypeOf(info->dtype));
+    auto bytes = reader.Data(*info);
+    EXPECT_EQ(bytes.size(), static_cast<size_t>(t.numel() * t.element_size()));
+    if (!bytes.empty()) std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
+    return t.to(at::kDouble);
+  }
+
+  // Plans and runs a merge into `out`; returns the output reader.
+  absl::StatusOr<const SafetensorsReader*> Merge(
+      const std::vector<MergeInput>& inputs, const MergeOptions& options,
+      const std::string& out = "out.safetensors") {
+    absl::StatusOr<MergePlan> plan = PlanMerge(inputs, options);
+    if (!plan.ok()) return plan.status();
+    absl::Status s =
+        ExecuteMerge(*plan, inputs, options, Path(out), nullptr, nullptr);
+    if (!s.ok()) return s;
+    const SafetensorsReader* reader = Open(Path(out));
+    if (reader == nullptr) return absl::InternalError("cannot open output");
+    return reader;
+  }
+
+  std::string dir_;
+  std::vector<std::unique_ptr<SafetensorsReader>> readers_;
+};
+
+MergeInput Input(const SafetensorsReader* weights, double coefficient,
+                 const std::string& label) {
+  MergeInput input;
+  input.weights = weights;
+  input.coefficient = coefficient;
+  input.label = label;
+  return input;
+}
+
+// ---------------------------------------------------------------------------
+// Average and weighted average.
+
+class AverageTest : public MergeTest {
+ protected:
+  // Three models with a matrix, a vector and a scalar; returns the float64
+  // values each file holds.
+  std::vector<Tensors> MakeModels(at::ScalarType type, double coeff0 = 0,
+                                  double coeff1 = 0, double coeff2 = 0) {
+    std::vector<Tensors> models;
+    const double coeffs[] = {coeff0, coeff1, coeff2};
+    for (int i = 0; i < 3; ++i) {
+      Tensors t = {{"layer.weight", Randn({16, 8}, 10 + i).to(type)},
+                   {"layer.bias", Randn({8}, 20 + i).to(type)},
+                   {"scale", Randn({}, 30 + i).to(type)}};
+      const SafetensorsReader* r =
+          Write("m" + std::to_string(i) + ".safetensors", t);
+      inputs_.push_back(Input(r, coeffs[i], "m" + std::to_string(i + 1)));
+      models.push_back(t);
+    }
+    return models;
+  }
+
+  // sum c_i W_i in float64 with c normalised to sum 1.
+  static at::Tensor Reference(const std::vector<Tensors>& models, size_t k,
+                              std::vector<double> c) {
+    double sum = 0;
+    for (double x : c) sum += x;
+    at::Tensor ref = at::zeros_like(models[0][k].second, at::kDouble);
+    for (size_t i = 0; i < models.size(); ++i) {
+      ref += models[i][k].second.to(at::kDouble) * (c[i] / sum);
+    }
+    return ref;
+  }
+
+  std::vector<MergeInput> inputs_;
+};
+
+TEST_F(AverageTest, EqualCoefficientsGiveTheMeanOfThreeF32Models) {
+  auto models = MakeModels(at::kFloat);
+  MergeOptions options;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (size_t k = 0; k < models[0].size(); ++k) {
+    DType dtype;
+    at::Tensor got = Read(**out, models[0][k].first, &dtype);
+    EXPECT_EQ(dtype, DType::kF32);
+    EXPECT_LE(RelErr(got, Reference(models, k, {1, 1, 1})), 1e-6)
+        << models[0][k].first;
+  }
+}
+
+TEST_F(AverageTest, WeightedCoefficientsAreNormalisedToSumOne) {
+  auto models = MakeModels(at::kFloat, 1, 2, 3);
+  MergeOptions options;
+  options.method = MergeMethod::kWeighted;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->coefficients.size(), 3u);
+  EXPECT_NEAR(plan->coefficients[0], 1.0 / 6, 1e-15);
+  EXPECT_NEAR(plan->coefficients[1], 2.0 / 6, 1e-15);
+  EXPECT_NEAR(plan->coefficients[2], 3.0 / 6, 1e-15);
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (size_t k = 0; k < models[0].size(); ++k) {
+    at::Tensor got = Read(**out, models[0][k].first);
+    EXPECT_LE(RelErr(got, Reference(models, k, {1, 2, 3})), 1e-6)
+        << models[0][k].first;
+  }
+}
+
+TEST_F(AverageTest, AllZeroCoefficientsMeanEqualWeights) {
+  auto models = MakeModels(at::kFloat, 0, 0, 0);
+  auto plan = PlanMerge(inputs_, MergeOptions());
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  for (double c : plan->coefficients) EXPECT_DOUBLE_EQ(c, 1.0 / 3);
+}
+
+TEST_F(AverageTest, ZeroCoefficientLeavesAModelOut) {
+  auto models = MakeModels(at::kFloat, 0, 1, 1);
+  auto out = Merge(inputs_, MergeOptions());
+  ASSERT_TRUE(out.ok()) << out.status();
+  at::Tensor got = Read(**out, "layer.weight");
+  EXPECT_LE(RelErr(got, Reference(models, 0, {0, 1, 1})), 1e-6);
+}
+
+TEST_F(AverageTest, HalfAndBFloat16KeepTheirDtype) {
+  struct Case {
+    at::ScalarType type;
+    DType dtype;
+    double tol;  // a few units of the format's rounding
+  };
+  for (const Case& c : {Case{at::kHalf, DType::kF16, 1e-3},
+                        Case{at::kBFloat16, DType::kBF16, 8e-3}}) {
+    inputs_.clear();
+    auto models = MakeModels(c.type, 1, 2, 3);
+    auto out = Merge(inputs_, MergeOptions(),
+                     "out" + std::to_string(static_cast<int>(c.dtype)));
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (size_t k = 0; k < models[0].size(); ++k) {
+      DType dtype;
+      at::Tensor got = Read(**out, models[0][k].first, &dtype);
+      EXPECT_EQ(dtype, c.dtype);
+      EXPECT_LE(RelErr(got, Reference(models, k, {1, 2, 3})), c.tol)
+          << models[0][k].first << " " << DTypeName(c.dtype);
+    }
+  }
+}
+
+TEST_F(AverageTest, Float64StaysFloat64AndIsComputedInFloat64) {
+  auto models = MakeModels(at::kDouble, 1, 2, 3);
+  auto out = Merge(inputs_, MergeOptions());
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (size_t k = 0; k < models[0].size(); ++k) {
+    DType dtype;
+    at::Tensor got = Read(**out, models[0][k].first, &dtype);
+    EXPECT_EQ(dtype, DType::kF64);
+    EXPECT_LE(RelErr(got, Reference(models, k, {1, 2, 3})), 1e-14);
+  }
+}
+
+TEST_F(AverageTest, MisalignedAndEmptyTensorsAreMerged) {
+  // "a" (3 x F16 = 6 bytes) comes first in the file, so "b" starts at an
+  // address that is not a multiple of 4; "c" holds no elements.
+  std::vector<Tensors> models;
+  for (int i = 0; i < 2; ++i) {
+    Tensors t = {{"a", Randn({3}, 40 + i).to(at::kHalf)},
+                 {"b", Randn({4, 4}, 50 + i).to(at::kFloat)},
+                 {"c", at::zeros({0, 3}, at::kFloat)}};
+    inputs_.push_back(
+        Input(Write("m" + std::to_string(i), t), 0, "m" + std::to_string(i)));
+    models.push_back(t);
+  }
+  auto out = Merge(inputs_, MergeOptions());
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LE(RelErr(Read(**out, "b"), Reference(models, 1, {1, 1})), 1e-6);
+  EXPECT_LE(RelErr(Read(**out, "a"), Reference(models, 0, {1, 1})), 1e-3);
+  EXPECT_EQ(Read(**out, "c").sizes().vec(), (std::vector<int64_t>{0, 3}));
+}
+
+TEST_F(AverageTest, PlanListsTensorsSortedWithTheirTotalSize) {
+  MakeModels(at::kFloat);
+  auto plan = PlanMerge(inputs_, MergeOptions());
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->tensors.size(), 3u);
+  EXPECT_EQ(plan->tensors[0].info.name, "layer.bias");
+  EXPECT_EQ(plan->tensors[1].info.name, "layer.weight");
+  EXPECT_EQ(plan->tensors[2].info.name, "scale");
+  for (const auto& t : plan->tensors) {
+    EXPECT_EQ(t.rule, TensorRule::kAverage);
+  }
+  EXPECT_EQ(plan->output_bytes, (16 * 8 + 8 + 1) * 4u);
+}
+
+// ---------------------------------------------------------------------------
+// Fisher.
+
+class FisherTest : public MergeTest {
+ protected:
+  // Weights {"w" [6, 5], "b" [5]}; Fisher for "w" only (and for "b" when
+  // `fisher_for_bias`).
+  void MakeModels(const std::vector<at::Tensor>& fishers,
+                  bool fisher_for_bias = false) {
+    for (size_t i = 0; i < fishers.size(); ++i) {
+      const std::string id = std::to_string(i);
+      Tensors w = {{"w", Randn({6, 5}, 100 + i).to(at::kFloat)},
+                   {"b", Randn({5}, 200 + i).to(at::kFloat)}};
+      Tensors f = {{"w", fishers[i].to(at::kFloat)}};
+      if (fisher_for_bias) {
+        f.push_back({"b", Rand({5}, 300 + i).to(at::kFloat)});
+      }
+      MergeInput input = Input(Write("w" + id, w), coeffs_[i], "m" + id);
+      input.fisher = Write("f" + id, f, {{"num_examples", "100"}});
+      inputs_.push_back(input);
+      weights_.push_back(w);
+      fisher_.push_back(f);
+    }
+  }
+
+  at::Tensor Average(size_t k) const {
+    at::Tensor ref = at::zeros_like(weights_[0][k].second, at::kDouble);
+    double sum = 0;
+    for (double c : coeffs_) sum += c;
+    for (size_t i = 0; i < weights_.size(); ++i) {
+      ref += weights_[i][k].second.to(at::kDouble) * (coeffs_[i] / sum);
+    }
+    return ref;
+  }
+
+  std::vector<double> coeffs_ = {1, 2, 3};
+  std::vector<MergeInput> inputs_;
+  std::vector<Tensors> weights_;
+  std::vector<Tensors> fisher_;
+};
+
+TEST_F(FisherTest, EqualFisherEqualsTheWeightedAverage) {
+  at::Tensor f = Rand({6, 5}, 1) + 0.1;
+  MakeModels({f, f, f});
+  MergeOptions options;
+  options.method = MergeMethod::kFisher;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LE(RelErr(Read(**out, "w"), Average(0)), 1e-6);
+}
+
+TEST_F(FisherTest, RandomPositiveFisherMatchesTheFloat64Formula) {
+  MakeModels({Rand({6, 5}, 1) + 0.01, Rand({6, 5}, 2) * 10 + 0.01,
+              Rand({6, 5}, 3) + 0.01});
+  MergeOptions options;
+  options.method = MergeMethod::kFisher;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->tensors.size(), 2u);
+  EXPECT_EQ(plan->tensors[0].info.name, "b");
+  EXPECT_EQ(plan->tensors[0].rule, TensorRule::kAverage);
+  EXPECT_EQ(plan->tensors[1].rule, TensorRule::kFisher);
+
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  at::Tensor num = at::zeros({6, 5}, at::kDouble);
+  at::Tensor den = at::zeros({6, 5}, at::kDouble);
+  for (size_t i = 0; i < 3; ++i) {
+    at::Tensor f = fisher_[i][0].second.to(at::kDouble) * coeffs_[i];
+    num += f * weights_[i][0].second.to(at::kDouble);
+    den += f;
+  }
+  EXPECT_LE(RelErr(Read(**out, "w"), num / den), 1e-6);
+}
+
+TEST_F(FisherTest, TensorWithoutFisherFallsBackToTheAverage) {
+  MakeModels(
+      {Rand({6, 5}, 1) + 0.01, Rand({6, 5}, 2) + 0.01, Rand({6, 5}, 3) + 0.01});
+  MergeOptions options;
+  options.method = MergeMethod::kFisher;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LE(RelErr(Read(**out, "b"), Average(1)), 1e-6);
+}
+
+TEST_F(FisherTest, DenominatorBelowTheFloorUsesTheAverage) {
+  // Row 0: zero Fisher everywhere; row 1: 1e-20 (below 1e-12 x max); the
+  // rest ordinary.
+  std::vector<at::Tensor> fishers;
+  for (int i = 0; i < 3; ++i) {
+    at::Tensor f = Rand({6, 5}, 10 + i) + 0.5;
+    f[0] = 0.0;
+    f[1] = 1e-20;
+    fishers.push_back(f);
+  }
+  MakeModels(fishers);
+  MergeOptions options;
+  options.method = MergeMethod::kFisher;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  at::Tensor got = Read(**out, "w");
+  at::Tensor avg = Average(0);
+  EXPECT_TRUE(at::isfinite(got).all().item<bool>());
+  EXPECT_LE(RelErr(got.slice(0, 0, 2), avg.slice(0, 0, 2)), 1e-6);
+
+  at::Tensor num = at::zeros({6, 5}, at::kDouble);
+  at::Tensor den = at::zeros({6, 5}, at::kDouble);
+  for (size_t i = 0; i < 3; ++i) {
+    at::Tensor f = fisher_[i][0].second.to(at::kDouble) * coeffs_[i];
+    num += f * weights_[i][0].second.to(at::kDouble);
+    den += f;
+  }
+  at::Tensor fisher = num / den;
+  EXPECT_LE(RelErr(got.slice(0, 2), fisher.slice(0, 2)), 1e-6);
+  // Without a floor the tiny row is Fisher-weighted, not averaged.
+  options.fisher_floor = 0;
+  auto unfloored = Merge(inputs_, options, "unfloored");
+  ASSERT_TRUE(unfloored.ok()) << unfloored.status();
+  at::Tensor row1 = Read(**unfloored, "w")[1];
+  EXPECT_LE(RelErr(row1, fisher[1]), 1e-5);
+}
+
+TEST_F(FisherTest, FisherMissingForAModelIsRefused) {
+  MakeModels({Rand({6, 5}, 1), Rand({6, 5}, 2), Rand({6, 5}, 3)});
+  inputs_[1].fisher = nullptr;
+  MergeOptions options;
+  options.method = MergeMethod::kFisher;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("model m1"));
+}
+
+TEST_F(FisherTest, FisherForATensorInSomeModelsOnlyIsRefused) {
+  MakeModels({Rand({6, 5}, 1), Rand({6, 5}, 2), Rand({6, 5}, 3)});
+  inputs_[2].fisher = Write("f2b", {{"w", Rand({6, 5}, 3).to(at::kFloat)},
+                                    {"b", Rand({5}, 4).to(at::kFloat)}});
+  MergeOptions options;
+  options.method = MergeMethod::kFisher;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("\"b\""));
+  EXPECT_THAT(plan.status().message(), HasSubstr("missing from model m0"));
+}
+
+TEST_F(FisherTest, FisherOfTheWrongShapeIsRefused) {
+  MakeModels({Rand({6, 5}, 1), Rand({6, 5}, 2), Rand({6, 5}, 3)});
+  inputs_[1].fisher = Write("f1b", {{"w", Rand({5, 6}, 3).to(at::kFloat)}});
+  MergeOptions options;
+  options.method = MergeMethod::kFisher;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("\"w\" has shape [5, 6]"));
+  EXPECT_THAT(plan.status().message(), HasSubstr("[6, 5]"));
+}
+
+// ---------------------------------------------------------------------------
+// RegMean.
+
+class RegMeanTest : public MergeTest {
+ protected:
+  static constexpr int64_t kIn = 8;
+  static constexpr int64_t kOut = 5;
+
+  // Model i: weight "lin.weight" [kOut, kIn], bias "lin.bias" [kOut], inputs
+  // X_i [rows_i, kIn] and their Gram X_i^T X_i (a sum over rows).
+  void MakeModels(std::vector<int64_t> rows,
+                  std::vector<std::map<std::string, std::string>> meta = {},
+                  bool equal_grams = false) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const std::string id = std::to_string(i);
+      // Small integers of different scales per feature: the Grams differ
+      // strongly between features and are exact in float32.
+      at::Tensor x =
+          at::round(Randn({rows[i], kIn}, 500 + (equal_grams ? 0 : i)) *
+                    at::linspace(0.5, 6.0, kIn, at::kDouble));
+      at::Tensor w = Randn({kOut, kIn}, 600 + i).to(at::kFloat);
+      at::Tensor b = Randn({kOut}, 700 + i).to(at::kFloat);
+      at::Tensor g = x.t().matmul(x);
+      std::map<std::string, std::string> m =
+          i < meta.size() ? meta[i]
+                          : std::map<std::string, std::string>{
+                                {"num_examples", std::to_string(rows[i])}};
+      if (m.count("reduction") && m.at("reduction") == "mean") {
+        g = g / static_cast<double>(rows[i]);
+      }
+      MergeInput input =
+          Input(Write("w" + id, {{"lin.weight", w}, {"lin.bias", b}}),
+                coeffs_.empty() ? 0 : coeffs_[i], "m" + id);
+      input.gram = Write("g" + id, {{"lin.weight", g.to(at::kFloat)}}, m);
+      inputs_.push_back(input);
+      xs_.push_back(x);
+      ws_.push_back(w.to(at::kDouble));
+      bs_.push_back(b.to(at::kDouble));
+      grams_.push_back(Rounded(g, at::kFloat));
+    }
+  }
+
+  std::vector<double> NormalisedCoeffs() const {
+    std::vector<double> c(ws_.size(), 1.0 / ws_.size());
+    double sum = 0;
+    for (double x : coeffs_) sum += x;
+    if (sum > 0) {
+      for (size_t i = 0; i < c.size(); ++i) c[i] = coeffs_[i] / sum;
+    }
+    return c;
+  }
+
+  // The normal-equation solution in float64, Grams scaled by `scale`.
+  at::Tensor Reference(double alpha, std::vector<double> scale = {}) const {
+    std::vector<double> c = NormalisedCoeffs();
+    at::Tensor a = at::zeros({kIn, kIn}, at::kDouble);
+    at::Tensor b = at::zeros({kIn, kOut}, at::kDouble);
+    for (size_t i = 0; i < ws_.size(); ++i) {
+      at::Tensor g = grams_[i] * (scale.empty() ? 1.0 : scale[i]);
+      at::Tensor gt = alpha * g + (1 - alpha) * at::diag(at::diag(g));
+      a += c[i] * gt;
+      b += c[i] * gt.matmul(ws_[i].t());
+    }
+    return at::linalg_solve(a, b).t();
+  }
+
+  at::Tensor AverageBias() const {
+    std::vector<double> c = NormalisedCoeffs();
+    at::Tensor ref = at::zeros({kOut}, at::kDouble);
+    for (size_t i = 0; i < bs_.size(); ++i) ref += c[i] * bs_[i];
+    return ref;
+  }
+
+  std::vector<double> coeffs_;
+  std::vector<MergeInput> inputs_;
+  std::vector<at::Tensor> xs_, ws_, bs_, grams_;
+};
+
+TEST_F(RegMeanTest, AlphaOneMatchesTheNormalEquations) {
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 1.0;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->tensors[0].rule, TensorRule::kAverage);  // lin.bias
+  EXPECT_EQ(plan->tensors[1].rule, TensorRule::kRegMean);  // lin.weight
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(1.0)), 1e-6);
+}
+
+TEST_F(RegMeanTest, AlphaHalfWithCoefficientsMatchesTheNormalEquations) {
+  coeffs_ = {1, 2, 3};
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 0.5;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  at::Tensor got = Read(**out, "lin.weight");
+  EXPECT_LE(RelErr(got, Reference(0.5)), 1e-6);
+  // And it is not simply the average.
+  EXPECT_GT(RelErr(got, Reference(0.0)), 1e-3);
+}
+
+TEST_F(RegMeanTest, AlphaZeroWithEqualGramsEqualsTheWeightedAverage) {
+  coeffs_ = {1, 2, 3};
+  MakeModels({30, 30, 30}, {}, /*equal_grams=*/true);
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 0.0;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  at::Tensor avg = at::zeros({kOut, kIn}, at::kDouble);
+  for (size_t i = 0; i < 3; ++i) avg += ws_[i] * (coeffs_[i] / 6.0);
+  EXPECT_LE(RelErr(Read(**out, "lin.weight"), avg), 1e-6);
+}
+
+TEST_F(RegMeanTest, AlphaOneReproducesTheLeastSquaresMerge) {
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 1.0;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  // min_W sum_i ||X_i W^T - X_i W_i^T||^2 as one stacked least-squares
+  // problem, solved by QR (not through the Grams).
+  std::vector<at::Tensor> x_rows, y_rows;
+  for (size_t i = 0; i < 3; ++i) {
+    x_rows.push_back(xs_[i]);
+    y_rows.push_back(xs_[i].matmul(ws_[i].t()));
+  }
+  at::Tensor x = at::cat(x_rows);
+  at::Tensor y = at::cat(y_rows);
+  at::Tensor q, r;
+  std::tie(q, r) = at::linalg_qr(x);
+  at::Tensor wt = at::linalg_solve_triangular(r, q.t().matmul(y),
+                                              /*upper=*/true);
+  EXPECT_LE(RelErr(Read(**out, "lin.weight"), wt.t()), 1e-6);
+}
+
+TEST_F(RegMeanTest, BiasesAreAveraged) {
+  coeffs_ = {1, 2, 3};
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LE(RelErr(Read(**out, "lin.bias"), AverageBias()), 1e-6);
+}
+
+TEST_F(RegMeanTest, MeanNormalisationDividesSumGramsByTheirExamples) {
+  // m0 uploads a sum, m1 a mean, m2 a sum.
+  MakeModels({40, 25, 60}, {{{"num_examples", "40"}},
+                            {{"reduction", "mean"}, {"num_examples", "25"}},
+                            {{"reduction", "sum"}, {"num_examples", "60"}}});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 0.9;
+  options.gram_normalization = GramNormalization::kMean;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_DOUBLE_EQ(plan->gram_scale[0], 1.0 / 40);
+  EXPECT_DOUBLE_EQ(plan->gram_scale[1], 1.0);
+  EXPECT_DOUBLE_EQ(plan->gram_scale[2], 1.0 / 60);
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  at::Tensor got = Read(**out, "lin.weight");
+  EXPECT_LE(RelErr(got, Reference(0.9, {1.0 / 40, 1.0, 1.0 / 60})), 1e-6);
+  // Unnormalised, the result would differ.
+  EXPECT_GT(RelErr(got, Reference(0.9)), 1e-4);
+}
+
+TEST_F(RegMeanTest, MixingSumAndMeanGramsAsUploadedIsRefused) {
+  MakeModels({40, 25}, {{{"num_examples", "40"}},
+                        {{"reduction", "mean"}, {"num_examples", "25"}}});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("choose a normalisation"));
+  EXPECT_THAT(plan.status().message(), HasSubstr("m1"));
+}
+
+TEST_F(RegMeanTest, MeanNormalisationWithoutNumExamplesIsRefused) {
+  MakeModels({40, 25}, {{{"num_examples", "40"}}, {{"reduction", "sum"}}});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.gram_normalization = GramNormalization::kMean;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("model m1"));
+  EXPECT_THAT(plan.status().message(), HasSubstr("num_examples"));
+}
+
+TEST_F(RegMeanTest, SingularGramsAreReportedWithTheTensorName) {
+  MakeModels({40, 25});
+  for (size_t i = 0; i < 2; ++i) {
+    inputs_[i].gram =
+        Write("zero" + std::to_string(i),
+              {{"lin.weight", at::zeros({kIn, kIn}, at::kFloat)}});
+  }
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  absl::Status s =
+      ExecuteMerge(*plan, inputs_, options, Path("out"), nullptr, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(
+      s.message(),
+      HasSubstr("RegMean system for tensor \"lin.weight\" is singular"));
+}
+
+TEST_F(RegMeanTest, GramOfTheWrongSizeIsRefused) {
+  MakeModels({40, 25});
+  inputs_[1].gram = Write("bad", {{"lin.weight", at::eye(5, at::kFloat)}});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(),
+              HasSubstr("Gram for tensor \"lin.weight\" has shape [5, 5]"));
+  EXPECT_THAT(plan.status().message(),
+              HasSubstr("the weight [5, 8] needs [8, 8]"));
+}
+
+TEST_F(RegMeanTest, NonSquareGramIsRefused) {
+  MakeModels({40, 25});
+  inputs_[0].gram =
+      Write("bad", {{"lin.weight", at::ones({8, 5}, at::kFloat)}});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(),
+              HasSubstr("Gram for tensor \"lin.weight\" has shape [8, 5]"));
+  EXPECT_THAT(plan.status().message(), HasSubstr("needs [8, 8]"));
+}
+
+TEST_F(RegMeanTest, GramsMissingForAModelAreRefused) {
+  MakeModels({40, 25});
+  inputs_[1].gram = nullptr;
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("model m1 has none"));
+}
+
+TEST_F(RegMeanTest, GramForAWeightInOneModelOnlyIsRefused) {
+  MakeModels({40, 25});
+  inputs_[1].gram = Write("empty", {}, {{"num_examples", "25"}});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("\"lin.weight\""));
+  EXPECT_THAT(plan.status().message(), HasSubstr("missing from model m1"));
+}
+
+TEST_F(RegMeanTest, GramForANonLinearTensorIsRefused) {
+  MakeModels({40, 25});
+  inputs_[0].gram = Write("bias", {{"lin.weight", grams_[0].to(at::kFloat)},
+                                   {"lin.bias", at::eye(5, at::kFloat)}});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("\"lin.bias\""));
+}
+
+TEST_F(RegMeanTest, AlphaOutOfRangeIsRefused) {
+  MakeModels({40, 25});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  for (double alpha : {-0.1, 1.5, std::nan("")}) {
+    options.alpha = alpha;
+    auto plan = PlanMerge(inputs_, options);
+    EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(plan.status().message(), HasSubstr("alpha must be in [0, 1]"));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Validation of names, shapes and options.
+
+class ValidationTest : public MergeTest {
+ protected:
+  MergeInput Model(const std::string& label, Tensors tensors) {
+    return Input(Write(label, tensors), 0, label);
+  }
+};
+
+TEST_F(ValidationTest, OneModelIsRefused) {
+  std::vector<MergeInput> inputs = {
+      Model("m1", {{"x", at::zeros({2}, at::kFloat)}})};
+  auto plan = PlanMerge(inputs, MergeOptions());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(plan.status().message(),
+              HasSubstr("a merge needs at least two models, got 1"));
+}
+
+TEST_F(ValidationTest, ShapeMismatchNamesTheTensorAndBothShapes) {
+  std::vector<MergeInput> inputs = {
+      Model("m1", {{"x", at::zeros({4, 8}, at::kFloat)}}),
+      Model("m2", {{"x", at::zeros({4, 9}, at::kFloat)}})};
+  auto plan = PlanMerge(inputs, MergeOptions());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(
+      plan.status().message(),
+      HasSubstr("tensor \"x\" has shape [4, 8] in model m1 but [4, 9] in "
+                "model m2"));
+}
+
+TEST_F(ValidationTest, DtypeMismatchIsRefused) {
+  std::vector<MergeInput> inputs = {
+      Model("m1", {{"x", at::zeros({4}, at::kFloat)}}),
+      Model("m2", {{"x", at::zeros({4}, at::kHalf)}})};
+  auto plan = PlanMerge(inputs, MergeOptions());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(),
+              HasSubstr("tensor \"x\" has dtype F32 in model m1 but F16 in "
+                        "model m2"));
+}
+
+TEST_F(ValidationTest, MissingTensorNamesTheModelThatLacksIt) {
+  std::vector<MergeInput> inputs = {
+      Model("m1", {{"x", at::zeros({4}, at::kFloat)}}),
+      Model("m2", {{"x", at::zeros({4}, at::kFloat)},
+                   {"y", at::zeros({4}, at::kFloat)}})};
+  auto plan = PlanMerge(inputs, MergeOptions());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(
+      plan.status().message(),
+      HasSubstr("tensor \"y\" is in model m2 but missing from model m1"));
+  std::swap(inputs[0], inputs[1]);
+  plan = PlanMerge(inputs, MergeOptions());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(
+      plan.status().message(),
+      HasSubstr("tensor \"y\" is in model m2 but missing from model m1"));
+}
+
+class ExclusionTest : public ValidationTest {
+ protected:
+  void SetUp() override {
+    ValidationTest::SetUp();
+    body_ = {Randn({3, 4}, 1).to(at::kFloat), Randn({3, 4}, 2).to(at::kFloat)};
+    heads_ = {Randn({2, 3}, 3).to(at::kFloat), Randn({7, 3}, 4).to(at::kFloat)};
+    inputs_ = {
+        Model("m1", {{"body.weight", body_[0]}, {"head.weight", heads_[0]}}),
+        Model("m2", {{"body.weight", body_[1]},
+                     {"head.weight", heads_[1]},
+                     {"head.extra", at::ones({5}, at::kFloat)}})};
+    options_.exclude = {"head\\..*"};
+  }
+  std::vector<at::Tensor> body_, heads_;
+  std::vector<MergeInput> inputs_;
+  MergeOptions options_;
+};
+
+TEST_F(ExclusionTest, DifferingHeadsAreRefusedWithoutExclusion) {
+  options_.exclude.clear();
+  auto plan = PlanMerge(inputs_, options_);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(plan.status().message(), HasSubstr("\"head.weight\""));
+}
+
+TEST_F(ExclusionTest, ExcludedHeadsAreDropped) {
+  auto out = Merge(inputs_, options_);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ((*out)->tensors().size(), 1u);
+  EXPECT_EQ((*out)->tensors()[0].name, "body.weight");
+  EXPECT_LE(RelErr(Read(**out, "body.weight"),
+                   (body_[0].to(at::kDouble) + body_[1].to(at::kDouble)) / 2),
+            1e-6);
+}
+
+TEST_F(ExclusionTest, ExcludedHeadsAreCopiedFromTheSecondModel) {
+  options_.take_excluded_from = 1;
+  auto plan = PlanMerge(inputs_, options_);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->tensors.size(), 3u);
+  EXPECT_EQ(plan->tensors[1].info.name, "head.extra");
+  EXPECT_EQ(plan->tensors[1].rule, TensorRule::kCopy);
+  EXPECT_EQ(plan->tensors[1].copy_from, 1);
+  auto out = Merge(inputs_, options_);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ((*out)->tensors().size(), 3u);
+  const TensorInfo* head = (*out)->Find("head.weight");
+  ASSERT_NE(head, nullptr);
+  EXPECT_EQ(head->shape, (std::vector<int64_t>{7, 3}));
+  EXPECT_TRUE(at::equal(Read(**out, "head.weight"), heads_[1].to(at::kDouble)));
+  EXPECT_TRUE(at::equal(Read(**out, "head.extra"), at::ones({5}, at::kDouble)));
+}
+
+TEST_F(ExclusionTest, InvalidRegexIsRefusedNamingThePattern) {
+  options_.exclude = {"head\\..*", "(unclosed"};
+  auto plan = PlanMerge(inputs_, options_);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(plan.status().message(), HasSubstr("\"(unclosed\""));
+}
+
+TEST_F(ExclusionTest, SourceModelOutOfRangeIsRefused) {
+  options_.take_excluded_from = 2;
+  auto plan = PlanMerge(inputs_, options_);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(plan.status().message(), HasSubstr("take_excluded_from"));
+}
+
+TEST_F(ValidationTest, NegativeOrNonFiniteCoefficientIsRefused) {
+  std::vector<MergeInput> inputs = {
+      Model("m1", {{"x", at::zeros({4}, at::kFloat)}}),
+      Model("m2", {{"x", at::zeros({4}, at::kFloat)}})};
+  for (double c :
+       {-1.0, std::numeric_limits<double>::infinity(), std::nan("")}) {
+    inputs[1].coefficient = c;
+    auto plan = PlanMerge(inputs, MergeOptions());
+    EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(plan.status().message(), HasSubstr("coefficient of model m2"));
+  }
+}
+
+TEST_F(ValidationTest, NegativeFisherFloorIsRefused) {
+  std::vector<MergeInput> inputs = {
+      Model("m1", {{"x", at::zeros({4}, at::kFloat)}}),
+      Model("m2", {{"x", at::zeros({4}, at::kFloat)}})};
+  MergeOptions options;
+  options.fisher_floor = -1;
+  auto plan = PlanMerge(inputs, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(plan.status().message(), HasSubstr("fisher_floor"));
+}
+
+// ---------------------------------------------------------------------------
+// Execution: determinism, cancellation, progress, devices.
+
+class ExecutionTest : public RegMeanTest {};
+
+TEST_F(ExecutionTest, TwoRunsGiveByteIdenticalFiles) {
+  coeffs_ = {1, 2, 3};
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_TRUE(
+      ExecuteMerge(*plan, inputs_, options, Path("a"), nullptr, nullptr).ok());
+  ASSERT_TRUE(
+      ExecuteMerge(*plan, inputs_, options, Path("b"), nullptr, nullptr).ok());
+  std::string a = ReadFile(Path("a"));
+  EXPECT_FALSE(a.empty());
+  EXPECT_TRUE(a == ReadFile(Path("b")));
+}
+
+TEST_F(ExecutionTest, ProgressReachesTheTotal) {
+  MakeModels({40, 25});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::vector<MergeProgress> seen;
+  absl::Status s = ExecuteMerge(
+      *plan, inputs_, options, Path("out"),
+      [&seen](const MergeProgress& p) { seen.push_back(p); }, nullptr);
+  ASSERT_TRUE(s.ok()) << s;
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_EQ(seen[0].tensors_done, 1);
+  EXPECT_EQ(seen[0].bytes_done,
+            static_cast<uint64_t>(kOut * 4));  // lin.bias first
+  EXPECT_EQ(seen[1].tensors_done, seen[1].tensors_total);
+  EXPECT_EQ(seen[1].tensors_total, 2);
+  EXPECT_EQ(seen[1].bytes_done, plan->output_bytes);
+  EXPECT_EQ(seen[1].bytes_total, plan->output_bytes);
+}
+
+TEST_F(ExecutionTest, CancellationReturnsCancelled) {
+  MakeModels({40, 25});
+  MergeOptions options;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::atomic<bool> cancelled{true};
+  absl::Status s =
+      ExecuteMerge(*plan, inputs_, options, Path("out"), nullptr, &cancelled);
+  EXPECT_EQ(s.code(), absl::StatusCode::kCancelled);
+
+  // Cancelled after the first tensor.
+  cancelled = false;
+  int calls = 0;
+  s = ExecuteMerge(
+      *plan, inputs_, options, Path("out2"),
+      [&](const MergeProgress&) {
+        ++calls;
+        cancelled = true;
+      },
+      &cancelled);
+  EXPECT_EQ(s.code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(s.message(), HasSubstr("1 of 2"));
+  EXPECT_EQ(calls, 1);
+  EXPECT_FALSE(std::filesystem::exists(Path("out2")));
+}
+
+TEST_F(ExecutionTest, AutoDeviceRunsTheMerge) {
+  MakeModels({40, 25});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.device = "auto";
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(0.9)), 1e-6);
+}
+
+TEST(DeviceTest, ResolvesCpuAndAuto) {
+  auto cpu = ResolveDevice("cpu");
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  EXPECT_EQ(*cpu, "cpu");
+  auto automatic = ResolveDevice("auto");
+  ASSERT_TRUE(automatic.ok()) << automatic.status();
+  EXPECT_EQ(*automatic, torch::cuda::is_available() ? "cuda:0" : "cpu");
+}
+
+TEST(DeviceTest, CudaWithoutCudaIsAFailedPrecondition) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "this machine has CUDA";
+  for (const char* spec : {"cuda", "cuda:0", "cuda:3"}) {
+    auto device = ResolveDevice(spec);
+    EXPECT_EQ(device.status().code(), absl::StatusCode::kFailedPrecondition)
+        << spec;
+    EXPECT_THAT(device.status().message(), HasSubstr(spec));
+  }
+}
+
+TEST(DeviceTest, MalformedDeviceIsAnInvalidArgument) {
+  for (const char* spec : {"", "gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"}) {
+    auto device = ResolveDevice(spec);
+    EXPECT_EQ(device.status().code(), absl::StatusCode::kInvalidArgument)
+        << spec;
+  }
+}
+
+TEST(DeviceTest, RuntimeDescriptionNamesLibTorchBlasAndCuda) {
+  std::string text = DescribeRuntime();
+  EXPECT_THAT(text, HasSubstr("LibTorch "));
+  EXPECT_THAT(text, HasSubstr("BLAS: "));
+  EXPECT_THAT(text, HasSubstr("CUDA: "));
+  std::cout << text << "\n";
+}
+
+}  // namespace
+}  // namespace amalgam::core
