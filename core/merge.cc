@@ -726,6 +726,13 @@ absl::Status ExecuteMerge(
             static_cast<const uint8_t*>(out.data_ptr()), nbytes)));
       }
     }
+    // Streaming: this tensor's inputs are done with, keep them out of RSS.
+    for (const MergeInput& input : inputs) {
+      for (const SafetensorsReader* reader :
+           {input.weights, input.gram, input.fisher}) {
+        if (reader != nullptr) reader->Release(t.info.name);
+      }
+    }
     ++state.tensors_done;
     state.bytes_done += t.info.nbytes;
     if (progress) progress(state);

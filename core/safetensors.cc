@@ -579,6 +579,21 @@ absl::Span<const uint8_t> SafetensorsReader::Data(
                                    tensor.nbytes);
 }
 
+void SafetensorsReader::Release(absl::string_view name) const {
+  const TensorInfo* tensor = Find(name);
+  if (tensor == nullptr || tensor->nbytes == 0) return;
+  const Mapping& mapping = *files_[tensor->file_index];
+  static const uintptr_t kPage =
+      static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin =
+      reinterpret_cast<uintptr_t>(mapping.bytes()) + tensor->file_offset;
+  const uintptr_t first = begin & ~(kPage - 1);
+  const uintptr_t last = begin + tensor->nbytes;
+  // Read-only private file pages: dropping them costs at most a re-read from
+  // the page cache if a neighbour on a shared page is touched again.
+  ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 absl::Status CheckAllFinite(const SafetensorsReader& reader) {
   for (const TensorInfo& tensor : reader.tensors()) {
     const absl::Span<const uint8_t> data = reader.Data(tensor);
@@ -599,6 +614,7 @@ absl::Status CheckAllFinite(const SafetensorsReader& reader) {
             FirstNonFinite<uint64_t, 0x7FF0000000000000ull>(data.data(), count);
         break;
     }
+    reader.Release(tensor.name);
     if (bad >= 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("tensor ", Quoted(tensor.name),

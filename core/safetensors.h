@@ -74,6 +74,10 @@ class SafetensorsReader {
   }
   // The raw little-endian bytes of `tensor` (which must come from tensors()).
   absl::Span<const uint8_t> Data(const TensorInfo& tensor) const;
+  // Drops the mapped pages of tensor `name` from this process's resident set
+  // (they stay in the page cache), so a pass over a large file keeps memory
+  // bounded. The bytes stay readable. No-op for an unknown name.
+  void Release(absl::string_view name) const;
   // Sum of all tensors' nbytes.
   uint64_t total_bytes() const { return total_bytes_; }
 

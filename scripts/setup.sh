@@ -13,6 +13,15 @@ packages=(
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-pytest
 )
 
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "setup: installing ${#missing[@]} missing packages: ${missing[*]}" >&2
+
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 

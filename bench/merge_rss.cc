@@ -1,0 +1,181 @@
+// Peak memory of a streaming merge: N models of M GiB each, merged by
+// core::ExecuteMerge in a child process whose peak RSS (getrusage) is
+// compared with the bound 1 GiB + N x largest tensor.
+//
+//   merge_rss [--dir DIR] [--models 3] [--model-gib 1] [--tensor-mib 32]
+//             [--method average|fisher]
+//
+// Input files are generated once into DIR (deterministic content) and reused.
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "core/merge.h"
+#include "core/safetensors.h"
+
+namespace {
+
+namespace core = amalgam::core;
+
+struct Args {
+  std::string dir = "build/bench-data";
+  int models = 3;
+  double model_gib = 1.0;
+  int tensor_mib = 32;
+  std::string method = "average";
+};
+
+Args ParseArgs(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--dir") {
+      args.dir = value;
+    } else if (flag == "--models") {
+      args.models = std::atoi(value.c_str());
+    } else if (flag == "--model-gib") {
+      args.model_gib = std::atof(value.c_str());
+    } else if (flag == "--tensor-mib") {
+      args.tensor_mib = std::atoi(value.c_str());
+    } else if (flag == "--method") {
+      args.method = value;
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
+      std::exit(2);
+    }
+  }
+  return args;
+}
+
+// Writes one model of `tensors` F32 tensors of `elements` each, unless a file
+// of the right size is there already.
+void Generate(const std::string& path, int model, int tensors, int64_t elements,
+              bool positive) {
+  std::vector<core::TensorSpec> specs;
+  for (int t = 0; t < tensors; ++t) {
+    specs.push_back({"layer." + std::to_string(t) + ".weight",
+                     core::DType::kF32,
+                     {elements / 1024, 1024}});
+  }
+  auto writer = core::SafetensorsWriter::Create(path, specs, {});
+  if (!writer.ok()) {
+    std::fprintf(stderr, "%s\n", writer.status().ToString().c_str());
+    std::exit(1);
+  }
+  std::vector<float> buffer(elements);
+  for (int t = 0; t < tensors; ++t) {
+    for (int64_t i = 0; i < elements; ++i) {
+      const float v = static_cast<float>(
+                          (i * 7919 + t * 104729 + model * 15485863) % 2001) /
+                          1000.0f -
+                      1.0f;
+      buffer[i] = positive ? v + 1.5f : v;
+    }
+    auto status = (*writer)->Append(absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(buffer.data()),
+        buffer.size() * sizeof(float)));
+    if (!status.ok()) {
+      std::fprintf(stderr, "%s\n", status.ToString().c_str());
+      std::exit(1);
+    }
+  }
+  auto status = (*writer)->Finish();
+  if (!status.ok()) {
+    std::fprintf(stderr, "%s\n", status.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+// The merge itself, run in the child.
+int RunMerge(const Args& args, const std::vector<std::string>& weights,
+             const std::vector<std::string>& fishers) {
+  std::vector<std::unique_ptr<core::SafetensorsReader>> readers;
+  std::vector<core::MergeInput> inputs;
+  for (int m = 0; m < args.models; ++m) {
+    core::MergeInput input;
+    readers.push_back(*core::SafetensorsReader::Open(weights[m]));
+    input.weights = readers.back().get();
+    if (!fishers.empty()) {
+      readers.push_back(*core::SafetensorsReader::Open(fishers[m]));
+      input.fisher = readers.back().get();
+    }
+    input.label = weights[m];
+    inputs.push_back(input);
+  }
+  core::MergeOptions options;
+  options.method = fishers.empty() ? core::MergeMethod::kAverage
+                                   : core::MergeMethod::kFisher;
+  auto plan = core::PlanMerge(inputs, options);
+  if (!plan.ok()) {
+    std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
+    return 1;
+  }
+  const std::string out = args.dir + "/merged.safetensors";
+  auto status =
+      core::ExecuteMerge(*plan, inputs, options, out, nullptr, nullptr);
+  if (!status.ok()) {
+    std::fprintf(stderr, "%s\n", status.ToString().c_str());
+    return 1;
+  }
+  std::filesystem::remove(out);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args args = ParseArgs(argc, argv);
+  std::filesystem::create_directories(args.dir);
+  const int64_t elements = int64_t{args.tensor_mib} << 18;  // 4-byte floats
+  const int tensors =
+      static_cast<int>(args.model_gib * 1024 / args.tensor_mib + 0.5);
+  const uint64_t tensor_bytes = static_cast<uint64_t>(elements) * 4;
+  std::vector<std::string> weights, fishers;
+  for (int m = 0; m < args.models; ++m) {
+    weights.push_back(args.dir + "/model" + std::to_string(m) + ".safetensors");
+    if (!std::filesystem::exists(weights.back())) {
+      Generate(weights.back(), m, tensors, elements, false);
+    }
+    if (args.method == "fisher") {
+      fishers.push_back(args.dir + "/fisher" + std::to_string(m) +
+                        ".safetensors");
+      if (!std::filesystem::exists(fishers.back())) {
+        Generate(fishers.back(), m + 100, tensors, elements, true);
+      }
+    }
+  }
+
+  const auto start = std::chrono::steady_clock::now();
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(RunMerge(args, weights, fishers));
+  int status = 0;
+  struct rusage usage {};
+  ::wait4(child, &status, 0, &usage);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    std::fprintf(stderr, "merge failed\n");
+    return 1;
+  }
+  const double peak_mib = usage.ru_maxrss / 1024.0;  // ru_maxrss is KiB
+  const double inputs_per_model = args.method == "fisher" ? 2 : 1;
+  const double bound_mib =
+      1024.0 + inputs_per_model * args.models * tensor_bytes / 1048576.0;
+  const double input_gib =
+      inputs_per_model * args.models * tensors * tensor_bytes / 1073741824.0;
+  std::printf(
+      "| %s | %d x %.2f GiB | %d x %d MiB | %.0f | %.0f | %s | %.1f | %.2f |\n",
+      args.method.c_str(), args.models, args.model_gib, tensors,
+      args.tensor_mib, peak_mib, bound_mib, peak_mib < bound_mib ? "yes" : "NO",
+      seconds, input_gib / seconds);
+  return peak_mib < bound_mib ? 0 : 3;
+}
