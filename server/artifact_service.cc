@@ -154,7 +154,7 @@ class ArtifactServiceImpl::UploadReactor
             absl::StrCat("header.describes names ", header.describes(),
                          ", which is not a weights artifact"));
       }
-      described_path_ = service_->storage_->BlobPath(described);
+      described_ = described;
     }
     temp_path_ = service_->storage_->NewTempPath("upload");
     file_ = std::fopen(temp_path_.c_str(), "wb");
@@ -216,9 +216,9 @@ class ArtifactServiceImpl::UploadReactor
           "\" is not a valid safetensors file: ", reader.status().message()));
     }
     std::unique_ptr<core::SafetensorsReader> described;
-    if (!described_path_.empty()) {
+    if (!described_.id().empty()) {
       AMALGAM_ASSIGN_OR_RETURN(described,
-                               core::SafetensorsReader::Open(described_path_));
+                               service_->storage_->OpenBlob(described_));
     }
     v1::Artifact artifact;
     artifact.set_kind(header_.kind());
@@ -265,7 +265,7 @@ class ArtifactServiceImpl::UploadReactor
   int64_t received_ = 0;
   core::Sha256 hash_;
   std::string temp_path_;
-  std::string described_path_;
+  v1::Artifact described_;  // the weights a statistics upload describes
   std::FILE* file_ = nullptr;
 };
 
@@ -366,8 +366,7 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::GetArtifact(
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status status = [&]() -> absl::Status {
     AMALGAM_ASSIGN_OR_RETURN(*response, storage_->GetArtifact(request->id()));
-    AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(
-                                              storage_->BlobPath(*response)));
+    AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(*response));
     for (const core::TensorInfo& tensor : reader->tensors()) {
       v1::TensorInfo* info = response->add_tensors();
       info->set_name(tensor.name);

@@ -1,6 +1,7 @@
 #include "server/job_manager.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <ctime>
 #include <filesystem>
 #include <tuple>
@@ -51,8 +52,9 @@ struct JobManager::Prepared {
 
 struct JobManager::Entry {
   v1::Job job;
-  std::unique_ptr<Prepared> prepared;
   std::atomic<bool> cancelled{false};
+  // Cancelled by a user (not by shutdown).
+  bool user_cancelled = false;
   std::map<uint64_t, Listener> listeners;
 };
 
@@ -76,12 +78,11 @@ absl::Status JobManager::Recover() {
   AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Job> jobs, storage_->ListJobs());
   int requeued = 0;
   for (v1::Job& job : jobs) {
-    std::unique_ptr<Prepared> prepared;
+    bool requeue = false;
     if (!IsFinal(job.state())) {
       absl::StatusOr<std::unique_ptr<Prepared>> p = Prepare(job);
-      if (p.ok()) {
-        prepared = *std::move(p);
-      } else {
+      requeue = p.ok();
+      if (!p.ok()) {
         job.set_state(v1::JOB_STATE_FAILED);
         job.set_error_code(static_cast<int>(p.status().code()));
         job.set_error_message(absl::StrCat(
@@ -92,16 +93,12 @@ absl::Status JobManager::Recover() {
       }
     }
     absl::MutexLock lock(&mu_);
-    if (prepared != nullptr) {
+    if (requeue) {
       job.set_state(v1::JOB_STATE_QUEUED);
       job.clear_progress();
-      AMALGAM_RETURN_IF_ERROR(Enqueue(job, std::move(prepared)));
       ++requeued;
-    } else {
-      auto entry = std::make_unique<Entry>();
-      entry->job = job;
-      jobs_[job.id()] = std::move(entry);
     }
+    Add(job, requeue);
   }
   Log(LogLevel::kInfo,
       absl::StrCat("event=recover jobs=", jobs.size(), " requeued=", requeued));
@@ -146,8 +143,7 @@ absl::StatusOr<std::unique_ptr<JobManager::Prepared>> JobManager::Prepare(
                        v1::ArtifactKind_Name(artifact.kind()),
                        " artifact; expected ", v1::ArtifactKind_Name(kind)));
     }
-    AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(
-                                              storage_->BlobPath(artifact)));
+    AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(artifact));
     prepared->readers.push_back(std::move(reader));
     return prepared->readers.back().get();
   };
@@ -208,20 +204,17 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
         "the job queue is full (", options_.max_queued, " jobs); retry later"));
   }
   AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
-  AMALGAM_RETURN_IF_ERROR(Enqueue(job, std::move(prepared)));
+  Add(job, /*queue=*/true);
   Log(LogLevel::kInfo, absl::StrCat("event=job_state job=", job.id(), " owner=",
                                     owner, " state=JOB_STATE_QUEUED"));
   return job;
 }
 
-absl::Status JobManager::Enqueue(const v1::Job& job,
-                                 std::unique_ptr<Prepared> prepared) {
+void JobManager::Add(const v1::Job& job, bool queue) {
   auto entry = std::make_unique<Entry>();
   entry->job = job;
-  entry->prepared = std::move(prepared);
-  queue_.push_back(entry.get());
+  if (queue) queue_.push_back(entry.get());
   jobs_[job.id()] = std::move(entry);
-  return absl::OkStatus();
 }
 
 absl::StatusOr<v1::Job> JobManager::Get(const std::string& id) {
@@ -251,11 +244,12 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id) {
     return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
   }
   Entry* entry = it->second.get();
+  if (IsFinal(entry->job.state())) return entry->job;
   entry->cancelled = true;
+  entry->user_cancelled = true;
   if (entry->job.state() == v1::JOB_STATE_QUEUED) {
     queue_.erase(std::remove(queue_.begin(), queue_.end(), entry),
                  queue_.end());
-    entry->prepared.reset();
     Update(entry, [](v1::Job& job) {
       job.set_state(v1::JOB_STATE_CANCELLED);
       job.set_finished_at(Now());
@@ -331,8 +325,8 @@ void JobManager::WorkerLoop() {
 void JobManager::Run(Entry* entry) {
   absl::StatusOr<std::vector<std::string>> results = RunMerge(entry);
   absl::MutexLock lock(&mu_);
-  entry->prepared.reset();
-  if (stopping_ && results.status().code() == absl::StatusCode::kCancelled) {
+  if (stopping_ && !entry->user_cancelled &&
+      results.status().code() == absl::StatusCode::kCancelled) {
     // Interrupted by shutdown: the catalog keeps it running, so the next
     // start re-runs it.
     return;
@@ -353,15 +347,22 @@ void JobManager::Run(Entry* entry) {
 }
 
 absl::StatusOr<std::vector<std::string>> JobManager::RunMerge(Entry* entry) {
-  const Prepared& prepared = *entry->prepared;
-  const std::string out_path = storage_->NewTempPath("merge");
   v1::Job job;
   {
     absl::MutexLock lock(&mu_);
     job = entry->job;
   }
+  // Inputs are opened again here rather than kept open from submission, so
+  // queued jobs hold no file descriptors or mappings.
+  AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
+  const std::string out_path = storage_->NewTempPath("merge");
+  // Whatever happens below, no output is left behind in tmp/.
+  struct RemoveOnExit {
+    const std::string& path;
+    ~RemoveOnExit() { std::remove(path.c_str()); }
+  } remove_on_exit{out_path};
   AMALGAM_RETURN_IF_ERROR(core::ExecuteMerge(
-      prepared.plan, prepared.inputs, prepared.options, out_path,
+      prepared->plan, prepared->inputs, prepared->options, out_path,
       [&](const core::MergeProgress& progress) {
         absl::MutexLock lock(&mu_);
         Update(entry, [&](v1::Job& job) {

@@ -66,8 +66,8 @@ class JobManager {
   struct Entry;
 
   absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
-  absl::Status Enqueue(const v1::Job& job, std::unique_ptr<Prepared> prepared)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Tracks `job`, and queues it when `queue` is set.
+  void Add(const v1::Job& job, bool queue) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WorkerLoop();
   void Run(Entry* entry);
   absl::StatusOr<std::vector<std::string>> RunMerge(Entry* entry);

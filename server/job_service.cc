@@ -40,6 +40,10 @@ class JobServiceImpl::WatchReactor
     absl::StatusOr<uint64_t> token =
         jobs_->Watch(id_, [this](const v1::Job& job) { OnJob(job); });
     if (!token.ok()) {
+      {
+        absl::MutexLock lock(&mu_);
+        done_ = finished_ = true;
+      }
       Finish(ToGrpcStatus(token.status()));
       return;
     }
@@ -52,20 +56,38 @@ class JobServiceImpl::WatchReactor
 
   void OnWriteDone(bool ok) override {
     bool finish = false;
+    bool final_sent = false;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
-      if (!ok || IsFinal(in_flight_.job().state())) {
-        finish = true;
+      final_sent = ok && IsFinal(in_flight_.job().state());
+      if (!ok || final_sent || done_) {
         done_ = true;
+        finish = ClaimFinishLocked();
       } else {
         WriteNextLocked();
       }
     }
     if (finish) {
       Unsubscribe();
-      Finish(ok ? grpc::Status::OK
-                : grpc::Status(grpc::StatusCode::CANCELLED, "watch ended"));
+      Finish(final_sent
+                 ? grpc::Status::OK
+                 : grpc::Status(grpc::StatusCode::CANCELLED, "watch ended"));
+    }
+  }
+
+  // The client went away (or the server is shutting down): end the call now
+  // unless a write is in flight, whose OnWriteDone then ends it.
+  void OnCancel() override {
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      done_ = true;
+      if (!writing_) finish = ClaimFinishLocked();
+    }
+    if (finish) {
+      Unsubscribe();
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "watch cancelled"));
     }
   }
 
@@ -87,6 +109,13 @@ class JobServiceImpl::WatchReactor
     // Until Start() has the token, nothing is written: a write could end
     // the call before the subscription is known.
     if (started_ && !writing_) WriteNextLocked();
+  }
+
+  // True exactly once: the caller then calls Finish.
+  bool ClaimFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return false;
+    finished_ = true;
+    return true;
   }
 
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -115,7 +144,8 @@ class JobServiceImpl::WatchReactor
   v1::JobEvent in_flight_ ABSL_GUARDED_BY(mu_);
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;      // no more writes
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;  // Finish called
   bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t token_ ABSL_GUARDED_BY(mu_) = 0;
 };

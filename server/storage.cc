@@ -126,8 +126,11 @@ absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
   const std::string blob = BlobPath(artifact);
   std::error_code error;
   if (fs::exists(blob, error)) {
-    // Same content already stored: blobs are content-addressed.
+    // Same content already stored: blobs are content-addressed. Sync it all
+    // the same: a concurrent upload may have renamed it without the
+    // directory fsync yet.
     fs::remove(temp_path, error);
+    AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(blob));
   } else {
     fs::rename(temp_path, blob, error);
     if (error) {
@@ -139,6 +142,18 @@ absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
   absl::MutexLock lock(&mu_);
   AMALGAM_RETURN_IF_ERROR(PutRecord("artifacts", artifact.id(), artifact));
   return artifact;
+}
+
+absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> Storage::OpenBlob(
+    const v1::Artifact& artifact) const {
+  absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> reader =
+      core::SafetensorsReader::Open(BlobPath(artifact));
+  if (!reader.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("blob of artifact ", artifact.id(),
+                     " cannot be read: ", reader.status().message()));
+  }
+  return reader;
 }
 
 absl::StatusOr<v1::Artifact> Storage::GetArtifact(const std::string& id) {

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "amalgam/v1/amalgam.pb.h"
+#include "core/safetensors.h"
 
 struct sqlite3;
 
@@ -41,6 +42,10 @@ class Storage {
   absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts();
   // The path of an artifact's blob.
   std::string BlobPath(const v1::Artifact& artifact) const;
+  // Opens an artifact's blob; DATA_LOSS (naming the artifact) when the
+  // catalog has the row but the blob is gone or unreadable.
+  absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> OpenBlob(
+      const v1::Artifact& artifact) const;
 
   // Inserts or replaces a job's row.
   absl::Status PutJob(const v1::Job& job);
