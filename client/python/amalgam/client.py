@@ -1,0 +1,379 @@
+"""High-level Python client of the Amalgam service (``amalgam.v1`` over gRPC)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Union)
+
+import grpc
+import torch
+
+from amalgam import safetensors
+from amalgam.v1 import amalgam_pb2 as pb
+from amalgam.v1 import amalgam_pb2_grpc as pb_grpc
+
+_CHUNK = 1 << 20
+_MAX_MESSAGE = 16 << 20
+
+Source = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor], object]
+ArtifactRef = Union[str, pb.Artifact]
+
+_METHODS = {
+    "average": pb.MERGE_METHOD_AVERAGE,
+    "weighted": pb.MERGE_METHOD_WEIGHTED,
+    "fisher": pb.MERGE_METHOD_FISHER,
+    "regmean": pb.MERGE_METHOD_REGMEAN,
+}
+_GRAM_NORMALIZATION = {
+    "as_uploaded": pb.GRAM_NORMALIZATION_AS_UPLOADED,
+    "mean": pb.GRAM_NORMALIZATION_MEAN,
+}
+_FINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+class AmalgamError(Exception):
+    """An error from the service: ``code`` is a ``grpc.StatusCode`` and
+    ``message`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> "AmalgamError":
+        return cls(error.code(), error.details() or "")
+
+    @classmethod
+    def from_number(cls, number: int, message: str) -> "AmalgamError":
+        for code in grpc.StatusCode:
+            if code.value[0] == number:
+                return cls(code, message)
+        return cls(grpc.StatusCode.UNKNOWN, message)
+
+
+def _ref(artifact: Optional[ArtifactRef]) -> str:
+    if artifact is None:
+        return ""
+    return artifact.id if isinstance(artifact, pb.Artifact) else str(artifact)
+
+
+def _progress_bar(total: int, description: str):
+    """A tqdm bar on stderr when it is a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=description,
+                file=sys.stderr, leave=False)
+
+
+class Job:
+    """A job on the server. ``state`` and ``job`` reflect the last refresh."""
+
+    def __init__(self, client: "Client", job: pb.Job):
+        self._client = client
+        self.job = job
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def state(self) -> str:
+        """``queued``, ``running``, ``succeeded``, ``failed`` or ``cancelled``."""
+        return pb.JobState.Name(self.job.state)[len("JOB_STATE_"):].lower()
+
+    @property
+    def result_ids(self) -> List[str]:
+        return list(self.job.result_ids)
+
+    def refresh(self) -> "Job":
+        self.job = self._client._call(self._client._jobs.GetJob,
+                                      pb.GetJobRequest(id=self.id))
+        return self
+
+    def events(self) -> Iterator[pb.Job]:
+        """Yields the job at every state change and progress update until it
+        ends (the last one is final)."""
+        stream = self._client._jobs.WatchJob(
+            pb.WatchJobRequest(id=self.id), metadata=self._client._metadata)
+        try:
+            for event in stream:
+                self.job = event.job
+                yield event.job
+        except grpc.RpcError as error:
+            raise AmalgamError.from_rpc(error) from None
+
+    def wait(self, timeout: Optional[float] = None) -> "Job":
+        """Blocks until the job ends. Raises AmalgamError carrying the job's
+        error if it failed, CANCELLED if it was cancelled, DEADLINE_EXCEEDED
+        after ``timeout`` seconds."""
+        if self.job.state not in _FINAL:
+            stream = self._client._jobs.WatchJob(
+                pb.WatchJobRequest(id=self.id), metadata=self._client._metadata,
+                timeout=timeout)
+            try:
+                for event in stream:
+                    self.job = event.job
+            except grpc.RpcError as error:
+                raise AmalgamError.from_rpc(error) from None
+            if self.job.state not in _FINAL:
+                self.refresh()
+        if self.job.state == pb.JOB_STATE_FAILED:
+            raise AmalgamError.from_number(self.job.error_code,
+                                           self.job.error_message)
+        if self.job.state == pb.JOB_STATE_CANCELLED:
+            raise AmalgamError(grpc.StatusCode.CANCELLED,
+                               f"job {self.id} was cancelled")
+        return self
+
+    def cancel(self) -> "Job":
+        self.job = self._client._call(self._client._jobs.CancelJob,
+                                      pb.CancelJobRequest(id=self.id))
+        return self
+
+    def _result(self) -> str:
+        self.wait()
+        if not self.job.result_ids:
+            raise AmalgamError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {self.id} has no result")
+        return self.job.result_ids[0]
+
+    def download(self, path) -> str:
+        """Waits for the job and writes its result to ``path``."""
+        return self._client.download(self._result(), path)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Waits for the job and returns its result as tensors."""
+        tensors, _ = safetensors.loads(self._client.download_bytes(self._result()))
+        return tensors
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, state={self.state!r})"
+
+
+class Client:
+    """A connection to amalgamd.
+
+    ``address`` is ``host:port``; ``token`` (or ``$AMALGAM_TOKEN``) is sent as
+    ``authorization: Bearer TOKEN``. Errors raise :class:`AmalgamError`.
+    """
+
+    def __init__(self, address: Optional[str] = None, token: Optional[str] = None,
+                 *, timeout: float = 30.0, chunk_size: int = _CHUNK):
+        address = address or os.environ.get("AMALGAM_SERVER", "127.0.0.1:50051")
+        token = token if token is not None else os.environ.get("AMALGAM_TOKEN")
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ])
+        self._artifacts = pb_grpc.ArtifactServiceStub(self._channel)
+        self._jobs = pb_grpc.JobServiceStub(self._channel)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._timeout = timeout
+        self._chunk = chunk_size
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, metadata=self._metadata, timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise AmalgamError.from_rpc(error) from None
+
+    # --- artifacts -------------------------------------------------------
+
+    def upload_weights(self, source: Source, *, name: Optional[str] = None
+                       ) -> pb.Artifact:
+        """Uploads weights from a safetensors path or a ``dict[str, Tensor]``."""
+        return self._upload(pb.ARTIFACT_KIND_WEIGHTS, source, name, None, {})
+
+    def upload_gram(self, source: Source, *, for_weights: Optional[ArtifactRef] = None,
+                    name: Optional[str] = None, num_examples: Optional[int] = None,
+                    reduction: Optional[str] = None) -> pb.Artifact:
+        """Uploads Gram matrices: a path, a ``dict[str, Tensor]`` or an
+        :class:`amalgam.stats.Statistics` (whose metadata travels along).
+        ``for_weights`` names the weights artifact they describe."""
+        metadata = {}
+        if num_examples is not None:
+            metadata["num_examples"] = str(num_examples)
+        if reduction is not None:
+            metadata["reduction"] = reduction
+        return self._upload(pb.ARTIFACT_KIND_GRAM, source, name, for_weights, metadata)
+
+    def upload_fisher(self, source: Source, *, for_weights: Optional[ArtifactRef] = None,
+                      name: Optional[str] = None,
+                      num_examples: Optional[int] = None) -> pb.Artifact:
+        """Uploads diagonal Fisher information (path, dict or Statistics)."""
+        metadata = {}
+        if num_examples is not None:
+            metadata["num_examples"] = str(num_examples)
+        return self._upload(pb.ARTIFACT_KIND_FISHER, source, name, for_weights, metadata)
+
+    def _upload(self, kind, source, name, describes, metadata) -> pb.Artifact:
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if metadata:
+                raise ValueError("metadata options apply to in-memory uploads only; "
+                                 "a file carries its own __metadata__")
+            size = os.path.getsize(path)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(self._chunk), b""):
+                    digest.update(block)
+            opener = lambda: open(path, "rb")  # noqa: E731
+            name = name or os.path.basename(path)
+        else:
+            tensors = getattr(source, "tensors", source)
+            if hasattr(source, "metadata") and callable(source.metadata):
+                metadata = {**source.metadata(), **metadata}
+            data = safetensors.dumps(
+                {k: v for k, v in tensors.items()}, metadata or None)
+            size = len(data)
+            digest = hashlib.sha256(data)
+            opener = lambda: io.BytesIO(data)  # noqa: E731
+            name = name or "state_dict"
+        header = pb.UploadHeader(kind=kind, name=name, size_bytes=size,
+                                 sha256=digest.hexdigest(), describes=_ref(describes))
+        bar = _progress_bar(size, f"upload {name}")
+
+        def requests():
+            yield pb.UploadRequest(header=header)
+            offset = 0
+            with opener() as f:
+                for block in iter(lambda: f.read(self._chunk), b""):
+                    yield pb.UploadRequest(chunk=pb.UploadChunk(offset=offset, data=block))
+                    offset += len(block)
+                    if bar is not None:
+                        bar.update(len(block))
+
+        try:
+            response = self._artifacts.Upload(requests(), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise AmalgamError.from_rpc(error) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        return response.artifact
+
+    def list_artifacts(self, kind: Optional[str] = None) -> List[pb.Artifact]:
+        request = pb.ListArtifactsRequest()
+        if kind is not None:
+            request.kind = pb.ArtifactKind.Value(f"ARTIFACT_KIND_{kind.upper()}")
+        return list(self._call(self._artifacts.ListArtifacts, request).artifacts)
+
+    def get_artifact(self, artifact: ArtifactRef) -> pb.Artifact:
+        return self._call(self._artifacts.GetArtifact,
+                          pb.GetArtifactRequest(id=_ref(artifact)))
+
+    def _download_chunks(self, artifact_id: str) -> Iterator[bytes]:
+        """Yields the artifact's bytes, then checks size and sha256."""
+        stream = self._artifacts.Download(pb.DownloadRequest(artifact_id=artifact_id),
+                                          metadata=self._metadata)
+        digest = hashlib.sha256()
+        size = expected_sha = None
+        received = 0
+        bar = None
+        try:
+            for chunk in stream:
+                if size is None:
+                    size, expected_sha = chunk.size_bytes, chunk.sha256
+                    bar = _progress_bar(size, f"download {artifact_id}")
+                if chunk.offset != received:
+                    raise AmalgamError(grpc.StatusCode.DATA_LOSS,
+                                       f"chunk at offset {chunk.offset}, expected {received}")
+                digest.update(chunk.data)
+                received += len(chunk.data)
+                if bar is not None:
+                    bar.update(len(chunk.data))
+                yield chunk.data
+        except grpc.RpcError as error:
+            raise AmalgamError.from_rpc(error) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        if received != size or digest.hexdigest() != expected_sha:
+            raise AmalgamError(grpc.StatusCode.DATA_LOSS,
+                               f"download of {artifact_id} does not match its size/sha256")
+
+    def download_bytes(self, artifact: ArtifactRef) -> bytes:
+        """Returns the artifact's bytes (verified against its sha256)."""
+        return b"".join(self._download_chunks(_ref(artifact)))
+
+    def download(self, artifact: ArtifactRef, path) -> str:
+        """Writes the artifact to ``path`` (via a temporary file, verified,
+        then renamed). Returns the path."""
+        path = os.fspath(path)
+        temp = path + ".tmp"
+        try:
+            with open(temp, "wb") as f:
+                for data in self._download_chunks(_ref(artifact)):
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)
+        return path
+
+    # --- jobs -------------------------------------------------------------
+
+    def merge(self, models: Sequence[ArtifactRef], method: str = "average", *,
+              grams: Optional[Sequence[ArtifactRef]] = None,
+              fishers: Optional[Sequence[ArtifactRef]] = None,
+              coefficients: Optional[Sequence[float]] = None,
+              alpha: Optional[float] = None, exclude: Iterable[str] = (),
+              take_excluded_from: Optional[int] = None,
+              gram_normalization: str = "as_uploaded",
+              name: Optional[str] = None) -> Job:
+        """Submits a merge of the weights ``models`` (ids or artifacts).
+
+        ``grams`` / ``fishers`` give each model's statistics (same order) for
+        ``regmean`` / ``fisher``; ``coefficients`` weight the models;
+        ``exclude`` lists regexes of tensors left out, copied from model
+        ``take_excluded_from`` (1-based) when given. The job is validated in
+        full before it is queued: a bad job raises here.
+        """
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {sorted(_METHODS)}")
+        if gram_normalization not in _GRAM_NORMALIZATION:
+            raise ValueError(f"gram_normalization must be one of {sorted(_GRAM_NORMALIZATION)}")
+        spec = pb.MergeSpec(method=_METHODS[method], exclude=list(exclude),
+                            gram_normalization=_GRAM_NORMALIZATION[gram_normalization],
+                            result_name=name or "")
+        for i, model in enumerate(models):
+            entry = spec.models.add(weights_id=_ref(model))
+            if grams is not None:
+                entry.gram_id = _ref(grams[i])
+            if fishers is not None:
+                entry.fisher_id = _ref(fishers[i])
+            if coefficients is not None:
+                entry.coefficient = float(coefficients[i])
+        if alpha is not None:
+            spec.alpha = float(alpha)
+        if take_excluded_from is not None:
+            spec.take_excluded_from = int(take_excluded_from)
+        job = self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(merge=spec))
+        return Job(self, job)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self._call(self._jobs.GetJob, pb.GetJobRequest(id=job_id)))
+
+    def jobs(self) -> List[Job]:
+        return [Job(self, j) for j in
+                self._call(self._jobs.ListJobs, pb.ListJobsRequest()).jobs]

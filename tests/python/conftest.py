@@ -1,0 +1,56 @@
+"""Fixtures: a real amalgamd on a free loopback port, started for the session."""
+
+import os
+import pathlib
+import subprocess
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _binary(env, default):
+    path = pathlib.Path(os.environ.get(env, ROOT / "build" / "bin" / default))
+    if not path.exists():
+        pytest.fail(f"{path} not found: build the project first (scripts/build.sh)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def amalgamd_path():
+    return _binary("AMALGAMD", "amalgamd")
+
+
+@pytest.fixture(scope="session")
+def cli_path():
+    return _binary("AMALGAM_CLI", "amalgam")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, amalgamd_path):
+    """Address of a running amalgamd with its own data directory."""
+    root = tmp_path_factory.mktemp("amalgamd")
+    port_file = root / "port"
+    log = open(root / "server.log", "wb")
+    process = subprocess.Popen(
+        [amalgamd_path, "--listen", "127.0.0.1:0", "--data-dir", str(root / "data"),
+         "--port-file", str(port_file), "--device", "cpu"],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"amalgamd did not start; see {root / 'server.log'}")
+        time.sleep(0.02)
+    yield f"127.0.0.1:{port_file.read_text().strip()}"
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def client(server):
+    import amalgam
+    with amalgam.Client(server) as c:
+        yield c

@@ -1,0 +1,167 @@
+"""amalgam.Client against the real amalgamd binary (fixture in conftest.py)."""
+
+import subprocess
+
+import grpc
+import pytest
+import torch
+
+import amalgam
+from amalgam import safetensors
+
+
+def _models(seed, count=3):
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 3))
+    models = []
+    for _ in range(count):
+        m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        models.append(m)
+    return models
+
+
+def _batches(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, 6, generator=g) for _ in range(n)]
+
+
+def _regmean_reference(state_dicts, grams, alpha):
+    """float64 RegMean from the formula: W^T = (sum G~_i)^-1 sum G~_i W_i^T."""
+    out = {}
+    for name in state_dicts[0]:
+        ws = [sd[name].double() for sd in state_dicts]
+        if name in grams[0]:
+            gts = []
+            for g in grams:
+                gram = g[name].double()
+                gts.append(alpha * gram + (1 - alpha) * torch.diag(torch.diag(gram)))
+            lhs = sum(gts)
+            rhs = sum(gt @ w.T for gt, w in zip(gts, ws))
+            out[name] = torch.linalg.solve(lhs, rhs).T
+        else:
+            out[name] = sum(ws) / len(ws)
+    return out
+
+
+def test_import_exposes_the_client_api():
+    assert callable(amalgam.Client)
+    assert issubclass(amalgam.AmalgamError, Exception)
+    assert callable(amalgam.stats.gram) and callable(amalgam.stats.fisher)
+
+
+def test_safetensors_round_trip_keeps_dtypes_and_values():
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16),
+               "c": torch.randn(2, 2).double(), "d": torch.randn(7).half(),
+               "s": torch.tensor(1.5)}
+    back, metadata = safetensors.loads(safetensors.dumps(tensors, {"k": "v"}))
+    assert metadata == {"k": "v"}
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype
+        assert back[name].shape == tensor.shape
+        assert torch.equal(back[name], tensor)
+
+
+def test_uploaded_state_dict_downloads_unchanged(client):
+    state = _models(1, 1)[0].state_dict()
+    artifact = client.upload_weights(state, name="one")
+    assert artifact.id and artifact.kind == amalgam.client.pb.ARTIFACT_KIND_WEIGHTS
+    listed = client.get_artifact(artifact.id)
+    assert sorted(t.name for t in listed.tensors) == sorted(state)
+    back, _ = safetensors.loads(client.download_bytes(artifact))
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor)
+
+
+def test_regmean_state_dict_equals_cli_result_and_reference(client, server, cli_path,
+                                                            tmp_path):
+    models = _models(2)
+    states = [m.state_dict() for m in models]
+    stats = [amalgam.stats.gram(m, _batches(10 + i)) for i, m in enumerate(models)]
+    weights = [client.upload_weights(s, name=f"agent{i}") for i, s in enumerate(states)]
+    grams = [client.upload_gram(st, for_weights=w) for st, w in zip(stats, weights)]
+    assert grams[0].metadata["num_examples"] == "20"
+
+    merged = client.merge(weights, "regmean", grams=grams, alpha=0.9).state_dict()
+
+    out = tmp_path / "cli.safetensors"
+    command = [cli_path, "--server", server, "merge", "--method", "regmean",
+               "--alpha", "0.9", "--out", str(out)]
+    for w, g in zip(weights, grams):
+        command += ["--model", w.id, "--gram", g.id]
+    subprocess.run(command, check=True, capture_output=True)
+    cli_result, _ = safetensors.load_file(out)
+    assert sorted(cli_result) == sorted(merged)
+    for name in merged:
+        assert torch.equal(merged[name], cli_result[name]), name
+
+    # The float32 Grams as uploaded are what the server saw.
+    uploaded = [{k: v.float() for k, v in st.tensors.items()} for st in stats]
+    want = _regmean_reference(states, uploaded, 0.9)
+    for name, tensor in want.items():
+        error = (merged[name].double() - tensor).abs().max() / tensor.abs().max()
+        assert error < 1e-5, name
+
+
+def test_events_report_progress_until_success(client):
+    weights = [client.upload_weights(m.state_dict()) for m in _models(3, 2)]
+    job = client.merge(weights, "weighted", coefficients=[1, 3])
+    events = list(job.events())
+    assert events[-1].state == amalgam.client.pb.JOB_STATE_SUCCEEDED
+    assert events[-1].progress.tensors_done == events[-1].progress.tensors_total == 4
+    assert job.state == "succeeded"
+    merged = job.state_dict()
+    a, b = (m.state_dict() for m in _models(3, 2))
+    for name in merged:
+        want = 0.25 * a[name].double() + 0.75 * b[name].double()
+        assert torch.allclose(merged[name].double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_fisher_merge_from_collected_statistics(client):
+    models = _models(4, 2)
+
+    def loss_fn(model, batch):
+        return model(batch).pow(2).sum(dim=1)
+
+    weights, fishers, stats = [], [], []
+    for i, m in enumerate(models):
+        st = amalgam.stats.fisher(m, _batches(20 + i), loss_fn)
+        w = client.upload_weights(m.state_dict())
+        weights.append(w)
+        fishers.append(client.upload_fisher(st, for_weights=w))
+        stats.append(st)
+    merged = client.merge(weights, "fisher", fishers=fishers).state_dict()
+    for name in merged:
+        fs = [st.tensors[name].float().double() for st in stats]
+        ws = [m.state_dict()[name].double() for m in models]
+        want = sum(f * w for f, w in zip(fs, ws)) / sum(fs)
+        assert torch.allclose(merged[name].double(), want, rtol=1e-5, atol=1e-6), name
+
+
+def test_failed_merge_raises_with_the_servers_code_and_message(client):
+    weights = [client.upload_weights(m.state_dict()) for m in _models(5, 2)]
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.merge(weights[:1], "average")
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "two models" in error.value.message
+
+    other = {k: v for k, v in _models(5, 1)[0].state_dict().items()}
+    other["2.bias"] = torch.zeros(4)
+    odd = client.upload_weights(other)
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.merge([weights[0], odd], "average")
+    assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "2.bias" in error.value.message
+
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.merge(weights, "regmean")
+    assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.job("job_missing").wait()
+    assert error.value.code == grpc.StatusCode.NOT_FOUND
