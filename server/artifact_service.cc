@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include "core/status_macros.h"
 #include "server/grpc_status.h"
 #include "server/log.h"
+#include "server/rpc_util.h"
 
 namespace amalgam::server {
 namespace {
@@ -50,10 +52,6 @@ v1::DType ToProtoDType(core::DType dtype) {
 }
 
 }  // namespace
-
-std::string CallerOrganization(const grpc::CallbackServerContext& /*context*/) {
-  return "local";
-}
 
 // Receives header + chunks into a temp file, hashing as it goes; verification
 // and validation of the complete file run on the executor.
@@ -148,7 +146,7 @@ class ArtifactServiceImpl::UploadReactor
       }
       AMALGAM_ASSIGN_OR_RETURN(
           v1::Artifact described,
-          service_->storage_->GetArtifact(header.describes()));
+          service_->storage_->GetArtifactFor(header.describes(), owner_));
       if (described.kind() != v1::ARTIFACT_KIND_WEIGHTS) {
         return absl::InvalidArgumentError(
             absl::StrCat("header.describes names ", header.describes(),
@@ -333,73 +331,148 @@ class ArtifactServiceImpl::DownloadReactor
 };
 
 ArtifactServiceImpl::ArtifactServiceImpl(Storage* storage, Executor* executor,
+                                         JobManager* jobs,
+                                         const TokenStore* tokens,
                                          ArtifactServiceOptions options)
-    : storage_(storage), executor_(executor), options_(options) {}
+    : storage_(storage),
+      executor_(executor),
+      jobs_(jobs),
+      tokens_(tokens),
+      options_(options) {}
 
 grpc::ServerReadReactor<v1::UploadRequest>* ArtifactServiceImpl::Upload(
     grpc::CallbackServerContext* context, v1::UploadResponse* response) {
-  return new UploadReactor(this, CallerOrganization(*context), response);
+  absl::StatusOr<std::string> org = Authenticate(*context, tokens_);
+  if (!org.ok()) {
+    return new FailedReactor<grpc::ServerReadReactor<v1::UploadRequest>>(
+        org.status());
+  }
+  return new UploadReactor(this, *org, response);
 }
 
 grpc::ServerUnaryReactor* ArtifactServiceImpl::ListArtifacts(
     grpc::CallbackServerContext* context,
     const v1::ListArtifactsRequest* request,
     v1::ListArtifactsResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<std::vector<v1::Artifact>> artifacts =
-      storage_->ListArtifacts();
-  if (artifacts.ok()) {
-    for (v1::Artifact& artifact : *artifacts) {
-      if (request->kind() == v1::ARTIFACT_KIND_UNSPECIFIED ||
-          request->kind() == artifact.kind()) {
-        *response->add_artifacts() = std::move(artifact);
-      }
-    }
-  }
-  reactor->Finish(ToGrpcStatus(artifacts.status()));
-  return reactor;
+  return ServeUnary(
+      context, tokens_, response,
+      [&](const std::string& org) -> absl::StatusOr<v1::ListArtifactsResponse> {
+        AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> artifacts,
+                                 storage_->ListArtifacts());
+        v1::ListArtifactsResponse list;
+        for (const v1::Artifact& artifact : artifacts) {
+          if (request->kind() != v1::ARTIFACT_KIND_UNSPECIFIED &&
+              request->kind() != artifact.kind()) {
+            continue;
+          }
+          // Through GetArtifactFor: the one place read access is decided.
+          absl::StatusOr<v1::Artifact> readable =
+              storage_->GetArtifactFor(artifact.id(), org);
+          if (readable.ok()) *list.add_artifacts() = *std::move(readable);
+        }
+        return list;
+      });
 }
 
 grpc::ServerUnaryReactor* ArtifactServiceImpl::GetArtifact(
     grpc::CallbackServerContext* context, const v1::GetArtifactRequest* request,
     v1::Artifact* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status status = [&]() -> absl::Status {
-    AMALGAM_ASSIGN_OR_RETURN(*response, storage_->GetArtifact(request->id()));
-    AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(*response));
-    for (const core::TensorInfo& tensor : reader->tensors()) {
-      v1::TensorInfo* info = response->add_tensors();
-      info->set_name(tensor.name);
-      info->set_dtype(ToProtoDType(tensor.dtype));
-      for (int64_t dim : tensor.shape) info->add_shape(dim);
-    }
-    return absl::OkStatus();
-  }();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
+  return ServeUnary(
+      context, tokens_, response,
+      [&](const std::string& org) -> absl::StatusOr<v1::Artifact> {
+        AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
+                                 storage_->GetArtifactFor(request->id(), org));
+        AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(artifact));
+        for (const core::TensorInfo& tensor : reader->tensors()) {
+          v1::TensorInfo* info = artifact.add_tensors();
+          info->set_name(tensor.name);
+          info->set_dtype(ToProtoDType(tensor.dtype));
+          for (int64_t dim : tensor.shape) info->add_shape(dim);
+        }
+        return artifact;
+      });
+}
+
+grpc::ServerUnaryReactor* ArtifactServiceImpl::DeleteArtifact(
+    grpc::CallbackServerContext* context,
+    const v1::DeleteArtifactRequest* request,
+    v1::DeleteArtifactResponse* response) {
+  return ServeUnary(
+      context, tokens_, response,
+      [&](const std::string& org)
+          -> absl::StatusOr<v1::DeleteArtifactResponse> {
+        AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
+                                 OwnedArtifact(request->id(), org));
+        if (jobs_->InUse(artifact.id())) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("artifact ", artifact.id(),
+                           " is an input of a queued or running job"));
+        }
+        AMALGAM_RETURN_IF_ERROR(storage_->DeleteArtifact(artifact));
+        Log(LogLevel::kInfo, absl::StrCat("event=delete artifact=",
+                                          artifact.id(), " owner=", org));
+        return v1::DeleteArtifactResponse();
+      });
+}
+
+grpc::ServerUnaryReactor* ArtifactServiceImpl::ShareArtifact(
+    grpc::CallbackServerContext* context,
+    const v1::ShareArtifactRequest* request,
+    v1::ShareArtifactResponse* response) {
+  return ServeUnary(
+      context, tokens_, response,
+      [&](const std::string& org) -> absl::StatusOr<v1::ShareArtifactResponse> {
+        if (request->organization().empty()) {
+          return absl::InvalidArgumentError("organization is empty");
+        }
+        AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
+                                 OwnedArtifact(request->id(), org));
+        auto* shared = artifact.mutable_shared_with();
+        shared->erase(std::remove(shared->begin(), shared->end(),
+                                  request->organization()),
+                      shared->end());
+        if (!request->revoke() && request->organization() != org) {
+          artifact.add_shared_with(request->organization());
+        }
+        AMALGAM_RETURN_IF_ERROR(storage_->UpdateArtifact(artifact));
+        Log(LogLevel::kInfo,
+            absl::StrCat("event=", request->revoke() ? "revoke" : "share",
+                         " artifact=", artifact.id(), " owner=", org,
+                         " with=", request->organization()));
+        return v1::ShareArtifactResponse();
+      });
+}
+
+absl::StatusOr<v1::Artifact> ArtifactServiceImpl::OwnedArtifact(
+    const std::string& id, const std::string& org) {
+  AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
+                           storage_->GetArtifactFor(id, org));
+  if (artifact.owner() != org) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("artifact ", id, " is shared with ", org,
+                     " read-only; only its owner ", "may delete or share it"));
+  }
+  return artifact;
 }
 
 grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
-    grpc::CallbackServerContext* /*context*/,
-    const v1::DownloadRequest* request) {
+    grpc::CallbackServerContext* context, const v1::DownloadRequest* request) {
   absl::StatusOr<v1::Artifact> artifact =
-      storage_->GetArtifact(request->artifact_id());
-  if (artifact.ok() &&
-      (request->offset() < 0 || request->offset() > artifact->size_bytes())) {
-    artifact = absl::InvalidArgumentError(
-        absl::StrCat("offset ", request->offset(), " is outside artifact ",
-                     artifact->id(), " of ", artifact->size_bytes(), " bytes"));
-  }
+      [&]() -> absl::StatusOr<v1::Artifact> {
+    AMALGAM_ASSIGN_OR_RETURN(std::string org, Authenticate(*context, tokens_));
+    AMALGAM_ASSIGN_OR_RETURN(
+        v1::Artifact found,
+        storage_->GetArtifactFor(request->artifact_id(), org));
+    if (request->offset() < 0 || request->offset() > found.size_bytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("offset ", request->offset(), " is outside artifact ",
+                       found.id(), " of ", found.size_bytes(), " bytes"));
+    }
+    return found;
+  }();
   if (!artifact.ok()) {
-    // A reactor that only reports the error.
-    class ErrorReactor : public grpc::ServerWriteReactor<v1::DownloadChunk> {
-     public:
-      explicit ErrorReactor(const absl::Status& status) {
-        Finish(ToGrpcStatus(status));
-      }
-      void OnDone() override { delete this; }
-    };
-    return new ErrorReactor(artifact.status());
+    return new FailedReactor<grpc::ServerWriteReactor<v1::DownloadChunk>>(
+        artifact.status());
   }
   return new DownloadReactor(*artifact, storage_->BlobPath(*artifact),
                              request->offset(), options_.chunk_bytes);

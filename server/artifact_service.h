@@ -3,7 +3,9 @@
 #include <cstdint>
 
 #include "amalgam/v1/amalgam.grpc.pb.h"
+#include "server/auth.h"
 #include "server/executor.h"
+#include "server/job_manager.h"
 #include "server/storage.h"
 
 namespace amalgam::server {
@@ -20,8 +22,9 @@ struct ArtifactServiceOptions {
 // Blocking verification runs on `executor`, not on gRPC threads.
 class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
  public:
-  ArtifactServiceImpl(Storage* storage, Executor* executor,
-                      ArtifactServiceOptions options);
+  // `tokens` may be null (no authentication: one local organisation).
+  ArtifactServiceImpl(Storage* storage, Executor* executor, JobManager* jobs,
+                      const TokenStore* tokens, ArtifactServiceOptions options);
 
   grpc::ServerReadReactor<v1::UploadRequest>* Upload(
       grpc::CallbackServerContext* context,
@@ -33,6 +36,16 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   grpc::ServerUnaryReactor* GetArtifact(grpc::CallbackServerContext* context,
                                         const v1::GetArtifactRequest* request,
                                         v1::Artifact* response) override;
+  // Owner only; FAILED_PRECONDITION while a queued or running job uses it.
+  grpc::ServerUnaryReactor* DeleteArtifact(
+      grpc::CallbackServerContext* context,
+      const v1::DeleteArtifactRequest* request,
+      v1::DeleteArtifactResponse* response) override;
+  // Owner only: grants (or revokes) another organisation read access.
+  grpc::ServerUnaryReactor* ShareArtifact(
+      grpc::CallbackServerContext* context,
+      const v1::ShareArtifactRequest* request,
+      v1::ShareArtifactResponse* response) override;
   grpc::ServerWriteReactor<v1::DownloadChunk>* Download(
       grpc::CallbackServerContext* context,
       const v1::DownloadRequest* request) override;
@@ -41,13 +54,16 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   class UploadReactor;
   class DownloadReactor;
 
+  // The artifact if `org` owns it; NOT_FOUND if it cannot read it,
+  // PERMISSION_DENIED if it may only read it.
+  absl::StatusOr<v1::Artifact> OwnedArtifact(const std::string& id,
+                                             const std::string& org);
+
   Storage* const storage_;
   Executor* const executor_;
+  JobManager* const jobs_;
+  const TokenStore* const tokens_;
   const ArtifactServiceOptions options_;
 };
-
-// The organisation on whose behalf a call runs. Until tokens exist (a later
-// issue) every caller is the one local organisation.
-std::string CallerOrganization(const grpc::CallbackServerContext& context);
 
 }  // namespace amalgam::server

@@ -136,7 +136,9 @@ absl::StatusOr<std::unique_ptr<JobManager::Prepared>> JobManager::Prepare(
                   const char* field,
                   int index) -> absl::StatusOr<const core::SafetensorsReader*> {
     if (id.empty()) return nullptr;
-    AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact, storage_->GetArtifact(id));
+    // Only artifacts the submitter may read: others are NOT_FOUND.
+    AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
+                             storage_->GetArtifactFor(id, job.owner()));
     if (artifact.kind() != kind) {
       return absl::InvalidArgumentError(
           absl::StrCat("merge.models[", index, "].", field, " is ", id, ", a ",
@@ -217,19 +219,42 @@ void JobManager::Add(const v1::Job& job, bool queue) {
   jobs_[job.id()] = std::move(entry);
 }
 
-absl::StatusOr<v1::Job> JobManager::Get(const std::string& id) {
-  absl::MutexLock lock(&mu_);
+absl::StatusOr<JobManager::Entry*> JobManager::Find(
+    const std::string& id, const std::string& organization) {
   auto it = jobs_.find(id);
-  if (it == jobs_.end()) {
+  if (it == jobs_.end() || it->second->job.owner() != organization) {
     return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
   }
-  return it->second->job;
+  return it->second.get();
 }
 
-std::vector<v1::Job> JobManager::List() {
+absl::StatusOr<v1::Job> JobManager::Get(const std::string& id,
+                                        const std::string& organization) {
+  absl::MutexLock lock(&mu_);
+  AMALGAM_ASSIGN_OR_RETURN(Entry * entry, Find(id, organization));
+  return entry->job;
+}
+
+bool JobManager::InUse(const std::string& artifact_id) {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [id, entry] : jobs_) {
+    if (IsFinal(entry->job.state()) || !entry->job.has_merge()) continue;
+    for (const v1::MergeModel& model : entry->job.merge().models()) {
+      if (model.weights_id() == artifact_id || model.gram_id() == artifact_id ||
+          model.fisher_id() == artifact_id) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+std::vector<v1::Job> JobManager::List(const std::string& organization) {
   absl::MutexLock lock(&mu_);
   std::vector<v1::Job> jobs;
-  for (const auto& [id, entry] : jobs_) jobs.push_back(entry->job);
+  for (const auto& [id, entry] : jobs_) {
+    if (entry->job.owner() == organization) jobs.push_back(entry->job);
+  }
   std::sort(jobs.begin(), jobs.end(), [](const v1::Job& a, const v1::Job& b) {
     return std::make_tuple(a.created_at(), a.id()) <
            std::make_tuple(b.created_at(), b.id());
@@ -237,13 +262,10 @@ std::vector<v1::Job> JobManager::List() {
   return jobs;
 }
 
-absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id) {
+absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id,
+                                           const std::string& organization) {
   absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(id);
-  if (it == jobs_.end()) {
-    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
-  }
-  Entry* entry = it->second.get();
+  AMALGAM_ASSIGN_OR_RETURN(Entry * entry, Find(id, organization));
   if (IsFinal(entry->job.state())) return entry->job;
   entry->cancelled = true;
   entry->user_cancelled = true;
@@ -259,15 +281,13 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id) {
 }
 
 absl::StatusOr<uint64_t> JobManager::Watch(const std::string& id,
+                                           const std::string& organization,
                                            Listener listener) {
   absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(id);
-  if (it == jobs_.end()) {
-    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
-  }
+  AMALGAM_ASSIGN_OR_RETURN(Entry * entry, Find(id, organization));
   const uint64_t token = next_token_++;
-  listener(it->second->job);
-  it->second->listeners.emplace(token, std::move(listener));
+  listener(entry->job);
+  entry->listeners.emplace(token, std::move(listener));
   return token;
 }
 

@@ -50,15 +50,23 @@ class JobManager {
   // queue is full.
   absl::StatusOr<v1::Job> Submit(const v1::SubmitJobRequest& request,
                                  const std::string& owner);
-  absl::StatusOr<v1::Job> Get(const std::string& id);
-  std::vector<v1::Job> List();
+  // Jobs are visible to their owner only: another organisation's job id is
+  // NOT_FOUND, like an unknown one.
+  absl::StatusOr<v1::Job> Get(const std::string& id,
+                              const std::string& organization);
+  std::vector<v1::Job> List(const std::string& organization);
   // Cancels a queued or running job; a finished job is returned unchanged.
-  absl::StatusOr<v1::Job> Cancel(const std::string& id);
+  absl::StatusOr<v1::Job> Cancel(const std::string& id,
+                                 const std::string& organization);
+  // True while a queued or running job reads artifact `artifact_id`.
+  bool InUse(const std::string& artifact_id);
 
   // Calls `listener` with the job now and after every change until Unwatch.
   // The listener runs under the manager's lock: it must not block or call
   // back into the manager. Returns a token for Unwatch; NOT_FOUND.
-  absl::StatusOr<uint64_t> Watch(const std::string& id, Listener listener);
+  absl::StatusOr<uint64_t> Watch(const std::string& id,
+                                 const std::string& organization,
+                                 Listener listener);
   void Unwatch(const std::string& id, uint64_t token);
 
  private:
@@ -68,6 +76,10 @@ class JobManager {
   absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
   // Tracks `job`, and queues it when `queue` is set.
   void Add(const v1::Job& job, bool queue) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The entry of job `id` if `organization` owns it; NOT_FOUND otherwise.
+  absl::StatusOr<Entry*> Find(const std::string& id,
+                              const std::string& organization)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WorkerLoop();
   void Run(Entry* entry);
   absl::StatusOr<std::vector<std::string>> RunMerge(Entry* entry);

@@ -4,8 +4,8 @@
 #include <string>
 
 #include "absl/synchronization/mutex.h"
-#include "server/artifact_service.h"
 #include "server/grpc_status.h"
+#include "server/rpc_util.h"
 
 namespace amalgam::server {
 namespace {
@@ -15,16 +15,6 @@ bool IsFinal(v1::JobState state) {
          state == v1::JOB_STATE_CANCELLED;
 }
 
-// Finishes a unary call with the value or the error of `result`.
-template <typename T>
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
-                                      absl::StatusOr<T> result, T* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (result.ok()) *response = *std::move(result);
-  reactor->Finish(ToGrpcStatus(result.status()));
-  return reactor;
-}
-
 }  // namespace
 
 // Streams job snapshots: every state change is sent; progress-only updates
@@ -32,13 +22,15 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
 class JobServiceImpl::WatchReactor
     : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
-  WatchReactor(JobManager* jobs, std::string id)
-      : jobs_(jobs), id_(std::move(id)) {}
+  WatchReactor(JobManager* jobs, std::string id, std::string organization)
+      : jobs_(jobs),
+        id_(std::move(id)),
+        organization_(std::move(organization)) {}
 
   // Subscribes; must be called once, right after construction.
   void Start() {
-    absl::StatusOr<uint64_t> token =
-        jobs_->Watch(id_, [this](const v1::Job& job) { OnJob(job); });
+    absl::StatusOr<uint64_t> token = jobs_->Watch(
+        id_, organization_, [this](const v1::Job& job) { OnJob(job); });
     if (!token.ok()) {
       {
         absl::MutexLock lock(&mu_);
@@ -139,6 +131,7 @@ class JobServiceImpl::WatchReactor
 
   JobManager* const jobs_;
   const std::string id_;
+  const std::string organization_;
   absl::Mutex mu_;
   std::deque<v1::Job> pending_ ABSL_GUARDED_BY(mu_);
   v1::JobEvent in_flight_ ABSL_GUARDED_BY(mu_);
@@ -153,29 +146,37 @@ class JobServiceImpl::WatchReactor
 grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(
     grpc::CallbackServerContext* context, const v1::SubmitJobRequest* request,
     v1::Job* response) {
-  return FinishUnary(
-      context, jobs_->Submit(*request, CallerOrganization(*context)), response);
+  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
+    return jobs_->Submit(*request, org);
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::GetJob(
     grpc::CallbackServerContext* context, const v1::GetJobRequest* request,
     v1::Job* response) {
-  return FinishUnary(context, jobs_->Get(request->id()), response);
+  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
+    return jobs_->Get(request->id(), org);
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(
     grpc::CallbackServerContext* context,
     const v1::ListJobsRequest* /*request*/, v1::ListJobsResponse* response) {
-  for (v1::Job& job : jobs_->List()) *response->add_jobs() = std::move(job);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
+    v1::ListJobsResponse list;
+    for (v1::Job& job : jobs_->List(org)) *list.add_jobs() = std::move(job);
+    return absl::StatusOr<v1::ListJobsResponse>(std::move(list));
+  });
 }
 
 grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
-    grpc::CallbackServerContext* /*context*/,
-    const v1::WatchJobRequest* request) {
-  auto* reactor = new WatchReactor(jobs_, request->id());
+    grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
+  absl::StatusOr<std::string> org = Authenticate(*context, tokens_);
+  if (!org.ok()) {
+    return new FailedReactor<grpc::ServerWriteReactor<v1::JobEvent>>(
+        org.status());
+  }
+  auto* reactor = new WatchReactor(jobs_, request->id(), *org);
   reactor->Start();
   return reactor;
 }
@@ -183,7 +184,9 @@ grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
 grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(
     grpc::CallbackServerContext* context, const v1::CancelJobRequest* request,
     v1::Job* response) {
-  return FinishUnary(context, jobs_->Cancel(request->id()), response);
+  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
+    return jobs_->Cancel(request->id(), org);
+  });
 }
 
 }  // namespace amalgam::server

@@ -1,6 +1,7 @@
 #pragma once
 
 #include "amalgam/v1/amalgam.grpc.pb.h"
+#include "server/auth.h"
 #include "server/job_manager.h"
 
 namespace amalgam::server {
@@ -8,7 +9,9 @@ namespace amalgam::server {
 // Thin RPC layer over JobManager.
 class JobServiceImpl final : public v1::JobService::CallbackService {
  public:
-  explicit JobServiceImpl(JobManager* jobs) : jobs_(jobs) {}
+  // `tokens` may be null (no authentication: one local organisation).
+  JobServiceImpl(JobManager* jobs, const TokenStore* tokens)
+      : jobs_(jobs), tokens_(tokens) {}
 
   grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
                                       const v1::SubmitJobRequest* request,
@@ -30,6 +33,7 @@ class JobServiceImpl final : public v1::JobService::CallbackService {
   class WatchReactor;
 
   JobManager* const jobs_;
+  const TokenStore* const tokens_;
 };
 
 }  // namespace amalgam::server

@@ -24,6 +24,9 @@ ABSL_FLAG(int64_t, max_upload_bytes, int64_t{64} << 30,
           "largest artifact accepted, in bytes");
 ABSL_FLAG(std::string, port_file, "",
           "if set, the bound port is written here once serving");
+ABSL_FLAG(std::string, tokens, "",
+          "token file: `TOKEN ORG` per line (reloaded on SIGHUP); without it "
+          "amalgamd listens on loopback only and every caller is `local`");
 ABSL_FLAG(std::string, log_level, "info", "debug | info | warning | error");
 
 namespace {
@@ -84,10 +87,12 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   amalgam::server::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
+  options.tokens_file = absl::GetFlag(FLAGS_tokens);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.device = absl::GetFlag(FLAGS_device);
   options.workers = absl::GetFlag(FLAGS_workers);
@@ -106,7 +111,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   int signal = 0;
-  sigwait(&signals, &signal);
+  while (sigwait(&signals, &signal) == 0 && signal == SIGHUP) {
+    absl::Status status = (*server)->ReloadTokens();
+    if (!status.ok()) {
+      Log(LogLevel::kError, absl::StrCat("event=tokens_reload_failed error=\"",
+                                         status.message(), "\""));
+    }
+  }
   Log(LogLevel::kInfo, absl::StrCat("event=shutdown signal=", signal));
   (*server)->Shutdown();
   return 0;

@@ -29,11 +29,11 @@ bool IsLoopbackAddress(const std::string& address) {
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(
     const ServerOptions& options) {
-  if (!IsLoopbackAddress(options.listen)) {
+  if (options.tokens_file.empty() && !IsLoopbackAddress(options.listen)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--listen ", options.listen,
-        " is not a loopback address; amalgamd serves only loopback until "
-        "token authentication is configured"));
+        " is not a loopback address; without --tokens amalgamd serves "
+        "loopback only"));
   }
   if (options.workers < 1 || options.max_queued_jobs < 1 ||
       options.verify_threads < 1 || options.max_upload_bytes < 1) {
@@ -44,6 +44,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   AMALGAM_ASSIGN_OR_RETURN(std::string device,
                            core::ResolveDevice(options.device));
   auto server = std::unique_ptr<Server>(new Server());
+  if (!options.tokens_file.empty()) {
+    AMALGAM_ASSIGN_OR_RETURN(server->tokens_,
+                             TokenStore::Load(options.tokens_file));
+  }
   AMALGAM_ASSIGN_OR_RETURN(server->storage_, Storage::Open(options.data_dir));
   server->executor_ =
       std::make_unique<Executor>(options.verify_threads, /*max_queued=*/256);
@@ -58,8 +62,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   ArtifactServiceOptions artifact_options;
   artifact_options.max_upload_bytes = options.max_upload_bytes;
   server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
-      server->storage_.get(), server->executor_.get(), artifact_options);
-  server->job_service_ = std::make_unique<JobServiceImpl>(server->jobs_.get());
+      server->storage_.get(), server->executor_.get(), server->jobs_.get(),
+      server->tokens_.get(), artifact_options);
+  server->job_service_ = std::make_unique<JobServiceImpl>(
+      server->jobs_.get(), server->tokens_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -82,6 +88,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
                    " device=", device, " workers=", options.workers,
                    " runtime=\"", core::DescribeRuntime(), "\""));
   return server;
+}
+
+absl::Status Server::ReloadTokens() {
+  if (tokens_ == nullptr) return absl::OkStatus();
+  AMALGAM_RETURN_IF_ERROR(tokens_->Reload());
+  Log(LogLevel::kInfo,
+      absl::StrCat("event=tokens_reloaded tokens=", tokens_->size()));
+  return absl::OkStatus();
 }
 
 void Server::Shutdown() {

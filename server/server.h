@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/artifact_service.h"
+#include "server/auth.h"
 #include "server/executor.h"
 #include "server/job_manager.h"
 #include "server/job_service.h"
@@ -16,8 +17,11 @@
 namespace amalgam::server {
 
 struct ServerOptions {
-  // host:port; port 0 picks a free one. Loopback only until tokens exist.
+  // host:port; port 0 picks a free one. Loopback only without tokens_file.
   std::string listen = "127.0.0.1:50051";
+  // Token file (`TOKEN ORG` per line); empty: no authentication, every
+  // caller is organisation "local".
+  std::string tokens_file;
   std::string data_dir = "./var/amalgam";
   // "auto", "cpu", "cuda" or "cuda:N".
   std::string device = "auto";
@@ -45,11 +49,14 @@ class Server {
   // Stops accepting calls, waits for calls in flight, stops the workers
   // (running jobs are re-run on the next start).
   void Shutdown();
+  // Re-reads the token file (SIGHUP); the old tokens stay on error.
+  absl::Status ReloadTokens();
 
  private:
   Server() = default;
 
   int port_ = 0;
+  std::unique_ptr<TokenStore> tokens_;
   std::unique_ptr<Storage> storage_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<JobManager> jobs_;

@@ -125,12 +125,12 @@ absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
   artifact.clear_tensors();
   const std::string blob = BlobPath(artifact);
   std::error_code error;
+  // The blob and its row change together under the lock, so DeleteArtifact
+  // never removes a blob that a new row is about to reference.
+  absl::MutexLock lock(&mu_);
   if (fs::exists(blob, error)) {
-    // Same content already stored: blobs are content-addressed. Sync it all
-    // the same: a concurrent upload may have renamed it without the
-    // directory fsync yet.
+    // Same content already stored: blobs are content-addressed.
     fs::remove(temp_path, error);
-    AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(blob));
   } else {
     fs::rename(temp_path, blob, error);
     if (error) {
@@ -139,7 +139,6 @@ absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
     }
     AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(blob));
   }
-  absl::MutexLock lock(&mu_);
   AMALGAM_RETURN_IF_ERROR(PutRecord("artifacts", artifact.id(), artifact));
   return artifact;
 }
@@ -171,6 +170,52 @@ absl::StatusOr<v1::Artifact> Storage::GetArtifact(const std::string& id) {
         absl::StrCat("catalog row of ", id, " is corrupt"));
   }
   return artifact;
+}
+
+absl::StatusOr<v1::Artifact> Storage::GetArtifactFor(
+    const std::string& id, const std::string& organization) {
+  absl::StatusOr<v1::Artifact> artifact = GetArtifact(id);
+  if (!artifact.ok()) return artifact;
+  if (artifact->owner() == organization) return artifact;
+  for (const std::string& org : artifact->shared_with()) {
+    if (org == organization) {
+      artifact->clear_shared_with();
+      return artifact;
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
+}
+
+absl::Status Storage::UpdateArtifact(const v1::Artifact& artifact) {
+  absl::MutexLock lock(&mu_);
+  return PutRecord("artifacts", artifact.id(), artifact);
+}
+
+absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
+  std::vector<std::string> rows;
+  {
+    absl::MutexLock lock(&mu_);
+    Statement stmt(db_, "DELETE FROM artifacts WHERE id = ?1");
+    if (stmt.get() == nullptr ||
+        sqlite3_bind_text(stmt.get(), 1, artifact.id().data(),
+                          static_cast<int>(artifact.id().size()),
+                          SQLITE_TRANSIENT) != SQLITE_OK ||
+        sqlite3_step(stmt.get()) != SQLITE_DONE) {
+      return SqliteError(db_, absl::StrCat("delete artifact ", artifact.id()));
+    }
+    AMALGAM_ASSIGN_OR_RETURN(rows, ListRecords("artifacts"));
+    for (const std::string& row : rows) {
+      v1::Artifact other;
+      if (other.ParseFromString(row) && other.sha256() == artifact.sha256()) {
+        return absl::OkStatus();  // the blob is still in use
+      }
+    }
+    // Removed under the lock, so no upload of the same content can register
+    // against the blob in between.
+    std::error_code error;
+    fs::remove(BlobPath(artifact), error);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<v1::Artifact>> Storage::ListArtifacts() {

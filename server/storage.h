@@ -39,7 +39,17 @@ class Storage {
 
   // NOT_FOUND naming the id when there is no such artifact.
   absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id);
+  // The artifact if `organization` may read it (owner or shared with it);
+  // NOT_FOUND with the same message as an unknown id otherwise, so ids of
+  // other organisations do not leak. Non-owners do not see `shared_with`.
+  absl::StatusOr<v1::Artifact> GetArtifactFor(const std::string& id,
+                                              const std::string& organization);
   absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts();
+  // Replaces an existing artifact's catalog row (sharing changes).
+  absl::Status UpdateArtifact(const v1::Artifact& artifact);
+  // Removes the catalog row, then the blob unless another artifact has the
+  // same content.
+  absl::Status DeleteArtifact(const v1::Artifact& artifact);
   // The path of an artifact's blob.
   std::string BlobPath(const v1::Artifact& artifact) const;
   // Opens an artifact's blob; DATA_LOSS (naming the artifact) when the

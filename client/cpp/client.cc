@@ -221,6 +221,26 @@ absl::StatusOr<v1::Artifact> Client::GetArtifact(const std::string& id) {
   return response;
 }
 
+absl::StatusOr<v1::DeleteArtifactResponse> Client::DeleteArtifact(
+    const v1::DeleteArtifactRequest& request) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::DeleteArtifactResponse response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(artifacts_->DeleteArtifact(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<v1::ShareArtifactResponse> Client::ShareArtifact(
+    const v1::ShareArtifactRequest& request) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::ShareArtifactResponse response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(artifacts_->ShareArtifact(&context, request, &response)));
+  return response;
+}
+
 absl::StatusOr<v1::DownloadChunk> Client::Download(
     const std::string& artifact_id, const std::string& out_path,
     const ProgressCallback& progress) {

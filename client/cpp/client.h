@@ -67,6 +67,12 @@ class Client {
   absl::StatusOr<amalgam::v1::ListArtifactsResponse> ListArtifacts(
       amalgam::v1::ArtifactKind kind = amalgam::v1::ARTIFACT_KIND_UNSPECIFIED);
   absl::StatusOr<amalgam::v1::Artifact> GetArtifact(const std::string& id);
+  // Owner only; FAILED_PRECONDITION while a job uses the artifact.
+  absl::StatusOr<amalgam::v1::DeleteArtifactResponse> DeleteArtifact(
+      const amalgam::v1::DeleteArtifactRequest& request);
+  // Owner only: grants (or, with `revoke`, withdraws) read access.
+  absl::StatusOr<amalgam::v1::ShareArtifactResponse> ShareArtifact(
+      const amalgam::v1::ShareArtifactRequest& request);
 
   // Streams the artifact into `out_path + ".tmp"`, checks the size and the
   // sha256 announced in the first chunk, fsyncs and renames to `out_path`.

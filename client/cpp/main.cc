@@ -47,6 +47,9 @@ Commands:
                   upload a safetensors file; prints the artifact id
   ls              list artifacts
   show ID         show an artifact: metadata and tensors
+  rm ID           delete an artifact you own (refused while a job uses it)
+  share ID --with ORG [--revoke]
+                  grant (or revoke) another organisation read access
   merge --method average|weighted|fisher|regmean --model ID[:COEFF]...
         [--gram ID]... [--fisher ID]... [--alpha A] [--exclude REGEX]...
         [--take-excluded-from K] [--gram-normalization as-uploaded|mean]
@@ -69,6 +72,8 @@ const std::map<std::string, std::string>& CommandUsages() {
        "amalgam upload weights|gram|fisher PATH [--name N] [--for ID]"},
       {"ls", "amalgam ls"},
       {"show", "amalgam show ID"},
+      {"rm", "amalgam rm ID"},
+      {"share", "amalgam share ID --with ORG [--revoke]"},
       {"merge",
        "amalgam merge --method average|weighted|fisher|regmean "
        "--model ID[:COEFF]... [--gram ID]... [--fisher ID]... [--alpha A] "
@@ -677,6 +682,37 @@ int RunDownload(Context& ctx, const Args& args) {
   return 0;
 }
 
+int RunRm(Context& ctx, const Args& args) {
+  if (args.positional.size() != 1) {
+    return UsageError("rm", "rm takes one artifact id");
+  }
+  v1::DeleteArtifactRequest request;
+  request.set_id(args.positional[0]);
+  auto deleted = ctx.client->DeleteArtifact(request);
+  if (!deleted.ok()) return Fail(deleted.status());
+  std::cout << "deleted " << request.id() << "\n";
+  return 0;
+}
+
+int RunShare(Context& ctx, const Args& args) {
+  if (args.positional.size() != 1) {
+    return UsageError("share", "share takes one artifact id");
+  }
+  v1::ShareArtifactRequest request;
+  request.set_id(args.positional[0]);
+  request.set_organization(args.Value("--with"));
+  request.set_revoke(args.Has("--revoke"));
+  if (request.organization().empty()) {
+    return UsageError("share", "share needs --with ORG");
+  }
+  auto shared = ctx.client->ShareArtifact(request);
+  if (!shared.ok()) return Fail(shared.status());
+  std::cout << (request.revoke() ? "revoked " : "shared ") << request.id()
+            << (request.revoke() ? " from " : " with ")
+            << request.organization() << "\n";
+  return 0;
+}
+
 struct Command {
   int (*run)(Context&, const Args&);
   OptionSpec options;
@@ -687,6 +723,8 @@ const std::map<std::string, Command>& Commands() {
       {"upload", {RunUpload, {{"--name", "--for"}, {}, {}}}},
       {"ls", {RunLs, {}}},
       {"show", {RunShow, {}}},
+      {"rm", {RunRm, {}}},
+      {"share", {RunShare, {{"--with"}, {"--revoke"}, {}}}},
       {"merge",
        {RunMerge,
         {{"--method", "--model", "--gram", "--fisher", "--alpha", "--exclude",

@@ -88,6 +88,18 @@ int ServerProcess::Stop() {
   return status;
 }
 
+void ServerProcess::Signal(int signal) {
+  if (pid_ > 0) ::kill(pid_, signal);
+}
+
+int ServerProcess::RunToExit(const std::vector<std::string>& args) {
+  std::string command = binary_;
+  for (const std::string& arg : args) command += " '" + arg + "'";
+  command += " >>'" + log_path_ + "' 2>&1";
+  const int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 std::string ServerProcess::address() const {
   return "127.0.0.1:" + std::to_string(port_);
 }

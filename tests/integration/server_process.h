@@ -23,6 +23,11 @@ class ServerProcess {
   void Kill();
   // SIGTERM and wait; returns the exit status.
   int Stop();
+  // Sends `signal` (e.g. SIGHUP) without waiting.
+  void Signal(int signal);
+  // Runs the binary with `args` to completion; returns its exit status and
+  // appends its output to the log.
+  int RunToExit(const std::vector<std::string>& args);
 
   std::string address() const;
   int port() const { return port_; }

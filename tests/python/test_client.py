@@ -165,3 +165,15 @@ def test_failed_merge_raises_with_the_servers_code_and_message(client):
     with pytest.raises(amalgam.AmalgamError) as error:
         client.job("job_missing").wait()
     assert error.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_owner_deletes_and_shares(client):
+    artifact = client.upload_weights(_models(6, 1)[0].state_dict())
+    client.share(artifact, "org-x")
+    assert list(client.get_artifact(artifact).shared_with) == ["org-x"]
+    client.share(artifact, "org-x", revoke=True)
+    assert list(client.get_artifact(artifact).shared_with) == []
+    client.delete(artifact)
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.get_artifact(artifact)
+    assert error.value.code == grpc.StatusCode.NOT_FOUND

@@ -280,6 +280,18 @@ class Client:
         return self._call(self._artifacts.GetArtifact,
                           pb.GetArtifactRequest(id=_ref(artifact)))
 
+    def delete(self, artifact: ArtifactRef) -> None:
+        """Deletes an artifact you own (FAILED_PRECONDITION while a job uses it)."""
+        self._call(self._artifacts.DeleteArtifact,
+                   pb.DeleteArtifactRequest(id=_ref(artifact)))
+
+    def share(self, artifact: ArtifactRef, organization: str, *,
+              revoke: bool = False) -> None:
+        """Grants (or revokes) read access to an artifact you own."""
+        self._call(self._artifacts.ShareArtifact,
+                   pb.ShareArtifactRequest(id=_ref(artifact), organization=organization,
+                                           revoke=revoke))
+
     def _download_chunks(self, artifact_id: str) -> Iterator[bytes]:
         """Yields the artifact's bytes, then checks size and sha256."""
         stream = self._artifacts.Download(pb.DownloadRequest(artifact_id=artifact_id),
