@@ -445,10 +445,11 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   const auto& inputs = *ctx.inputs;
   const auto& c = ctx.plan->coefficients;
   const double alpha = ctx.options->alpha;
-  at::Tensor a, b;
+  at::Tensor a, b, average;  // average: sum c_i W_i^T, [in, out]
   for (size_t i = 0; i < inputs.size(); ++i) {
     at::Tensor w =
         Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
+    average = i == 0 ? w.t().mul(c[i]) : average.add(w.t(), c[i]);
     at::Tensor g = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device)
                        .mul(c[i] * ctx.plan->gram_scale[i]);
     at::Tensor gt = g;
@@ -468,6 +469,20 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   auto all_finite = [](const at::Tensor& t) {
     return at::isfinite(t).all().item<bool>();
   };
+  // An input feature that is zero in every row of every model has a zero
+  // diagonal entry, hence (Grams being positive semi-definite) a zero row and
+  // column: the objective does not depend on that column of W, and the
+  // system splits exactly. Such columns (a ReLU unit dead on all data, a
+  // pixel never inked) take the weighted average; the rest is solved.
+  const at::Tensor active = a.diagonal().gt(0);
+  const int64_t n_active = active.sum().item<int64_t>();
+  at::Tensor active_index;
+  if (n_active < a.size(0)) {
+    if (n_active == 0) return average.t();
+    active_index = active.nonzero().squeeze(1);
+    a = a.index_select(0, active_index).index_select(1, active_index);
+    b = b.index_select(0, active_index);
+  }
   at::Tensor x;
   bool solved = false;
   if (all_finite(a) && all_finite(b)) {
@@ -496,8 +511,11 @@ absl::StatusOr<at::Tensor> MergeRegMean(
     return absl::FailedPreconditionError(absl::StrCat(
         "RegMean system for tensor \"", name,
         "\" is singular (Cholesky and LU failed): the summed Grams have no "
-        "inverse, e.g. an input feature that is zero in every model; check "
-        "the Gram statistics or exclude the tensor"));
+        "inverse, e.g. two input features that are equal in every row; use "
+        "alpha < 1, check the Gram statistics or exclude the tensor"));
+  }
+  if (active_index.defined()) {
+    return average.index_copy(0, active_index, x).t();
   }
   return x.t();
 }

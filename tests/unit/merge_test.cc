@@ -689,13 +689,17 @@ TEST_F(RegMeanTest, MeanNormalisationWithoutNumExamplesIsRefused) {
 
 TEST_F(RegMeanTest, SingularGramsAreReportedWithTheTensorName) {
   MakeModels({40, 25});
+  // Two input features equal in every row of every model: the summed Gram
+  // is rank deficient with a non-zero diagonal, so alpha = 1 has no solution.
   for (size_t i = 0; i < 2; ++i) {
-    inputs_[i].gram =
-        Write("zero" + std::to_string(i),
-              {{"lin.weight", at::zeros({kIn, kIn}, at::kFloat)}});
+    at::Tensor x = xs_[i].clone();
+    x.select(1, 1).copy_(x.select(1, 0));
+    inputs_[i].gram = Write("dup" + std::to_string(i),
+                            {{"lin.weight", x.t().matmul(x).to(at::kFloat)}});
   }
   MergeOptions options;
   options.method = MergeMethod::kRegMean;
+  options.alpha = 1.0;
   auto plan = PlanMerge(inputs_, options);
   ASSERT_TRUE(plan.ok()) << plan.status();
   absl::Status s =
@@ -704,6 +708,45 @@ TEST_F(RegMeanTest, SingularGramsAreReportedWithTheTensorName) {
   EXPECT_THAT(
       s.message(),
       HasSubstr("RegMean system for tensor \"lin.weight\" is singular"));
+}
+
+TEST_F(RegMeanTest, FeaturesZeroInEveryModelTakeTheAverageAndTheRestIsSolved) {
+  MakeModels({40, 25, 60});
+  // Feature 3 (say a ReLU unit dead on all data) is zero in every row.
+  const int64_t dead = 3;
+  for (size_t i = 0; i < inputs_.size(); ++i) {
+    xs_[i].select(1, dead).zero_();
+    grams_[i] = Rounded(xs_[i].t().matmul(xs_[i]), at::kFloat);
+    inputs_[i].gram = Write("dead" + std::to_string(i),
+                            {{"lin.weight", grams_[i].to(at::kFloat)}});
+  }
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 1.0;
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  at::Tensor got = Read(**out, "lin.weight");
+  // Reference: the normal equations restricted to the live features, and
+  // the plain average for the dead column.
+  std::vector<int64_t> live;
+  for (int64_t k = 0; k < kIn; ++k) {
+    if (k != dead) live.push_back(k);
+  }
+  at::Tensor index = at::tensor(live, at::kLong);
+  at::Tensor a = at::zeros({kIn - 1, kIn - 1}, at::kDouble);
+  at::Tensor b = at::zeros({kIn - 1, kOut}, at::kDouble);
+  at::Tensor average = at::zeros({kOut, kIn}, at::kDouble);
+  for (size_t i = 0; i < ws_.size(); ++i) {
+    at::Tensor g = grams_[i].index_select(0, index).index_select(1, index);
+    a += g / 3.0;
+    b += g.matmul(ws_[i].index_select(1, index).t()) / 3.0;
+    average += ws_[i] / 3.0;
+  }
+  at::Tensor want = average.clone();
+  want.index_copy_(1, index, at::linalg_solve(a, b).t());
+  EXPECT_LE(RelErr(got.index_select(1, index), want.index_select(1, index)),
+            1e-6);
+  EXPECT_LE(RelErr(got.select(1, dead), average.select(1, dead)), 1e-6);
 }
 
 TEST_F(RegMeanTest, GramOfTheWrongSizeIsRefused) {
