@@ -27,6 +27,10 @@ ABSL_FLAG(std::string, port_file, "",
 ABSL_FLAG(std::string, tokens, "",
           "token file: `TOKEN ORG` per line (reloaded on SIGHUP); without it "
           "amalgamd listens on loopback only and every caller is `local`");
+ABSL_FLAG(std::string, tls_cert, "", "TLS: PEM certificate chain");
+ABSL_FLAG(std::string, tls_key, "", "TLS: PEM private key");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "mutual TLS: PEM of the CA that signs client certificates");
 ABSL_FLAG(std::string, log_level, "info", "debug | info | warning | error");
 
 namespace {
@@ -93,6 +97,9 @@ int main(int argc, char** argv) {
   amalgam::server::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.tokens_file = absl::GetFlag(FLAGS_tokens);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.device = absl::GetFlag(FLAGS_device);
   options.workers = absl::GetFlag(FLAGS_workers);

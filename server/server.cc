@@ -6,6 +6,8 @@
 #include <grpcpp/server_builder.h>
 
 #include <chrono>
+#include <fstream>
+#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -16,7 +18,45 @@
 namespace amalgam::server {
 
 namespace {
+
 constexpr int kMaxMessageBytes = 8 << 20;
+
+absl::StatusOr<std::string> ReadPem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Plaintext, TLS, or mutual TLS, from the --tls-* options.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
+    const ServerOptions& options) {
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (options.tls_cert_file.empty()) {
+    if (!options.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls-client-ca needs --tls-cert and --tls-key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  grpc::SslServerCredentialsOptions ssl(
+      options.tls_client_ca_file.empty()
+          ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+          : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  AMALGAM_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(options.tls_cert_file));
+  AMALGAM_ASSIGN_OR_RETURN(pair.private_key, ReadPem(options.tls_key_file));
+  ssl.pem_key_cert_pairs.push_back(pair);
+  if (!options.tls_client_ca_file.empty()) {
+    AMALGAM_ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                             ReadPem(options.tls_client_ca_file));
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
 }  // namespace
 
 bool IsLoopbackAddress(const std::string& address) {
@@ -70,8 +110,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(),
-                           &server->port_);
+  AMALGAM_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                           MakeCredentials(options));
+  builder.AddListeningPort(options.listen, credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   builder.RegisterService(server->artifact_service_.get());

@@ -22,6 +22,12 @@ struct ServerOptions {
   // Token file (`TOKEN ORG` per line); empty: no authentication, every
   // caller is organisation "local".
   std::string tokens_file;
+  // TLS: PEM certificate chain and key of the server; both or neither.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // Mutual TLS: PEM of the CA that signs client certificates; clients
+  // without a valid certificate are refused. Needs tls_cert_file.
+  std::string tls_client_ca_file;
   std::string data_dir = "./var/amalgam";
   // "auto", "cpu", "cuda" or "cuda:N".
   std::string device = "auto";

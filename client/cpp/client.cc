@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <system_error>
 #include <utility>
 
@@ -87,6 +88,19 @@ bool IsFinal(v1::JobState state) {
          state == v1::JOB_STATE_CANCELLED;
 }
 
+namespace {
+
+// The contents of a PEM file; NOT_FOUND naming it when unreadable.
+absl::StatusOr<std::string> ReadPem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(
     const ClientOptions& options) {
   if (options.address.empty()) {
@@ -108,8 +122,26 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(
   grpc::ChannelArguments args;
   args.SetMaxSendMessageSize(options.max_send_message_bytes);
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
-  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
-      options.address, grpc::InsecureChannelCredentials(), args);
+  std::shared_ptr<grpc::ChannelCredentials> credentials =
+      grpc::InsecureChannelCredentials();
+  if (!options.tls_ca.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    AMALGAM_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(options.tls_ca));
+    if (options.tls_cert.empty() != options.tls_key.empty()) {
+      return absl::InvalidArgumentError(
+          "a client certificate needs both --tls-cert and --tls-key");
+    }
+    if (!options.tls_cert.empty()) {
+      AMALGAM_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadPem(options.tls_cert));
+      AMALGAM_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadPem(options.tls_key));
+    }
+    credentials = grpc::SslCredentials(ssl);
+  } else if (!options.tls_cert.empty() || !options.tls_key.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-cert/--tls-key need --tls-ca (the server's CA)");
+  }
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(options.address, credentials, args);
   return std::make_unique<Client>(options, std::move(channel));
 }
 

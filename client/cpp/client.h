@@ -28,6 +28,12 @@ struct ClientOptions {
   // gRPC message size limits, both directions.
   int max_send_message_bytes = 16 << 20;
   int max_receive_message_bytes = 16 << 20;
+  // TLS: PEM file of the CA that signed the server's certificate. Empty:
+  // plaintext. With `tls_cert`/`tls_key` the client also presents a
+  // certificate (mutual TLS).
+  std::string tls_ca;
+  std::string tls_cert;
+  std::string tls_key;
   // Bytes per upload chunk; must leave room for framing under
   // max_send_message_bytes.
   int64_t chunk_bytes = 1 << 20;

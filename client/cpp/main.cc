@@ -41,6 +41,10 @@ constexpr char kUsage[] =
 Options (before COMMAND):
   --server ADDR   amalgamd address (default $AMALGAM_SERVER, else 127.0.0.1:50051)
   --token T       bearer token (default $AMALGAM_TOKEN)
+  --tls-ca F      TLS: PEM of the server's CA (default $AMALGAM_TLS_CA)
+  --tls-cert F --tls-key F
+                  mutual TLS: this client's certificate and key
+                  (default $AMALGAM_TLS_CERT, $AMALGAM_TLS_KEY)
 
 Commands:
   upload weights|gram|fisher PATH [--name N] [--for ID]
@@ -748,6 +752,9 @@ int Main(int argc, char** argv) {
   ClientOptions options;
   options.address = EnvOr("AMALGAM_SERVER", kDefaultServer);
   options.token = EnvOr("AMALGAM_TOKEN", "");
+  options.tls_ca = EnvOr("AMALGAM_TLS_CA", "");
+  options.tls_cert = EnvOr("AMALGAM_TLS_CERT", "");
+  options.tls_key = EnvOr("AMALGAM_TLS_KEY", "");
 
   std::vector<std::string> rest(argv + 1, argv + argc);
   // Global options, up to the command.
@@ -763,7 +770,8 @@ int Main(int argc, char** argv) {
     if (const size_t eq = arg.find('='); eq != std::string::npos) {
       name = arg.substr(0, eq);
       value = arg.substr(eq + 1);
-    } else if (arg == "--server" || arg == "--token") {
+    } else if (arg == "--server" || arg == "--token" || arg == "--tls-ca" ||
+               arg == "--tls-cert" || arg == "--tls-key") {
       if (i + 1 >= rest.size()) {
         return UsageError("", absl::StrCat("option ", arg, " needs a value"));
       }
@@ -773,6 +781,12 @@ int Main(int argc, char** argv) {
       options.address = value;
     } else if (name == "--token") {
       options.token = value;
+    } else if (name == "--tls-ca") {
+      options.tls_ca = value;
+    } else if (name == "--tls-cert") {
+      options.tls_cert = value;
+    } else if (name == "--tls-key") {
+      options.tls_key = value;
     } else {
       return UsageError("", absl::StrCat("unknown option ", name));
     }
