@@ -177,3 +177,34 @@ def test_owner_deletes_and_shares(client):
     with pytest.raises(amalgam.AmalgamError) as error:
         client.get_artifact(artifact)
     assert error.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_tls_client_talks_to_a_tls_server(tmp_path, amalgamd_path):
+    script = f"""set -e; cd {tmp_path}
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=ca 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout s.key -out s.csr -subj /CN=s 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\\n' > s.ext
+openssl x509 -req -in s.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out s.pem -days 1 -extfile s.ext 2>/dev/null
+"""
+    subprocess.run(["bash", "-c", script], check=True)
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [amalgamd_path, "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+         "--port-file", str(port_file), "--tls-cert", str(tmp_path / "s.pem"),
+         "--tls-key", str(tmp_path / "s.key")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        with amalgam.Client(address, tls_ca=str(tmp_path / "ca.pem")) as secure:
+            assert secure.list_artifacts() == []
+        with amalgam.Client(address, timeout=5) as plain:
+            with pytest.raises(amalgam.AmalgamError) as error:
+                plain.list_artifacts()
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

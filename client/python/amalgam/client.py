@@ -163,17 +163,34 @@ class Client:
     """A connection to amalgamd.
 
     ``address`` is ``host:port``; ``token`` (or ``$AMALGAM_TOKEN``) is sent as
-    ``authorization: Bearer TOKEN``. Errors raise :class:`AmalgamError`.
+    ``authorization: Bearer TOKEN``. ``tls_ca`` (a PEM path) switches to TLS;
+    ``tls_cert``/``tls_key`` add a client certificate (mutual TLS). Errors
+    raise :class:`AmalgamError`.
     """
 
     def __init__(self, address: Optional[str] = None, token: Optional[str] = None,
-                 *, timeout: float = 30.0, chunk_size: int = _CHUNK):
+                 *, timeout: float = 30.0, chunk_size: int = _CHUNK,
+                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None):
         address = address or os.environ.get("AMALGAM_SERVER", "127.0.0.1:50051")
         token = token if token is not None else os.environ.get("AMALGAM_TOKEN")
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", _MAX_MESSAGE),
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-        ])
+        options = [("grpc.max_send_message_length", _MAX_MESSAGE),
+                   ("grpc.max_receive_message_length", _MAX_MESSAGE)]
+        if tls_ca is None and (tls_cert or tls_key):
+            raise ValueError("tls_cert/tls_key need tls_ca (the server's CA)")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+        if tls_ca is not None:
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca),
+                private_key=read(tls_key) if tls_key else None,
+                certificate_chain=read(tls_cert) if tls_cert else None)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._artifacts = pb_grpc.ArtifactServiceStub(self._channel)
         self._jobs = pb_grpc.JobServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
