@@ -360,15 +360,14 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::ListArtifacts(
         AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> artifacts,
                                  storage_->ListArtifacts());
         v1::ListArtifactsResponse list;
-        for (const v1::Artifact& artifact : artifacts) {
+        for (v1::Artifact& artifact : artifacts) {
           if (request->kind() != v1::ARTIFACT_KIND_UNSPECIFIED &&
               request->kind() != artifact.kind()) {
             continue;
           }
-          // Through GetArtifactFor: the one place read access is decided.
-          absl::StatusOr<v1::Artifact> readable =
-              storage_->GetArtifactFor(artifact.id(), org);
-          if (readable.ok()) *list.add_artifacts() = *std::move(readable);
+          if (ViewFor(org, &artifact)) {
+            *list.add_artifacts() = std::move(artifact);
+          }
         }
         return list;
       });

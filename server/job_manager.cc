@@ -19,11 +19,6 @@ namespace {
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
 
-bool IsFinal(v1::JobState state) {
-  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
-         state == v1::JOB_STATE_CANCELLED;
-}
-
 absl::StatusOr<core::MergeMethod> ToCoreMethod(v1::MergeMethod method) {
   switch (method) {
     case v1::MERGE_METHOD_AVERAGE:
@@ -41,6 +36,11 @@ absl::StatusOr<core::MergeMethod> ToCoreMethod(v1::MergeMethod method) {
 }
 
 }  // namespace
+
+bool IsFinal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
 
 // Open inputs and the validated plan of a job.
 struct JobManager::Prepared {

@@ -8,15 +8,6 @@
 #include "server/rpc_util.h"
 
 namespace amalgam::server {
-namespace {
-
-bool IsFinal(v1::JobState state) {
-  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
-         state == v1::JOB_STATE_CANCELLED;
-}
-
-}  // namespace
-
 // Streams job snapshots: every state change is sent; progress-only updates
 // that arrive while a write is in flight collapse into the latest one.
 class JobServiceImpl::WatchReactor

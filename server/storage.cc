@@ -172,17 +172,22 @@ absl::StatusOr<v1::Artifact> Storage::GetArtifact(const std::string& id) {
   return artifact;
 }
 
+bool ViewFor(const std::string& organization, v1::Artifact* artifact) {
+  if (artifact->owner() == organization) return true;
+  for (const std::string& org : artifact->shared_with()) {
+    if (org == organization) {
+      artifact->clear_shared_with();
+      return true;
+    }
+  }
+  return false;
+}
+
 absl::StatusOr<v1::Artifact> Storage::GetArtifactFor(
     const std::string& id, const std::string& organization) {
   absl::StatusOr<v1::Artifact> artifact = GetArtifact(id);
   if (!artifact.ok()) return artifact;
-  if (artifact->owner() == organization) return artifact;
-  for (const std::string& org : artifact->shared_with()) {
-    if (org == organization) {
-      artifact->clear_shared_with();
-      return artifact;
-    }
-  }
+  if (ViewFor(organization, &*artifact)) return artifact;
   return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
 }
 

@@ -82,6 +82,10 @@ class Storage {
   sqlite3* db_ ABSL_GUARDED_BY(mu_);
 };
 
+// The one rule of read access: true if `organization` owns `artifact` or it
+// was shared with it; for a non-owner, `shared_with` is cleared.
+bool ViewFor(const std::string& organization, v1::Artifact* artifact);
+
 // A random id with the given prefix, e.g. "art_3f9c0a7b21d4e5f6".
 std::string NewId(const std::string& prefix);
 
