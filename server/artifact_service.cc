@@ -18,6 +18,7 @@
 #include "server/grpc_status.h"
 #include "server/log.h"
 #include "server/rpc_util.h"
+#include "server/upload_header.h"
 
 namespace amalgam::server {
 namespace {
@@ -53,8 +54,49 @@ v1::DType ToProtoDType(core::DType dtype) {
 
 }  // namespace
 
-// Receives header + chunks into a temp file, hashing as it goes; verification
-// and validation of the complete file run on the executor.
+absl::Status ArtifactServiceImpl::UploadTracker::Acquire(
+    const std::string& owner, const std::string& upload_id) {
+  absl::MutexLock lock(&mu_);
+  int& count = per_org_[owner];
+  if (count >= max_per_org_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("organisation ", owner, " already has ", count,
+                     " uploads in progress (the limit); retry later"));
+  }
+  if (!upload_id.empty() && !active_.insert({owner, upload_id}).second) {
+    return absl::AbortedError(absl::StrCat(
+        "upload ", upload_id, " is being received on another stream"));
+  }
+  ++count;
+  return absl::OkStatus();
+}
+
+void ArtifactServiceImpl::UploadTracker::Release(const std::string& owner,
+                                                 const std::string& upload_id) {
+  absl::MutexLock lock(&mu_);
+  if (--per_org_[owner] == 0) per_org_.erase(owner);
+  if (!upload_id.empty()) active_.erase({owner, upload_id});
+}
+
+void ArtifactServiceImpl::UploadTracker::RemoveIfIdle(
+    Storage* storage, const std::string& owner, const std::string& upload_id) {
+  absl::MutexLock lock(&mu_);
+  if (active_.count({owner, upload_id}) > 0) return;
+  absl::Status status = storage->RemoveUpload(owner, upload_id);
+  if (status.ok()) {
+    Log(LogLevel::kInfo, absl::StrCat("event=upload_expired upload=", upload_id,
+                                      " owner=", owner));
+  } else {
+    Log(LogLevel::kWarning,
+        absl::StrCat("event=upload_expiry_failed upload=", upload_id,
+                     " owner=", owner, " error=\"", status.message(), "\""));
+  }
+}
+
+// Receives header + chunks into a file, hashing as it goes; verification and
+// validation of the complete file run on the executor. Without an upload_id
+// the file is a temp file, removed unless the upload completes; with one, it
+// is the upload's file under uploads/, kept for a later stream to resume.
 class ArtifactServiceImpl::UploadReactor
     : public grpc::ServerReadReactor<v1::UploadRequest> {
  public:
@@ -79,7 +121,14 @@ class ArtifactServiceImpl::UploadReactor
 
   void OnDone() override {
     CloseFile();
-    if (!temp_path_.empty()) std::remove(temp_path_.c_str());
+    if (resumable_) {
+      // Restarts the expiry clock; a no-op once the upload is gone.
+      service_->storage_->TouchUpload(owner_, header_.upload_id())
+          .IgnoreError();
+    } else if (!temp_path_.empty()) {
+      std::remove(temp_path_.c_str());
+    }
+    if (slot_held_) service_->uploads_.Release(owner_, header_.upload_id());
     delete this;
   }
 
@@ -98,9 +147,9 @@ class ArtifactServiceImpl::UploadReactor
     }
     const v1::UploadChunk& chunk = request_.chunk();
     if (chunk.offset() != received_) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk offset ", chunk.offset(), " but ", received_,
-                       " bytes were received so far"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "chunk offset ", chunk.offset(), " but the server holds ", received_,
+          " bytes of this upload; send from there"));
     }
     const int64_t size = static_cast<int64_t>(chunk.data().size());
     if (received_ + size > header_.size_bytes()) {
@@ -113,37 +162,19 @@ class ArtifactServiceImpl::UploadReactor
       return absl::InternalError(absl::StrCat(
           "cannot write upload to ", temp_path_, ": ", std::strerror(errno)));
     }
-    hash_.Update(chunk.data());
+    if (!resumed_) hash_.Update(chunk.data());
     received_ += size;
     return absl::OkStatus();
   }
 
   absl::Status StartUpload(const v1::UploadHeader& header) {
     header_ = header;
-    if (header.kind() == v1::ARTIFACT_KIND_UNSPECIFIED ||
-        !v1::ArtifactKind_IsValid(header.kind())) {
-      return absl::InvalidArgumentError(
-          "header.kind must be weights, gram or fisher");
-    }
-    if (header.size_bytes() <= 0 ||
-        header.size_bytes() > service_->options_.max_upload_bytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("header.size_bytes is ", header.size_bytes(),
-                       "; must be 1..", service_->options_.max_upload_bytes));
-    }
-    if (!core::IsSha256Hex(header.sha256())) {
-      return absl::InvalidArgumentError(
-          "header.sha256 must be 64 lower-case hex digits");
-    }
-    if (!header.upload_id().empty()) {
-      return absl::UnimplementedError(
-          "resuming an upload (header.upload_id) is not supported yet");
-    }
+    AMALGAM_RETURN_IF_ERROR(
+        ValidateUploadHeader(header, service_->options_.max_upload_bytes));
+    AMALGAM_RETURN_IF_ERROR(
+        service_->uploads_.Acquire(owner_, header.upload_id()));
+    slot_held_ = true;
     if (!header.describes().empty()) {
-      if (header.kind() == v1::ARTIFACT_KIND_WEIGHTS) {
-        return absl::InvalidArgumentError(
-            "header.describes is for gram and fisher uploads only");
-      }
       AMALGAM_ASSIGN_OR_RETURN(
           v1::Artifact described,
           service_->storage_->GetArtifactFor(header.describes(), owner_));
@@ -154,12 +185,50 @@ class ArtifactServiceImpl::UploadReactor
       }
       described_ = described;
     }
-    temp_path_ = service_->storage_->NewTempPath("upload");
-    file_ = std::fopen(temp_path_.c_str(), "wb");
-    if (file_ == nullptr) {
-      return absl::InternalError(absl::StrCat("cannot create ", temp_path_,
-                                              ": ", std::strerror(errno)));
+    if (header.upload_id().empty()) {
+      temp_path_ = service_->storage_->NewTempPath("upload");
+      file_ = std::fopen(temp_path_.c_str(), "wb");
+    } else {
+      AMALGAM_RETURN_IF_ERROR(OpenResumable());
+      file_ = std::fopen(temp_path_.c_str(), "ab");
     }
+    if (file_ == nullptr) {
+      return absl::InternalError(
+          absl::StrCat("cannot open ", temp_path_, ": ", std::strerror(errno)));
+    }
+    // Unbuffered: what the file holds is what GetUpload reports, also after
+    // the process is killed.
+    std::setvbuf(file_, nullptr, _IONBF, 0);
+    return absl::OkStatus();
+  }
+
+  // Finds the upload named by the header, or registers it.
+  absl::Status OpenResumable() {
+    Storage* storage = service_->storage_;
+    absl::StatusOr<PartialUpload> upload =
+        storage->FindUpload(owner_, header_.upload_id());
+    if (absl::IsNotFound(upload.status())) {
+      upload = storage->CreateUpload(owner_, header_);
+    }
+    if (!upload.ok()) return upload.status();
+    resumable_ = true;
+    temp_path_ = upload->path;
+    if (upload->header.SerializeAsString() != header_.SerializeAsString()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "upload ", header_.upload_id(),
+          " was started with a different header (kind, name, size_bytes, "
+          "sha256 or describes); use a new upload_id"));
+    }
+    if (upload->committed_bytes > header_.size_bytes()) {
+      storage->RemoveUpload(owner_, header_.upload_id()).IgnoreError();
+      return absl::DataLossError(absl::StrCat(
+          "upload ", header_.upload_id(), " holds more bytes than declared; ",
+          "it was discarded, start again"));
+    }
+    received_ = upload->committed_bytes;
+    // The hash of the bytes already held is computed when the upload
+    // completes, off the gRPC thread.
+    resumed_ = received_ > 0;
     return absl::OkStatus();
   }
 
@@ -169,9 +238,12 @@ class ArtifactServiceImpl::UploadReactor
       return;
     }
     if (received_ != header_.size_bytes()) {
-      Fail(absl::InvalidArgumentError(
-          absl::StrCat("upload ended after ", received_, " of ",
-                       header_.size_bytes(), " declared bytes")));
+      Fail(absl::InvalidArgumentError(absl::StrCat(
+          "upload ended after ", received_, " of ", header_.size_bytes(),
+          " declared bytes",
+          resumable_ ? absl::StrCat("; resume upload ", header_.upload_id(),
+                                    " from offset ", received_)
+                     : "")));
       return;
     }
     if (!CloseFile()) {
@@ -180,8 +252,15 @@ class ArtifactServiceImpl::UploadReactor
     }
     const bool scheduled = service_->executor_->Schedule([this] {
       absl::StatusOr<v1::Artifact> artifact = Finalize();
+      if (resumable_ &&
+          (artifact.ok() || !absl::IsInternal(artifact.status()))) {
+        // Stored, or the bytes are bad: either way the upload is over.
+        service_->storage_->RemoveUpload(owner_, header_.upload_id())
+            .IgnoreError();
+      }
       if (artifact.ok()) {
         *response_->mutable_artifact() = *artifact;
+        response_->set_upload_id(header_.upload_id());
         Log(LogLevel::kInfo,
             absl::StrCat("event=upload artifact=", artifact->id(),
                          " owner=", owner_,
@@ -199,7 +278,12 @@ class ArtifactServiceImpl::UploadReactor
   }
 
   absl::StatusOr<v1::Artifact> Finalize() {
-    const std::string sha256 = hash_.HexDigest();
+    std::string sha256;
+    if (resumed_) {
+      AMALGAM_ASSIGN_OR_RETURN(sha256, core::Sha256File(temp_path_));
+    } else {
+      sha256 = hash_.HexDigest();
+    }
     if (sha256 != header_.sha256()) {
       return absl::DataLossError(
           absl::StrCat("upload \"", header_.name(), "\" has sha256 ", sha256,
@@ -261,6 +345,9 @@ class ArtifactServiceImpl::UploadReactor
   v1::UploadHeader header_;
   bool header_seen_ = false;
   int64_t received_ = 0;
+  bool slot_held_ = false;  // counts against the organisation's uploads
+  bool resumable_ = false;  // has an upload_id: the file outlives the stream
+  bool resumed_ = false;    // began past offset 0: hash the file at the end
   core::Sha256 hash_;
   std::string temp_path_;
   v1::Artifact described_;  // the weights a statistics upload describes
@@ -338,7 +425,62 @@ ArtifactServiceImpl::ArtifactServiceImpl(Storage* storage, Executor* executor,
       executor_(executor),
       jobs_(jobs),
       tokens_(tokens),
-      options_(options) {}
+      options_(options),
+      uploads_(options.max_uploads_per_org) {
+  expirer_ = std::thread([this] { ExpireUploads(); });
+}
+
+ArtifactServiceImpl::~ArtifactServiceImpl() {
+  {
+    absl::MutexLock lock(&stop_mu_);
+    stopping_ = true;
+  }
+  expirer_.join();
+}
+
+void ArtifactServiceImpl::ExpireUploads() {
+  const absl::Duration period = std::clamp(
+      options_.upload_expiry / 4, absl::Milliseconds(250), absl::Minutes(10));
+  absl::MutexLock lock(&stop_mu_);
+  while (true) {
+    const int64_t cutoff =
+        absl::ToUnixSeconds(absl::Now() - options_.upload_expiry);
+    absl::StatusOr<std::vector<std::pair<std::string, std::string>>> stale =
+        storage_->StaleUploads(cutoff);
+    if (!stale.ok()) {
+      Log(LogLevel::kWarning,
+          absl::StrCat("event=upload_expiry_failed error=\"",
+                       stale.status().message(), "\""));
+    } else {
+      for (const auto& [owner, id] : *stale) {
+        uploads_.RemoveIfIdle(storage_, owner, id);
+      }
+    }
+    if (stop_mu_.AwaitWithTimeout(absl::Condition(&stopping_), period)) {
+      return;
+    }
+  }
+}
+
+grpc::ServerUnaryReactor* ArtifactServiceImpl::GetUpload(
+    grpc::CallbackServerContext* context, const v1::GetUploadRequest* request,
+    v1::UploadStatus* response) {
+  return ServeUnary(
+      context, tokens_, response,
+      [&](const std::string& org) -> absl::StatusOr<v1::UploadStatus> {
+        if (request->upload_id().empty()) {
+          return absl::InvalidArgumentError("upload_id is empty");
+        }
+        AMALGAM_ASSIGN_OR_RETURN(
+            PartialUpload upload,
+            storage_->FindUpload(org, request->upload_id()));
+        v1::UploadStatus status;
+        status.set_upload_id(request->upload_id());
+        status.set_committed_bytes(upload.committed_bytes);
+        status.set_size_bytes(upload.header.size_bytes());
+        return status;
+      });
+}
 
 grpc::ServerReadReactor<v1::UploadRequest>* ArtifactServiceImpl::Upload(
     grpc::CallbackServerContext* context, v1::UploadResponse* response) {

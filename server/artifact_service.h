@@ -1,7 +1,15 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "amalgam/v1/amalgam.grpc.pb.h"
 #include "server/auth.h"
 #include "server/executor.h"
@@ -15,6 +23,10 @@ struct ArtifactServiceOptions {
   int64_t max_upload_bytes = int64_t{64} << 30;
   // Size of download chunks.
   int64_t chunk_bytes = int64_t{1} << 20;
+  // Upload streams one organisation may have open at once.
+  int max_uploads_per_org = 8;
+  // A resumable upload untouched this long is removed with its bytes.
+  absl::Duration upload_expiry = absl::Hours(24);
 };
 
 // Upload (verified against the declared sha256 and validated by kind before
@@ -25,10 +37,17 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   // `tokens` may be null (no authentication: one local organisation).
   ArtifactServiceImpl(Storage* storage, Executor* executor, JobManager* jobs,
                       const TokenStore* tokens, ArtifactServiceOptions options);
+  // Stops the expiry of abandoned uploads.
+  ~ArtifactServiceImpl() override;
 
   grpc::ServerReadReactor<v1::UploadRequest>* Upload(
       grpc::CallbackServerContext* context,
       v1::UploadResponse* response) override;
+  // How many bytes of a resumable upload the server holds; NOT_FOUND when
+  // the id is unknown to the caller's organisation, finished or expired.
+  grpc::ServerUnaryReactor* GetUpload(grpc::CallbackServerContext* context,
+                                      const v1::GetUploadRequest* request,
+                                      v1::UploadStatus* response) override;
   grpc::ServerUnaryReactor* ListArtifacts(
       grpc::CallbackServerContext* context,
       const v1::ListArtifactsRequest* request,
@@ -54,6 +73,30 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   class UploadReactor;
   class DownloadReactor;
 
+  // Upload streams in progress: per-organisation counts (the limit) and the
+  // resumable ids being received, so one id has one stream at a time.
+  class UploadTracker {
+   public:
+    explicit UploadTracker(int max_per_org) : max_per_org_(max_per_org) {}
+    // RESOURCE_EXHAUSTED over the limit; ABORTED if `upload_id` (may be
+    // empty) is already being received.
+    absl::Status Acquire(const std::string& owner,
+                         const std::string& upload_id);
+    void Release(const std::string& owner, const std::string& upload_id);
+    // Removes a stale upload unless a stream is receiving it.
+    void RemoveIfIdle(Storage* storage, const std::string& owner,
+                      const std::string& upload_id);
+
+   private:
+    const int max_per_org_;
+    absl::Mutex mu_;
+    std::map<std::string, int> per_org_ ABSL_GUARDED_BY(mu_);
+    std::set<std::pair<std::string, std::string>> active_ ABSL_GUARDED_BY(mu_);
+  };
+
+  // Removes uploads untouched for options_.upload_expiry, until stopped.
+  void ExpireUploads();
+
   // The artifact if `org` owns it; NOT_FOUND if it cannot read it,
   // PERMISSION_DENIED if it may only read it.
   absl::StatusOr<v1::Artifact> OwnedArtifact(const std::string& id,
@@ -64,6 +107,10 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   JobManager* const jobs_;
   const TokenStore* const tokens_;
   const ArtifactServiceOptions options_;
+  UploadTracker uploads_;
+  absl::Mutex stop_mu_;
+  bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;
+  std::thread expirer_;
 };
 
 }  // namespace amalgam::server

@@ -205,6 +205,15 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
     return absl::ResourceExhaustedError(absl::StrCat(
         "the job queue is full (", options_.max_queued, " jobs); retry later"));
   }
+  int active = 0;
+  for (const auto& [id, other] : jobs_) {
+    if (other->job.owner() == owner && !IsFinal(other->job.state())) ++active;
+  }
+  if (active >= options_.max_active_per_org) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "organisation ", owner, " has ", active,
+        " queued or running jobs (the limit); retry when one finishes"));
+  }
   AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
   Add(job, /*queue=*/true);
   Log(LogLevel::kInfo, absl::StrCat("event=job_state job=", job.id(), " owner=",
@@ -392,6 +401,9 @@ absl::StatusOr<std::vector<std::string>> JobManager::RunMerge(Entry* entry) {
           p->set_bytes_done(static_cast<int64_t>(progress.bytes_done));
           p->set_bytes_total(static_cast<int64_t>(progress.bytes_total));
         });
+        if (options_.testing_step_delay > absl::ZeroDuration()) {
+          absl::SleepFor(options_.testing_step_delay);
+        }
       },
       &entry->cancelled));
   v1::Artifact artifact;

@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "amalgam/v1/amalgam.pb.h"
 #include "server/storage.h"
 
@@ -26,6 +27,12 @@ struct JobManagerOptions {
   int workers = 1;
   // Jobs waiting to run; a submission past it is RESOURCE_EXHAUSTED.
   int max_queued = 64;
+  // Queued plus running jobs one organisation may have; a submission past
+  // it is RESOURCE_EXHAUSTED.
+  int max_active_per_org = 16;
+  // Tests only: a pause after each merged tensor, so a test can act while a
+  // job runs (kill the server mid-merge). Zero in production.
+  absl::Duration testing_step_delay = absl::ZeroDuration();
   // Resolved device ("cpu", "cuda:0").
   std::string device = "cpu";
 };
@@ -50,7 +57,7 @@ class JobManager {
   // Validates the whole job (artifacts exist and are of the right kinds,
   // tensors agree) and queues it. INVALID_ARGUMENT, NOT_FOUND,
   // FAILED_PRECONDITION as the request deserves; RESOURCE_EXHAUSTED when the
-  // queue is full.
+  // queue is full or the owner has max_active_per_org unfinished jobs.
   absl::StatusOr<v1::Job> Submit(const v1::SubmitJobRequest& request,
                                  const std::string& owner);
   // Jobs are visible to their owner only: another organisation's job id is

@@ -10,6 +10,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -22,6 +23,14 @@ ABSL_FLAG(int, workers, 1, "merge jobs that run at once");
 ABSL_FLAG(int, max_queued_jobs, 64, "jobs that may wait to run");
 ABSL_FLAG(int64_t, max_upload_bytes, int64_t{64} << 30,
           "largest artifact accepted, in bytes");
+ABSL_FLAG(int, max_jobs_per_org, 16,
+          "queued plus running jobs one organisation may have");
+ABSL_FLAG(int, max_uploads_per_org, 8,
+          "upload streams one organisation may have open at once");
+ABSL_FLAG(absl::Duration, upload_expiry, absl::Hours(24),
+          "an unfinished resumable upload untouched this long is removed");
+ABSL_FLAG(absl::Duration, testing_step_delay, absl::ZeroDuration(),
+          "tests only: pause after each merged tensor");
 ABSL_FLAG(std::string, port_file, "",
           "if set, the bound port is written here once serving");
 ABSL_FLAG(std::string, tokens, "",
@@ -105,6 +114,10 @@ int main(int argc, char** argv) {
   options.workers = absl::GetFlag(FLAGS_workers);
   options.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);
   options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  options.max_jobs_per_org = absl::GetFlag(FLAGS_max_jobs_per_org);
+  options.max_uploads_per_org = absl::GetFlag(FLAGS_max_uploads_per_org);
+  options.upload_expiry = absl::GetFlag(FLAGS_upload_expiry);
+  options.testing_step_delay = absl::GetFlag(FLAGS_testing_step_delay);
   auto server = amalgam::server::Server::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "amalgamd: %s\n",

@@ -76,10 +76,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
         "loopback only"));
   }
   if (options.workers < 1 || options.max_queued_jobs < 1 ||
-      options.verify_threads < 1 || options.max_upload_bytes < 1) {
+      options.verify_threads < 1 || options.max_upload_bytes < 1 ||
+      options.max_jobs_per_org < 1 || options.max_uploads_per_org < 1 ||
+      options.upload_expiry <= absl::ZeroDuration() ||
+      options.testing_step_delay < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
-        "--workers, --max-queued-jobs, --verify-threads and "
-        "--max-upload-bytes must be positive");
+        "--workers, --max-queued-jobs, --verify-threads, --max-upload-bytes, "
+        "--max-jobs-per-org, --max-uploads-per-org and --upload-expiry must "
+        "be positive");
   }
   AMALGAM_ASSIGN_OR_RETURN(std::string device,
                            core::ResolveDevice(options.device));
@@ -94,6 +98,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   JobManagerOptions job_options;
   job_options.workers = options.workers;
   job_options.max_queued = options.max_queued_jobs;
+  job_options.max_active_per_org = options.max_jobs_per_org;
+  job_options.testing_step_delay = options.testing_step_delay;
   job_options.device = device;
   server->jobs_ =
       std::make_unique<JobManager>(server->storage_.get(), job_options);
@@ -101,6 +107,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
 
   ArtifactServiceOptions artifact_options;
   artifact_options.max_upload_bytes = options.max_upload_bytes;
+  artifact_options.max_uploads_per_org = options.max_uploads_per_org;
+  artifact_options.upload_expiry = options.upload_expiry;
   server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
       server->storage_.get(), server->executor_.get(), server->jobs_.get(),
       server->tokens_.get(), artifact_options);

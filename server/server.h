@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/artifact_service.h"
 #include "server/auth.h"
 #include "server/executor.h"
@@ -35,6 +36,14 @@ struct ServerOptions {
   int workers = 1;
   int max_queued_jobs = 64;
   int64_t max_upload_bytes = int64_t{64} << 30;
+  // Queued plus running jobs per organisation.
+  int max_jobs_per_org = 16;
+  // Open upload streams per organisation.
+  int max_uploads_per_org = 8;
+  // Unfinished resumable uploads untouched this long are removed.
+  absl::Duration upload_expiry = absl::Hours(24);
+  // Tests only: pause after each merged tensor.
+  absl::Duration testing_step_delay = absl::ZeroDuration();
   // Threads that verify finished uploads.
   int verify_threads = 2;
 };

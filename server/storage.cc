@@ -11,8 +11,10 @@
 #include <ctime>
 #include <filesystem>
 #include <random>
+#include <set>
 
 #include "absl/strings/str_cat.h"
+#include "core/sha256.h"
 #include "core/status_macros.h"
 
 namespace amalgam::server {
@@ -35,6 +37,22 @@ class Statement {
   Statement(const Statement&) = delete;
   Statement& operator=(const Statement&) = delete;
   sqlite3_stmt* get() const { return stmt_; }
+  // Bind parameter `index` (1-based); false on error.
+  bool Bind(int index, const std::string& text) {
+    return sqlite3_bind_text(stmt_, index, text.data(),
+                             static_cast<int>(text.size()),
+                             SQLITE_TRANSIENT) == SQLITE_OK;
+  }
+  bool Bind(int index, int64_t value) {
+    return sqlite3_bind_int64(stmt_, index, value) == SQLITE_OK;
+  }
+  bool BindBlob(int index, const std::string& bytes) {
+    return sqlite3_bind_blob(stmt_, index, bytes.data(),
+                             static_cast<int>(bytes.size()),
+                             SQLITE_TRANSIENT) == SQLITE_OK;
+  }
+  // Steps a statement that returns no rows to completion.
+  bool Run() { return sqlite3_step(stmt_) == SQLITE_DONE; }
 
  private:
   sqlite3_stmt* stmt_ = nullptr;
@@ -68,7 +86,7 @@ absl::Status SyncFileAndDir(const std::string& path) {
 absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
     const std::string& data_dir) {
   std::error_code error;
-  for (const char* sub : {"blobs", "tmp"}) {
+  for (const char* sub : {"blobs", "tmp", "uploads"}) {
     fs::create_directories(fs::path(data_dir) / sub, error);
     if (error) {
       return absl::InternalError(absl::StrCat("cannot create ", data_dir, "/",
@@ -99,6 +117,11 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
       "CREATE TABLE IF NOT EXISTS jobs ("
       " id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, record BLOB NOT "
       "NULL)"));
+  AMALGAM_RETURN_IF_ERROR(storage->Exec(
+      "CREATE TABLE IF NOT EXISTS uploads ("
+      " owner TEXT NOT NULL, id TEXT NOT NULL, updated_at INTEGER NOT NULL,"
+      " header BLOB NOT NULL, PRIMARY KEY (owner, id))"));
+  AMALGAM_RETURN_IF_ERROR(storage->ReconcileUploads());
   return storage;
 }
 
@@ -201,11 +224,7 @@ absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
   {
     absl::MutexLock lock(&mu_);
     Statement stmt(db_, "DELETE FROM artifacts WHERE id = ?1");
-    if (stmt.get() == nullptr ||
-        sqlite3_bind_text(stmt.get(), 1, artifact.id().data(),
-                          static_cast<int>(artifact.id().size()),
-                          SQLITE_TRANSIENT) != SQLITE_OK ||
-        sqlite3_step(stmt.get()) != SQLITE_DONE) {
+    if (stmt.get() == nullptr || !stmt.Bind(1, artifact.id()) || !stmt.Run()) {
       return SqliteError(db_, absl::StrCat("delete artifact ", artifact.id()));
     }
     AMALGAM_ASSIGN_OR_RETURN(rows, ListRecords("artifacts"));
@@ -275,6 +294,165 @@ absl::StatusOr<std::vector<v1::Job>> Storage::ListJobs() {
   return jobs;
 }
 
+std::string Storage::UploadPath(const std::string& owner,
+                                const std::string& upload_id) const {
+  // Hashed: ids are client-chosen and must not shape paths.
+  core::Sha256 hash;
+  hash.Update(owner);
+  hash.Update("\n", 1);
+  hash.Update(upload_id);
+  return (fs::path(data_dir_) / "uploads" / hash.HexDigest()).string();
+}
+
+absl::StatusOr<PartialUpload> Storage::FindUpload(
+    const std::string& owner, const std::string& upload_id) {
+  std::string bytes;
+  {
+    absl::MutexLock lock(&mu_);
+    Statement stmt(db_,
+                   "SELECT header FROM uploads WHERE owner = ?1 AND id = ?2");
+    if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
+        !stmt.Bind(2, upload_id)) {
+      return SqliteError(db_, absl::StrCat("read upload ", upload_id));
+    }
+    const int rc = sqlite3_step(stmt.get());
+    if (rc == SQLITE_DONE) {
+      return absl::NotFoundError(absl::StrCat("upload ", upload_id,
+                                              " not found (never started, "
+                                              "finished or expired)"));
+    }
+    if (rc != SQLITE_ROW) {
+      return SqliteError(db_, absl::StrCat("read upload ", upload_id));
+    }
+    const auto* data =
+        static_cast<const char*>(sqlite3_column_blob(stmt.get(), 0));
+    bytes.assign(data, sqlite3_column_bytes(stmt.get(), 0));
+  }
+  PartialUpload upload;
+  upload.owner = owner;
+  if (!upload.header.ParseFromString(bytes)) {
+    return absl::DataLossError(
+        absl::StrCat("catalog row of upload ", upload_id, " is corrupt"));
+  }
+  upload.path = UploadPath(owner, upload_id);
+  std::error_code error;
+  const uintmax_t size = fs::file_size(upload.path, error);
+  upload.committed_bytes = error ? 0 : static_cast<int64_t>(size);
+  return upload;
+}
+
+absl::StatusOr<PartialUpload> Storage::CreateUpload(
+    const std::string& owner, const v1::UploadHeader& header) {
+  PartialUpload upload;
+  upload.owner = owner;
+  upload.header = header;
+  upload.path = UploadPath(owner, header.upload_id());
+  const std::string bytes = header.SerializeAsString();
+  absl::MutexLock lock(&mu_);
+  Statement stmt(db_,
+                 "INSERT OR REPLACE INTO uploads (owner, id, updated_at, "
+                 "header) VALUES (?1, ?2, ?3, ?4)");
+  if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
+      !stmt.Bind(2, header.upload_id()) ||
+      !stmt.Bind(3, int64_t{std::time(nullptr)}) || !stmt.BindBlob(4, bytes) ||
+      !stmt.Run()) {
+    return SqliteError(db_,
+                       absl::StrCat("register upload ", header.upload_id()));
+  }
+  std::FILE* file = std::fopen(upload.path.c_str(), "wb");
+  if (file == nullptr || std::fclose(file) != 0) {
+    return absl::InternalError(absl::StrCat("cannot create ", upload.path, ": ",
+                                            std::strerror(errno)));
+  }
+  return upload;
+}
+
+absl::Status Storage::TouchUpload(const std::string& owner,
+                                  const std::string& upload_id) {
+  absl::MutexLock lock(&mu_);
+  Statement stmt(db_,
+                 "UPDATE uploads SET updated_at = ?3 WHERE owner = ?1 AND "
+                 "id = ?2");
+  if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
+      !stmt.Bind(2, upload_id) || !stmt.Bind(3, int64_t{std::time(nullptr)}) ||
+      !stmt.Run()) {
+    return SqliteError(db_, absl::StrCat("touch upload ", upload_id));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Storage::DeleteUploadRow(const std::string& owner,
+                                      const std::string& upload_id) {
+  Statement stmt(db_, "DELETE FROM uploads WHERE owner = ?1 AND id = ?2");
+  if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
+      !stmt.Bind(2, upload_id) || !stmt.Run()) {
+    return SqliteError(db_, absl::StrCat("remove upload ", upload_id));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Storage::RemoveUpload(const std::string& owner,
+                                   const std::string& upload_id) {
+  absl::MutexLock lock(&mu_);
+  AMALGAM_RETURN_IF_ERROR(DeleteUploadRow(owner, upload_id));
+  std::error_code error;
+  fs::remove(UploadPath(owner, upload_id), error);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>>
+Storage::StaleUploads(int64_t cutoff_unix_seconds) {
+  absl::MutexLock lock(&mu_);
+  Statement stmt(db_, "SELECT owner, id FROM uploads WHERE updated_at < ?1");
+  if (stmt.get() == nullptr || !stmt.Bind(1, cutoff_unix_seconds)) {
+    return SqliteError(db_, "list stale uploads");
+  }
+  std::vector<std::pair<std::string, std::string>> stale;
+  int rc;
+  while ((rc = sqlite3_step(stmt.get())) == SQLITE_ROW) {
+    stale.emplace_back(
+        reinterpret_cast<const char*>(sqlite3_column_text(stmt.get(), 0)),
+        reinterpret_cast<const char*>(sqlite3_column_text(stmt.get(), 1)));
+  }
+  if (rc != SQLITE_DONE) return SqliteError(db_, "list stale uploads");
+  return stale;
+}
+
+absl::Status Storage::ReconcileUploads() {
+  std::vector<std::pair<std::string, std::string>> missing;
+  std::set<std::string> paths;
+  {
+    Statement stmt(db_, "SELECT owner, id FROM uploads");
+    if (stmt.get() == nullptr) return SqliteError(db_, "list uploads");
+    int rc;
+    while ((rc = sqlite3_step(stmt.get())) == SQLITE_ROW) {
+      std::string owner =
+          reinterpret_cast<const char*>(sqlite3_column_text(stmt.get(), 0));
+      std::string id =
+          reinterpret_cast<const char*>(sqlite3_column_text(stmt.get(), 1));
+      std::string path = UploadPath(owner, id);
+      std::error_code error;
+      if (fs::exists(path, error)) {
+        paths.insert(std::move(path));
+      } else {
+        missing.emplace_back(std::move(owner), std::move(id));
+      }
+    }
+    if (rc != SQLITE_DONE) return SqliteError(db_, "list uploads");
+  }
+  for (const auto& [owner, id] : missing) {
+    AMALGAM_RETURN_IF_ERROR(DeleteUploadRow(owner, id));
+  }
+  std::error_code error;
+  for (const auto& entry :
+       fs::directory_iterator(fs::path(data_dir_) / "uploads", error)) {
+    if (paths.count(entry.path().string()) == 0) {
+      fs::remove_all(entry.path(), error);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Storage::Exec(const char* sql) {
   char* error = nullptr;
   if (sqlite3_exec(db_, sql, nullptr, nullptr, &error) != SQLITE_OK) {
@@ -294,14 +472,9 @@ absl::Status Storage::PutRecord(const char* table, const std::string& id,
                    "ON CONFLICT(id) DO UPDATE SET record = excluded.record");
   Statement stmt(db_, sql.c_str());
   const std::string bytes = record.SerializeAsString();
-  if (stmt.get() == nullptr ||
-      sqlite3_bind_text(stmt.get(), 1, id.data(), static_cast<int>(id.size()),
-                        SQLITE_TRANSIENT) != SQLITE_OK ||
-      sqlite3_bind_int64(stmt.get(), 2, std::time(nullptr)) != SQLITE_OK ||
-      sqlite3_bind_blob(stmt.get(), 3, bytes.data(),
-                        static_cast<int>(bytes.size()),
-                        SQLITE_TRANSIENT) != SQLITE_OK ||
-      sqlite3_step(stmt.get()) != SQLITE_DONE) {
+  if (stmt.get() == nullptr || !stmt.Bind(1, id) ||
+      !stmt.Bind(2, int64_t{std::time(nullptr)}) || !stmt.BindBlob(3, bytes) ||
+      !stmt.Run()) {
     return SqliteError(db_, absl::StrCat("write ", table, " row ", id));
   }
   return absl::OkStatus();
@@ -312,9 +485,7 @@ absl::StatusOr<std::string> Storage::GetRecord(const char* table,
   const std::string sql =
       absl::StrCat("SELECT record FROM ", table, " WHERE id = ?1");
   Statement stmt(db_, sql.c_str());
-  if (stmt.get() == nullptr ||
-      sqlite3_bind_text(stmt.get(), 1, id.data(), static_cast<int>(id.size()),
-                        SQLITE_TRANSIENT) != SQLITE_OK) {
+  if (stmt.get() == nullptr || !stmt.Bind(1, id)) {
     return SqliteError(db_, absl::StrCat("read ", table, " row ", id));
   }
   const int rc = sqlite3_step(stmt.get());

@@ -2,6 +2,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -15,10 +16,20 @@ struct sqlite3;
 
 namespace amalgam::server {
 
+// A resumable upload in progress: its header (with the client's upload_id),
+// and the file its bytes go to. `committed_bytes` is what the file holds.
+struct PartialUpload {
+  std::string owner;
+  v1::UploadHeader header;
+  std::string path;
+  int64_t committed_bytes = 0;
+};
+
 // The embedded storage of a data directory:
 //   blobs/<sha256>   immutable artifact contents (content-addressed)
-//   tmp/             uploads and job outputs being written
-//   catalog.db       SQLite (WAL) catalog of artifacts and jobs
+//   tmp/             one-shot uploads and job outputs being written
+//   uploads/         bytes of resumable uploads in progress
+//   catalog.db       SQLite (WAL) catalog of artifacts, jobs and uploads
 // A blob is fsynced and renamed into place before its catalog row commits, so
 // a crash never leaves a visible artifact without its bytes. Thread-safe.
 class Storage {
@@ -57,6 +68,23 @@ class Storage {
   absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> OpenBlob(
       const v1::Artifact& artifact) const;
 
+  // Resumable uploads, keyed by (owner, upload id): an id names a different
+  // upload for each organisation. NOT_FOUND when there is none.
+  absl::StatusOr<PartialUpload> FindUpload(const std::string& owner,
+                                           const std::string& upload_id);
+  // Registers a new upload (row first, then an empty file).
+  absl::StatusOr<PartialUpload> CreateUpload(const std::string& owner,
+                                             const v1::UploadHeader& header);
+  // Marks the upload as active now (it expires `expiry` after this).
+  absl::Status TouchUpload(const std::string& owner,
+                           const std::string& upload_id);
+  // Removes the row and the file (if still there).
+  absl::Status RemoveUpload(const std::string& owner,
+                            const std::string& upload_id);
+  // (owner, upload id) of uploads untouched since `cutoff_unix_seconds`.
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> StaleUploads(
+      int64_t cutoff_unix_seconds);
+
   // Inserts or replaces a job's row.
   absl::Status PutJob(const v1::Job& job);
   absl::StatusOr<v1::Job> GetJob(const std::string& id);
@@ -76,6 +104,14 @@ class Storage {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::vector<std::string>> ListRecords(const char* table)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops upload rows without a file and files without a row (a crash
+  // between the two writes).
+  absl::Status ReconcileUploads() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status DeleteUploadRow(const std::string& owner,
+                               const std::string& upload_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string UploadPath(const std::string& owner,
+                         const std::string& upload_id) const;
 
   const std::string data_dir_;
   absl::Mutex mu_;

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <system_error>
 #include <utility>
@@ -74,6 +75,22 @@ class Fd {
  private:
   int fd_;
 };
+
+// Errors after which an upload is worth resuming: the connection or the
+// server went away, or the previous stream of the upload was still open.
+bool IsRetryable(const absl::Status& status) {
+  return absl::IsUnavailable(status) || absl::IsAborted(status);
+}
+
+// 32 random hex digits.
+std::string RandomUploadId() {
+  std::random_device random;
+  std::string id;
+  for (int i = 0; i < 4; ++i) {
+    absl::StrAppend(&id, absl::Hex(random(), absl::kZeroPad8));
+  }
+  return id;
+}
 
 }  // namespace
 
@@ -166,7 +183,8 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
                                             const std::string& path,
                                             const std::string& name,
                                             const std::string& describes,
-                                            const ProgressCallback& progress) {
+                                            const ProgressCallback& progress,
+                                            const std::string& upload_id) {
   std::error_code error;
   const uintmax_t size = std::filesystem::file_size(path, error);
   if (error) {
@@ -178,9 +196,50 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
     return absl::InvalidArgumentError(message);
   }
   AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(path));
+  v1::UploadHeader header;
+  header.set_kind(kind);
+  header.set_name(name);
+  header.set_size_bytes(static_cast<int64_t>(size));
+  header.set_sha256(sha256);
+  header.set_describes(describes);
+  header.set_upload_id(upload_id.empty() ? RandomUploadId() : upload_id);
 
+  absl::Duration backoff = options_.retry_backoff;
+  int64_t offset = 0;
+  for (int attempt = 0;; ++attempt) {
+    if (attempt > 0 || !upload_id.empty()) {
+      // Where to go on from: what the server holds, or the start.
+      absl::StatusOr<v1::UploadStatus> held = GetUpload(header.upload_id());
+      if (held.ok()) {
+        offset = held->committed_bytes();
+      } else if (absl::IsNotFound(held.status())) {
+        offset = 0;
+      } else if (!IsRetryable(held.status()) ||
+                 attempt >= options_.upload_retries) {
+        return held.status();
+      } else {
+        absl::SleepFor(backoff);
+        backoff = std::min(backoff * 2, absl::Seconds(10));
+        continue;
+      }
+    }
+    absl::StatusOr<v1::Artifact> artifact =
+        SendUpload(header, path, offset, progress);
+    if (artifact.ok() || !IsRetryable(artifact.status()) ||
+        attempt >= options_.upload_retries) {
+      return artifact;
+    }
+    absl::SleepFor(backoff);
+    backoff = std::min(backoff * 2, absl::Seconds(10));
+  }
+}
+
+absl::StatusOr<v1::Artifact> Client::SendUpload(
+    const v1::UploadHeader& header, const std::string& path, int64_t offset,
+    const ProgressCallback& progress) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return ErrnoError("cannot open", path);
+  in.seekg(offset);
 
   grpc::ClientContext context;
   Prepare(&context, /*unary=*/false);
@@ -189,17 +248,11 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
       artifacts_->Upload(&context, &response);
 
   v1::UploadRequest request;
-  v1::UploadHeader* header = request.mutable_header();
-  header->set_kind(kind);
-  header->set_name(name);
-  header->set_size_bytes(static_cast<int64_t>(size));
-  header->set_sha256(sha256);
-  header->set_describes(describes);
+  *request.mutable_header() = header;
   bool open = writer->Write(request);
 
-  const int64_t total = static_cast<int64_t>(size);
-  int64_t offset = 0;
-  if (progress) progress(0, total);
+  const int64_t total = header.size_bytes();
+  if (progress) progress(offset, total);
   while (open && offset < total) {
     request.Clear();
     v1::UploadChunk* chunk = request.mutable_chunk();
@@ -228,6 +281,18 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
         "upload stream closed after ", offset, " of ", total, " bytes"));
   }
   return std::move(*response.mutable_artifact());
+}
+
+absl::StatusOr<v1::UploadStatus> Client::GetUpload(
+    const std::string& upload_id) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  v1::GetUploadRequest request;
+  request.set_upload_id(upload_id);
+  v1::UploadStatus response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(artifacts_->GetUpload(&context, request, &response)));
+  return response;
 }
 
 absl::StatusOr<v1::ListArtifactsResponse> Client::ListArtifacts(

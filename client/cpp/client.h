@@ -37,6 +37,11 @@ struct ClientOptions {
   // Bytes per upload chunk; must leave room for framing under
   // max_send_message_bytes.
   int64_t chunk_bytes = 1 << 20;
+  // An upload whose stream breaks (UNAVAILABLE, ABORTED) is resumed from the
+  // offset the server reports, up to this many times, waiting
+  // `retry_backoff`, then twice that, ... (at most 10 s) in between.
+  int upload_retries = 5;
+  absl::Duration retry_backoff = absl::Milliseconds(200);
 };
 
 // Called with bytes done and bytes total as a transfer advances.
@@ -62,13 +67,21 @@ class Client {
 
   Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel);
 
-  // Hashes the file at `path` (sha256, size), then streams it. `describes`
-  // names the weights artifact that a gram or fisher file belongs to (may be
-  // empty). NOT_FOUND when the file is missing. Returns the new artifact.
+  // Hashes the file at `path` (sha256, size), then streams it as a
+  // resumable upload: when the stream breaks, asks the server how much it
+  // holds (GetUpload) and sends the rest, as `upload_retries` allows.
+  // `describes` names the weights artifact that a gram or fisher file belongs
+  // to (may be empty). `upload_id` names the upload (empty: a random one);
+  // passing the id of an interrupted upload resumes it, also from another
+  // process. NOT_FOUND when the file is missing. Returns the new artifact.
   absl::StatusOr<amalgam::v1::Artifact> Upload(
       amalgam::v1::ArtifactKind kind, const std::string& path,
       const std::string& name, const std::string& describes,
-      const ProgressCallback& progress = nullptr);
+      const ProgressCallback& progress = nullptr,
+      const std::string& upload_id = "");
+  // How many bytes of upload `upload_id` the server holds.
+  absl::StatusOr<amalgam::v1::UploadStatus> GetUpload(
+      const std::string& upload_id);
 
   absl::StatusOr<amalgam::v1::ListArtifactsResponse> ListArtifacts(
       amalgam::v1::ArtifactKind kind = amalgam::v1::ARTIFACT_KIND_UNSPECIFIED);
@@ -100,6 +113,10 @@ class Client {
   absl::StatusOr<amalgam::v1::Job> CancelJob(const std::string& id);
 
  private:
+  // One upload stream: the header, then the file from `offset`.
+  absl::StatusOr<amalgam::v1::Artifact> SendUpload(
+      const amalgam::v1::UploadHeader& header, const std::string& path,
+      int64_t offset, const ProgressCallback& progress);
   // Sets metadata (token) and, for unary calls, the deadline.
   void Prepare(grpc::ClientContext* context, bool unary) const;
 

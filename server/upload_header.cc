@@ -1,0 +1,51 @@
+#include "server/upload_header.h"
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "core/sha256.h"
+
+namespace amalgam::server {
+
+absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
+                                  int64_t max_upload_bytes) {
+  if (header.kind() == v1::ARTIFACT_KIND_UNSPECIFIED ||
+      !v1::ArtifactKind_IsValid(header.kind())) {
+    return absl::InvalidArgumentError(
+        "header.kind must be weights, gram or fisher");
+  }
+  if (header.size_bytes() <= 0 || header.size_bytes() > max_upload_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.size_bytes is ", header.size_bytes(),
+                     "; must be 1..", max_upload_bytes));
+  }
+  if (!core::IsSha256Hex(header.sha256())) {
+    return absl::InvalidArgumentError(
+        "header.sha256 must be 64 lower-case hex digits");
+  }
+  if (header.name().size() > kMaxNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.name has ", header.name().size(),
+                     " bytes; at most ", kMaxNameBytes, " are allowed"));
+  }
+  if (!header.describes().empty() &&
+      header.kind() == v1::ARTIFACT_KIND_WEIGHTS) {
+    return absl::InvalidArgumentError(
+        "header.describes is for gram and fisher uploads only");
+  }
+  const std::string& id = header.upload_id();
+  if (id.size() > kMaxUploadIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.upload_id has ", id.size(), " bytes; at most ",
+                     kMaxUploadIdBytes, " are allowed"));
+  }
+  for (char c : id) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '_' &&
+        c != '-' && c != '.') {
+      return absl::InvalidArgumentError(
+          "header.upload_id may only hold letters, digits, '_', '-' and '.'");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace amalgam::server

@@ -1,0 +1,464 @@
+// Resumable uploads, crash recovery (kill -9 mid-upload and mid-merge) and
+// the per-organisation limits, with the real amalgamd.
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/cpp/client.h"
+#include "core/safetensors.h"
+#include "core/sha256.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "tests/integration/server_process.h"
+
+namespace amalgam {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+constexpr int64_t kMiB = int64_t{1} << 20;
+
+// `count` tensors "t<i>" of `elements` float32 each, from `generate(i, j)`.
+void WriteModel(const std::string& path, int count, int64_t elements,
+                const std::function<float(int, int64_t)>& generate) {
+  std::vector<core::TensorSpec> infos;
+  for (int i = 0; i < count; ++i) {
+    infos.push_back({absl::StrCat("t", i), core::DType::kF32, {elements}});
+  }
+  auto writer = core::SafetensorsWriter::Create(path, infos, {});
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  std::vector<float> data(static_cast<size_t>(elements));
+  for (int i = 0; i < count; ++i) {
+    for (int64_t j = 0; j < elements; ++j) data[j] = generate(i, j);
+    ASSERT_TRUE((*writer)
+                    ->Append(absl::Span<const uint8_t>(
+                        reinterpret_cast<const uint8_t*>(data.data()),
+                        data.size() * sizeof(float)))
+                    .ok());
+  }
+  ASSERT_TRUE((*writer)->Finish().ok());
+}
+
+// One 8 MiB tensor of pseudo-random floats.
+std::string WriteLargeModel(const std::string& dir) {
+  const std::string path = dir + "/large.safetensors";
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> uniform(-1, 1);
+  WriteModel(path, 1, 2 * kMiB, [&](int, int64_t) { return uniform(rng); });
+  return path;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+class DurabilityTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::MakeTempDir("durability-test");
+    tokens_ = dir_ + "/tokens";
+    std::ofstream(tokens_) << "alice-token org-a\nbob-token org-b\n";
+  }
+
+  void StartServer(std::vector<std::string> args = {}) {
+    args.push_back("--tokens");
+    args.push_back(tokens_);
+    server_ = std::make_unique<testing::ServerProcess>(AMALGAMD_PATH,
+                                                       data_dir(), args);
+    ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
+  }
+
+  // Same data directory, fresh process (and port).
+  void RestartServer() {
+    server_->Kill();
+    ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
+  }
+
+  std::string data_dir() const { return dir_ + "/data"; }
+
+  std::unique_ptr<client::Client> Connect(const std::string& token,
+                                          int upload_retries = 5) {
+    client::ClientOptions options;
+    options.address = server_->address();
+    options.token = token;
+    options.upload_retries = upload_retries;
+    options.retry_backoff = absl::Milliseconds(50);
+    return *client::Client::Create(options);
+  }
+
+  // A bare stub, for what the client library would not send.
+  std::unique_ptr<v1::ArtifactService::Stub> RawStub() {
+    grpc::ChannelArguments args;
+    args.SetMaxSendMessageSize(64 << 20);
+    return v1::ArtifactService::NewStub(grpc::CreateCustomChannel(
+        server_->address(), grpc::InsecureChannelCredentials(), args));
+  }
+
+  static void Authorize(grpc::ClientContext* context,
+                        const std::string& token) {
+    context->AddMetadata("authorization", "Bearer " + token);
+  }
+
+  static v1::UploadRequest Header(const std::string& path,
+                                  const std::string& upload_id) {
+    v1::UploadRequest request;
+    v1::UploadHeader* header = request.mutable_header();
+    header->set_kind(v1::ARTIFACT_KIND_WEIGHTS);
+    header->set_name("large");
+    header->set_size_bytes(static_cast<int64_t>(fs::file_size(path)));
+    header->set_sha256(*core::Sha256File(path));
+    header->set_upload_id(upload_id);
+    return request;
+  }
+
+  static v1::UploadRequest Chunk(const std::string& content, int64_t offset,
+                                 int64_t size) {
+    v1::UploadRequest request;
+    request.mutable_chunk()->set_offset(offset);
+    request.mutable_chunk()->set_data(content.substr(offset, size));
+    return request;
+  }
+
+  // Sends the header and the first `bytes` of `path`, then half-closes.
+  grpc::Status SendPrefix(const std::string& path, const std::string& id,
+                          int64_t bytes) {
+    const std::string content = ReadFile(path);
+    auto stub = RawStub();
+    grpc::ClientContext context;
+    Authorize(&context, "alice-token");
+    v1::UploadResponse response;
+    auto writer = stub->Upload(&context, &response);
+    writer->Write(Header(path, id));
+    for (int64_t offset = 0; offset < bytes; offset += kMiB) {
+      writer->Write(Chunk(content, offset, std::min(kMiB, bytes - offset)));
+    }
+    writer->WritesDone();
+    return writer->Finish();
+  }
+
+  // Waits until GetUpload(id) reports at least `bytes`.
+  void AwaitCommitted(client::Client* client, const std::string& id,
+                      int64_t bytes) {
+    std::string last;
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto held = client->GetUpload(id);
+      if (held.ok() && held->committed_bytes() >= bytes) return;
+      last = held.ok() ? absl::StrCat(held->committed_bytes())
+                       : held.status().ToString();
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    FAIL() << "upload " << id << " never held " << bytes << " bytes: " << last;
+  }
+
+  // Uploads `path` as upload `id`; `first_offset` gets where it began.
+  static absl::StatusOr<v1::Artifact> Resume(client::Client* client,
+                                             const std::string& path,
+                                             const std::string& id,
+                                             int64_t* first_offset) {
+    *first_offset = -1;
+    return client->Upload(
+        v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+        [&](int64_t done, int64_t) {
+          if (*first_offset < 0) *first_offset = done;
+        },
+        id);
+  }
+
+  void ExpectDownloadMatches(client::Client* client, const std::string& id,
+                             const std::string& original) {
+    const std::string out = dir_ + "/download-" + id;
+    auto downloaded = client->Download(id, out);
+    ASSERT_TRUE(downloaded.ok()) << downloaded.status();
+    EXPECT_EQ(*core::Sha256File(out), *core::Sha256File(original));
+  }
+
+  std::string dir_, tokens_;
+  std::unique_ptr<testing::ServerProcess> server_;
+};
+
+TEST_F(DurabilityTest, InterruptedUploadResumesFromTheCommittedOffset) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  grpc::Status cut = SendPrefix(path, "resume-1", 3 * kMiB);
+  EXPECT_EQ(cut.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(cut.error_message(),
+              HasSubstr("resume upload resume-1 from offset 3145728"));
+
+  auto alice = Connect("alice-token");
+  auto held = alice->GetUpload("resume-1");
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ(held->committed_bytes(), 3 * kMiB);
+  EXPECT_EQ(held->size_bytes(), static_cast<int64_t>(fs::file_size(path)));
+  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 0)
+      << "a partial upload is not an artifact";
+  // Upload ids are per organisation.
+  EXPECT_EQ(Connect("bob-token")->GetUpload("resume-1").status().code(),
+            absl::StatusCode::kNotFound);
+  // The same id with another header is refused, and the bytes stay.
+  auto other = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "renamed", "",
+                             nullptr, "resume-1");
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(alice->GetUpload("resume-1")->committed_bytes(), 3 * kMiB);
+
+  int64_t first_offset = -1;
+  auto artifact = Resume(alice.get(), path, "resume-1", &first_offset);
+  ASSERT_TRUE(artifact.ok()) << artifact.status();
+  EXPECT_EQ(first_offset, 3 * kMiB) << "the client sent only the rest";
+  EXPECT_EQ(artifact->sha256(), *core::Sha256File(path));
+  ExpectDownloadMatches(alice.get(), artifact->id(), path);
+  EXPECT_EQ(alice->GetUpload("resume-1").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_TRUE(fs::is_empty(data_dir() + "/uploads"));
+}
+
+TEST_F(DurabilityTest, KillDuringUploadThenResumeAfterRestart) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  {
+    auto alice = Connect("alice-token", /*upload_retries=*/0);
+    auto watcher = Connect("alice-token");
+    bool killed = false;
+    auto cut = alice->Upload(
+        v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+        [&](int64_t done, int64_t) {
+          if (done < 4 * kMiB || killed) return;
+          AwaitCommitted(watcher.get(), "killed-1", kMiB);
+          server_->Kill();
+          killed = true;
+        },
+        "killed-1");
+    ASSERT_TRUE(killed);
+    EXPECT_FALSE(cut.ok());
+  }
+  ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
+  auto alice = Connect("alice-token");
+  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 0)
+      << "no partial artifact is visible after the crash";
+  auto held = alice->GetUpload("killed-1");
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_GE(held->committed_bytes(), kMiB);
+  EXPECT_LT(held->committed_bytes(), held->size_bytes());
+
+  int64_t first_offset = -1;
+  auto artifact = Resume(alice.get(), path, "killed-1", &first_offset);
+  ASSERT_TRUE(artifact.ok()) << artifact.status();
+  EXPECT_EQ(first_offset, held->committed_bytes());
+  ExpectDownloadMatches(alice.get(), artifact->id(), path);
+}
+
+TEST_F(DurabilityTest, KillDuringMergeReRunsTheJobAfterRestart) {
+  StartServer({"--testing-step-delay", "50ms"});
+  constexpr int kTensors = 40;
+  constexpr int64_t kElements = 1000;
+  auto a_value = [](int i, int64_t j) { return 0.25f * i + 0.001f * j; };
+  auto b_value = [](int i, int64_t j) { return -0.5f * i + 0.003f * j + 1; };
+  WriteModel(dir_ + "/a.safetensors", kTensors, kElements, a_value);
+  WriteModel(dir_ + "/b.safetensors", kTensors, kElements, b_value);
+  auto alice = Connect("alice-token");
+  auto a = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/a.safetensors",
+                         "a", "");
+  auto b = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/b.safetensors",
+                         "b", "");
+  ASSERT_TRUE(a.ok() && b.ok());
+  v1::SubmitJobRequest request;
+  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+  request.mutable_merge()->add_models()->set_weights_id(a->id());
+  request.mutable_merge()->add_models()->set_weights_id(b->id());
+  auto job = alice->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  bool killed = false;
+  auto watched = alice->WatchJob(job->id(), [&](const v1::JobEvent& event) {
+    if (!killed && event.job().progress().tensors_done() >= 3) {
+      killed = true;
+      server_->Kill();
+    }
+  });
+  ASSERT_TRUE(killed) << "the merge finished before the kill";
+  EXPECT_FALSE(watched.ok());
+
+  ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
+  alice = Connect("alice-token");
+  auto done = alice->WatchJob(job->id());
+  ASSERT_TRUE(done.ok()) << done.status();
+  ASSERT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error_message();
+  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 3)
+      << "two inputs and one result, nothing partial";
+  ExpectDownloadMatches(alice.get(), a->id(), dir_ + "/a.safetensors");
+  ExpectDownloadMatches(alice.get(), b->id(), dir_ + "/b.safetensors");
+
+  const std::string out = dir_ + "/merged.safetensors";
+  ASSERT_TRUE(alice->Download(done->result_ids(0), out).ok());
+  auto reader = core::SafetensorsReader::Open(out);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  ASSERT_EQ((*reader)->tensors().size(), static_cast<size_t>(kTensors));
+  for (int i = 0; i < kTensors; ++i) {
+    const core::TensorInfo* tensor = (*reader)->Find(absl::StrCat("t", i));
+    ASSERT_NE(tensor, nullptr);
+    const auto* values =
+        reinterpret_cast<const float*>((*reader)->Data(*tensor).data());
+    for (int64_t j = 0; j < kElements; ++j) {
+      const double expected =
+          (double{a_value(i, j)} + double{b_value(i, j)}) / 2;
+      ASSERT_EQ(values[j], static_cast<float>(expected))
+          << "tensor t" << i << " element " << j;
+    }
+  }
+  EXPECT_TRUE(fs::is_empty(data_dir() + "/tmp"));
+}
+
+TEST_F(DurabilityTest, AbandonedUploadsExpire) {
+  StartServer({"--upload-expiry", "1s"});
+  const std::string path = WriteLargeModel(dir_);
+  SendPrefix(path, "abandoned", 2 * kMiB);
+  auto alice = Connect("alice-token");
+  ASSERT_TRUE(alice->GetUpload("abandoned").ok());
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (alice->GetUpload("abandoned").ok() &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(alice->GetUpload("abandoned").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_TRUE(fs::is_empty(data_dir() + "/uploads"));
+}
+
+// An upload stream left open after its header and first chunk.
+struct OpenUpload {
+  std::unique_ptr<v1::ArtifactService::Stub> stub;
+  grpc::ClientContext context;
+  v1::UploadResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadRequest>> writer;
+};
+
+TEST_F(DurabilityTest, UploadsPerOrganisationAreLimited) {
+  StartServer({"--max-uploads-per-org", "2"});
+  const std::string path = WriteLargeModel(dir_);
+  const std::string content = ReadFile(path);
+  auto alice = Connect("alice-token", /*upload_retries=*/0);
+  std::vector<std::unique_ptr<OpenUpload>> open;
+  for (const std::string id : {"held-1", "held-2"}) {
+    auto upload = std::make_unique<OpenUpload>();
+    upload->stub = RawStub();
+    Authorize(&upload->context, "alice-token");
+    upload->writer = upload->stub->Upload(&upload->context, &upload->response);
+    ASSERT_TRUE(upload->writer->Write(Header(path, id)));
+    ASSERT_TRUE(upload->writer->Write(Chunk(content, 0, kMiB)));
+    AwaitCommitted(alice.get(), id, kMiB);
+    open.push_back(std::move(upload));
+  }
+  auto third = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "");
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(third.status().message(), HasSubstr("org-a"));
+  // Another organisation is not held back.
+  auto bob = Connect("bob-token");
+  EXPECT_TRUE(bob->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "").ok());
+
+  // One upload id has one stream at a time.
+  open[1]->writer->WritesDone();
+  open[1]->writer->Finish().IgnoreError();
+  std::unique_ptr<client::Client> patient = Connect("alice-token");
+  auto twice = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+                             nullptr, "held-1");
+  // Until the server has seen held-2 end, the limit may answer first.
+  EXPECT_THAT(twice.status().code(),
+              ::testing::AnyOf(absl::StatusCode::kAborted,
+                               absl::StatusCode::kResourceExhausted));
+  open[0]->writer->WritesDone();
+  open[0]->writer->Finish().IgnoreError();
+  // Once the streams are gone the slots are free; the client retries
+  // ABORTED on its own.
+  auto done = patient->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+                              nullptr, "held-1");
+  EXPECT_TRUE(done.ok()) << done.status();
+}
+
+TEST_F(DurabilityTest, JobsPerOrganisationAreLimited) {
+  StartServer({"--max-jobs-per-org", "1", "--testing-step-delay", "1s"});
+  WriteModel(dir_ + "/m.safetensors", 30, 4, [](int, int64_t) { return 1; });
+  auto alice = Connect("alice-token");
+  auto bob = Connect("bob-token");
+  v1::SubmitJobRequest alice_job, bob_job;
+  for (auto [client, request] :
+       {std::pair{alice.get(), &alice_job}, std::pair{bob.get(), &bob_job}}) {
+    auto m = client->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
+                            "m", "");
+    ASSERT_TRUE(m.ok()) << m.status();
+    request->mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+    request->mutable_merge()->add_models()->set_weights_id(m->id());
+    request->mutable_merge()->add_models()->set_weights_id(m->id());
+  }
+  auto first = alice->SubmitJob(alice_job);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = alice->SubmitJob(alice_job);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(second.status().message(), HasSubstr("org-a"));
+  auto other = bob->SubmitJob(bob_job);
+  ASSERT_TRUE(other.ok()) << other.status();
+  // A finished job frees the slot.
+  ASSERT_TRUE(alice->CancelJob(first->id()).ok());
+  ASSERT_EQ(alice->WatchJob(first->id())->state(), v1::JOB_STATE_CANCELLED);
+  auto third = alice->SubmitJob(alice_job);
+  ASSERT_TRUE(third.ok()) << third.status();
+  alice->CancelJob(third->id()).IgnoreError();
+  bob->CancelJob(other->id()).IgnoreError();
+}
+
+TEST_F(DurabilityTest, OversizedMessagesAreRefused) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  const std::string content = ReadFile(path);
+  auto stub = RawStub();
+  grpc::ClientContext context;
+  Authorize(&context, "alice-token");
+  v1::UploadResponse response;
+  auto writer = stub->Upload(&context, &response);
+  writer->Write(Header(path, ""));
+  writer->Write(Chunk(content, 0, 8 * kMiB + 16));
+  writer->WritesDone();
+  EXPECT_EQ(writer->Finish().error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+}
+
+TEST_F(DurabilityTest, DeadlinesAreHonoured) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  const std::string content = ReadFile(path);
+  auto stub = RawStub();
+  {
+    grpc::ClientContext context;
+    Authorize(&context, "alice-token");
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(500));
+    v1::UploadResponse response;
+    auto writer = stub->Upload(&context, &response);
+    writer->Write(Header(path, "slow"));
+    writer->Write(Chunk(content, 0, kMiB));
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    EXPECT_EQ(writer->Finish().error_code(),
+              grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  // The server dropped the call but kept what it had, for a resume.
+  auto alice = Connect("alice-token");
+  AwaitCommitted(alice.get(), "slow", kMiB);
+  auto artifact = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+                                nullptr, "slow");
+  ASSERT_TRUE(artifact.ok()) << artifact.status();
+  ExpectDownloadMatches(alice.get(), artifact->id(), path);
+}
+
+}  // namespace
+}  // namespace amalgam
