@@ -9,7 +9,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <sstream>
 #include <system_error>
 #include <utility>
@@ -82,14 +81,15 @@ bool IsRetryable(const absl::Status& status) {
   return absl::IsUnavailable(status) || absl::IsAborted(status);
 }
 
-// 32 random hex digits.
-std::string RandomUploadId() {
-  std::random_device random;
-  std::string id;
-  for (int i = 0; i < 4; ++i) {
-    absl::StrAppend(&id, absl::Hex(random(), absl::kZeroPad8));
-  }
-  return id;
+// The default id of an upload: a digest of its header, so that uploading the
+// same bytes under the same name again (say, rerunning a command that was
+// cut off) resumes where the first attempt stopped.
+std::string DerivedUploadId(const v1::UploadHeader& header) {
+  core::Sha256 hash;
+  hash.Update(absl::StrCat(header.kind(), "\n", header.name(), "\n",
+                           header.describes(), "\n", header.size_bytes(), "\n",
+                           header.sha256()));
+  return hash.HexDigest().substr(0, 32);
 }
 
 }  // namespace
@@ -202,12 +202,12 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
   header.set_size_bytes(static_cast<int64_t>(size));
   header.set_sha256(sha256);
   header.set_describes(describes);
-  header.set_upload_id(upload_id.empty() ? RandomUploadId() : upload_id);
+  header.set_upload_id(upload_id.empty() ? DerivedUploadId(header) : upload_id);
 
   absl::Duration backoff = options_.retry_backoff;
   int64_t offset = 0;
   for (int attempt = 0;; ++attempt) {
-    if (attempt > 0 || !upload_id.empty()) {
+    {
       // Where to go on from: what the server holds, or the start.
       absl::StatusOr<v1::UploadStatus> held = GetUpload(header.upload_id());
       if (held.ok()) {

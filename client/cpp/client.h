@@ -71,9 +71,10 @@ class Client {
   // resumable upload: when the stream breaks, asks the server how much it
   // holds (GetUpload) and sends the rest, as `upload_retries` allows.
   // `describes` names the weights artifact that a gram or fisher file belongs
-  // to (may be empty). `upload_id` names the upload (empty: a random one);
-  // passing the id of an interrupted upload resumes it, also from another
-  // process. NOT_FOUND when the file is missing. Returns the new artifact.
+  // to (may be empty). `upload_id` names the upload; by default it is derived
+  // from kind, name, describes, size and sha256, so uploading the same file
+  // again after an interruption (from any process) resumes it. NOT_FOUND
+  // when the file is missing. Returns the new artifact.
   absl::StatusOr<amalgam::v1::Artifact> Upload(
       amalgam::v1::ArtifactKind kind, const std::string& path,
       const std::string& name, const std::string& describes,

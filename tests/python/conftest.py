@@ -27,26 +27,34 @@ def cli_path():
     return _binary("AMALGAM_CLI", "amalgam")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, amalgamd_path):
-    """Address of a running amalgamd with its own data directory."""
-    root = tmp_path_factory.mktemp("amalgamd")
+def start_amalgamd(amalgamd_path, root, port=0):
+    """Starts amalgamd on 127.0.0.1:``port`` (0: a free one) with its data in
+    ``root/data``; returns the process and its address once it serves."""
     port_file = root / "port"
-    log = open(root / "server.log", "wb")
+    if port_file.exists():
+        port_file.unlink()
+    log = open(root / "server.log", "ab")
     process = subprocess.Popen(
-        [amalgamd_path, "--listen", "127.0.0.1:0", "--data-dir", str(root / "data"),
+        [amalgamd_path, "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data"),
          "--port-file", str(port_file), "--device", "cpu"],
         stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     deadline = time.monotonic() + 60
     while not port_file.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"amalgamd did not start; see {root / 'server.log'}")
         time.sleep(0.02)
-    yield f"127.0.0.1:{port_file.read_text().strip()}"
+    return process, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, amalgamd_path):
+    """Address of a running amalgamd with its own data directory."""
+    process, address = start_amalgamd(amalgamd_path, tmp_path_factory.mktemp("amalgamd"))
+    yield address
     process.terminate()
     process.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture

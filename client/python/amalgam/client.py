@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import sys
+import time
 from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
                     Sequence, Union)
 
@@ -32,7 +34,17 @@ _GRAM_NORMALIZATION = {
     "as_uploaded": pb.GRAM_NORMALIZATION_AS_UPLOADED,
     "mean": pb.GRAM_NORMALIZATION_MEAN,
 }
+# Errors after which an upload is resumed: the connection or server went
+# away, or the previous stream of the same upload was still open.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 _FINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+def _derived_upload_id(header: pb.UploadHeader) -> str:
+    """The default upload id: a digest of the header (as the C++ client)."""
+    text = (f"{header.kind}\n{header.name}\n{header.describes}\n"
+            f"{header.size_bytes}\n{header.sha256}")
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class AmalgamError(Exception):
@@ -165,13 +177,17 @@ class Client:
     ``address`` is ``host:port``; ``token`` (or ``$AMALGAM_TOKEN``) is sent as
     ``authorization: Bearer TOKEN``. ``tls_ca`` (a PEM path) switches to TLS;
     ``tls_cert``/``tls_key`` add a client certificate (mutual TLS). Errors
-    raise :class:`AmalgamError`.
+    raise :class:`AmalgamError`. An upload whose stream breaks (UNAVAILABLE,
+    ABORTED) resumes from the offset the server holds, up to
+    ``upload_retries`` times, waiting ``retry_backoff`` seconds, then twice
+    that, ... (at most 10 s) in between.
     """
 
     def __init__(self, address: Optional[str] = None, token: Optional[str] = None,
                  *, timeout: float = 30.0, chunk_size: int = _CHUNK,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None):
+                 tls_key: Optional[str] = None, upload_retries: int = 5,
+                 retry_backoff: float = 0.2):
         address = address or os.environ.get("AMALGAM_SERVER", "127.0.0.1:50051")
         token = token if token is not None else os.environ.get("AMALGAM_TOKEN")
         options = [("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -196,6 +212,8 @@ class Client:
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._chunk = chunk_size
+        self._upload_retries = upload_retries
+        self._retry_backoff = retry_backoff
 
     def close(self) -> None:
         self._channel.close()
@@ -214,14 +232,24 @@ class Client:
 
     # --- artifacts -------------------------------------------------------
 
-    def upload_weights(self, source: Source, *, name: Optional[str] = None
-                       ) -> pb.Artifact:
-        """Uploads weights from a safetensors path or a ``dict[str, Tensor]``."""
-        return self._upload(pb.ARTIFACT_KIND_WEIGHTS, source, name, None, {})
+    def upload_weights(self, source: Source, *, name: Optional[str] = None,
+                       upload_id: Optional[str] = None) -> pb.Artifact:
+        """Uploads weights from a safetensors path or a ``dict[str, Tensor]``.
+
+        Every upload is resumable. ``upload_id`` names it; by default it is
+        derived from the kind, name, size and sha256, so uploading the same
+        source again after an interruption (from any process) resumes it."""
+        return self._upload(pb.ARTIFACT_KIND_WEIGHTS, source, name, None, {}, upload_id)
+
+    def get_upload(self, upload_id: str) -> pb.UploadStatus:
+        """How many bytes of upload ``upload_id`` the server holds."""
+        return self._call(self._artifacts.GetUpload,
+                          pb.GetUploadRequest(upload_id=upload_id))
 
     def upload_gram(self, source: Source, *, for_weights: Optional[ArtifactRef] = None,
                     name: Optional[str] = None, num_examples: Optional[int] = None,
-                    reduction: Optional[str] = None) -> pb.Artifact:
+                    reduction: Optional[str] = None,
+                    upload_id: Optional[str] = None) -> pb.Artifact:
         """Uploads Gram matrices: a path, a ``dict[str, Tensor]`` or an
         :class:`amalgam.stats.Statistics` (whose metadata travels along).
         ``for_weights`` names the weights artifact they describe."""
@@ -230,18 +258,22 @@ class Client:
             metadata["num_examples"] = str(num_examples)
         if reduction is not None:
             metadata["reduction"] = reduction
-        return self._upload(pb.ARTIFACT_KIND_GRAM, source, name, for_weights, metadata)
+        return self._upload(pb.ARTIFACT_KIND_GRAM, source, name, for_weights, metadata,
+                            upload_id)
 
     def upload_fisher(self, source: Source, *, for_weights: Optional[ArtifactRef] = None,
                       name: Optional[str] = None,
-                      num_examples: Optional[int] = None) -> pb.Artifact:
+                      num_examples: Optional[int] = None,
+                      upload_id: Optional[str] = None) -> pb.Artifact:
         """Uploads diagonal Fisher information (path, dict or Statistics)."""
         metadata = {}
         if num_examples is not None:
             metadata["num_examples"] = str(num_examples)
-        return self._upload(pb.ARTIFACT_KIND_FISHER, source, name, for_weights, metadata)
+        return self._upload(pb.ARTIFACT_KIND_FISHER, source, name, for_weights, metadata,
+                            upload_id)
 
-    def _upload(self, kind, source, name, describes, metadata) -> pb.Artifact:
+    def _upload(self, kind, source, name, describes, metadata,
+                upload_id=None) -> pb.Artifact:
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if metadata:
@@ -265,27 +297,52 @@ class Client:
             opener = lambda: io.BytesIO(data)  # noqa: E731
             name = name or "state_dict"
         header = pb.UploadHeader(kind=kind, name=name, size_bytes=size,
-                                 sha256=digest.hexdigest(), describes=_ref(describes))
+                                 sha256=digest.hexdigest(), describes=_ref(describes),
+                                 upload_id=upload_id)
+        if not upload_id:
+            header.upload_id = _derived_upload_id(header)
         bar = _progress_bar(size, f"upload {name}")
-
-        def requests():
-            yield pb.UploadRequest(header=header)
-            offset = 0
-            with opener() as f:
-                for block in iter(lambda: f.read(self._chunk), b""):
-                    yield pb.UploadRequest(chunk=pb.UploadChunk(offset=offset, data=block))
-                    offset += len(block)
-                    if bar is not None:
-                        bar.update(len(block))
-
+        backoff = self._retry_backoff
         try:
-            response = self._artifacts.Upload(requests(), metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise AmalgamError.from_rpc(error) from None
+            for attempt in itertools.count():
+                try:
+                    offset = self._held_bytes(header.upload_id)
+                    if bar is not None:
+                        bar.n = offset
+                        bar.refresh()
+                    return self._artifacts.Upload(
+                        self._upload_requests(header, opener, offset, bar),
+                        metadata=self._metadata).artifact
+                except grpc.RpcError as rpc_error:
+                    error = AmalgamError.from_rpc(rpc_error)
+                except AmalgamError as amalgam_error:
+                    error = amalgam_error
+                if error.code not in _RETRYABLE or attempt >= self._upload_retries:
+                    raise error from None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
         finally:
             if bar is not None:
                 bar.close()
-        return response.artifact
+
+    def _held_bytes(self, upload_id: str) -> int:
+        """Bytes of the upload the server holds; 0 for one it does not know."""
+        try:
+            return self.get_upload(upload_id).committed_bytes
+        except AmalgamError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise
+
+    def _upload_requests(self, header, opener, offset, bar):
+        yield pb.UploadRequest(header=header)
+        with opener() as f:
+            f.seek(offset)
+            for block in iter(lambda: f.read(self._chunk), b""):
+                yield pb.UploadRequest(chunk=pb.UploadChunk(offset=offset, data=block))
+                offset += len(block)
+                if bar is not None:
+                    bar.update(len(block))
 
     def list_artifacts(self, kind: Optional[str] = None) -> List[pb.Artifact]:
         request = pb.ListArtifactsRequest()
