@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every test: formatting, unit, integration (real
-# amalgamd over gRPC on loopback) and end-to-end (the CLI against the server).
+# amalgamd over gRPC on loopback), end-to-end (the CLI against the server),
+# pytest, and a short run of each libFuzzer target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
@@ -10,3 +11,6 @@ git ls-files '*.cc' '*.h' '*.proto' | xargs clang-format --dry-run --Werror
 
 echo "== ctest"
 ctest --preset release -j2
+
+echo "== fuzz (short run)"
+bash scripts/fuzz.sh 30
