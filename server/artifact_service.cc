@@ -544,12 +544,7 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::DeleteArtifact(
           -> absl::StatusOr<v1::DeleteArtifactResponse> {
         AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
                                  OwnedArtifact(request->id(), org));
-        if (jobs_->InUse(artifact.id())) {
-          return absl::FailedPreconditionError(
-              absl::StrCat("artifact ", artifact.id(),
-                           " is an input of a queued or running job"));
-        }
-        AMALGAM_RETURN_IF_ERROR(storage_->DeleteArtifact(artifact));
+        AMALGAM_RETURN_IF_ERROR(jobs_->DeleteIfUnused(artifact));
         Log(LogLevel::kInfo, absl::StrCat("event=delete artifact=",
                                           artifact.id(), " owner=", org));
         return v1::DeleteArtifactResponse();

@@ -17,6 +17,18 @@
 namespace amalgam::server {
 namespace {
 
+// The artifacts a job reads.
+std::vector<std::string> InputIds(const v1::Job& job) {
+  std::vector<std::string> ids;
+  for (const v1::MergeModel& model : job.merge().models()) {
+    for (const std::string* id :
+         {&model.weights_id(), &model.gram_id(), &model.fisher_id()}) {
+      if (!id->empty()) ids.push_back(*id);
+    }
+  }
+  return ids;
+}
+
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
 
 absl::StatusOr<core::MergeMethod> ToCoreMethod(v1::MergeMethod method) {
@@ -201,6 +213,10 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
   job.mutable_progress()->set_bytes_total(
       static_cast<int64_t>(prepared->plan.output_bytes));
   absl::MutexLock lock(&mu_);
+  // An input deleted since Prepare: see DeleteIfUnused.
+  for (const std::string& input : InputIds(job)) {
+    AMALGAM_RETURN_IF_ERROR(storage_->GetArtifact(input).status());
+  }
   if (static_cast<int>(queue_.size()) >= options_.max_queued) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the job queue is full (", options_.max_queued, " jobs); retry later"));
@@ -244,18 +260,22 @@ absl::StatusOr<v1::Job> JobManager::Get(const std::string& id,
   return entry->job;
 }
 
-bool JobManager::InUse(const std::string& artifact_id) {
+absl::Status JobManager::DeleteIfUnused(const v1::Artifact& artifact) {
+  // Under the lock that Submit holds while it checks its inputs and queues,
+  // so a job is either queued before (and the delete refused) or sees the
+  // artifact gone.
   absl::MutexLock lock(&mu_);
   for (const auto& [id, entry] : jobs_) {
-    if (IsFinal(entry->job.state()) || !entry->job.has_merge()) continue;
-    for (const v1::MergeModel& model : entry->job.merge().models()) {
-      if (model.weights_id() == artifact_id || model.gram_id() == artifact_id ||
-          model.fisher_id() == artifact_id) {
-        return true;
+    if (IsFinal(entry->job.state())) continue;
+    for (const std::string& input : InputIds(entry->job)) {
+      if (input == artifact.id()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("artifact ", artifact.id(),
+                         " is an input of queued or running job ", id));
       }
     }
   }
-  return false;
+  return storage_->DeleteArtifact(artifact);
 }
 
 std::vector<v1::Job> JobManager::List(const std::string& organization) {

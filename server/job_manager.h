@@ -68,8 +68,9 @@ class JobManager {
   // Cancels a queued or running job; a finished job is returned unchanged.
   absl::StatusOr<v1::Job> Cancel(const std::string& id,
                                  const std::string& organization);
-  // True while a queued or running job reads artifact `artifact_id`.
-  bool InUse(const std::string& artifact_id);
+  // Deletes the artifact from storage unless a queued or running job reads
+  // it (FAILED_PRECONDITION naming the job). Atomic with Submit.
+  absl::Status DeleteIfUnused(const v1::Artifact& artifact);
 
   // Calls `listener` with the job now and after every change until Unwatch.
   // The listener runs under the manager's lock: it must not block or call

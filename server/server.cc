@@ -148,12 +148,12 @@ absl::Status Server::ReloadTokens() {
 }
 
 void Server::Shutdown() {
-  if (grpc_server_ == nullptr) return;
+  if (grpc_server_ == nullptr || stopped_) return;
+  stopped_ = true;
   grpc_server_->GetHealthCheckService()->SetServingStatus(false);
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::seconds(5));
   grpc_server_->Wait();
-  grpc_server_.reset();
   jobs_.reset();
   Log(LogLevel::kInfo, "event=stopped");
 }

@@ -62,7 +62,10 @@ class Server {
   // The bound port.
   int port() const { return port_; }
   // Stops accepting calls, waits for calls in flight, stops the workers
-  // (running jobs are re-run on the next start).
+  // (running jobs are re-run on the next start). Everything is durable once
+  // it returns: a process may exit then without destroying the Server, whose
+  // grpc::Server destructor can stall for seconds in gRPC 1.51 after large
+  // client streams (grpc/grpc#41050).
   void Shutdown();
   // Re-reads the token file (SIGHUP); the old tokens stay on error.
   absl::Status ReloadTokens();
@@ -71,6 +74,7 @@ class Server {
   Server() = default;
 
   int port_ = 0;
+  bool stopped_ = false;
   std::unique_ptr<TokenStore> tokens_;
   std::unique_ptr<Storage> storage_;
   std::unique_ptr<Executor> executor_;

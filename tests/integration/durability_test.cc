@@ -460,5 +460,69 @@ TEST_F(DurabilityTest, DeadlinesAreHonoured) {
   ExpectDownloadMatches(alice.get(), artifact->id(), path);
 }
 
+TEST_F(DurabilityTest, DeleteIsRefusedWhileAJobReadsTheArtifact) {
+  StartServer({"--testing-step-delay", "200ms"});
+  WriteModel(dir_ + "/m.safetensors", 20, 4, [](int, int64_t) { return 1; });
+  auto alice = Connect("alice-token");
+  auto m = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
+                         "m", "");
+  ASSERT_TRUE(m.ok()) << m.status();
+  v1::SubmitJobRequest request;
+  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+  request.mutable_merge()->add_models()->set_weights_id(m->id());
+  request.mutable_merge()->add_models()->set_weights_id(m->id());
+  auto job = alice->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  v1::DeleteArtifactRequest remove;
+  remove.set_id(m->id());
+  auto refused = alice->DeleteArtifact(remove);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(), HasSubstr(job->id()));
+  ASSERT_TRUE(alice->CancelJob(job->id()).ok());
+  ASSERT_EQ(alice->WatchJob(job->id())->state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_TRUE(alice->DeleteArtifact(remove).ok());
+}
+
+// A submission racing a delete of its input: either the job is queued and
+// the delete refused, or the delete wins and the submission is NOT_FOUND;
+// never both, so no queued job loses its input.
+TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
+  StartServer();
+  WriteModel(dir_ + "/m.safetensors", 2, 4, [](int, int64_t) { return 1; });
+  auto submitter = Connect("alice-token");
+  auto deleter = Connect("alice-token");
+  int jobs = 0, deletes = 0;
+  for (int round = 0; round < 40; ++round) {
+    auto m =
+        submitter->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
+                          absl::StrCat("m", round), "");
+    ASSERT_TRUE(m.ok()) << m.status();
+    v1::SubmitJobRequest request;
+    request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+    request.mutable_merge()->add_models()->set_weights_id(m->id());
+    request.mutable_merge()->add_models()->set_weights_id(m->id());
+    v1::DeleteArtifactRequest remove;
+    remove.set_id(m->id());
+    absl::StatusOr<v1::DeleteArtifactResponse> deleted;
+    std::thread racer([&] { deleted = deleter->DeleteArtifact(remove); });
+    auto job = submitter->SubmitJob(request);
+    racer.join();
+    ASSERT_FALSE(job.ok() && deleted.ok()) << "round " << round;
+    if (job.ok()) {
+      ++jobs;
+      EXPECT_EQ(deleted.status().code(), absl::StatusCode::kFailedPrecondition);
+      auto done = submitter->WatchJob(job->id());
+      ASSERT_TRUE(done.ok()) << done.status();
+      EXPECT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED)
+          << done->error_message();
+    } else {
+      ++deletes;
+      EXPECT_EQ(job.status().code(), absl::StatusCode::kNotFound);
+      ASSERT_TRUE(deleted.ok()) << deleted.status();
+    }
+  }
+  std::printf("jobs first: %d, deletes first: %d\n", jobs, deletes);
+}
+
 }  // namespace
 }  // namespace amalgam
