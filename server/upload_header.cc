@@ -13,10 +13,15 @@ absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
     return absl::InvalidArgumentError(
         "header.kind must be weights, gram or fisher");
   }
-  if (header.size_bytes() <= 0 || header.size_bytes() > max_upload_bytes) {
-    return absl::InvalidArgumentError(
+  if (header.size_bytes() <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "header.size_bytes is ", header.size_bytes(), "; must be positive"));
+  }
+  if (header.size_bytes() > max_upload_bytes) {
+    return absl::ResourceExhaustedError(
         absl::StrCat("header.size_bytes is ", header.size_bytes(),
-                     "; must be 1..", max_upload_bytes));
+                     "; this server accepts at most ", max_upload_bytes,
+                     " bytes per artifact (--max-upload-bytes)"));
   }
   if (!core::IsSha256Hex(header.sha256())) {
     return absl::InvalidArgumentError(

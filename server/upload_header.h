@@ -12,10 +12,11 @@ inline constexpr size_t kMaxNameBytes = 256;
 inline constexpr size_t kMaxUploadIdBytes = 64;
 
 // Checks an upload header on its own, before any byte is stored: a known
-// kind, 1 <= size_bytes <= max_upload_bytes, a 64-digit lower-case hex
-// sha256, a name of at most kMaxNameBytes, `describes` only on statistics,
-// and an upload_id (optional) of 1..kMaxUploadIdBytes characters from
-// [A-Za-z0-9_.-]. INVALID_ARGUMENT naming the field otherwise.
+// kind, a positive size_bytes, a 64-digit lower-case hex sha256, a name of
+// at most kMaxNameBytes, `describes` only on statistics, and an upload_id
+// (optional) of 1..kMaxUploadIdBytes characters from [A-Za-z0-9_.-]:
+// INVALID_ARGUMENT naming the field otherwise. RESOURCE_EXHAUSTED when
+// size_bytes is over `max_upload_bytes`.
 absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
                                   int64_t max_upload_bytes);
 

@@ -28,6 +28,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         header.name().size() > amalgam::server::kMaxNameBytes) {
       std::abort();
     }
+  } else if (status.code() == absl::StatusCode::kResourceExhausted) {
+    if (header.size_bytes() <= kMaxUploadBytes) std::abort();
   } else if (status.code() != absl::StatusCode::kInvalidArgument) {
     std::abort();
   }

@@ -524,5 +524,47 @@ TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
   std::printf("jobs first: %d, deletes first: %d\n", jobs, deletes);
 }
 
+TEST_F(DurabilityTest, UploadSizeAndQueueLengthAreLimited) {
+  StartServer({"--max-upload-bytes", "1000000", "--max-queued-jobs", "1",
+               "--testing-step-delay", "300ms"});
+  const std::string large = WriteLargeModel(dir_);
+  auto alice = Connect("alice-token");
+  auto refused = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, large, "large", "");
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("--max-upload-bytes"));
+
+  WriteModel(dir_ + "/m.safetensors", 20, 4, [](int, int64_t) { return 1; });
+  auto m = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
+                         "m", "");
+  ASSERT_TRUE(m.ok()) << m.status();
+  v1::SubmitJobRequest request;
+  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+  request.mutable_merge()->add_models()->set_weights_id(m->id());
+  request.mutable_merge()->add_models()->set_weights_id(m->id());
+  // One job runs, one waits, and the next finds the queue full.
+  std::vector<std::string> accepted;
+  absl::Status full;
+  for (int i = 0; i < 3 && full.ok(); ++i) {
+    auto job = alice->SubmitJob(request);
+    if (job.ok()) {
+      accepted.push_back(job->id());
+      if (accepted.size() == 1) {
+        // Wait until the first job left the queue.
+        while (alice->GetJob(job->id())->state() == v1::JOB_STATE_QUEUED) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+      }
+    } else {
+      full = job.status();
+    }
+  }
+  EXPECT_EQ(accepted.size(), 2u);
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(full.message(), HasSubstr("queue is full"));
+  for (const std::string& id : accepted) {
+    alice->CancelJob(id).IgnoreError();
+  }
+}
+
 }  // namespace
 }  // namespace amalgam
