@@ -279,6 +279,10 @@ TEST_F(DurabilityTest, KillDuringMergeReRunsTheJobAfterRestart) {
   request.mutable_merge()->add_models()->set_weights_id(b->id());
   auto job = alice->SubmitJob(request);
   ASSERT_TRUE(job.ok()) << job.status();
+  // With one worker, this one is still queued when the server dies.
+  request.mutable_merge()->set_result_name("queued");
+  auto queued = alice->SubmitJob(request);
+  ASSERT_TRUE(queued.ok()) << queued.status();
   bool killed = false;
   auto watched = alice->WatchJob(job->id(), [&](const v1::JobEvent& event) {
     if (!killed && event.job().progress().tensors_done() >= 3) {
@@ -294,8 +298,14 @@ TEST_F(DurabilityTest, KillDuringMergeReRunsTheJobAfterRestart) {
   auto done = alice->WatchJob(job->id());
   ASSERT_TRUE(done.ok()) << done.status();
   ASSERT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error_message();
-  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 3)
-      << "two inputs and one result, nothing partial";
+  auto queued_done = alice->WatchJob(queued->id());
+  ASSERT_TRUE(queued_done.ok()) << queued_done.status();
+  ASSERT_EQ(queued_done->state(), v1::JOB_STATE_SUCCEEDED);
+  // Same inputs, same bytes.
+  EXPECT_EQ(alice->GetArtifact(queued_done->result_ids(0))->sha256(),
+            alice->GetArtifact(done->result_ids(0))->sha256());
+  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 4)
+      << "two inputs and two results, nothing partial";
   ExpectDownloadMatches(alice.get(), a->id(), dir_ + "/a.safetensors");
   ExpectDownloadMatches(alice.get(), b->id(), dir_ + "/b.safetensors");
 
@@ -564,6 +574,43 @@ TEST_F(DurabilityTest, UploadSizeAndQueueLengthAreLimited) {
   for (const std::string& id : accepted) {
     alice->CancelJob(id).IgnoreError();
   }
+}
+
+TEST_F(DurabilityTest, RunningJobWhoseInputVanishedFailsWithAReason) {
+  StartServer({"--testing-step-delay", "50ms"});
+  WriteModel(dir_ + "/a.safetensors", 40, 8, [](int, int64_t) { return 1; });
+  WriteModel(dir_ + "/b.safetensors", 40, 8, [](int, int64_t) { return 3; });
+  auto alice = Connect("alice-token");
+  auto a = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/a.safetensors",
+                         "a", "");
+  auto b = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/b.safetensors",
+                         "b", "");
+  ASSERT_TRUE(a.ok() && b.ok());
+  v1::SubmitJobRequest request;
+  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+  request.mutable_merge()->add_models()->set_weights_id(a->id());
+  request.mutable_merge()->add_models()->set_weights_id(b->id());
+  auto job = alice->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  bool killed = false;
+  alice
+      ->WatchJob(job->id(),
+                 [&](const v1::JobEvent& event) {
+                   if (!killed && event.job().progress().tensors_done() >= 1) {
+                     killed = true;
+                     server_->Kill();
+                   }
+                 })
+      .IgnoreError();
+  ASSERT_TRUE(killed);
+  // The disk lost b's bytes while the server was down.
+  ASSERT_TRUE(fs::remove(data_dir() + "/blobs/" + b->sha256()));
+  ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
+  alice = Connect("alice-token");
+  auto done = alice->WatchJob(job->id());
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_EQ(done->state(), v1::JOB_STATE_FAILED);
+  EXPECT_THAT(done->error_message(), HasSubstr(b->id()));
 }
 
 }  // namespace
