@@ -163,6 +163,33 @@ class DurabilityTest : public ::testing::Test {
     FAIL() << "upload " << id << " never held " << bytes << " bytes: " << last;
   }
 
+  static v1::SubmitJobRequest Average(const std::string& a,
+                                      const std::string& b) {
+    v1::SubmitJobRequest request;
+    request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+    request.mutable_merge()->add_models()->set_weights_id(a);
+    request.mutable_merge()->add_models()->set_weights_id(b);
+    return request;
+  }
+
+  // Watches the job and kills the server (-9) once `tensors` are merged;
+  // false if the job ended first.
+  bool KillAtProgress(client::Client* client, const std::string& job_id,
+                      int64_t tensors) {
+    bool killed = false;
+    client
+        ->WatchJob(
+            job_id,
+            [&](const v1::JobEvent& event) {
+              if (!killed && event.job().progress().tensors_done() >= tensors) {
+                killed = true;
+                server_->Kill();
+              }
+            })
+        .IgnoreError();
+    return killed;
+  }
+
   // Uploads `path` as upload `id`; `first_offset` gets where it began.
   static absl::StatusOr<v1::Artifact> Resume(client::Client* client,
                                              const std::string& path,
@@ -273,25 +300,15 @@ TEST_F(DurabilityTest, KillDuringMergeReRunsTheJobAfterRestart) {
   auto b = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/b.safetensors",
                          "b", "");
   ASSERT_TRUE(a.ok() && b.ok());
-  v1::SubmitJobRequest request;
-  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
-  request.mutable_merge()->add_models()->set_weights_id(a->id());
-  request.mutable_merge()->add_models()->set_weights_id(b->id());
+  v1::SubmitJobRequest request = Average(a->id(), b->id());
   auto job = alice->SubmitJob(request);
   ASSERT_TRUE(job.ok()) << job.status();
   // With one worker, this one is still queued when the server dies.
   request.mutable_merge()->set_result_name("queued");
   auto queued = alice->SubmitJob(request);
   ASSERT_TRUE(queued.ok()) << queued.status();
-  bool killed = false;
-  auto watched = alice->WatchJob(job->id(), [&](const v1::JobEvent& event) {
-    if (!killed && event.job().progress().tensors_done() >= 3) {
-      killed = true;
-      server_->Kill();
-    }
-  });
-  ASSERT_TRUE(killed) << "the merge finished before the kill";
-  EXPECT_FALSE(watched.ok());
+  ASSERT_TRUE(KillAtProgress(alice.get(), job->id(), 3))
+      << "the merge finished before the kill";
 
   ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
   alice = Connect("alice-token");
@@ -407,9 +424,7 @@ TEST_F(DurabilityTest, JobsPerOrganisationAreLimited) {
     auto m = client->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
                             "m", "");
     ASSERT_TRUE(m.ok()) << m.status();
-    request->mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
-    request->mutable_merge()->add_models()->set_weights_id(m->id());
-    request->mutable_merge()->add_models()->set_weights_id(m->id());
+    *request = Average(m->id(), m->id());
   }
   auto first = alice->SubmitJob(alice_job);
   ASSERT_TRUE(first.ok()) << first.status();
@@ -477,10 +492,7 @@ TEST_F(DurabilityTest, DeleteIsRefusedWhileAJobReadsTheArtifact) {
   auto m = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
                          "m", "");
   ASSERT_TRUE(m.ok()) << m.status();
-  v1::SubmitJobRequest request;
-  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
-  request.mutable_merge()->add_models()->set_weights_id(m->id());
-  request.mutable_merge()->add_models()->set_weights_id(m->id());
+  v1::SubmitJobRequest request = Average(m->id(), m->id());
   auto job = alice->SubmitJob(request);
   ASSERT_TRUE(job.ok()) << job.status();
   v1::DeleteArtifactRequest remove;
@@ -507,10 +519,7 @@ TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
         submitter->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
                           absl::StrCat("m", round), "");
     ASSERT_TRUE(m.ok()) << m.status();
-    v1::SubmitJobRequest request;
-    request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
-    request.mutable_merge()->add_models()->set_weights_id(m->id());
-    request.mutable_merge()->add_models()->set_weights_id(m->id());
+    v1::SubmitJobRequest request = Average(m->id(), m->id());
     v1::DeleteArtifactRequest remove;
     remove.set_id(m->id());
     absl::StatusOr<v1::DeleteArtifactResponse> deleted;
@@ -547,10 +556,7 @@ TEST_F(DurabilityTest, UploadSizeAndQueueLengthAreLimited) {
   auto m = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/m.safetensors",
                          "m", "");
   ASSERT_TRUE(m.ok()) << m.status();
-  v1::SubmitJobRequest request;
-  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
-  request.mutable_merge()->add_models()->set_weights_id(m->id());
-  request.mutable_merge()->add_models()->set_weights_id(m->id());
+  v1::SubmitJobRequest request = Average(m->id(), m->id());
   // One job runs, one waits, and the next finds the queue full.
   std::vector<std::string> accepted;
   absl::Status full;
@@ -586,23 +592,10 @@ TEST_F(DurabilityTest, RunningJobWhoseInputVanishedFailsWithAReason) {
   auto b = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/b.safetensors",
                          "b", "");
   ASSERT_TRUE(a.ok() && b.ok());
-  v1::SubmitJobRequest request;
-  request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
-  request.mutable_merge()->add_models()->set_weights_id(a->id());
-  request.mutable_merge()->add_models()->set_weights_id(b->id());
+  v1::SubmitJobRequest request = Average(a->id(), b->id());
   auto job = alice->SubmitJob(request);
   ASSERT_TRUE(job.ok()) << job.status();
-  bool killed = false;
-  alice
-      ->WatchJob(job->id(),
-                 [&](const v1::JobEvent& event) {
-                   if (!killed && event.job().progress().tensors_done() >= 1) {
-                     killed = true;
-                     server_->Kill();
-                   }
-                 })
-      .IgnoreError();
-  ASSERT_TRUE(killed);
+  ASSERT_TRUE(KillAtProgress(alice.get(), job->id(), 1));
   // The disk lost b's bytes while the server was down.
   ASSERT_TRUE(fs::remove(data_dir() + "/blobs/" + b->sha256()));
   ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
