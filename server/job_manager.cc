@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "core/merge.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
@@ -20,6 +21,10 @@ namespace {
 // The artifacts a job reads.
 std::vector<std::string> InputIds(const v1::Job& job) {
   std::vector<std::string> ids;
+  for (const std::string* id : {&job.sweep().a_id(), &job.sweep().b_id(),
+                                &job.grow().a_id(), &job.grow().b_id()}) {
+    if (!id->empty()) ids.push_back(*id);
+  }
   for (const v1::MergeModel& model : job.merge().models()) {
     for (const std::string* id :
          {&model.weights_id(), &model.gram_id(), &model.fisher_id()}) {
@@ -30,6 +35,9 @@ std::vector<std::string> InputIds(const v1::Job& job) {
 }
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
+
+// Most models one sweep may produce.
+constexpr int kMaxSweepSteps = 1000;
 
 absl::StatusOr<core::MergeMethod> ToCoreMethod(v1::MergeMethod method) {
   switch (method) {
@@ -59,7 +67,13 @@ struct JobManager::Prepared {
   std::vector<std::unique_ptr<core::SafetensorsReader>> readers;
   std::vector<core::MergeInput> inputs;
   core::MergeOptions options;
+  // For a sweep, the plan of its midpoint; every step has the same tensors.
   core::MergePlan plan;
+  // Sweep: the t of each step, and the blobs of A and B (the endpoints).
+  std::vector<double> sweep_ts;
+  std::string blob_a, blob_b;
+  // Output models the job writes (1, or the sweep's steps).
+  int outputs = 1;
 };
 
 struct JobManager::Entry {
@@ -104,6 +118,9 @@ absl::Status JobManager::Recover() {
         AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
       }
     }
+    // Results a crashed run stored before it died; the re-run makes them
+    // again.
+    if (requeue) DiscardResults(job.id());
     absl::MutexLock lock(&mu_);
     if (requeue) {
       job.set_state(v1::JOB_STATE_QUEUED);
@@ -117,14 +134,74 @@ absl::Status JobManager::Recover() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<const core::SafetensorsReader*> JobManager::OpenInput(
+    const v1::Job& job, const std::string& id, v1::ArtifactKind kind,
+    const std::string& field, Prepared* prepared, std::string* blob_path) {
+  if (id.empty()) return nullptr;
+  // Only artifacts the submitter may read: others are NOT_FOUND.
+  AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
+                           storage_->GetArtifactFor(id, job.owner()));
+  if (artifact.kind() != kind) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " is ", id, ", a ", v1::ArtifactKind_Name(artifact.kind()),
+        " artifact; expected ", v1::ArtifactKind_Name(kind)));
+  }
+  AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(artifact));
+  if (blob_path != nullptr) *blob_path = storage_->BlobPath(artifact);
+  prepared->readers.push_back(std::move(reader));
+  return prepared->readers.back().get();
+}
+
 absl::StatusOr<std::unique_ptr<JobManager::Prepared>> JobManager::Prepare(
     const v1::Job& job) {
-  if (!job.has_merge()) {
-    return absl::UnimplementedError(
-        "only merge jobs are implemented; grow and sweep are not yet");
-  }
-  const v1::MergeSpec& spec = job.merge();
   auto prepared = std::make_unique<Prepared>();
+  prepared->options.device = options_.device;
+  switch (job.spec_case()) {
+    case v1::Job::kMerge:
+      AMALGAM_RETURN_IF_ERROR(PrepareMerge(job, prepared.get()));
+      break;
+    case v1::Job::kSweep:
+      AMALGAM_RETURN_IF_ERROR(PrepareSweep(job, prepared.get()));
+      break;
+    default:
+      return absl::UnimplementedError("grow jobs are not implemented yet");
+  }
+  return prepared;
+}
+
+absl::Status JobManager::PrepareSweep(const v1::Job& job, Prepared* prepared) {
+  const v1::SweepSpec& spec = job.sweep();
+  if (spec.a_id().empty() || spec.b_id().empty()) {
+    return absl::InvalidArgumentError("sweep needs a_id and b_id");
+  }
+  if (spec.steps() < 2 || spec.steps() > kMaxSweepSteps) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sweep.steps is ", spec.steps(), "; expected 2..",
+                     kMaxSweepSteps, " (t = 0 and t = 1 included)"));
+  }
+  core::MergeInput a, b;
+  a.label = spec.a_id();
+  b.label = spec.b_id();
+  a.coefficient = b.coefficient = 0.5;
+  AMALGAM_ASSIGN_OR_RETURN(
+      a.weights, OpenInput(job, spec.a_id(), v1::ARTIFACT_KIND_WEIGHTS,
+                           "sweep.a_id", prepared, &prepared->blob_a));
+  AMALGAM_ASSIGN_OR_RETURN(
+      b.weights, OpenInput(job, spec.b_id(), v1::ARTIFACT_KIND_WEIGHTS,
+                           "sweep.b_id", prepared, &prepared->blob_b));
+  prepared->inputs = {a, b};
+  prepared->options.method = core::MergeMethod::kWeighted;
+  AMALGAM_ASSIGN_OR_RETURN(
+      prepared->plan, core::PlanMerge(prepared->inputs, prepared->options));
+  for (int k = 0; k < spec.steps(); ++k) {
+    prepared->sweep_ts.push_back(static_cast<double>(k) / (spec.steps() - 1));
+  }
+  prepared->outputs = spec.steps();
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
+  const v1::MergeSpec& spec = job.merge();
   core::MergeOptions& options = prepared->options;
   AMALGAM_ASSIGN_OR_RETURN(options.method, ToCoreMethod(spec.method()));
   if (spec.has_alpha()) options.alpha = spec.alpha();
@@ -141,49 +218,32 @@ absl::StatusOr<std::unique_ptr<JobManager::Prepared>> JobManager::Prepare(
       spec.gram_normalization() == v1::GRAM_NORMALIZATION_MEAN
           ? core::GramNormalization::kMean
           : core::GramNormalization::kAsUploaded;
-  options.device = options_.device;
-
-  // Opens artifact `id` for model `index`, checking its kind.
-  auto open = [&](const std::string& id, v1::ArtifactKind kind,
-                  const char* field,
-                  int index) -> absl::StatusOr<const core::SafetensorsReader*> {
-    if (id.empty()) return nullptr;
-    // Only artifacts the submitter may read: others are NOT_FOUND.
-    AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
-                             storage_->GetArtifactFor(id, job.owner()));
-    if (artifact.kind() != kind) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("merge.models[", index, "].", field, " is ", id, ", a ",
-                       v1::ArtifactKind_Name(artifact.kind()),
-                       " artifact; expected ", v1::ArtifactKind_Name(kind)));
-    }
-    AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(artifact));
-    prepared->readers.push_back(std::move(reader));
-    return prepared->readers.back().get();
-  };
   for (int i = 0; i < spec.models_size(); ++i) {
     const v1::MergeModel& model = spec.models(i);
     if (model.weights_id().empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("merge.models[", i, "].weights_id is empty"));
     }
+    const std::string field = absl::StrCat("merge.models[", i, "].");
     core::MergeInput input;
     input.label = model.weights_id();
     input.coefficient = model.coefficient();
     AMALGAM_ASSIGN_OR_RETURN(
         input.weights,
-        open(model.weights_id(), v1::ARTIFACT_KIND_WEIGHTS, "weights_id", i));
+        OpenInput(job, model.weights_id(), v1::ARTIFACT_KIND_WEIGHTS,
+                  field + "weights_id", prepared));
     AMALGAM_ASSIGN_OR_RETURN(
-        input.gram,
-        open(model.gram_id(), v1::ARTIFACT_KIND_GRAM, "gram_id", i));
+        input.gram, OpenInput(job, model.gram_id(), v1::ARTIFACT_KIND_GRAM,
+                              field + "gram_id", prepared));
     AMALGAM_ASSIGN_OR_RETURN(
         input.fisher,
-        open(model.fisher_id(), v1::ARTIFACT_KIND_FISHER, "fisher_id", i));
+        OpenInput(job, model.fisher_id(), v1::ARTIFACT_KIND_FISHER,
+                  field + "fisher_id", prepared));
     prepared->inputs.push_back(std::move(input));
   }
   AMALGAM_ASSIGN_OR_RETURN(prepared->plan,
                            core::PlanMerge(prepared->inputs, options));
-  return prepared;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
@@ -209,9 +269,9 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
   }
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
   job.mutable_progress()->set_tensors_total(
-      static_cast<int64_t>(prepared->plan.tensors.size()));
+      static_cast<int64_t>(prepared->plan.tensors.size()) * prepared->outputs);
   job.mutable_progress()->set_bytes_total(
-      static_cast<int64_t>(prepared->plan.output_bytes));
+      static_cast<int64_t>(prepared->plan.output_bytes) * prepared->outputs);
   absl::MutexLock lock(&mu_);
   // An input deleted since Prepare: see DeleteIfUnused.
   for (const std::string& input : InputIds(job)) {
@@ -372,7 +432,7 @@ void JobManager::WorkerLoop() {
 }
 
 void JobManager::Run(Entry* entry) {
-  absl::StatusOr<std::vector<std::string>> results = RunMerge(entry);
+  absl::StatusOr<std::vector<std::string>> results = RunJob(entry);
   absl::MutexLock lock(&mu_);
   if (stopping_ && !entry->user_cancelled &&
       results.status().code() == absl::StatusCode::kCancelled) {
@@ -395,7 +455,7 @@ void JobManager::Run(Entry* entry) {
   });
 }
 
-absl::StatusOr<std::vector<std::string>> JobManager::RunMerge(Entry* entry) {
+absl::StatusOr<std::vector<std::string>> JobManager::RunJob(Entry* entry) {
   v1::Job job;
   {
     absl::MutexLock lock(&mu_);
@@ -404,39 +464,113 @@ absl::StatusOr<std::vector<std::string>> JobManager::RunMerge(Entry* entry) {
   // Inputs are opened again here rather than kept open from submission, so
   // queued jobs hold no file descriptors or mappings.
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
-  const std::string out_path = storage_->NewTempPath("merge");
-  // Whatever happens below, no output is left behind in tmp/.
-  struct RemoveOnExit {
-    const std::string& path;
-    ~RemoveOnExit() { std::remove(path.c_str()); }
-  } remove_on_exit{out_path};
-  AMALGAM_RETURN_IF_ERROR(core::ExecuteMerge(
-      prepared->plan, prepared->inputs, prepared->options, out_path,
-      [&](const core::MergeProgress& progress) {
-        absl::MutexLock lock(&mu_);
-        Update(entry, [&](v1::Job& job) {
-          v1::Progress* p = job.mutable_progress();
-          p->set_tensors_done(progress.tensors_done);
-          p->set_tensors_total(progress.tensors_total);
-          p->set_bytes_done(static_cast<int64_t>(progress.bytes_done));
-          p->set_bytes_total(static_cast<int64_t>(progress.bytes_total));
-        });
-        if (options_.testing_step_delay > absl::ZeroDuration()) {
-          absl::SleepFor(options_.testing_step_delay);
-        }
+  const int64_t tensors = static_cast<int64_t>(prepared->plan.tensors.size());
+  const int64_t bytes = static_cast<int64_t>(prepared->plan.output_bytes);
+  // Progress of output `k`, `done` tensors and `bytes_done` into it.
+  auto report = [&](int k, int64_t done, int64_t bytes_done) {
+    {
+      absl::MutexLock lock(&mu_);
+      Update(entry, [&](v1::Job& job) {
+        v1::Progress* p = job.mutable_progress();
+        p->set_tensors_done(k * tensors + done);
+        p->set_tensors_total(tensors * prepared->outputs);
+        p->set_bytes_done(k * bytes + bytes_done);
+        p->set_bytes_total(bytes * prepared->outputs);
+      });
+    }
+    if (options_.testing_step_delay > absl::ZeroDuration()) {
+      absl::SleepFor(options_.testing_step_delay);
+    }
+  };
+  std::vector<std::string> results;
+  absl::Status status;
+  for (int k = 0; k < prepared->outputs && status.ok(); ++k) {
+    const std::string out_path = storage_->NewTempPath("result");
+    // Whatever happens below, no output is left behind in tmp/.
+    struct RemoveOnExit {
+      const std::string& path;
+      ~RemoveOnExit() { std::remove(path.c_str()); }
+    } remove_on_exit{out_path};
+    std::string name;
+    if (job.has_sweep()) {
+      const double t = prepared->sweep_ts[k];
+      name = absl::StrCat(job.sweep().result_name().empty()
+                              ? absl::StrCat("sweep-", job.id())
+                              : job.sweep().result_name(),
+                          "-t", absl::StrFormat("%.4f", t));
+      status = WriteSweepStep(
+          *prepared, t, out_path,
+          [&](int64_t done, int64_t bytes_done) {
+            report(k, done, bytes_done);
+          },
+          &entry->cancelled);
+    } else {
+      name = job.merge().result_name().empty()
+                 ? absl::StrCat("merge-", job.id())
+                 : job.merge().result_name();
+      status = core::ExecuteMerge(
+          prepared->plan, prepared->inputs, prepared->options, out_path,
+          [&](const core::MergeProgress& progress) {
+            report(k, progress.tensors_done,
+                   static_cast<int64_t>(progress.bytes_done));
+          },
+          &entry->cancelled);
+    }
+    if (status.ok()) {
+      absl::StatusOr<std::string> id = StoreResult(job, out_path, name);
+      status = id.status();
+      if (id.ok()) results.push_back(*id);
+    }
+  }
+  if (!status.ok()) {
+    // A job's results appear together or not at all.
+    DiscardResults(job.id());
+    return status;
+  }
+  return results;
+}
+
+absl::Status JobManager::WriteSweepStep(
+    const Prepared& prepared, double t, const std::string& out_path,
+    const std::function<void(int64_t, int64_t)>& progress,
+    const std::atomic<bool>* cancelled) {
+  if (t == 0.0 || t == 1.0) {
+    // The endpoints are A and B, bit for bit.
+    std::error_code error;
+    std::filesystem::copy_file(t == 0.0 ? prepared.blob_a : prepared.blob_b,
+                               out_path, error);
+    if (error) {
+      return absl::InternalError(absl::StrCat("cannot copy an endpoint to ",
+                                              out_path, ": ", error.message()));
+    }
+    progress(static_cast<int64_t>(prepared.plan.tensors.size()),
+             static_cast<int64_t>(prepared.plan.output_bytes));
+    return absl::OkStatus();
+  }
+  std::vector<core::MergeInput> inputs = prepared.inputs;
+  inputs[0].coefficient = 1.0 - t;
+  inputs[1].coefficient = t;
+  AMALGAM_ASSIGN_OR_RETURN(core::MergePlan plan,
+                           core::PlanMerge(inputs, prepared.options));
+  return core::ExecuteMerge(
+      plan, inputs, prepared.options, out_path,
+      [&](const core::MergeProgress& p) {
+        progress(p.tensors_done, static_cast<int64_t>(p.bytes_done));
       },
-      &entry->cancelled));
+      cancelled);
+}
+
+absl::StatusOr<std::string> JobManager::StoreResult(const v1::Job& job,
+                                                    const std::string& path,
+                                                    const std::string& name) {
   v1::Artifact artifact;
   artifact.set_kind(v1::ARTIFACT_KIND_WEIGHTS);
   artifact.set_owner(job.owner());
-  artifact.set_name(job.merge().result_name().empty()
-                        ? absl::StrCat("merge-", job.id())
-                        : job.merge().result_name());
+  artifact.set_name(name);
   artifact.set_produced_by_job(job.id());
-  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(out_path));
+  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(path));
   artifact.set_sha256(sha256);
-  AMALGAM_ASSIGN_OR_RETURN(auto reader,
-                           core::SafetensorsReader::Open(out_path));
+  AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(path));
   artifact.set_tensor_count(static_cast<int64_t>(reader->tensors().size()));
   for (const auto& [key, value] : reader->metadata()) {
     (*artifact.mutable_metadata())[key] = value;
@@ -444,10 +578,21 @@ absl::StatusOr<std::vector<std::string>> JobManager::RunMerge(Entry* entry) {
   reader.reset();
   std::error_code error;
   artifact.set_size_bytes(
-      static_cast<int64_t>(std::filesystem::file_size(out_path, error)));
-  AMALGAM_ASSIGN_OR_RETURN(
-      artifact, storage_->AddArtifact(out_path, std::move(artifact)));
-  return std::vector<std::string>{artifact.id()};
+      static_cast<int64_t>(std::filesystem::file_size(path, error)));
+  AMALGAM_ASSIGN_OR_RETURN(artifact,
+                           storage_->AddArtifact(path, std::move(artifact)));
+  return artifact.id();
+}
+
+void JobManager::DiscardResults(const std::string& job_id) {
+  absl::StatusOr<std::vector<v1::Artifact>> artifacts =
+      storage_->ListArtifacts();
+  if (!artifacts.ok()) return;
+  for (const v1::Artifact& artifact : *artifacts) {
+    if (artifact.produced_by_job() == job_id) {
+      storage_->DeleteArtifact(artifact).IgnoreError();
+    }
+  }
 }
 
 }  // namespace amalgam::server

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "amalgam/v1/amalgam.pb.h"
+#include "core/merge.h"
 #include "server/storage.h"
 
 namespace amalgam::server {
@@ -84,7 +85,16 @@ class JobManager {
   struct Prepared;
   struct Entry;
 
+  // Opens the inputs and plans the job: what Submit validates and Run runs.
   absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
+  absl::Status PrepareMerge(const v1::Job& job, Prepared* prepared);
+  absl::Status PrepareSweep(const v1::Job& job, Prepared* prepared);
+  // Opens artifact `id` (empty: nullptr) of `kind` for the job's owner,
+  // keeping the reader in `prepared`; `field` names it in errors.
+  absl::StatusOr<const core::SafetensorsReader*> OpenInput(
+      const v1::Job& job, const std::string& id, v1::ArtifactKind kind,
+      const std::string& field, Prepared* prepared,
+      std::string* blob_path = nullptr);
   // Tracks `job`, and queues it when `queue` is set.
   void Add(const v1::Job& job, bool queue) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The entry of job `id` if `organization` owns it; NOT_FOUND otherwise.
@@ -93,7 +103,19 @@ class JobManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WorkerLoop();
   void Run(Entry* entry);
-  absl::StatusOr<std::vector<std::string>> RunMerge(Entry* entry);
+  // Writes and stores the job's outputs; returns their artifact ids.
+  absl::StatusOr<std::vector<std::string>> RunJob(Entry* entry);
+  // One model of a sweep, (1 - t) A + t B; the endpoints are copies.
+  static absl::Status WriteSweepStep(
+      const Prepared& prepared, double t, const std::string& out_path,
+      const std::function<void(int64_t, int64_t)>& progress,
+      const std::atomic<bool>* cancelled);
+  // Catalogs the file at `path` as a result of `job`.
+  absl::StatusOr<std::string> StoreResult(const v1::Job& job,
+                                          const std::string& path,
+                                          const std::string& name);
+  // Deletes the results stored so far by a job that failed or is re-run.
+  void DiscardResults(const std::string& job_id);
   // Applies `change` to the job, persists it if the state changed, and tells
   // the listeners.
   void Update(Entry* entry, const std::function<void(v1::Job&)>& change)

@@ -61,6 +61,10 @@ Commands:
                   submit a merge job; prints the job id. The i-th --gram and
                   --fisher belong to the i-th --model. --watch waits for the
                   job; --out waits and downloads the result to FILE
+  sweep --a ID --b ID --steps K --out DIR [--name N]
+                  submit an interpolation sweep: the K models (1-t)A + tB,
+                  t = 0, 1/(K-1), ..., 1; prints the job id, waits, and
+                  writes each model to DIR/NAME-tT.safetensors
   jobs            list jobs
   watch JOB       follow a job until it ends; prints its result ids
   cancel JOB      cancel a job
@@ -84,6 +88,7 @@ const std::map<std::string, std::string>& CommandUsages() {
        "[--exclude REGEX]... [--take-excluded-from K] "
        "[--gram-normalization as-uploaded|mean] [--name N] [--watch] "
        "[--out FILE]"},
+      {"sweep", "amalgam sweep --a ID --b ID --steps K --out DIR [--name N]"},
       {"jobs", "amalgam jobs"},
       {"watch", "amalgam watch JOB"},
       {"cancel", "amalgam cancel JOB"},
@@ -629,6 +634,53 @@ int RunMerge(Context& ctx, const Args& args) {
   return 0;
 }
 
+int RunSweep(Context& ctx, const Args& args) {
+  if (!args.positional.empty()) {
+    return UsageError("sweep", absl::StrCat("unexpected argument '",
+                                            args.positional[0], "'"));
+  }
+  v1::SubmitJobRequest request;
+  v1::SweepSpec* spec = request.mutable_sweep();
+  spec->set_a_id(args.Value("--a"));
+  spec->set_b_id(args.Value("--b"));
+  spec->set_result_name(args.Value("--name"));
+  const std::string out = args.Value("--out");
+  if (spec->a_id().empty() || spec->b_id().empty() || out.empty()) {
+    return UsageError("sweep", "sweep needs --a ID, --b ID and --out DIR");
+  }
+  int steps = 0;
+  if (!absl::SimpleAtoi(args.Value("--steps"), &steps)) {
+    return UsageError("sweep", "--steps must be an integer");
+  }
+  spec->set_steps(steps);
+  std::error_code error;
+  std::filesystem::create_directories(out, error);
+  if (error) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("cannot create --out ", out, ": ", error.message())));
+  }
+  auto job = ctx.client->SubmitJob(request);
+  if (!job.ok()) return Fail(job.status());
+  std::cout << job->id() << std::endl;
+  auto final_job = WatchWithProgress(*ctx.client, job->id());
+  if (!final_job.ok()) return Fail(final_job.status());
+  if (const int code = CheckJob(*final_job); code != 0) return code;
+  for (const std::string& id : final_job->result_ids()) {
+    auto artifact = ctx.client->GetArtifact(id);
+    if (!artifact.ok()) return Fail(artifact.status());
+    const std::string path =
+        (std::filesystem::path(out) / (artifact->name() + ".safetensors"))
+            .string();
+    StatusLine line;
+    auto downloaded =
+        ctx.client->Download(id, path, line.Transfer("download " + id));
+    line.Done();
+    if (!downloaded.ok()) return Fail(downloaded.status());
+    std::cerr << "wrote " << path << " (artifact " << id << ")\n";
+  }
+  return 0;
+}
+
 int RunJobs(Context& ctx, const Args& args) {
   if (!args.positional.empty()) {
     return UsageError("jobs", "jobs takes no arguments");
@@ -735,6 +787,8 @@ const std::map<std::string, Command>& Commands() {
           "--take-excluded-from", "--gram-normalization", "--name", "--out"},
          {"--watch"},
          {"--model", "--gram", "--fisher", "--exclude"}}}},
+      {"sweep",
+       {RunSweep, {{"--a", "--b", "--steps", "--out", "--name"}, {}, {}}}},
       {"jobs", {RunJobs, {}}},
       {"watch", {RunWatch, {}}},
       {"cancel", {RunCancel, {}}},

@@ -506,10 +506,12 @@ TEST_F(DurabilityTest, DeleteIsRefusedWhileAJobReadsTheArtifact) {
 }
 
 // A submission racing a delete of its input: either the job is queued and
-// the delete refused, or the delete wins and the submission is NOT_FOUND;
-// never both, so no queued job loses its input.
+// the delete refused (or done only once the job finished), or the delete
+// wins and the submission is NOT_FOUND. An accepted job never loses its
+// input.
 TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
-  StartServer();
+  // Jobs take a while, so the deletes race unfinished jobs.
+  StartServer({"--testing-step-delay", "20ms"});
   WriteModel(dir_ + "/m.safetensors", 2, 4, [](int, int64_t) { return 1; });
   auto submitter = Connect("alice-token");
   auto deleter = Connect("alice-token");
@@ -526,10 +528,12 @@ TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
     std::thread racer([&] { deleted = deleter->DeleteArtifact(remove); });
     auto job = submitter->SubmitJob(request);
     racer.join();
-    ASSERT_FALSE(job.ok() && deleted.ok()) << "round " << round;
     if (job.ok()) {
       ++jobs;
-      EXPECT_EQ(deleted.status().code(), absl::StatusCode::kFailedPrecondition);
+      if (!deleted.ok()) {
+        EXPECT_EQ(deleted.status().code(),
+                  absl::StatusCode::kFailedPrecondition);
+      }
       auto done = submitter->WatchJob(job->id());
       ASSERT_TRUE(done.ok()) << done.status();
       EXPECT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED)

@@ -317,6 +317,76 @@ TEST_F(ServerTest, AverageMatchesFloat64Reference) {
   EXPECT_LE(MaxRelativeError(*merged, ReferenceAverage(Normalized({}))), 1e-5);
 }
 
+// Runs a sweep of models 0 and 1 to completion.
+absl::StatusOr<v1::Job> Sweep(client::Client* client, const std::string& a,
+                              const std::string& b, int steps) {
+  v1::SubmitJobRequest request;
+  request.mutable_sweep()->set_a_id(a);
+  request.mutable_sweep()->set_b_id(b);
+  request.mutable_sweep()->set_steps(steps);
+  request.mutable_sweep()->set_result_name("curve");
+  absl::StatusOr<v1::Job> job = client->SubmitJob(request);
+  if (!job.ok()) return job;
+  return client->WatchJob(job->id());
+}
+
+TEST_F(ServerTest, SweepEndpointsAreTheInputsAndItsPointsInterpolate) {
+  auto job = Sweep(client_, weight_ids_[0], weight_ids_[1], 5);
+  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_EQ(job->state(), v1::JOB_STATE_SUCCEEDED) << job->error_message();
+  ASSERT_EQ(job->result_ids_size(), 5);
+  EXPECT_EQ(job->progress().tensors_done(), 5 * 4);
+  std::vector<std::string> paths;
+  for (int k = 0; k < 5; ++k) {
+    auto artifact = client_->GetArtifact(job->result_ids(k));
+    ASSERT_TRUE(artifact.ok()) << artifact.status();
+    EXPECT_EQ(artifact->name(),
+              absl::StrCat("curve-t", std::vector<std::string>{
+                                          "0.0000", "0.2500", "0.5000",
+                                          "0.7500", "1.0000"}[k]));
+    paths.push_back(*dir_ + "/" + artifact->id() + ".safetensors");
+    ASSERT_TRUE(client_->Download(artifact->id(), paths.back()).ok());
+  }
+  // Endpoints: the inputs, bit for bit.
+  EXPECT_EQ(*core::Sha256File(paths[0]),
+            *core::Sha256File(*dir_ + "/m0.safetensors"));
+  EXPECT_EQ(*core::Sha256File(paths[4]),
+            *core::Sha256File(*dir_ + "/m1.safetensors"));
+  // Midpoint: the average merge, bit for bit.
+  v1::MergeSpec average = Spec(v1::MERGE_METHOD_AVERAGE);
+  average.mutable_models()->RemoveLast();
+  auto merged = Merge(average);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  const Model midpoint = ReadModel(paths[2]);
+  for (const auto& [name, t] : *merged) {
+    EXPECT_EQ(midpoint.at(name).values, t.values) << name;
+  }
+  // Inner points against float64.
+  for (int k : {1, 3}) {
+    const double t = k / 4.0;
+    Model want;
+    for (const auto& [name, a] : models_[0]) {
+      Tensor r = a;
+      for (size_t i = 0; i < r.values.size(); ++i) {
+        r.values[i] = (1 - t) * a.values[i] + t * models_[1].at(name).values[i];
+      }
+      want[name] = r;
+    }
+    EXPECT_LE(MaxRelativeError(ReadModel(paths[k]), want), 1e-6) << "t=" << t;
+  }
+}
+
+TEST_F(ServerTest, BadSweepsAreRefusedAtSubmission) {
+  auto one = Sweep(client_, weight_ids_[0], weight_ids_[1], 1);
+  EXPECT_EQ(one.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(one.status().message(), HasSubstr("sweep.steps"));
+  auto gram = Sweep(client_, weight_ids_[0], gram_ids_[1], 3);
+  EXPECT_EQ(gram.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(gram.status().message(), HasSubstr("sweep.b_id"));
+  auto missing = Sweep(client_, weight_ids_[0], "art_0000000000000000", 3);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(ServerTest, WeightedMatchesFloat64Reference) {
   auto merged = Merge(Spec(v1::MERGE_METHOD_WEIGHTED, {1, 2, 5}));
   ASSERT_TRUE(merged.ok()) << merged.status();

@@ -208,3 +208,39 @@ openssl x509 -req -in s.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out s.pem 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_sweep_yields_the_interpolation_path_lazily(client, tmp_path, server, cli_path):
+    a, b = (m.state_dict() for m in _models(11, count=2))
+    a_id = client.upload_weights(a, name="a").id
+    b_id = client.upload_weights(b, name="b").id
+    job = client.sweep(a_id, b_id, steps=5, name="path")
+    points = job.models()
+    t, first = next(points)  # nothing else downloaded yet
+    assert t == 0.0
+    for name in a:
+        assert torch.equal(first[name], a[name])
+    rest = list(points)
+    assert [t for t, _ in rest] == [0.25, 0.5, 0.75, 1.0]
+    for t, model in rest:
+        for name in a:
+            want = ((1 - t) * a[name].double() + t * b[name].double()).float()
+            if t == 1.0:
+                assert torch.equal(model[name], b[name])
+            else:
+                assert torch.allclose(model[name], want, rtol=1e-6, atol=1e-7)
+
+    # The CLI writes the same path to a directory.
+    out = tmp_path / "curve"
+    run = subprocess.run([cli_path, "--server", server, "sweep", "--a", a_id, "--b", b_id,
+                          "--steps", "3", "--out", str(out), "--name", "cli"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith("job_")
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["cli-t0.0000.safetensors", "cli-t0.5000.safetensors",
+                     "cli-t1.0000.safetensors"]
+    midpoint, _ = safetensors.loads((out / "cli-t0.5000.safetensors").read_bytes())
+    average = client.merge([a_id, b_id], "average").state_dict()
+    for name in a:
+        assert torch.equal(midpoint[name], average[name])

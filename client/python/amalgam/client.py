@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, Union)
+                    Sequence, Tuple, Union)
 
 import grpc
 import torch
@@ -166,6 +166,15 @@ class Job:
         """Waits for the job and returns its result as tensors."""
         tensors, _ = safetensors.loads(self._client.download_bytes(self._result()))
         return tensors
+
+    def models(self) -> Iterator[Tuple[float, Dict[str, torch.Tensor]]]:
+        """Waits for a sweep and yields ``(t, state_dict)`` for each of its
+        models in order of t, downloading one at a time."""
+        self.wait()
+        steps = len(self.job.result_ids)
+        for k, artifact_id in enumerate(self.job.result_ids):
+            tensors, _ = safetensors.loads(self._client.download_bytes(artifact_id))
+            yield (k / (steps - 1) if steps > 1 else 0.0), tensors
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, state={self.state!r})"
@@ -456,6 +465,15 @@ class Client:
             spec.take_excluded_from = int(take_excluded_from)
         job = self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(merge=spec))
         return Job(self, job)
+
+    def sweep(self, a: ArtifactRef, b: ArtifactRef, steps: int, *,
+              name: Optional[str] = None) -> Job:
+        """Submits an interpolation sweep: the ``steps`` models
+        ``(1 - t) A + t B`` for t evenly spaced from 0 to 1 (both included);
+        ``Job.models()`` yields them lazily."""
+        spec = pb.SweepSpec(a_id=_ref(a), b_id=_ref(b), steps=int(steps),
+                            result_name=name or "")
+        return Job(self, self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(sweep=spec)))
 
     def job(self, job_id: str) -> Job:
         return Job(self, self._call(self._jobs.GetJob, pb.GetJobRequest(id=job_id)))
