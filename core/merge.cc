@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/status_macros.h"
+#include "core/torch_util.h"
 
 namespace amalgam::core {
 namespace {
@@ -51,36 +52,6 @@ const char* MethodName(MergeMethod method) {
       return "regmean";
   }
   return "unknown";
-}
-
-// ---------------------------------------------------------------------------
-// LibTorch error boundary: no exception leaves core.
-
-absl::Status FromTorchError(const c10::Error& e, absl::string_view context) {
-  std::string message(e.what_without_backtrace());
-  std::string text = absl::StrCat(context, ": ", message);
-  if (dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr ||
-      absl::StrContains(message, "out of memory") ||
-      absl::StrContains(message, "can't allocate memory")) {
-    return absl::ResourceExhaustedError(text);
-  }
-  return absl::InternalError(text);
-}
-
-// Runs `f` (returning absl::Status or absl::StatusOr<T>) and turns any
-// exception into a status.
-template <typename F>
-auto GuardTorch(absl::string_view context, F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const c10::Error& e) {
-    return FromTorchError(e, context);
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(context, ": out of memory"));
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(context, ": ", e.what()));
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -330,20 +301,6 @@ absl::Status PlanRegMean(const std::vector<MergeInput>& inputs,
 // ---------------------------------------------------------------------------
 // Execution helpers.
 
-at::ScalarType ScalarTypeOf(DType dtype) {
-  switch (dtype) {
-    case DType::kF16:
-      return at::kHalf;
-    case DType::kBF16:
-      return at::kBFloat16;
-    case DType::kF32:
-      return at::kFloat;
-    case DType::kF64:
-      return at::kDouble;
-  }
-  return at::kFloat;
-}
-
 // Looks `name` up in `reader` and checks it still matches what was planned.
 absl::StatusOr<const TensorInfo*> FindPlanned(const SafetensorsReader& reader,
                                               const std::string& name,
@@ -356,31 +313,6 @@ absl::StatusOr<const TensorInfo*> FindPlanned(const SafetensorsReader& reader,
                      "\" (the inputs changed since the merge was planned)"));
   }
   return info;
-}
-
-// A read-only view of a tensor's bytes, converted to `compute` on `device`.
-// The result may alias the mapped file: callers never write into it.
-at::Tensor Load(const SafetensorsReader& reader, const TensorInfo& info,
-                at::ScalarType compute, const at::Device& device) {
-  const at::ScalarType stored = ScalarTypeOf(info.dtype);
-  if (info.numel == 0) {
-    return at::empty(info.shape,
-                     at::TensorOptions().dtype(compute).device(device));
-  }
-  absl::Span<const uint8_t> bytes = reader.Data(info);
-  TORCH_CHECK(bytes.size() == info.nbytes, "tensor \"", info.name, "\" has ",
-              bytes.size(), " bytes, expected ", info.nbytes);
-  at::Tensor t;
-  const auto address = reinterpret_cast<uintptr_t>(bytes.data());
-  if (address % DTypeSize(info.dtype) != 0) {
-    // Misaligned in the file: copy into an aligned buffer.
-    t = at::empty(info.shape, at::TensorOptions().dtype(stored));
-    std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
-  } else {
-    t = at::from_blob(const_cast<uint8_t*>(bytes.data()), info.shape,
-                      at::TensorOptions().dtype(stored));
-  }
-  return t.to(device, compute);
 }
 
 struct ExecContext {
