@@ -72,8 +72,16 @@ struct JobManager::Prepared {
   // Sweep: the t of each step, and the blobs of A and B (the endpoints).
   std::vector<double> sweep_ts;
   std::string blob_a, blob_b;
-  // Output models the job writes (1, or the sweep's steps).
+  // Output models the job writes (1, or the sweep's steps), and the size of
+  // each.
   int outputs = 1;
+  int64_t tensors_per_output = 0;
+  uint64_t bytes_per_output = 0;
+  // Grow: the two models (b null for self-fusion) and the plan.
+  const core::SafetensorsReader* grow_a = nullptr;
+  const core::SafetensorsReader* grow_b = nullptr;
+  core::GrowOptions grow_options;
+  core::GrowPlan grow_plan;
 };
 
 struct JobManager::Entry {
@@ -163,10 +171,44 @@ absl::StatusOr<std::unique_ptr<JobManager::Prepared>> JobManager::Prepare(
     case v1::Job::kSweep:
       AMALGAM_RETURN_IF_ERROR(PrepareSweep(job, prepared.get()));
       break;
+    case v1::Job::kGrow:
+      AMALGAM_RETURN_IF_ERROR(PrepareGrow(job, prepared.get()));
+      return prepared;
     default:
-      return absl::UnimplementedError("grow jobs are not implemented yet");
+      return absl::InvalidArgumentError(
+          "the job needs a merge, grow or sweep spec");
   }
+  prepared->tensors_per_output =
+      static_cast<int64_t>(prepared->plan.tensors.size());
+  prepared->bytes_per_output = prepared->plan.output_bytes;
   return prepared;
+}
+
+absl::Status JobManager::PrepareGrow(const v1::Job& job, Prepared* prepared) {
+  const v1::GrowSpec& spec = job.grow();
+  if (spec.a_id().empty()) return absl::InvalidArgumentError("grow needs a_id");
+  core::GrowOptions& options = prepared->grow_options;
+  options.layout = spec.layout();
+  options.rules = spec.rules();
+  options.noise_scale = spec.noise_scale();
+  options.device = options_.device;
+  if (options.layout.empty()) {
+    return absl::InvalidArgumentError(
+        "grow needs a layout (mlp, bert, gpt2 or rules)");
+  }
+  AMALGAM_ASSIGN_OR_RETURN(
+      prepared->grow_a, OpenInput(job, spec.a_id(), v1::ARTIFACT_KIND_WEIGHTS,
+                                  "grow.a_id", prepared));
+  AMALGAM_ASSIGN_OR_RETURN(
+      prepared->grow_b, OpenInput(job, spec.b_id(), v1::ARTIFACT_KIND_WEIGHTS,
+                                  "grow.b_id", prepared));
+  AMALGAM_ASSIGN_OR_RETURN(
+      prepared->grow_plan,
+      core::PlanGrow(*prepared->grow_a, prepared->grow_b, options));
+  prepared->tensors_per_output =
+      static_cast<int64_t>(prepared->grow_plan.tensors.size());
+  prepared->bytes_per_output = prepared->grow_plan.output_bytes;
+  return absl::OkStatus();
 }
 
 absl::Status JobManager::PrepareSweep(const v1::Job& job, Prepared* prepared) {
@@ -268,10 +310,11 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
           "SubmitJobRequest needs a merge, grow or sweep spec");
   }
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
-  job.mutable_progress()->set_tensors_total(
-      static_cast<int64_t>(prepared->plan.tensors.size()) * prepared->outputs);
+  job.mutable_progress()->set_tensors_total(prepared->tensors_per_output *
+                                            prepared->outputs);
   job.mutable_progress()->set_bytes_total(
-      static_cast<int64_t>(prepared->plan.output_bytes) * prepared->outputs);
+      static_cast<int64_t>(prepared->bytes_per_output) * prepared->outputs);
+  job.set_report_json(prepared->grow_plan.report_json);
   absl::MutexLock lock(&mu_);
   // An input deleted since Prepare: see DeleteIfUnused.
   for (const std::string& input : InputIds(job)) {
@@ -464,8 +507,8 @@ absl::StatusOr<std::vector<std::string>> JobManager::RunJob(Entry* entry) {
   // Inputs are opened again here rather than kept open from submission, so
   // queued jobs hold no file descriptors or mappings.
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
-  const int64_t tensors = static_cast<int64_t>(prepared->plan.tensors.size());
-  const int64_t bytes = static_cast<int64_t>(prepared->plan.output_bytes);
+  const int64_t tensors = prepared->tensors_per_output;
+  const int64_t bytes = static_cast<int64_t>(prepared->bytes_per_output);
   // Progress of output `k`, `done` tensors and `bytes_done` into it.
   auto report = [&](int k, int64_t done, int64_t bytes_done) {
     {
@@ -502,6 +545,20 @@ absl::StatusOr<std::vector<std::string>> JobManager::RunJob(Entry* entry) {
           *prepared, t, out_path,
           [&](int64_t done, int64_t bytes_done) {
             report(k, done, bytes_done);
+          },
+          &entry->cancelled);
+    } else if (job.has_grow()) {
+      name = job.grow().result_name().empty() ? absl::StrCat("grow-", job.id())
+                                              : job.grow().result_name();
+      const std::vector<core::GrowTensor>& grown = prepared->grow_plan.tensors;
+      int64_t counted = 0;
+      uint64_t bytes_done = 0;
+      status = core::ExecuteGrow(
+          prepared->grow_plan, *prepared->grow_a, prepared->grow_b,
+          prepared->grow_options, out_path,
+          [&](int64_t done, int64_t) {
+            while (counted < done) bytes_done += grown[counted++].info.nbytes;
+            report(k, done, static_cast<int64_t>(bytes_done));
           },
           &entry->cancelled);
     } else {

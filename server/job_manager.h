@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "amalgam/v1/amalgam.pb.h"
+#include "core/grow.h"
 #include "core/merge.h"
 #include "server/storage.h"
 
@@ -89,6 +90,7 @@ class JobManager {
   absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
   absl::Status PrepareMerge(const v1::Job& job, Prepared* prepared);
   absl::Status PrepareSweep(const v1::Job& job, Prepared* prepared);
+  absl::Status PrepareGrow(const v1::Job& job, Prepared* prepared);
   // Opens artifact `id` (empty: nullptr) of `kind` for the job's owner,
   // keeping the reader in `prepared`; `field` names it in errors.
   absl::StatusOr<const core::SafetensorsReader*> OpenInput(

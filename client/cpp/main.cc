@@ -9,7 +9,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <set>
@@ -61,6 +63,11 @@ Commands:
                   submit a merge job; prints the job id. The i-th --gram and
                   --fisher belong to the i-th --model. --watch waits for the
                   job; --out waits and downloads the result to FILE
+  grow --a ID [--b ID] --layout mlp|bert|gpt2|rules [--rules FILE]
+       [--noise S] [--name N] --out FILE
+                  grow a wider model from A and B (or A alone) by Deep Fusion;
+                  prints the job id, waits, writes the model to FILE and the
+                  report (new config, properties that hold) to stderr
   sweep --a ID --b ID --steps K --out DIR [--name N]
                   submit an interpolation sweep: the K models (1-t)A + tB,
                   t = 0, 1/(K-1), ..., 1; prints the job id, waits, and
@@ -533,6 +540,33 @@ absl::Status ParseModel(const std::string& text, v1::MergeModel* model) {
   return absl::OkStatus();
 }
 
+// Submits the job, prints its id (the last line scripts capture) and follows
+// it to the end with progress on stderr. 0 and the final job in `*done` if
+// it succeeded; the exit code otherwise (the failure already printed).
+int SubmitAndFollow(Context& ctx, const v1::SubmitJobRequest& request,
+                    v1::Job* done) {
+  auto job = ctx.client->SubmitJob(request);
+  if (!job.ok()) return Fail(job.status());
+  std::cout << job->id() << std::endl;
+  auto final_job = WatchWithProgress(*ctx.client, job->id());
+  if (!final_job.ok()) return Fail(final_job.status());
+  if (const int code = CheckJob(*final_job); code != 0) return code;
+  *done = *std::move(final_job);
+  return 0;
+}
+
+// Downloads artifact `id` to `path` with progress; 0 or the exit code.
+int DownloadTo(Context& ctx, const std::string& id, const std::string& path) {
+  StatusLine line;
+  auto downloaded =
+      ctx.client->Download(id, path, line.Transfer("download " + id));
+  line.Done();
+  if (!downloaded.ok()) return Fail(downloaded.status());
+  std::cerr << "wrote " << path << " (" << FormatBytes(downloaded->size_bytes())
+            << ", artifact " << id << ")\n";
+  return 0;
+}
+
 int RunMerge(Context& ctx, const Args& args) {
   if (!args.positional.empty()) {
     return UsageError("merge", absl::StrCat("unexpected argument '",
@@ -623,14 +657,47 @@ int RunMerge(Context& ctx, const Args& args) {
     return Fail(absl::InternalError(
         absl::StrCat("job ", job->id(), " succeeded without a result")));
   }
-  const std::string& result_id = final_job->result_ids(0);
-  StatusLine line;
-  auto downloaded = ctx.client->Download(
-      result_id, out, line.Transfer("download " + result_id));
-  line.Done();
-  if (!downloaded.ok()) return Fail(downloaded.status());
-  std::cerr << "wrote " << out << " (" << FormatBytes(downloaded->size_bytes())
-            << ", artifact " << result_id << ")\n";
+  return DownloadTo(ctx, final_job->result_ids(0), out);
+}
+
+int RunGrow(Context& ctx, const Args& args) {
+  if (!args.positional.empty()) {
+    return UsageError(
+        "grow", absl::StrCat("unexpected argument '", args.positional[0], "'"));
+  }
+  v1::SubmitJobRequest request;
+  v1::GrowSpec* spec = request.mutable_grow();
+  spec->set_a_id(args.Value("--a"));
+  spec->set_b_id(args.Value("--b"));
+  spec->set_layout(args.Value("--layout"));
+  spec->set_result_name(args.Value("--name"));
+  const std::string out = args.Value("--out");
+  if (spec->a_id().empty() || spec->layout().empty() || out.empty()) {
+    return UsageError("grow", "grow needs --a ID, --layout L and --out FILE");
+  }
+  if (args.Has("--noise")) {
+    double noise = 0;
+    if (!absl::SimpleAtod(args.Value("--noise"), &noise)) {
+      return UsageError("grow", "--noise must be a number");
+    }
+    spec->set_noise_scale(noise);
+  }
+  if (args.Has("--rules")) {
+    std::ifstream in(args.Value("--rules"));
+    if (!in) {
+      return Fail(absl::NotFoundError(
+          absl::StrCat("cannot read --rules ", args.Value("--rules"))));
+    }
+    spec->set_rules(std::string(std::istreambuf_iterator<char>(in), {}));
+  }
+  v1::Job done;
+  if (const int code = SubmitAndFollow(ctx, request, &done); code != 0) {
+    return code;
+  }
+  if (const int code = DownloadTo(ctx, done.result_ids(0), out); code != 0) {
+    return code;
+  }
+  std::cerr << "report: " << done.report_json() << "\n";
   return 0;
 }
 
@@ -659,24 +726,17 @@ int RunSweep(Context& ctx, const Args& args) {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("cannot create --out ", out, ": ", error.message())));
   }
-  auto job = ctx.client->SubmitJob(request);
-  if (!job.ok()) return Fail(job.status());
-  std::cout << job->id() << std::endl;
-  auto final_job = WatchWithProgress(*ctx.client, job->id());
-  if (!final_job.ok()) return Fail(final_job.status());
-  if (const int code = CheckJob(*final_job); code != 0) return code;
-  for (const std::string& id : final_job->result_ids()) {
+  v1::Job done;
+  if (const int code = SubmitAndFollow(ctx, request, &done); code != 0) {
+    return code;
+  }
+  for (const std::string& id : done.result_ids()) {
     auto artifact = ctx.client->GetArtifact(id);
     if (!artifact.ok()) return Fail(artifact.status());
     const std::string path =
         (std::filesystem::path(out) / (artifact->name() + ".safetensors"))
             .string();
-    StatusLine line;
-    auto downloaded =
-        ctx.client->Download(id, path, line.Transfer("download " + id));
-    line.Done();
-    if (!downloaded.ok()) return Fail(downloaded.status());
-    std::cerr << "wrote " << path << " (artifact " << id << ")\n";
+    if (const int code = DownloadTo(ctx, id, path); code != 0) return code;
   }
   return 0;
 }
@@ -787,6 +847,11 @@ const std::map<std::string, Command>& Commands() {
           "--take-excluded-from", "--gram-normalization", "--name", "--out"},
          {"--watch"},
          {"--model", "--gram", "--fisher", "--exclude"}}}},
+      {"grow",
+       {RunGrow,
+        {{"--a", "--b", "--layout", "--rules", "--noise", "--name", "--out"},
+         {},
+         {}}}},
       {"sweep",
        {RunSweep, {{"--a", "--b", "--steps", "--out", "--name"}, {}, {}}}},
       {"jobs", {RunJobs, {}}},

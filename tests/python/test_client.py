@@ -244,3 +244,105 @@ def test_sweep_yields_the_interpolation_path_lazily(client, tmp_path, server, cl
     average = client.merge([a_id, b_id], "average").state_dict()
     for name in a:
         assert torch.equal(midpoint[name], average[name])
+
+
+def _gpt2(d, seed, vocab=11, positions=8, layers=2):
+    """A GPT-2-shaped state dict (Conv1D weights are [in, out]) of width d."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"wte.weight": randn(vocab, d), "wpe.weight": randn(positions, d),
+          "ln_f.weight": randn(d).abs() + 0.5, "ln_f.bias": randn(d),
+          "lm_head.weight": randn(vocab, d)}
+    for layer in range(layers):
+        p = f"h.{layer}."
+        sd.update({
+            p + "ln_1.weight": randn(d).abs() + 0.5, p + "ln_1.bias": randn(d),
+            p + "attn.c_attn.weight": randn(d, 3 * d, scale=0.3),
+            p + "attn.c_attn.bias": randn(3 * d),
+            p + "attn.c_proj.weight": randn(d, d, scale=0.3), p + "attn.c_proj.bias": randn(d),
+            p + "ln_2.weight": randn(d).abs() + 0.5, p + "ln_2.bias": randn(d),
+            p + "mlp.c_fc.weight": randn(d, 4 * d, scale=0.3), p + "mlp.c_fc.bias": randn(4 * d),
+            p + "mlp.c_proj.weight": randn(4 * d, d, scale=0.15),
+            p + "mlp.c_proj.bias": randn(d)})
+    return sd
+
+
+def _gpt2_logits(sd, ids, heads, layer_norm):
+    """GPT-2 forward in float64 (head size = width / heads); LayerNorm is
+    the identity unless ``layer_norm``."""
+    w = {k: v.double() for k, v in sd.items()}
+
+    def norm(x, p):
+        if not layer_norm:
+            return x
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], w[p + ".weight"], w[p + ".bias"])
+
+    t = len(ids)
+    x = w["wte.weight"][ids] + w["wpe.weight"][:t]
+    d = x.shape[1]
+    hd = d // heads
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+    for layer in range(2):
+        p = f"h.{layer}."
+        q, k, v = (norm(x, p + "ln_1") @ w[p + "attn.c_attn.weight"]
+                   + w[p + "attn.c_attn.bias"]).split(d, dim=1)
+        q, k, v = (z.reshape(t, heads, hd).transpose(0, 1) for z in (q, k, v))
+        att = (q @ k.transpose(1, 2) / hd ** 0.5).masked_fill(mask, float("-inf")).softmax(-1)
+        o = (att @ v).transpose(0, 1).reshape(t, d)
+        x = x + o @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
+        f = torch.nn.functional.gelu(norm(x, p + "ln_2") @ w[p + "mlp.c_fc.weight"]
+                                     + w[p + "mlp.c_fc.bias"])
+        x = x + f @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+    return norm(x, "ln_f") @ w["lm_head.weight"].T
+
+
+def test_grow_two_tiny_gpt2_models(client):
+    a, b = _gpt2(8, 1), _gpt2(12, 2)  # 2 and 3 heads of size 4
+    job = client.grow(client.upload_weights(a, name="a"), client.upload_weights(b, name="b"),
+                      layout="gpt2", name="grown")
+    grown = job.state_dict()
+    assert grown["h.0.attn.c_attn.weight"].shape == (20, 60)
+    assert grown["wte.weight"].shape == (11, 20)
+    assert grown["h.1.mlp.c_proj.weight"].shape == (80, 20)
+    report = job.report
+    assert report["config"]["n_embd"] == 20 and report["config"]["n_layer"] == 2
+    assert report["properties"]["output_is_mean_of_inputs_without_layernorm"] is True
+    assert report["properties"]["output_is_mean_of_inputs"] is False
+    assert any("LayerNorm" in c for c in report["caveats"])
+
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    want = (_gpt2_logits(a, ids, 2, False) + _gpt2_logits(b, ids, 3, False)) / 2
+    got = _gpt2_logits(grown, ids, 5, False)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-10
+    # With LayerNorm, as the report says, the mean is not kept.
+    with_norm = (_gpt2_logits(a, ids, 2, True) + _gpt2_logits(b, ids, 3, True)) / 2
+    assert ((_gpt2_logits(grown, ids, 5, True) - with_norm).abs().max() > 1e-3).item()
+
+
+def test_grow_refuses_a_layout_that_does_not_fit(client, server, cli_path, tmp_path):
+    a = client.upload_weights(_gpt2(8, 3), name="a")
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.grow(a, layout="bert")
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fits no rule of the bert layout" in error.value.message
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.grow(a, layout="resnet")
+    assert "unknown layout 'resnet'" in error.value.message
+
+    # An MLP self-fusion from the CLI keeps the function.
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    mlp = client.upload_weights(net.state_dict(), name="mlp")
+    out = tmp_path / "grown.safetensors"
+    run = subprocess.run([cli_path, "--server", server, "grow", "--a", mlp.id, "--layout",
+                          "mlp", "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert '"self_fusion":true' in run.stderr
+    grown, _ = safetensors.loads(out.read_bytes())
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 12), torch.nn.ReLU(), torch.nn.Linear(12, 2))
+    wide.load_state_dict(grown)
+    x = torch.randn(16, 4)
+    assert torch.allclose(wide(x), net(x), rtol=1e-6, atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import os
 import sys
 import time
@@ -166,6 +167,12 @@ class Job:
         """Waits for the job and returns its result as tensors."""
         tensors, _ = safetensors.loads(self._client.download_bytes(self._result()))
         return tensors
+
+    @property
+    def report(self) -> Optional[dict]:
+        """A grow job's report (the new config, the properties that hold
+        exactly, caveats) as a dict; None for other jobs."""
+        return json.loads(self.job.report_json) if self.job.report_json else None
 
     def models(self) -> Iterator[Tuple[float, Dict[str, torch.Tensor]]]:
         """Waits for a sweep and yields ``(t, state_dict)`` for each of its
@@ -465,6 +472,18 @@ class Client:
             spec.take_excluded_from = int(take_excluded_from)
         job = self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(merge=spec))
         return Job(self, job)
+
+    def grow(self, a: ArtifactRef, b: Optional[ArtifactRef] = None, *,
+             layout: str, rules: Optional[str] = None, noise_scale: float = 0.0,
+             name: Optional[str] = None) -> Job:
+        """Submits a Deep Fusion growth of A and B (B omitted: self-fusion).
+        ``layout`` is ``mlp``, ``bert``, ``gpt2`` or ``rules`` with ``rules``
+        the text of a rule file (``REGEX ROLE [conv1d]`` per line). The
+        result is ``Job.state_dict()``; ``Job.report`` has the new config."""
+        spec = pb.GrowSpec(a_id=_ref(a), b_id=_ref(b), layout=layout,
+                           rules=rules or "", noise_scale=float(noise_scale),
+                           result_name=name or "")
+        return Job(self, self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(grow=spec)))
 
     def sweep(self, a: ArtifactRef, b: ArtifactRef, steps: int, *,
               name: Optional[str] = None) -> Job:
