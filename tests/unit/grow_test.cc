@@ -238,38 +238,94 @@ TEST_F(GrowTest, Gpt2WithoutLayerNormComputesTheMeanOfItsParents) {
   EXPECT_THAT(report["caveats"][0].get<std::string>(), HasSubstr("LayerNorm"));
 }
 
-TEST_F(GrowTest, BertShapesAndConfig) {
-  auto bert = [](int64_t d, uint64_t seed) {
-    Tensors t = {
-        {"bert.embeddings.word_embeddings.weight", Randn({13, d}, seed)},
-        {"bert.embeddings.position_embeddings.weight", Randn({6, d}, seed)},
-        {"bert.embeddings.token_type_embeddings.weight", Randn({2, d}, seed)},
-        {"bert.embeddings.LayerNorm.weight", Rand({d}, seed)},
-        {"bert.embeddings.LayerNorm.bias", Randn({d}, seed)},
-        {"bert.pooler.dense.weight", Randn({d, d}, seed)},
-        {"bert.pooler.dense.bias", Randn({d}, seed)},
-        {"classifier.weight", Randn({3, d}, seed)},
-        {"classifier.bias", Randn({3}, seed)},
-    };
-    const std::string p = "bert.encoder.layer.0.";
-    for (const char* m : {"query", "key", "value"}) {
-      t.push_back({p + "attention.self." + m + ".weight", Randn({d, d}, seed)});
-      t.push_back({p + "attention.self." + m + ".bias", Randn({d}, seed)});
-    }
-    t.push_back({p + "attention.output.dense.weight", Randn({d, d}, seed)});
-    t.push_back({p + "attention.output.dense.bias", Randn({d}, seed)});
-    t.push_back({p + "attention.output.LayerNorm.weight", Rand({d}, seed)});
-    t.push_back({p + "attention.output.LayerNorm.bias", Randn({d}, seed)});
-    t.push_back({p + "intermediate.dense.weight", Randn({4 * d, d}, seed)});
-    t.push_back({p + "intermediate.dense.bias", Randn({4 * d}, seed)});
-    t.push_back({p + "output.dense.weight", Randn({d, 4 * d}, seed)});
-    t.push_back({p + "output.dense.bias", Randn({d}, seed)});
-    t.push_back({p + "output.LayerNorm.weight", Rand({d}, seed)});
-    t.push_back({p + "output.LayerNorm.bias", Randn({d}, seed)});
-    for (auto& [name, tensor] : t) tensor = tensor.to(at::kFloat);
-    return t;
+// A BERT-shaped model (Hugging Face names, one layer) of width `d`.
+Tensors Bert(int64_t d, uint64_t seed) {
+  Tensors t = {
+      {"bert.embeddings.word_embeddings.weight", Randn({13, d}, seed + 1)},
+      {"bert.embeddings.position_embeddings.weight", Randn({6, d}, seed + 2)},
+      {"bert.embeddings.token_type_embeddings.weight", Randn({2, d}, seed + 3)},
+      {"bert.embeddings.LayerNorm.weight", Rand({d}, seed)},
+      {"bert.embeddings.LayerNorm.bias", Randn({d}, seed)},
+      {"bert.pooler.dense.weight", Randn({d, d}, seed + 4) / 3},
+      {"bert.pooler.dense.bias", Randn({d}, seed)},
+      {"classifier.weight", Randn({3, d}, seed + 5)},
+      {"classifier.bias", Dyadic(Randn({3}, seed + 6))},
   };
-  const SafetensorsReader* a = Write("a", bert(8, 1));
+  const std::string p = "bert.encoder.layer.0.";
+  for (const char* m : {"query", "key", "value"}) {
+    t.push_back({p + "attention.self." + m + ".weight",
+                 Randn({d, d}, seed + 7 + m[0]) / 3});
+    t.push_back(
+        {p + "attention.self." + m + ".bias", Randn({d}, seed + 8 + m[0])});
+  }
+  t.push_back(
+      {p + "attention.output.dense.weight", Randn({d, d}, seed + 9) / 3});
+  t.push_back({p + "attention.output.dense.bias", Randn({d}, seed)});
+  t.push_back({p + "attention.output.LayerNorm.weight", Rand({d}, seed)});
+  t.push_back({p + "attention.output.LayerNorm.bias", Randn({d}, seed)});
+  t.push_back(
+      {p + "intermediate.dense.weight", Randn({4 * d, d}, seed + 10) / 3});
+  t.push_back({p + "intermediate.dense.bias", Randn({4 * d}, seed)});
+  t.push_back({p + "output.dense.weight", Randn({d, 4 * d}, seed + 11) / 6});
+  t.push_back({p + "output.dense.bias", Randn({d}, seed)});
+  t.push_back({p + "output.LayerNorm.weight", Rand({d}, seed)});
+  t.push_back({p + "output.LayerNorm.bias", Randn({d}, seed)});
+  for (auto& [name, tensor] : t) tensor = tensor.to(at::kFloat);
+  return t;
+}
+
+// BERT logits for `ids` (segment 0) with `heads` heads of size 4, float64;
+// LayerNorm is the identity.
+at::Tensor BertForward(const SafetensorsReader& m, const at::Tensor& ids,
+                       int64_t heads) {
+  auto w = [&](const std::string& name) {
+    return TensorFilesTest::Read(m, name);
+  };
+  auto linear = [&](const at::Tensor& x, const std::string& p) {
+    return at::matmul(x, w(p + ".weight").t()) + w(p + ".bias");
+  };
+  const int64_t T = ids.size(0);
+  const std::string e = "bert.embeddings.";
+  at::Tensor x = w(e + "word_embeddings.weight").index_select(0, ids) +
+                 w(e + "position_embeddings.weight").slice(0, 0, T) +
+                 w(e + "token_type_embeddings.weight")[0];
+  const int64_t d = x.size(1), hd = d / heads;
+  const std::string p = "bert.encoder.layer.0.";
+  auto split = [&](const at::Tensor& t) {
+    return t.reshape({T, heads, hd}).transpose(0, 1);
+  };
+  at::Tensor att = at::softmax(
+      at::matmul(split(linear(x, p + "attention.self.query")),
+                 split(linear(x, p + "attention.self.key")).transpose(1, 2)) /
+          std::sqrt(static_cast<double>(hd)),
+      -1);
+  at::Tensor context =
+      at::matmul(att, split(linear(x, p + "attention.self.value")))
+          .transpose(0, 1)
+          .reshape({T, d});
+  x = x + linear(context, p + "attention.output.dense");
+  x = x +
+      linear(at::gelu(linear(x, p + "intermediate.dense")), p + "output.dense");
+  const at::Tensor pooled = at::tanh(linear(x[0], "bert.pooler.dense"));
+  return linear(pooled, "classifier");
+}
+
+TEST_F(GrowTest, BertWithoutLayerNormComputesTheMeanOfItsParents) {
+  const SafetensorsReader* a = Write("a", Bert(8, 300));   // 2 heads
+  const SafetensorsReader* b = Write("b", Bert(12, 400));  // 3 heads
+  nlohmann::json report;
+  auto grown = Grow(a, b, Layout("bert"), &report);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  const at::Tensor ids = at::tensor({2, 7, 1, 8, 2}, at::kLong);
+  const at::Tensor want =
+      (BertForward(*a, ids, 2) + BertForward(*b, ids, 3)) / 2;
+  EXPECT_LE(RelErr(BertForward(**grown, ids, 5), want), 1e-10);
+  EXPECT_EQ(report["properties"]["output_is_mean_of_inputs_without_layernorm"],
+            true);
+}
+
+TEST_F(GrowTest, BertShapesAndConfig) {
+  const SafetensorsReader* a = Write("a", Bert(8, 1));
   nlohmann::json report;
   auto grown = Grow(a, nullptr, Layout("bert"), &report);
   ASSERT_TRUE(grown.ok()) << grown.status();
