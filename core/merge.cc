@@ -729,16 +729,18 @@ absl::StatusOr<std::string> ResolveDevice(const std::string& spec) {
   return absl::StrCat("cuda:", index);
 }
 
-std::string DescribeRuntime() {
-  std::string blas = "unknown";
+RuntimeInfo GetRuntimeInfo() {
+  RuntimeInfo runtime;
+  runtime.libtorch = TORCH_VERSION;
+  runtime.blas = "unknown";
   // The BLAS actually loaded (Debian's LibTorch calls whatever libblas.so.3
   // the alternatives system points to).
   if (void* sgemm = dlsym(RTLD_DEFAULT, "sgemm_")) {
     Dl_info info;
     if (dladdr(sgemm, &info) != 0 && info.dli_fname != nullptr) {
-      blas = info.dli_fname;
+      runtime.blas = info.dli_fname;
       if (char* real = realpath(info.dli_fname, nullptr)) {
-        blas = real;
+        runtime.blas = real;
         std::free(real);
       }
     }
@@ -746,20 +748,26 @@ std::string DescribeRuntime() {
   using GetConfig = const char* (*)();
   if (auto get_config = reinterpret_cast<GetConfig>(
           dlsym(RTLD_DEFAULT, "openblas_get_config"))) {
-    blas = absl::StrCat(get_config(), " (", blas, ")");
+    runtime.blas = absl::StrCat(get_config(), " (", runtime.blas, ")");
   }
-  std::string cuda = "no";
-  int threads = 0;
+  runtime.cuda = "no";
   try {
-    threads = at::get_num_threads();
+    runtime.threads = at::get_num_threads();
     if (torch::cuda::is_available()) {
-      cuda = absl::StrCat("yes (", torch::cuda::device_count(), " devices)");
+      runtime.cuda =
+          absl::StrCat("yes (", torch::cuda::device_count(), " devices)");
     }
   } catch (const c10::Error&) {
-    cuda = "unknown";
+    runtime.cuda = "unknown";
   }
-  return absl::StrCat("LibTorch ", TORCH_VERSION, "; BLAS: ", blas,
-                      "; intra-op threads: ", threads, "; CUDA: ", cuda);
+  return runtime;
+}
+
+std::string DescribeRuntime() {
+  const RuntimeInfo runtime = GetRuntimeInfo();
+  return absl::StrCat("LibTorch ", runtime.libtorch, "; BLAS: ", runtime.blas,
+                      "; intra-op threads: ", runtime.threads,
+                      "; CUDA: ", runtime.cuda);
 }
 
 }  // namespace amalgam::core

@@ -116,4 +116,13 @@ absl::StatusOr<std::string> ResolveDevice(const std::string& spec);
 // One line naming LibTorch's version, its BLAS and whether CUDA is usable.
 std::string DescribeRuntime();
 
+// What DescribeRuntime says, field by field (for build-info metrics).
+struct RuntimeInfo {
+  std::string libtorch;  // version
+  std::string blas;      // the BLAS library actually loaded
+  std::string cuda;      // "no", "yes (N devices)" or "unknown"
+  int threads = 0;       // intra-op threads
+};
+RuntimeInfo GetRuntimeInfo();
+
 }  // namespace amalgam::core

@@ -258,13 +258,14 @@ class Server:
         try:
             self.process = subprocess.Popen(
                 [str(binary), "--listen", "127.0.0.1:0", "--data-dir", str(root / "data"),
-                 "--port-file", str(port_file), "--device", "cpu"],
+                 "--port-file", str(port_file), "--device", "cpu",
+                 "--metrics-listen", "127.0.0.1:0"],
                 stdout=self.log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + startup_timeout
             while True:
-                text = port_file.read_text().strip() if port_file.exists() else ""
-                if text.isdigit():
-                    self.address = f"127.0.0.1:{text}"
+                lines = port_file.read_text().split() if port_file.exists() else []
+                if lines and lines[0].isdigit():
+                    self.address = f"127.0.0.1:{lines[0]}"
                     break
                 if self.process.poll() is not None:
                     raise RuntimeError(f"amalgamd exited with {self.process.returncode}:\n"

@@ -128,7 +128,10 @@ class ArtifactServiceImpl::UploadReactor
     } else if (!temp_path_.empty()) {
       std::remove(temp_path_.c_str());
     }
-    if (slot_held_) service_->uploads_.Release(owner_, header_.upload_id());
+    if (slot_held_) {
+      service_->uploads_.Release(owner_, header_.upload_id());
+      if (Metrics* metrics = service_->options_.metrics) metrics->UploadEnded();
+    }
     delete this;
   }
 
@@ -164,6 +167,9 @@ class ArtifactServiceImpl::UploadReactor
     }
     if (!resumed_) hash_.Update(chunk.data());
     received_ += size;
+    if (Metrics* metrics = service_->options_.metrics) {
+      metrics->BytesReceived(size);
+    }
     return absl::OkStatus();
   }
 
@@ -174,6 +180,7 @@ class ArtifactServiceImpl::UploadReactor
     AMALGAM_RETURN_IF_ERROR(
         service_->uploads_.Acquire(owner_, header.upload_id()));
     slot_held_ = true;
+    if (Metrics* metrics = service_->options_.metrics) metrics->UploadStarted();
     if (!header.describes().empty()) {
       AMALGAM_ASSIGN_OR_RETURN(
           v1::Artifact described,
@@ -359,8 +366,11 @@ class ArtifactServiceImpl::DownloadReactor
     : public grpc::ServerWriteReactor<v1::DownloadChunk> {
  public:
   DownloadReactor(const v1::Artifact& artifact, const std::string& path,
-                  int64_t offset, int64_t chunk_bytes)
-      : artifact_(artifact), offset_(offset), buffer_(chunk_bytes) {
+                  int64_t offset, int64_t chunk_bytes, Metrics* metrics)
+      : artifact_(artifact),
+        offset_(offset),
+        buffer_(chunk_bytes),
+        metrics_(metrics) {
     file_ = std::fopen(path.c_str(), "rb");
     if (file_ == nullptr) {
       Finish(grpc::Status(
@@ -406,12 +416,14 @@ class ArtifactServiceImpl::DownloadReactor
     chunk_.set_offset(offset_);
     chunk_.set_data(buffer_.data(), n);
     offset_ += static_cast<int64_t>(n);
+    if (metrics_ != nullptr) metrics_->BytesSent(static_cast<int64_t>(n));
     StartWrite(&chunk_);
   }
 
   const v1::Artifact artifact_;
   int64_t offset_;
   std::vector<char> buffer_;
+  Metrics* const metrics_;
   std::FILE* file_ = nullptr;
   bool first_ = true;
   v1::DownloadChunk chunk_;
@@ -611,7 +623,8 @@ grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
         artifact.status());
   }
   return new DownloadReactor(*artifact, storage_->BlobPath(*artifact),
-                             request->offset(), options_.chunk_bytes);
+                             request->offset(), options_.chunk_bytes,
+                             options_.metrics);
 }
 
 }  // namespace amalgam::server

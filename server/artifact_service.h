@@ -14,6 +14,7 @@
 #include "server/auth.h"
 #include "server/executor.h"
 #include "server/job_manager.h"
+#include "server/metrics.h"
 #include "server/storage.h"
 
 namespace amalgam::server {
@@ -27,6 +28,8 @@ struct ArtifactServiceOptions {
   int max_uploads_per_org = 8;
   // A resumable upload untouched this long is removed with its bytes.
   absl::Duration upload_expiry = absl::Hours(24);
+  // Where transfers are counted; may be null.
+  Metrics* metrics = nullptr;
 };
 
 // Upload (verified against the declared sha256 and validated by kind before

@@ -7,8 +7,10 @@
 #include <tuple>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "core/merge.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
@@ -35,6 +37,11 @@ std::vector<std::string> InputIds(const v1::Job& job) {
 }
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
+
+// "merge", "grow" or "sweep".
+std::string JobKind(const v1::Job& job) {
+  return job.has_grow() ? "grow" : job.has_sweep() ? "sweep" : "merge";
+}
 
 // Most models one sweep may produce.
 constexpr int kMaxSweepSteps = 1000;
@@ -316,6 +323,10 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
       static_cast<int64_t>(prepared->bytes_per_output) * prepared->outputs);
   job.set_report_json(prepared->grow_plan.report_json);
   absl::MutexLock lock(&mu_);
+  if (draining_) {
+    return absl::UnavailableError(
+        "the server is shutting down; submit the job again when it is back");
+  }
   // An input deleted since Prepare: see DeleteIfUnused.
   for (const std::string& input : InputIds(job)) {
     AMALGAM_RETURN_IF_ERROR(storage_->GetArtifact(input).status());
@@ -459,10 +470,12 @@ void JobManager::WorkerLoop() {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
           +[](JobManager* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
-            return self->stopping_ || !self->queue_.empty();
+            return self->stopping_ ||
+                   (!self->draining_ && !self->queue_.empty());
           },
           this));
       if (stopping_) return;
+      ++running_;
       entry = queue_.front();
       queue_.erase(queue_.begin());
       Update(entry, [](v1::Job& job) {
@@ -475,8 +488,11 @@ void JobManager::WorkerLoop() {
 }
 
 void JobManager::Run(Entry* entry) {
+  const absl::Time start = absl::Now();
   absl::StatusOr<std::vector<std::string>> results = RunJob(entry);
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   absl::MutexLock lock(&mu_);
+  --running_;
   if (stopping_ && !entry->user_cancelled &&
       results.status().code() == absl::StatusCode::kCancelled) {
     // Interrupted by shutdown: the catalog keeps it running, so the next
@@ -496,6 +512,33 @@ void JobManager::Run(Entry* entry) {
       job.set_error_message(std::string(results.status().message()));
     }
   });
+  if (options_.metrics != nullptr) {
+    const v1::Job& job = entry->job;
+    uint64_t output_bytes = 0;
+    if (results.ok()) output_bytes = job.progress().bytes_total();
+    options_.metrics->JobFinished(
+        JobKind(job),
+        job.has_merge()
+            ? absl::AsciiStrToLower(absl::StripPrefix(
+                  v1::MergeMethod_Name(job.merge().method()), "MERGE_METHOD_"))
+            : "-",
+        absl::AsciiStrToLower(
+            absl::StripPrefix(v1::JobState_Name(job.state()), "JOB_STATE_")),
+        seconds, output_bytes);
+  }
+}
+
+void JobManager::Drain(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+  auto idle = [this]()
+                  ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_ == 0; };
+  mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
+}
+
+std::pair<int64_t, int64_t> JobManager::Counts() {
+  absl::MutexLock lock(&mu_);
+  return {static_cast<int64_t>(queue_.size()), running_};
 }
 
 absl::StatusOr<std::vector<std::string>> JobManager::RunJob(Entry* entry) {

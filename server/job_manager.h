@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -17,6 +18,7 @@
 #include "amalgam/v1/amalgam.pb.h"
 #include "core/grow.h"
 #include "core/merge.h"
+#include "server/metrics.h"
 #include "server/storage.h"
 
 namespace amalgam::server {
@@ -35,6 +37,8 @@ struct JobManagerOptions {
   // Tests only: a pause after each merged tensor, so a test can act while a
   // job runs (kill the server mid-merge). Zero in production.
   absl::Duration testing_step_delay = absl::ZeroDuration();
+  // Where finished jobs are counted; may be null.
+  Metrics* metrics = nullptr;
   // Resolved device ("cpu", "cuda:0").
   std::string device = "cpu";
 };
@@ -73,6 +77,14 @@ class JobManager {
   // Deletes the artifact from storage unless a queued or running job reads
   // it (FAILED_PRECONDITION naming the job). Atomic with Submit.
   absl::Status DeleteIfUnused(const v1::Artifact& artifact);
+
+  // Graceful shutdown: refuses new jobs (UNAVAILABLE), starts no queued
+  // one, and waits up to `timeout` for the running ones to finish. Those
+  // still running afterwards are stopped by the destructor and re-run on the
+  // next start.
+  void Drain(absl::Duration timeout);
+  // Queued and running jobs now.
+  std::pair<int64_t, int64_t> Counts();
 
   // Calls `listener` with the job now and after every change until Unwatch.
   // The listener runs under the manager's lock: it must not block or call
@@ -130,6 +142,8 @@ class JobManager {
   std::map<std::string, std::unique_ptr<Entry>> jobs_ ABSL_GUARDED_BY(mu_);
   std::vector<Entry*> queue_ ABSL_GUARDED_BY(mu_);  // FIFO
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t running_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_token_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<std::thread> workers_;
 };

@@ -24,6 +24,10 @@ ABSL_FLAG(int, workers, 1, "merge jobs that run at once");
 ABSL_FLAG(int, max_queued_jobs, 64, "jobs that may wait to run");
 ABSL_FLAG(int64_t, max_upload_bytes, int64_t{64} << 30,
           "largest artifact accepted, in bytes");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "Prometheus endpoint host:port (GET /metrics); empty disables it");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "on SIGTERM, how long running jobs may take to finish");
 ABSL_FLAG(int, max_jobs_per_org, 16,
           "queued plus running jobs one organisation may have");
 ABSL_FLAG(int, max_uploads_per_org, 8,
@@ -33,7 +37,8 @@ ABSL_FLAG(absl::Duration, upload_expiry, absl::Hours(24),
 ABSL_FLAG(absl::Duration, testing_step_delay, absl::ZeroDuration(),
           "tests only: pause after each merged tensor");
 ABSL_FLAG(std::string, port_file, "",
-          "if set, the bound port is written here once serving");
+          "if set, the bound gRPC port and then the metrics port (0 if "
+          "none) are written here, a line each, once serving");
 ABSL_FLAG(std::string, tokens, "",
           "token file: `TOKEN ORG` per line (reloaded on SIGHUP); without it "
           "amalgamd listens on loopback only and every caller is `local`");
@@ -62,11 +67,11 @@ std::vector<std::string> NormalizeFlagNames(int argc, char** argv) {
   return args;
 }
 
-bool WritePortFile(const std::string& path, int port) {
+bool WritePortFile(const std::string& path, int port, int metrics_port) {
   const std::string temp = path + ".tmp";
   {
     std::ofstream out(temp);
-    out << port << "\n";
+    out << port << "\n" << metrics_port << "\n";
     if (!out) return false;
   }
   return std::rename(temp.c_str(), path.c_str()) == 0;
@@ -115,6 +120,8 @@ int main(int argc, char** argv) {
   options.workers = absl::GetFlag(FLAGS_workers);
   options.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);
   options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.max_jobs_per_org = absl::GetFlag(FLAGS_max_jobs_per_org);
   options.max_uploads_per_org = absl::GetFlag(FLAGS_max_uploads_per_org);
   options.upload_expiry = absl::GetFlag(FLAGS_upload_expiry);
@@ -126,7 +133,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
-  if (!port_file.empty() && !WritePortFile(port_file, (*server)->port())) {
+  if (!port_file.empty() &&
+      !WritePortFile(port_file, (*server)->port(), (*server)->metrics_port())) {
     std::fprintf(stderr, "amalgamd: cannot write --port-file %s\n",
                  port_file.c_str());
     return 1;

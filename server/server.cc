@@ -92,6 +92,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
     AMALGAM_ASSIGN_OR_RETURN(server->tokens_,
                              TokenStore::Load(options.tokens_file));
   }
+  server->metrics_ = std::make_unique<Metrics>(device);
   AMALGAM_ASSIGN_OR_RETURN(server->storage_, Storage::Open(options.data_dir));
   server->executor_ =
       std::make_unique<Executor>(options.verify_threads, /*max_queued=*/256);
@@ -101,6 +102,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   job_options.max_active_per_org = options.max_jobs_per_org;
   job_options.testing_step_delay = options.testing_step_delay;
   job_options.device = device;
+  job_options.metrics = server->metrics_.get();
   server->jobs_ =
       std::make_unique<JobManager>(server->storage_.get(), job_options);
   AMALGAM_RETURN_IF_ERROR(server->jobs_->Recover());
@@ -109,6 +111,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   artifact_options.max_upload_bytes = options.max_upload_bytes;
   artifact_options.max_uploads_per_org = options.max_uploads_per_org;
   artifact_options.upload_expiry = options.upload_expiry;
+  artifact_options.metrics = server->metrics_.get();
   server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
       server->storage_.get(), server->executor_.get(), server->jobs_.get(),
       server->tokens_.get(), artifact_options);
@@ -125,17 +128,42 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   builder.RegisterService(server->artifact_service_.get());
   builder.RegisterService(server->job_service_.get());
+  std::vector<
+      std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+      observers;
+  observers.push_back(std::make_unique<RpcObserverFactory>(
+      server->metrics_.get(), server->tokens_.get()));
+  builder.experimental().SetInterceptorCreators(std::move(observers));
   server->grpc_server_ = builder.BuildAndStart();
   if (server->grpc_server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.listen));
   }
+  if (!options.metrics_listen.empty()) {
+    Storage* storage = server->storage_.get();
+    JobManager* jobs = server->jobs_.get();
+    Metrics* metrics = server->metrics_.get();
+    AMALGAM_ASSIGN_OR_RETURN(
+        server->metrics_server_,
+        MetricsServer::Start(
+            options.metrics_listen, metrics, [storage, jobs, metrics] {
+              const auto [queued, running] = jobs->Counts();
+              metrics->SetQueue(queued, running);
+              absl::StatusOr<std::pair<int64_t, int64_t>> stored =
+                  storage->Stats();
+              if (stored.ok()) {
+                metrics->SetStored(stored->first, stored->second);
+              }
+            }));
+  }
+  server->drain_timeout_ = options.drain_timeout;
   server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
   Log(LogLevel::kInfo,
       absl::StrCat("event=serving listen=", options.listen,
                    " port=", server->port_, " data_dir=", options.data_dir,
-                   " device=", device, " workers=", options.workers,
-                   " runtime=\"", core::DescribeRuntime(), "\""));
+                   " metrics_port=", server->metrics_port(), " device=", device,
+                   " workers=", options.workers, " runtime=\"",
+                   core::DescribeRuntime(), "\""));
   return server;
 }
 
@@ -150,11 +178,16 @@ absl::Status Server::ReloadTokens() {
 void Server::Shutdown() {
   if (grpc_server_ == nullptr || stopped_) return;
   stopped_ = true;
+  // Drain: health says NOT_SERVING (load balancers stop sending), no new job
+  // starts, running ones get drain_timeout to finish.
   grpc_server_->GetHealthCheckService()->SetServingStatus(false);
+  Log(LogLevel::kInfo, "event=draining");
+  jobs_->Drain(drain_timeout_);
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::seconds(5));
   grpc_server_->Wait();
   jobs_.reset();
+  metrics_server_.reset();
   Log(LogLevel::kInfo, "event=stopped");
 }
 

@@ -13,6 +13,7 @@
 #include "server/executor.h"
 #include "server/job_manager.h"
 #include "server/job_service.h"
+#include "server/metrics.h"
 #include "server/storage.h"
 
 namespace amalgam::server {
@@ -42,6 +43,10 @@ struct ServerOptions {
   int max_uploads_per_org = 8;
   // Unfinished resumable uploads untouched this long are removed.
   absl::Duration upload_expiry = absl::Hours(24);
+  // host:port of the Prometheus endpoint (GET /metrics); empty: none.
+  std::string metrics_listen = "127.0.0.1:9464";
+  // On shutdown, how long running jobs may take to finish.
+  absl::Duration drain_timeout = absl::Seconds(30);
   // Tests only: pause after each merged tensor.
   absl::Duration testing_step_delay = absl::ZeroDuration();
   // Threads that verify finished uploads.
@@ -59,10 +64,14 @@ class Server {
       const ServerOptions& options);
   ~Server();
 
-  // The bound port.
+  // The bound ports (metrics: 0 when disabled).
   int port() const { return port_; }
-  // Stops accepting calls, waits for calls in flight, stops the workers
-  // (running jobs are re-run on the next start). Everything is durable once
+  int metrics_port() const {
+    return metrics_server_ != nullptr ? metrics_server_->port() : 0;
+  }
+  // Reports NOT_SERVING, lets running jobs finish (drain_timeout), stops
+  // accepting calls, waits for calls in flight, stops the workers (jobs
+  // still running are re-run on the next start). Everything is durable once
   // it returns: a process may exit then without destroying the Server, whose
   // grpc::Server destructor can stall for seconds in gRPC 1.51 after large
   // client streams (grpc/grpc#41050).
@@ -75,13 +84,16 @@ class Server {
 
   int port_ = 0;
   bool stopped_ = false;
+  absl::Duration drain_timeout_;
   std::unique_ptr<TokenStore> tokens_;
+  std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Storage> storage_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<ArtifactServiceImpl> artifact_service_;
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  std::unique_ptr<MetricsServer> metrics_server_;
 };
 
 // True if `address` (host:port) names a loopback interface.

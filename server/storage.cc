@@ -10,6 +10,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <set>
 
@@ -212,6 +213,18 @@ absl::StatusOr<v1::Artifact> Storage::GetArtifactFor(
   if (!artifact.ok()) return artifact;
   if (ViewFor(organization, &*artifact)) return artifact;
   return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
+}
+
+absl::StatusOr<std::pair<int64_t, int64_t>> Storage::Stats() {
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> artifacts,
+                           ListArtifacts());
+  std::map<std::string, int64_t> blobs;
+  for (const v1::Artifact& artifact : artifacts) {
+    blobs[artifact.sha256()] = artifact.size_bytes();
+  }
+  int64_t bytes = 0;
+  for (const auto& [sha256, size] : blobs) bytes += size;
+  return std::make_pair(static_cast<int64_t>(artifacts.size()), bytes);
 }
 
 absl::Status Storage::UpdateArtifact(const v1::Artifact& artifact) {

@@ -56,6 +56,8 @@ class Storage {
   absl::StatusOr<v1::Artifact> GetArtifactFor(const std::string& id,
                                               const std::string& organization);
   absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts();
+  // Artifacts in the catalog and the bytes of their distinct blobs.
+  absl::StatusOr<std::pair<int64_t, int64_t>> Stats();
   // Replaces an existing artifact's catalog row (sharing changes).
   absl::Status UpdateArtifact(const v1::Artifact& artifact);
   // Removes the catalog row, then the blob unless another artifact has the

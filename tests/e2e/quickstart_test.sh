@@ -80,13 +80,13 @@ is_id() { [[ $1 =~ ^[A-Za-z0-9_.:-]+$ ]]; }
 # --- start the server -------------------------------------------------------
 step "start amalgamd"
 "$AMALGAMD" --listen 127.0.0.1:0 --data-dir "$TMP/data" --port-file "$TMP/port" \
-  --device "$DEVICE" >"$TMP/server.log" 2>&1 &
+  --metrics-listen 127.0.0.1:0 --device "$DEVICE" >"$TMP/server.log" 2>&1 &
 SERVER_PID=$!
 deadline=$((SECONDS + 60))
 PORT=""
 while :; do
   if [ -s "$TMP/port" ]; then
-    PORT=$(tr -d '[:space:]' <"$TMP/port")
+    PORT=$(head -n 1 "$TMP/port" | tr -d '[:space:]')
     [[ $PORT =~ ^[0-9]+$ ]] && [ "$PORT" -gt 0 ] && break
   fi
   kill -0 "$SERVER_PID" 2>/dev/null || fail "amalgamd exited before writing its port file"

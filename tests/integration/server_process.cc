@@ -37,9 +37,10 @@ bool ServerProcess::Start() {
   std::filesystem::create_directories(data_dir_);
   const std::string port_file = data_dir_ + ".port";
   std::filesystem::remove(port_file);
-  std::vector<std::string> args = {binary_,      "--listen", "127.0.0.1:0",
-                                   "--data-dir", data_dir_,  "--port-file",
-                                   port_file,    "--device", "cpu"};
+  std::vector<std::string> args = {
+      binary_,   "--listen",         "127.0.0.1:0", "--data-dir",
+      data_dir_, "--port-file",      port_file,     "--device",
+      "cpu",     "--metrics-listen", "127.0.0.1:0"};
   args.insert(args.end(), extra_args_.begin(), extra_args_.end());
   // Everything the child needs is prepared before fork: the test process
   // has threads, so the child may only make async-signal-safe calls.
@@ -60,7 +61,7 @@ bool ServerProcess::Start() {
       std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
     std::ifstream in(port_file);
-    if (in >> port_ && port_ > 0) return true;
+    if (in >> port_ >> metrics_port_ && port_ > 0) return true;
     int status = 0;
     if (::waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;

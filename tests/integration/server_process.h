@@ -31,6 +31,7 @@ class ServerProcess {
 
   std::string address() const;
   int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
   const std::string& data_dir() const { return data_dir_; }
   const std::string& log_path() const { return log_path_; }
 
@@ -41,6 +42,7 @@ class ServerProcess {
   std::string log_path_;
   pid_t pid_ = -1;
   int port_ = 0;
+  int metrics_port_ = 0;
 };
 
 // A fresh directory under $AMALGAM_TEST_TMPDIR (or /tmp).

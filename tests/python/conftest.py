@@ -27,16 +27,18 @@ def cli_path():
     return _binary("AMALGAM_CLI", "amalgam")
 
 
-def start_amalgamd(amalgamd_path, root, port=0):
+def start_amalgamd(amalgamd_path, root, port=0, extra=()):
     """Starts amalgamd on 127.0.0.1:``port`` (0: a free one) with its data in
-    ``root/data``; returns the process and its address once it serves."""
+    ``root/data`` and ``extra`` flags; returns the process and its address
+    once it serves."""
     port_file = root / "port"
     if port_file.exists():
         port_file.unlink()
     log = open(root / "server.log", "ab")
     process = subprocess.Popen(
         [amalgamd_path, "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data"),
-         "--port-file", str(port_file), "--device", "cpu"],
+         "--port-file", str(port_file), "--device", "cpu", "--metrics-listen", "127.0.0.1:0",
+         *extra],
         stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + 60
@@ -45,7 +47,12 @@ def start_amalgamd(amalgamd_path, root, port=0):
             process.kill()
             pytest.fail(f"amalgamd did not start; see {root / 'server.log'}")
         time.sleep(0.02)
-    return process, f"127.0.0.1:{port_file.read_text().strip()}"
+    return process, f"127.0.0.1:{port_file.read_text().split()[0]}"
+
+
+def metrics_port(root):
+    """The metrics port of the amalgamd started in ``root``."""
+    return int((root / "port").read_text().split()[1])
 
 
 @pytest.fixture(scope="session")

@@ -190,7 +190,8 @@ openssl x509 -req -in s.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out s.pem 
     port_file = tmp_path / "port"
     process = subprocess.Popen(
         [amalgamd_path, "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
-         "--port-file", str(port_file), "--tls-cert", str(tmp_path / "s.pem"),
+         "--port-file", str(port_file), "--metrics-listen", "127.0.0.1:0",
+         "--tls-cert", str(tmp_path / "s.pem"),
          "--tls-key", str(tmp_path / "s.key")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -198,7 +199,7 @@ openssl x509 -req -in s.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out s.pem 
         deadline = time.monotonic() + 60
         while not port_file.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        address = f"127.0.0.1:{port_file.read_text().split()[0]}"
         with amalgam.Client(address, tls_ca=str(tmp_path / "ca.pem")) as secure:
             assert secure.list_artifacts() == []
         with amalgam.Client(address, timeout=5) as plain:

@@ -1,0 +1,266 @@
+#include "server/metrics.h"
+
+#include <httplib.h>
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "core/merge.h"
+#include "prometheus/text_serializer.h"
+#include "server/auth.h"
+#include "server/log.h"
+
+#ifndef AMALGAM_VERSION
+#define AMALGAM_VERSION "unknown"
+#endif
+
+namespace amalgam::server {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+using prometheus::Histogram;
+
+const Histogram::BucketBoundaries& RpcBuckets() {
+  static const auto* buckets = new Histogram::BucketBoundaries{
+      0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300};
+  return *buckets;
+}
+
+const Histogram::BucketBoundaries& JobBuckets() {
+  static const auto* buckets = new Histogram::BucketBoundaries{
+      0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400};
+  return *buckets;
+}
+
+// Observes one RPC: org from its token, bytes sent, code and duration.
+class RpcObserver : public grpc::experimental::Interceptor {
+ public:
+  RpcObserver(grpc::experimental::ServerRpcInfo* info, Metrics* metrics,
+              const TokenStore* tokens)
+      : method_(info->method()),
+        metrics_(metrics),
+        tokens_(tokens),
+        start_(absl::Now()) {}
+
+  void Intercept(
+      grpc::experimental::InterceptorBatchMethods* methods) override {
+    using Hook = grpc::experimental::InterceptionHookPoints;
+    if (methods->QueryInterceptionHookPoint(Hook::POST_RECV_INITIAL_METADATA)) {
+      org_ = Organization(*methods->GetRecvInitialMetadata());
+    }
+    if (methods->QueryInterceptionHookPoint(Hook::PRE_SEND_MESSAGE)) {
+      if (grpc::ByteBuffer* buffer = methods->GetSerializedSendMessage()) {
+        sent_bytes_ += static_cast<int64_t>(buffer->Length());
+      }
+    }
+    if (methods->QueryInterceptionHookPoint(Hook::PRE_SEND_STATUS)) {
+      const grpc::Status status = methods->GetSendStatus();
+      const std::string code = absl::StatusCodeToString(
+          static_cast<absl::StatusCode>(status.error_code()));
+      const double seconds = absl::ToDoubleSeconds(absl::Now() - start_);
+      metrics_->RpcDone(method_, code, seconds);
+      Log(LogLevel::kInfo,
+          absl::StrCat("event=rpc method=", method_, " org=", org_,
+                       " code=", code,
+                       " duration_ms=", absl::StrFormat("%.3f", seconds * 1000),
+                       " sent_bytes=", sent_bytes_));
+    }
+    methods->Proceed();
+  }
+
+ private:
+  std::string Organization(
+      const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) {
+    if (tokens_ == nullptr) return kLocalOrganization;
+    auto it = metadata.find("authorization");
+    if (it == metadata.end()) return "-";
+    const std::string value(it->second.data(), it->second.size());
+    if (!absl::StartsWith(value, "Bearer ")) return "-";
+    absl::StatusOr<std::string> org = tokens_->Lookup(value.substr(7));
+    return org.ok() ? *org : "-";
+  }
+
+  const std::string method_;
+  Metrics* const metrics_;
+  const TokenStore* const tokens_;
+  const absl::Time start_;
+  std::string org_ = "-";
+  int64_t sent_bytes_ = 0;
+};
+
+}  // namespace
+
+Metrics::Metrics(const std::string& device)
+    : registry_(std::make_shared<prometheus::Registry>()) {
+  prometheus::Registry& r = *registry_;
+  rpcs_ = &BuildCounter()
+               .Name("amalgam_rpcs_total")
+               .Help("RPCs handled, by method and status code")
+               .Register(r);
+  rpc_seconds_ = &BuildHistogram()
+                      .Name("amalgam_rpc_duration_seconds")
+                      .Help("RPC latency, by method")
+                      .Register(r);
+  jobs_ = &BuildCounter()
+               .Name("amalgam_jobs_total")
+               .Help("Jobs finished, by kind, method and final state")
+               .Register(r);
+  job_seconds_ = &BuildHistogram()
+                      .Name("amalgam_job_duration_seconds")
+                      .Help("Time from start to end of finished jobs")
+                      .Register(r);
+  job_output_bytes_ = &BuildCounter()
+                           .Name("amalgam_job_output_bytes_total")
+                           .Help("Bytes written by succeeded jobs")
+                           .Register(r);
+  job_throughput_ =
+      &BuildGauge()
+           .Name("amalgam_merge_throughput_bytes_per_second")
+           .Help("Output bytes per second of the last succeeded job")
+           .Register(r);
+  received_ = &BuildCounter()
+                   .Name("amalgam_received_bytes_total")
+                   .Help("Artifact bytes received by uploads")
+                   .Register(r)
+                   .Add({});
+  sent_ = &BuildCounter()
+               .Name("amalgam_sent_bytes_total")
+               .Help("Artifact bytes sent by downloads")
+               .Register(r)
+               .Add({});
+  uploads_in_progress_ = &BuildGauge()
+                              .Name("amalgam_uploads_in_progress")
+                              .Help("Upload streams open now")
+                              .Register(r)
+                              .Add({});
+  queued_ = &BuildGauge()
+                 .Name("amalgam_jobs_queued")
+                 .Help("Jobs waiting to run (queue depth)")
+                 .Register(r)
+                 .Add({});
+  running_ = &BuildGauge()
+                  .Name("amalgam_jobs_running")
+                  .Help("Jobs running now")
+                  .Register(r)
+                  .Add({});
+  artifacts_ = &BuildGauge()
+                    .Name("amalgam_artifacts")
+                    .Help("Artifacts in the catalog")
+                    .Register(r)
+                    .Add({});
+  stored_bytes_ = &BuildGauge()
+                       .Name("amalgam_stored_bytes")
+                       .Help("Bytes of distinct artifact blobs stored")
+                       .Register(r)
+                       .Add({});
+  BuildGauge()
+      .Name("amalgam_device_info")
+      .Help("The device jobs run on (value 1)")
+      .Register(r)
+      .Add({{"device", device}})
+      .Set(1);
+  const core::RuntimeInfo runtime = core::GetRuntimeInfo();
+  BuildGauge()
+      .Name("amalgam_build_info")
+      .Help("Version and runtime libraries (value 1)")
+      .Register(r)
+      .Add({{"version", AMALGAM_VERSION},
+            {"libtorch", runtime.libtorch},
+            {"blas", runtime.blas},
+            {"cuda", runtime.cuda}})
+      .Set(1);
+}
+
+void Metrics::RpcDone(const std::string& method, const std::string& code,
+                      double seconds) {
+  rpcs_->Add({{"method", method}, {"code", code}}).Increment();
+  rpc_seconds_->Add({{"method", method}}, RpcBuckets()).Observe(seconds);
+}
+
+void Metrics::JobFinished(const std::string& kind, const std::string& method,
+                          const std::string& state, double seconds,
+                          uint64_t output_bytes) {
+  jobs_->Add({{"kind", kind}, {"method", method}, {"state", state}})
+      .Increment();
+  job_seconds_->Add({{"kind", kind}, {"method", method}}, JobBuckets())
+      .Observe(seconds);
+  if (state == "succeeded") {
+    job_output_bytes_->Add({{"kind", kind}})
+        .Increment(static_cast<double>(output_bytes));
+    if (seconds > 0) {
+      job_throughput_->Add({{"kind", kind}})
+          .Set(static_cast<double>(output_bytes) / seconds);
+    }
+  }
+}
+
+void Metrics::SetQueue(int64_t queued, int64_t running) {
+  queued_->Set(static_cast<double>(queued));
+  running_->Set(static_cast<double>(running));
+}
+
+void Metrics::SetStored(int64_t artifacts, int64_t bytes) {
+  artifacts_->Set(static_cast<double>(artifacts));
+  stored_bytes_->Set(static_cast<double>(bytes));
+}
+
+std::string Metrics::Serialize() const {
+  return prometheus::TextSerializer().Serialize(registry_->Collect());
+}
+
+grpc::experimental::Interceptor* RpcObserverFactory::CreateServerInterceptor(
+    grpc::experimental::ServerRpcInfo* info) {
+  return new RpcObserver(info, metrics_, tokens_);
+}
+
+absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
+    const std::string& address, const Metrics* metrics,
+    std::function<void()> refresh) {
+  const size_t colon = address.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos ||
+      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics-listen ", address, " is not host:port"));
+  }
+  std::string host = address.substr(0, colon);
+  if (host.size() > 1 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  auto server = std::unique_ptr<MetricsServer>(new MetricsServer());
+  server->http_ = std::make_unique<httplib::Server>();
+  server->http_->Get(
+      "/metrics", [metrics, refresh = std::move(refresh)](
+                      const httplib::Request&, httplib::Response& response) {
+        if (refresh) refresh();
+        response.set_content(metrics->Serialize(),
+                             "text/plain; version=0.0.4; charset=utf-8");
+      });
+  if (port == 0) {
+    server->port_ = server->http_->bind_to_any_port(host);
+  } else if (server->http_->bind_to_port(host, port)) {
+    server->port_ = port;
+  }
+  if (server->port_ <= 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on --metrics-listen ", address));
+  }
+  httplib::Server* http = server->http_.get();
+  server->thread_ = std::thread([http] { http->listen_after_bind(); });
+  return server;
+}
+
+MetricsServer::~MetricsServer() {
+  if (http_ != nullptr) http_->stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace amalgam::server

@@ -1,0 +1,150 @@
+"""Operations against the real amalgamd: Prometheus metrics, the standard
+health service and server reflection (driven with stubs generated here from
+the standard protocols, not with the project's client), and graceful drain."""
+
+import importlib
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+import amalgam
+from conftest import metrics_port, start_amalgamd
+
+PROTOS = __import__("pathlib").Path(__file__).resolve().parent / "protos"
+
+
+@pytest.fixture(scope="module")
+def standard_stubs(tmp_path_factory):
+    """Python stubs for grpc.health.v1 and grpc.reflection.v1alpha."""
+    out = tmp_path_factory.mktemp("stubs")
+    subprocess.run(["protoc", f"-I{PROTOS}", f"--python_out={out}", f"--grpc_python_out={out}",
+                    "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin",
+                    "health.proto", "reflection.proto"], check=True)
+    sys.path.insert(0, str(out))
+    try:
+        yield {name: importlib.import_module(name) for name in
+               ("health_pb2", "health_pb2_grpc", "reflection_pb2", "reflection_pb2_grpc")}
+    finally:
+        sys.path.remove(str(out))
+
+
+def scrape(port):
+    """The metric samples as {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def sample(samples, name, **labels):
+    """The value of the sample of ``name`` whose labels include ``labels``
+    (0 if there is none)."""
+    for key, value in samples.items():
+        match = re.fullmatch(r"([a-zA-Z_:]+)(?:\{(.*)\})?", key)
+        if match.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            return value
+    return 0.0
+
+
+def test_metrics_count_uploads_and_merges(tmp_path, amalgamd_path):
+    process, address = start_amalgamd(amalgamd_path, tmp_path)
+    try:
+        port = metrics_port(tmp_path)
+        before = scrape(port)
+        upload = "/amalgam.v1.ArtifactService/Upload"
+        torch.manual_seed(0)
+        models = [{"w": torch.randn(64, 64), "b": torch.randn(64)} for _ in range(2)]
+        with amalgam.Client(address) as client:
+            ids = [client.upload_weights(m, name=f"m{i}") for i, m in enumerate(models)]
+            uploaded = sum(a.size_bytes for a in ids)
+            merged = client.merge(ids, "average")
+            result = client.get_artifact(merged.wait().result_ids[0])
+            downloaded = len(client.download_bytes(result))
+        after = scrape(port)
+
+        def delta(name, **labels):
+            return sample(after, name, **labels) - sample(before, name, **labels)
+
+        assert delta("amalgam_rpcs_total", method=upload, code="OK") == 2
+        assert delta("amalgam_rpcs_total", method="/amalgam.v1.JobService/SubmitJob",
+                     code="OK") == 1
+        assert delta("amalgam_rpc_duration_seconds_count", method=upload) == 2
+        assert delta("amalgam_received_bytes_total") == uploaded
+        assert delta("amalgam_sent_bytes_total") == downloaded == result.size_bytes
+        assert delta("amalgam_jobs_total", kind="merge", method="average",
+                     state="succeeded") == 1
+        assert delta("amalgam_job_duration_seconds_count", kind="merge") == 1
+        assert delta("amalgam_job_output_bytes_total", kind="merge") == sum(
+            t.numel() * 4 for t in models[0].values())
+        assert sample(after, "amalgam_artifacts") == 3
+        assert sample(after, "amalgam_stored_bytes") == uploaded + result.size_bytes
+        assert sample(after, "amalgam_jobs_queued") == 0
+        assert sample(after, "amalgam_uploads_in_progress") == 0
+        assert sample(after, "amalgam_build_info", version="0.1.0") == 1
+        assert sample(after, "amalgam_device_info", device="cpu") == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_health_and_reflection_from_standard_stubs(server, standard_stubs):
+    health_pb2 = standard_stubs["health_pb2"]
+    reflection_pb2 = standard_stubs["reflection_pb2"]
+    with grpc.insecure_channel(server) as channel:
+        health = standard_stubs["health_pb2_grpc"].HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = standard_stubs["reflection_pb2_grpc"].ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"amalgam.v1.ArtifactService", "amalgam.v1.JobService",
+            "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_drains_running_jobs(tmp_path, amalgamd_path, standard_stubs):
+    health_pb2 = standard_stubs["health_pb2"]
+    process, address = start_amalgamd(amalgamd_path, tmp_path,
+                                      extra=["--testing-step-delay", "300ms"])
+    try:
+        with amalgam.Client(address) as client:
+            w = client.upload_weights({f"t{i}": torch.ones(4) for i in range(6)}, name="w")
+            job = client.merge([w, w], "average")
+            for snapshot in job.events():
+                if snapshot.state == amalgam.v1.amalgam_pb2.JOB_STATE_RUNNING:
+                    break
+            process.send_signal(signal.SIGTERM)
+            with grpc.insecure_channel(address) as channel:
+                health = standard_stubs["health_pb2_grpc"].HealthStub(channel)
+                deadline = time.monotonic() + 5
+                status = None
+                while time.monotonic() < deadline:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+                    time.sleep(0.02)
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(amalgam.AmalgamError) as refused:
+                client.merge([w, w], "average")
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert process.wait(timeout=30) == 0
+        # The running job finished during the drain: nothing to re-run.
+        process, address = start_amalgamd(amalgamd_path, tmp_path)
+        with amalgam.Client(address) as client:
+            assert client.job(job.id).state == "succeeded"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
