@@ -11,7 +11,7 @@ packages=(
   libre2-dev libsqlite3-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev
   clang-format
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-pytest
-  python3-tqdm python3-sklearn python3-matplotlib
+  python3-tqdm python3-sklearn python3-matplotlib python3-yaml
 )
 
 missing=()

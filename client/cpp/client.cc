@@ -167,7 +167,20 @@ Client::Client(const ClientOptions& options,
     : options_(options),
       channel_(std::move(channel)),
       artifacts_(v1::ArtifactService::NewStub(channel_)),
-      jobs_(v1::JobService::NewStub(channel_)) {}
+      jobs_(v1::JobService::NewStub(channel_)),
+      health_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus>
+Client::CheckHealth(const std::string& service) {
+  grpc::ClientContext context;
+  Prepare(&context, /*unary=*/true);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus(health_->Check(&context, request, &response)));
+  return response.status();
+}
 
 void Client::Prepare(grpc::ClientContext* context, bool unary) const {
   if (!options_.token.empty()) {

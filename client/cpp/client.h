@@ -13,6 +13,7 @@
 #include "absl/time/time.h"
 #include "amalgam/v1/amalgam.grpc.pb.h"
 #include "amalgam/v1/amalgam.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 
 namespace amalgam::client {
 
@@ -113,6 +114,10 @@ class Client {
       const std::string& id, const JobEventCallback& callback = nullptr);
   absl::StatusOr<amalgam::v1::Job> CancelJob(const std::string& id);
 
+  // The server's grpc.health.v1 status for `service` ("" for the server).
+  absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus>
+  CheckHealth(const std::string& service = "");
+
  private:
   // One upload stream: the header, then the file from `offset`.
   absl::StatusOr<amalgam::v1::Artifact> SendUpload(
@@ -125,6 +130,7 @@ class Client {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<amalgam::v1::ArtifactService::Stub> artifacts_;
   std::unique_ptr<amalgam::v1::JobService::Stub> jobs_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 
 }  // namespace amalgam::client

@@ -77,6 +77,9 @@ Commands:
   cancel JOB      cancel a job
   download ID --out FILE
                   download an artifact
+  health [--service S]
+                  check the server's grpc.health.v1 status; exit 0 when
+                  SERVING (for container health checks)
   help            show this text
 )";
 
@@ -100,6 +103,7 @@ const std::map<std::string, std::string>& CommandUsages() {
       {"watch", "amalgam watch JOB"},
       {"cancel", "amalgam cancel JOB"},
       {"download", "amalgam download ID --out FILE"},
+      {"health", "amalgam health [--service S]"},
       {"help", "amalgam help"},
   };
   return *usages;
@@ -741,6 +745,18 @@ int RunSweep(Context& ctx, const Args& args) {
   return 0;
 }
 
+int RunHealth(Context& ctx, const Args& args) {
+  if (!args.positional.empty()) {
+    return UsageError("health", "health takes no arguments");
+  }
+  auto status = ctx.client->CheckHealth(args.Value("--service"));
+  if (!status.ok()) return Fail(status.status());
+  std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(
+                   *status)
+            << "\n";
+  return *status == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+}
+
 int RunJobs(Context& ctx, const Args& args) {
   if (!args.positional.empty()) {
     return UsageError("jobs", "jobs takes no arguments");
@@ -854,6 +870,7 @@ const std::map<std::string, Command>& Commands() {
          {}}}},
       {"sweep",
        {RunSweep, {{"--a", "--b", "--steps", "--out", "--name"}, {}, {}}}},
+      {"health", {RunHealth, {{"--service"}, {}, {}}}},
       {"jobs", {RunJobs, {}}},
       {"watch", {RunWatch, {}}},
       {"cancel", {RunCancel, {}}},

@@ -56,12 +56,19 @@ def metrics_port(root):
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, amalgamd_path):
-    """Address of a running amalgamd with its own data directory."""
-    process, address = start_amalgamd(amalgamd_path, tmp_path_factory.mktemp("amalgamd"))
-    yield address
+def session_server(tmp_path_factory, amalgamd_path):
+    """(address, root) of an amalgamd started for the session."""
+    root = tmp_path_factory.mktemp("amalgamd")
+    process, address = start_amalgamd(amalgamd_path, root)
+    yield address, root
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(session_server):
+    """Address of a running amalgamd with its own data directory."""
+    return session_server[0]
 
 
 @pytest.fixture

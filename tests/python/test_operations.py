@@ -17,16 +17,21 @@ import torch
 import amalgam
 from conftest import metrics_port, start_amalgamd
 
-PROTOS = __import__("pathlib").Path(__file__).resolve().parent / "protos"
+HERE = __import__("pathlib").Path(__file__).resolve().parent
+HEALTH_PROTOS = HERE.parents[1] / "proto" / "grpc" / "health" / "v1"
+REFLECTION_PROTOS = HERE / "protos"
 
 
 @pytest.fixture(scope="module")
 def standard_stubs(tmp_path_factory):
     """Python stubs for grpc.health.v1 and grpc.reflection.v1alpha."""
     out = tmp_path_factory.mktemp("stubs")
-    subprocess.run(["protoc", f"-I{PROTOS}", f"--python_out={out}", f"--grpc_python_out={out}",
-                    "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin",
-                    "health.proto", "reflection.proto"], check=True)
+    for protos, name in ((HEALTH_PROTOS, "health.proto"),
+                         (REFLECTION_PROTOS, "reflection.proto")):
+        subprocess.run(["protoc", f"-I{protos}", f"--python_out={out}",
+                        f"--grpc_python_out={out}",
+                        "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", name],
+                       check=True)
     sys.path.insert(0, str(out))
     try:
         yield {name: importlib.import_module(name) for name in
@@ -100,7 +105,7 @@ def test_metrics_count_uploads_and_merges(tmp_path, amalgamd_path):
         process.wait(timeout=30)
 
 
-def test_health_and_reflection_from_standard_stubs(server, standard_stubs):
+def test_health_and_reflection_from_standard_stubs(server, standard_stubs, cli_path):
     health_pb2 = standard_stubs["health_pb2"]
     reflection_pb2 = standard_stubs["reflection_pb2"]
     with grpc.insecure_channel(server) as channel:
@@ -113,6 +118,10 @@ def test_health_and_reflection_from_standard_stubs(server, standard_stubs):
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"amalgam.v1.ArtifactService", "amalgam.v1.JobService",
             "grpc.health.v1.Health"} <= names
+    # The container health check.
+    run = subprocess.run([cli_path, "--server", server, "health"], capture_output=True,
+                         text=True, timeout=30)
+    assert (run.returncode, run.stdout.strip()) == (0, "SERVING")
 
 
 def test_sigterm_drains_running_jobs(tmp_path, amalgamd_path, standard_stubs):

@@ -1,0 +1,110 @@
+"""Static checks of the deployment files (no Docker engine or cluster here):
+the Dockerfile, docker-compose.yml, the Kubernetes manifests and the Grafana
+dashboard parse, reference files that exist, carry the required fields, and
+query only metrics the server exports."""
+
+import json
+import pathlib
+import re
+import urllib.request
+
+import torch
+import yaml
+
+from conftest import metrics_port
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_dockerfile_is_multi_stage_non_root_with_a_health_check():
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\w+)", text, re.M)
+    assert stages == ["build", "runtime"]
+    runtime = text.split(" AS runtime", 1)[1]
+    user = re.search(r"^USER (\S+)", runtime, re.M)
+    assert user and user.group(1) not in ("root", "0")
+    assert re.search(r"^EXPOSE 50051 9464$", runtime, re.M)
+    assert "HEALTHCHECK" in runtime and '"health"' in runtime
+    assert re.search(r"^ARG CUDA=", text, re.M) and "LIBTORCH_URL" in text
+    for source in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
+        assert (ROOT / source).exists(), source
+    # The image is built with the same set-up script as CI.
+    assert "scripts/setup.sh" in text
+
+
+def test_compose_file_parses_and_references_existing_files():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"amalgamd", "prometheus", "grafana"}
+    assert (ROOT / services["amalgamd"]["build"] / "Dockerfile").exists()
+    named = set(compose.get("volumes", {}))
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source}"
+            else:
+                assert source in named, f"{name}: {source}"
+        for dependency in service.get("depends_on", []):
+            assert dependency in services
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["amalgamd:9464"] and "9464:9464" in services["amalgamd"]["ports"]
+
+
+def test_kubernetes_manifests_have_the_required_fields():
+    documents = [d for f in sorted((ROOT / "deploy/k8s").glob("*.yaml"))
+                 for d in yaml.safe_load_all(f.read_text()) if d]
+    by_kind = {}
+    for d in documents:
+        assert d["apiVersion"] and d["metadata"]["name"], d
+        by_kind.setdefault(d["kind"], []).append(d)
+    assert {"StatefulSet", "Service", "Secret", "ConfigMap", "ServiceMonitor"} <= set(by_kind)
+    statefulset = by_kind["StatefulSet"][0]
+    pod = statefulset["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+    assert container["livenessProbe"]["grpc"]["port"] == 50051
+    assert container["resources"]["requests"]["cpu"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"] for v in pod["volumes"]} | {"data"}
+    assert mounts <= volumes
+    assert any(a.startswith("--tokens=") for a in container["args"])
+    service = by_kind["Service"][0]
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert {"grpc", "metrics"} <= port_names
+    assert service["spec"]["selector"].items() <= labels.items()
+    monitor = by_kind["ServiceMonitor"][0]
+    assert monitor["spec"]["endpoints"][0]["port"] in port_names
+
+
+def test_dashboard_queries_only_exported_metrics(client, session_server):
+    # Activity first, so every family has samples.
+    w = client.upload_weights({"w": torch.ones(2, 2)}, name="dashboard")
+    client.merge([w, w], "average").wait()
+    port = metrics_port(session_server[1])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    families = dict(re.findall(r"^# TYPE (\w+) (\w+)$", text, re.M))
+    exported = set(families)
+    for name, kind in families.items():
+        if kind == "histogram":
+            exported |= {name + "_bucket", name + "_sum", name + "_count"}
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/amalgam.json").read_text())
+    datasources = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    uids = {d["uid"] for d in datasources["datasources"]}
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] in uids
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\bamalgam_\w+", target["expr"]))
+    assert queried, "the dashboard queries nothing"
+    assert queried <= exported, queried - exported
+    # Every exported family is on the dashboard.
+    missing = {f for f in families
+               if not {f, f + "_bucket", f + "_sum", f + "_count"} & queried}
+    assert not missing, missing
