@@ -1,7 +1,11 @@
 #include "server/metrics.h"
 
+#include <dlfcn.h>
 #include <httplib.h>
+#include <unistd.h>
 
+#include <fstream>
+#include <limits>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -98,8 +102,50 @@ class RpcObserver : public grpc::experimental::Interceptor {
 
 }  // namespace
 
+std::pair<int64_t, int64_t> DeviceMemory(const std::string& device) {
+  if (device == "cpu") {
+    int64_t resident_pages = 0, total_kib = 0;
+    std::ifstream statm("/proc/self/statm");
+    int64_t size_pages = 0;
+    statm >> size_pages >> resident_pages;
+    std::ifstream meminfo("/proc/meminfo");
+    std::string key;
+    while (meminfo >> key) {
+      if (key == "MemTotal:") {
+        meminfo >> total_kib;
+        break;
+      }
+      meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+    }
+    return {resident_pages * ::sysconf(_SC_PAGESIZE), total_kib * 1024};
+  }
+  int index = 0;
+  if (!absl::StartsWith(device, "cuda") ||
+      (device.size() > 5 && !absl::SimpleAtoi(device.substr(5), &index))) {
+    return {0, 0};
+  }
+  // The CUDA runtime's cudaSetDevice / cudaMemGetInfo, if it is loaded.
+  using SetDevice = int (*)(int);
+  using MemGetInfo = int (*)(size_t*, size_t*);
+  static void* cudart = [] {
+    void* handle = dlopen("libcudart.so", RTLD_NOW | RTLD_NOLOAD);
+    if (handle == nullptr) handle = dlopen("libcudart.so", RTLD_NOW);
+    return handle;
+  }();
+  if (cudart == nullptr) return {0, 0};
+  auto set_device = reinterpret_cast<SetDevice>(dlsym(cudart, "cudaSetDevice"));
+  auto get_info = reinterpret_cast<MemGetInfo>(dlsym(cudart, "cudaMemGetInfo"));
+  size_t free_bytes = 0, total_bytes = 0;
+  if (set_device == nullptr || get_info == nullptr || set_device(index) != 0 ||
+      get_info(&free_bytes, &total_bytes) != 0) {
+    return {0, 0};
+  }
+  return {static_cast<int64_t>(total_bytes - free_bytes),
+          static_cast<int64_t>(total_bytes)};
+}
+
 Metrics::Metrics(const std::string& device)
-    : registry_(std::make_shared<prometheus::Registry>()) {
+    : registry_(std::make_shared<prometheus::Registry>()), device_(device) {
   prometheus::Registry& r = *registry_;
   rpcs_ = &BuildCounter()
                .Name("amalgam_rpcs_total")
@@ -161,6 +207,15 @@ Metrics::Metrics(const std::string& device)
                        .Help("Bytes of distinct artifact blobs stored")
                        .Register(r)
                        .Add({});
+  auto& device_memory = BuildGauge()
+                            .Name("amalgam_device_memory_bytes")
+                            .Help(
+                                "Memory of the device jobs run on: used "
+                                "(cpu: this process's resident set) and "
+                                "total")
+                            .Register(r);
+  device_used_ = &device_memory.Add({{"device", device}, {"kind", "used"}});
+  device_total_ = &device_memory.Add({{"device", device}, {"kind", "total"}});
   BuildGauge()
       .Name("amalgam_device_info")
       .Help("The device jobs run on (value 1)")
@@ -210,6 +265,12 @@ void Metrics::SetQueue(int64_t queued, int64_t running) {
 void Metrics::SetStored(int64_t artifacts, int64_t bytes) {
   artifacts_->Set(static_cast<double>(artifacts));
   stored_bytes_->Set(static_cast<double>(bytes));
+}
+
+void Metrics::RefreshDeviceMemory() {
+  const auto [used, total] = DeviceMemory(device_);
+  device_used_->Set(static_cast<double>(used));
+  device_total_->Set(static_cast<double>(total));
 }
 
 std::string Metrics::Serialize() const {

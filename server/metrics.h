@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "prometheus/counter.h"
@@ -47,6 +48,8 @@ class Metrics {
   // Refreshed before each scrape.
   void SetQueue(int64_t queued, int64_t running);
   void SetStored(int64_t artifacts, int64_t bytes);
+  // Reads the device's memory in use and in total (refreshed per scrape).
+  void RefreshDeviceMemory();
 
   // The text exposition of every metric.
   std::string Serialize() const;
@@ -66,7 +69,16 @@ class Metrics {
   prometheus::Gauge* running_;
   prometheus::Gauge* artifacts_;
   prometheus::Gauge* stored_bytes_;
+  const std::string device_;
+  prometheus::Gauge* device_used_;
+  prometheus::Gauge* device_total_;
 };
+
+// Memory of `device` in bytes: {used, total}. For "cpu" the process's
+// resident set and the machine's memory; for "cuda:N" what the CUDA runtime
+// reports (loaded at run time, so a CPU-only build needs no CUDA). {0, 0}
+// when unknown.
+std::pair<int64_t, int64_t> DeviceMemory(const std::string& device);
 
 // Counts and times every RPC into `metrics` and writes one log line per RPC:
 // method, organisation, code, duration and bytes sent.

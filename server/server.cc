@@ -149,6 +149,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
             options.metrics_listen, metrics, [storage, jobs, metrics] {
               const auto [queued, running] = jobs->Counts();
               metrics->SetQueue(queued, running);
+              metrics->RefreshDeviceMemory();
               absl::StatusOr<std::pair<int64_t, int64_t>> stored =
                   storage->Stats();
               if (stored.ok()) {

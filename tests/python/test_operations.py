@@ -100,6 +100,9 @@ def test_metrics_count_uploads_and_merges(tmp_path, amalgamd_path):
         assert sample(after, "amalgam_uploads_in_progress") == 0
         assert sample(after, "amalgam_build_info", version="0.1.0") == 1
         assert sample(after, "amalgam_device_info", device="cpu") == 1
+        used = sample(after, "amalgam_device_memory_bytes", device="cpu", kind="used")
+        total = sample(after, "amalgam_device_memory_bytes", device="cpu", kind="total")
+        assert 1 << 20 < used < total
     finally:
         process.terminate()
         process.wait(timeout=30)
