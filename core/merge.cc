@@ -13,8 +13,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
+#include <future>
 #include <memory>
 #include <new>
+#include <thread>
 #include <tuple>
 #include <utility>
 
@@ -22,6 +26,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "core/status_macros.h"
 #include "core/torch_util.h"
 
@@ -315,6 +320,86 @@ absl::StatusOr<const TensorInfo*> FindPlanned(const SafetensorsReader& reader,
   return info;
 }
 
+// Writes tensors on a thread of its own while the caller computes the next
+// ones: at most `depth` tensors wait, so memory stays bounded; depth 0
+// writes in the caller, in order. One producer.
+class PipelinedWriter {
+ public:
+  PipelinedWriter(SafetensorsWriter* writer, size_t depth)
+      : writer_(writer), depth_(depth) {
+    if (depth_ > 0) thread_ = std::thread([this] { Loop(); });
+  }
+  ~PipelinedWriter() { Close().IgnoreError(); }
+
+  // Queues `bytes` (kept alive by `owner`, may be undefined when the bytes
+  // are mapped input) and runs `after` once they are written. Returns the
+  // first write error so far.
+  absl::Status Push(absl::Span<const uint8_t> bytes, at::Tensor owner,
+                    std::function<void()> after) {
+    if (depth_ == 0) {
+      absl::Status status;
+      if (!bytes.empty()) status = writer_->Append(bytes);
+      if (after) after();
+      return status;
+    }
+    absl::MutexLock lock(&mu_);
+    auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return queue_.size() < depth_ || !status_.ok();
+    };
+    mu_.Await(absl::Condition(&room));
+    if (!status_.ok()) return status_;
+    queue_.push_back({bytes, std::move(owner), std::move(after)});
+    return absl::OkStatus();
+  }
+
+  // Writes what is queued and stops the thread; the first error, if any.
+  absl::Status Close() {
+    {
+      absl::MutexLock lock(&mu_);
+      closing_ = true;
+    }
+    if (thread_.joinable()) thread_.join();
+    absl::MutexLock lock(&mu_);
+    return status_;
+  }
+
+ private:
+  struct Item {
+    absl::Span<const uint8_t> bytes;
+    at::Tensor owner;
+    std::function<void()> after;
+  };
+
+  void Loop() {
+    while (true) {
+      Item item;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return !queue_.empty() || closing_;
+        };
+        mu_.Await(absl::Condition(&ready));
+        if (queue_.empty()) return;
+        item = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      absl::Status status;
+      if (!item.bytes.empty()) status = writer_->Append(item.bytes);
+      if (item.after) item.after();
+      absl::MutexLock lock(&mu_);
+      if (status_.ok()) status_ = status;
+    }
+  }
+
+  SafetensorsWriter* const writer_;
+  const size_t depth_;
+  absl::Mutex mu_;
+  std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status status_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
 struct ExecContext {
   const MergePlan* plan;
   const std::vector<MergeInput>* inputs;
@@ -323,11 +408,53 @@ struct ExecContext {
 };
 
 // Weighted average sum c_i W_i, accumulated in model order.
+// out = sum_i c_i in_i in one pass over the inputs, chunk by chunk so the
+// partial sums stay in cache: memory traffic is the inputs read once and the
+// output written once.
+template <typename T>
+void WeightedSum(const std::vector<at::Tensor>& in,
+                 const std::vector<double>& c, at::Tensor& out) {
+  std::vector<const T*> sources;
+  for (const at::Tensor& t : in) sources.push_back(t.data_ptr<T>());
+  T* target = out.data_ptr<T>();
+  constexpr int64_t kChunk = 1 << 14;  // 64 KiB of float
+  at::parallel_for(0, out.numel(), kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t start = begin; start < end; start += kChunk) {
+      const int64_t stop = std::min(end, start + kChunk);
+      const T c0 = static_cast<T>(c[0]);
+      const T* first = sources[0];
+      for (int64_t j = start; j < stop; ++j) target[j] = c0 * first[j];
+      for (size_t i = 1; i < sources.size(); ++i) {
+        const T ci = static_cast<T>(c[i]);
+        const T* source = sources[i];
+        for (int64_t j = start; j < stop; ++j) target[j] += ci * source[j];
+      }
+    }
+  });
+}
+
 at::Tensor MergeAverage(const ExecContext& ctx,
                         const std::vector<const TensorInfo*>& weights,
                         at::ScalarType compute) {
   const auto& inputs = *ctx.inputs;
   const auto& c = ctx.plan->coefficients;
+  if (ctx.device.is_cpu() &&
+      (compute == at::kFloat || compute == at::kDouble) &&
+      ScalarTypeOf(weights[0]->dtype) == compute) {
+    // The inputs already hold the compute type: no conversion, one pass.
+    std::vector<at::Tensor> in;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      in.push_back(Load(*inputs[i].weights, *weights[i], compute, ctx.device)
+                       .contiguous());
+    }
+    at::Tensor out = at::empty(in[0].sizes(), in[0].options());
+    if (compute == at::kFloat) {
+      WeightedSum<float>(in, c, out);
+    } else {
+      WeightedSum<double>(in, c, out);
+    }
+    return out;
+  }
   at::Tensor acc;
   for (size_t i = 0; i < inputs.size(); ++i) {
     at::Tensor w = Load(*inputs[i].weights, *weights[i], compute, ctx.device);
@@ -635,12 +762,46 @@ absl::Status ExecuteMerge(
   MergeProgress state;
   state.tensors_total = static_cast<int64_t>(plan.tensors.size());
   state.bytes_total = plan.output_bytes;
-  for (const PlannedTensor& t : plan.tensors) {
+  // Releases tensor `name` of every input from the resident set: streaming.
+  auto release = [&inputs](const std::string& name) {
+    for (const MergeInput& input : inputs) {
+      for (const SafetensorsReader* reader :
+           {input.weights, input.gram, input.fisher}) {
+        if (reader != nullptr) reader->Release(name);
+      }
+    }
+  };
+  auto prefetch = [&inputs](const std::string& name) {
+    for (const MergeInput& input : inputs) {
+      for (const SafetensorsReader* reader :
+           {input.weights, input.gram, input.fisher}) {
+        if (reader != nullptr) reader->Prefetch(name);
+      }
+    }
+  };
+  // Reading (kernel read-ahead of the next tensor), merging (this thread)
+  // and writing (the pipeline's thread) overlap.
+  PipelinedWriter pipeline(writer.get(), static_cast<size_t>(std::max(
+                                             0, options.write_queue_depth)));
+  for (size_t index = 0; index < plan.tensors.size(); ++index) {
+    const PlannedTensor& t = plan.tensors[index];
     if (cancelled != nullptr && cancelled->load()) {
       return absl::CancelledError(
           absl::StrCat("merge cancelled after ", state.tensors_done, " of ",
                        state.tensors_total, " tensors"));
     }
+    // The next tensor's pages come in on another thread meanwhile.
+    std::future<void> prefetched;
+    if (index + 1 < plan.tensors.size()) {
+      prefetched = std::async(std::launch::async, prefetch,
+                              plan.tensors[index + 1].info.name);
+    }
+    struct WaitForPrefetch {
+      std::future<void>& future;
+      ~WaitForPrefetch() {
+        if (future.valid()) future.wait();
+      }
+    } wait_for_prefetch{prefetched};
     if (t.rule == TensorRule::kCopy) {
       if (t.copy_from < 0 || t.copy_from >= static_cast<int>(inputs.size())) {
         return absl::InvalidArgumentError(
@@ -656,10 +817,11 @@ absl::Status ExecuteMerge(
             absl::StrCat("tensor \"", t.info.name, "\" of model ", model,
                          " no longer matches the plan"));
       }
-      if (info->nbytes > 0) {
-        AMALGAM_RETURN_IF_ERROR(
-            writer->Append(inputs[t.copy_from].weights->Data(*info)));
-      }
+      // Written straight from the mapping; released once written.
+      AMALGAM_RETURN_IF_ERROR(pipeline.Push(
+          info->nbytes > 0 ? inputs[t.copy_from].weights->Data(*info)
+                           : absl::Span<const uint8_t>(),
+          at::Tensor(), [&release, name = t.info.name] { release(name); }));
     } else {
       AMALGAM_ASSIGN_OR_RETURN(
           at::Tensor out,
@@ -671,22 +833,17 @@ absl::Status ExecuteMerge(
             absl::StrCat("merged tensor \"", t.info.name, "\" has ", nbytes,
                          " bytes, expected ", t.info.nbytes));
       }
-      if (nbytes > 0) {
-        AMALGAM_RETURN_IF_ERROR(writer->Append(absl::Span<const uint8_t>(
-            static_cast<const uint8_t*>(out.data_ptr()), nbytes)));
-      }
-    }
-    // Streaming: this tensor's inputs are done with, keep them out of RSS.
-    for (const MergeInput& input : inputs) {
-      for (const SafetensorsReader* reader :
-           {input.weights, input.gram, input.fisher}) {
-        if (reader != nullptr) reader->Release(t.info.name);
-      }
+      // The inputs are done with: keep them out of RSS.
+      release(t.info.name);
+      const absl::Span<const uint8_t> bytes(
+          static_cast<const uint8_t*>(out.data_ptr()), nbytes);
+      AMALGAM_RETURN_IF_ERROR(pipeline.Push(bytes, std::move(out), nullptr));
     }
     ++state.tensors_done;
     state.bytes_done += t.info.nbytes;
     if (progress) progress(state);
   }
+  AMALGAM_RETURN_IF_ERROR(pipeline.Close());
   return writer->Finish();
 }
 

@@ -51,6 +51,9 @@ struct MergeOptions {
   double fisher_floor = 1e-12;
   // "cpu", "cuda", "cuda:N" or "auto".
   std::string device = "cpu";
+  // Merged tensors waiting for the writer thread; 0 writes each tensor
+  // before merging the next (no overlap: the baseline of bench/merge_rss).
+  int write_queue_depth = 2;
 };
 
 // How one output tensor is produced.

@@ -579,19 +579,43 @@ absl::Span<const uint8_t> SafetensorsReader::Data(
                                    tensor.nbytes);
 }
 
+namespace {
+
+// madvise(advice) over the pages that hold `tensor`; madvise's result.
+int AdvisePages(const void* bytes, uint64_t offset, uint64_t nbytes,
+                int advice) {
+  static const uintptr_t kPage =
+      static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(bytes) + offset;
+  const uintptr_t first = begin & ~(kPage - 1);
+  const uintptr_t last = begin + nbytes;
+  return ::madvise(reinterpret_cast<void*>(first), last - first, advice);
+}
+
+}  // namespace
+
 void SafetensorsReader::Release(absl::string_view name) const {
   const TensorInfo* tensor = Find(name);
   if (tensor == nullptr || tensor->nbytes == 0) return;
-  const Mapping& mapping = *files_[tensor->file_index];
-  static const uintptr_t kPage =
-      static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin =
-      reinterpret_cast<uintptr_t>(mapping.bytes()) + tensor->file_offset;
-  const uintptr_t first = begin & ~(kPage - 1);
-  const uintptr_t last = begin + tensor->nbytes;
   // Read-only private file pages: dropping them costs at most a re-read from
   // the page cache if a neighbour on a shared page is touched again.
-  ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  AdvisePages(files_[tensor->file_index]->bytes(), tensor->file_offset,
+              tensor->nbytes, MADV_DONTNEED);
+}
+
+void SafetensorsReader::Prefetch(absl::string_view name) const {
+  const TensorInfo* tensor = Find(name);
+  if (tensor == nullptr || tensor->nbytes == 0) return;
+  const void* bytes = files_[tensor->file_index]->bytes();
+#ifdef MADV_POPULATE_READ
+  // Reads the pages in and maps them (Linux 5.14+), so the merge that follows
+  // takes no page faults; older kernels refuse it and get read-ahead only.
+  if (AdvisePages(bytes, tensor->file_offset, tensor->nbytes,
+                  MADV_POPULATE_READ) == 0) {
+    return;
+  }
+#endif
+  AdvisePages(bytes, tensor->file_offset, tensor->nbytes, MADV_WILLNEED);
 }
 
 absl::Status CheckAllFinite(const SafetensorsReader& reader) {

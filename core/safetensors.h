@@ -78,6 +78,11 @@ class SafetensorsReader {
   // (they stay in the page cache), so a pass over a large file keeps memory
   // bounded. The bytes stay readable. No-op for an unknown name.
   void Release(absl::string_view name) const;
+  // Reads tensor `name`'s pages in and maps them (MADV_POPULATE_READ, or
+  // read-ahead on kernels without it). Blocking: call it on another thread
+  // for the next tensor while working on this one. No-op for an unknown
+  // name.
+  void Prefetch(absl::string_view name) const;
   // Sum of all tensors' nbytes.
   uint64_t total_bytes() const { return total_bytes_; }
 
