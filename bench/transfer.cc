@@ -1,0 +1,204 @@
+// Upload and download throughput of amalgamd against a bare gRPC stream on
+// the same machine, in one run.
+//
+//   transfer [--mib 1024] [--dir build/transfer] [--amalgamd
+//   build/bin/amalgamd]
+//
+// Baseline: an in-process callback server whose Upload reads UploadRequest
+// chunks (1 MiB, the client library's size) and drops them, over loopback.
+// Measured: the real amalgamd (child process) with the C++ client's Upload
+// (the file's sha256 is computed first, then streamed; the server hashes,
+// fsyncs, validates and catalogs) and Download (written, fsynced, hashed).
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "amalgam/v1/amalgam.grpc.pb.h"
+#include "client/cpp/client.h"
+#include "core/safetensors.h"
+#include "core/sha256.h"
+#include "grpcpp/grpcpp.h"
+#include "tests/integration/server_process.h"
+
+ABSL_FLAG(int, mib, 1024, "size of the artifact");
+ABSL_FLAG(std::string, dir, "build/transfer", "scratch directory");
+ABSL_FLAG(std::string, amalgamd, "build/bin/amalgamd", "server binary");
+
+namespace {
+
+namespace v1 = amalgam::v1;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Receives upload streams and drops the bytes: what gRPC alone costs.
+class NullUpload final : public v1::ArtifactService::CallbackService {
+  grpc::ServerReadReactor<v1::UploadRequest>* Upload(
+      grpc::CallbackServerContext*, v1::UploadResponse*) override {
+    class Reactor : public grpc::ServerReadReactor<v1::UploadRequest> {
+     public:
+      Reactor() { StartRead(&request_); }
+      void OnReadDone(bool ok) override {
+        if (!ok) {
+          Finish(grpc::Status::OK);
+          return;
+        }
+        StartRead(&request_);
+      }
+      void OnDone() override { delete this; }
+
+     private:
+      v1::UploadRequest request_;
+    };
+    return new Reactor();
+  }
+};
+
+// Streams `bytes` in 1 MiB chunks to `stub`'s Upload; seconds taken.
+double BareUpload(v1::ArtifactService::Stub* stub, int64_t bytes) {
+  std::string data(1 << 20, 'x');
+  const auto start = Clock::now();
+  grpc::ClientContext context;
+  v1::UploadResponse response;
+  auto writer = stub->Upload(&context, &response);
+  v1::UploadRequest request;
+  request.mutable_header()->set_size_bytes(bytes);
+  writer->Write(request);
+  for (int64_t offset = 0; offset < bytes; offset += data.size()) {
+    request.Clear();
+    request.mutable_chunk()->set_offset(offset);
+    request.mutable_chunk()->set_data(data);
+    if (!writer->Write(request)) break;
+  }
+  writer->WritesDone();
+  writer->Finish().IgnoreError();
+  return Seconds(start);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const int64_t bytes = int64_t{absl::GetFlag(FLAGS_mib)} << 20;
+  const std::string dir = absl::GetFlag(FLAGS_dir);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+
+  // A safetensors file of one F32 tensor of random values.
+  const std::string path = dir + "/model.safetensors";
+  {
+    auto writer = amalgam::core::SafetensorsWriter::Create(
+        path, {{"w", amalgam::core::DType::kF32, {bytes / 4}}}, {});
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> uniform(-1, 1);
+    std::vector<float> block(1 << 18);
+    for (int64_t done = 0; done < bytes; done += block.size() * 4) {
+      for (float& v : block) v = uniform(rng);
+      (*writer)
+          ->Append(absl::Span<const uint8_t>(
+              reinterpret_cast<const uint8_t*>(block.data()), block.size() * 4))
+          .IgnoreError();
+    }
+    (*writer)->Finish().IgnoreError();
+  }
+  const double mib = static_cast<double>(bytes) / (1 << 20);
+
+  // Baseline: the bare stream.
+  NullUpload null_service;
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(),
+                           &port);
+  builder.SetMaxReceiveMessageSize(8 << 20);
+  builder.RegisterService(&null_service);
+  auto bare = builder.BuildAndStart();
+  grpc::ChannelArguments args;
+  args.SetMaxSendMessageSize(16 << 20);
+  auto stub = v1::ArtifactService::NewStub(
+      grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
+                                grpc::InsecureChannelCredentials(), args));
+  BareUpload(stub.get(), int64_t{64} << 20);  // warm-up
+  const double bare_seconds = BareUpload(stub.get(), bytes);
+  bare->Shutdown();
+
+  // amalgamd.
+  amalgam::testing::ServerProcess server(absl::GetFlag(FLAGS_amalgamd),
+                                         dir + "/data");
+  if (!server.Start()) {
+    std::fprintf(stderr, "amalgamd did not start; see %s\n",
+                 server.log_path().c_str());
+    return 2;
+  }
+  amalgam::client::ClientOptions options;
+  options.address = server.address();
+  auto client = *amalgam::client::Client::Create(options);
+  auto start = Clock::now();
+  amalgam::core::Sha256File(path).IgnoreError();
+  const double hash_seconds = Seconds(start);
+  start = Clock::now();
+  auto artifact =
+      client->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "transfer", "");
+  const double upload_seconds = Seconds(start);
+  if (!artifact.ok()) {
+    std::fprintf(stderr, "upload: %s\n", artifact.status().ToString().c_str());
+    return 1;
+  }
+  start = Clock::now();
+  auto downloaded = client->Download(artifact->id(), dir + "/download");
+  const double download_seconds = Seconds(start);
+  if (!downloaded.ok()) {
+    std::fprintf(stderr, "download: %s\n",
+                 downloaded.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("| transfer | MiB | seconds | MiB/s | share of bare stream |\n");
+  std::printf("|---|---|---|---|---|\n");
+  std::printf(
+      "| bare gRPC stream (1 MiB chunks, dropped) | %.0f | %.2f | %.0f "
+      "| 100%% |\n",
+      mib, bare_seconds, mib / bare_seconds);
+  std::printf(
+      "| amalgam upload (hash, stream, verify, fsync, catalog) | %.0f "
+      "| %.2f | %.0f | %.0f%% |\n",
+      mib, upload_seconds, mib / upload_seconds,
+      100 * bare_seconds / upload_seconds);
+  std::printf(
+      "| amalgam download (stream, fsync, verify) | %.0f | %.2f | %.0f "
+      "| %.0f%% |\n",
+      mib, download_seconds, mib / download_seconds,
+      100 * bare_seconds / download_seconds);
+  // The durability floor: the same bytes written and fsynced to the same disk.
+  start = Clock::now();
+  {
+    std::ofstream out(dir + "/floor", std::ios::binary);
+    std::string block(1 << 20, 'y');
+    for (int64_t done = 0; done < bytes; done += block.size()) {
+      out.write(block.data(), block.size());
+    }
+  }
+  const int fd = ::open((dir + "/floor").c_str(), O_RDONLY);
+  ::fsync(fd);
+  ::close(fd);
+  const double floor_seconds = Seconds(start);
+  std::printf(
+      "| baseline: write + fsync to the same disk | %.0f | %.2f | %.0f | "
+      "%.0f%% |\n",
+      mib, floor_seconds, mib / floor_seconds,
+      100 * bare_seconds / floor_seconds);
+  std::printf("\nsha256 of the file alone (client side, OpenSSL): %.2f s\n",
+              hash_seconds);
+  return 0;
+}
