@@ -1,0 +1,221 @@
+// RegMean of 3 BERT-base-shaped models (12 layers, hidden 768, intermediate
+// 3072; random weights and random positive definite Grams) in one run:
+// core::ExecuteMerge against a straightforward PyTorch implementation of the
+// paper's formula (bench/regmean_reference.py run by /usr/bin/python3 on the
+// same files), and the merge's GFLOP/s against this machine's float64 matmul
+// rate measured here.
+//
+//   regmean_bert [--dir build/regmean-bert] [--layers 12]
+#include <ATen/ATen.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "core/merge.h"
+#include "core/safetensors.h"
+
+ABSL_FLAG(std::string, dir, "build/regmean-bert", "scratch directory");
+ABSL_FLAG(int, layers, 12, "encoder layers");
+
+namespace {
+
+namespace core = amalgam::core;
+using Clock = std::chrono::steady_clock;
+
+constexpr int kModels = 3;
+constexpr int64_t kHidden = 768, kInner = 3072;
+constexpr double kAlpha = 0.9;
+
+double Seconds(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+struct Linear {
+  std::string name;
+  int64_t out, in;
+};
+
+std::vector<Linear> Linears(int layers) {
+  std::vector<Linear> linears;
+  for (int l = 0; l < layers; ++l) {
+    const std::string p = absl::StrCat("encoder.layer.", l, ".");
+    for (const char* m : {"query", "key", "value"}) {
+      linears.push_back(
+          {p + "attention.self." + m + ".weight", kHidden, kHidden});
+    }
+    linears.push_back({p + "attention.output.dense.weight", kHidden, kHidden});
+    linears.push_back({p + "intermediate.dense.weight", kInner, kHidden});
+    linears.push_back({p + "output.dense.weight", kHidden, kInner});
+  }
+  return linears;
+}
+
+void WriteFile(const std::string& path,
+               const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+               const std::map<std::string, std::string>& metadata) {
+  std::vector<core::TensorSpec> specs;
+  for (const auto& [name, t] : tensors) {
+    specs.push_back({name, core::DType::kF32, t.sizes().vec()});
+  }
+  auto writer = core::SafetensorsWriter::Create(path, specs, metadata);
+  for (const auto& [name, t] : tensors) {
+    (*writer)
+        ->Append(absl::Span<const uint8_t>(
+            static_cast<const uint8_t*>(t.data_ptr()), t.numel() * 4))
+        .IgnoreError();
+  }
+  (*writer)->Finish().IgnoreError();
+}
+
+// Model m's weights and Grams (G = B B^T / r + I/10 with B n x 64: positive
+// definite, with a spread of eigenvalues like real activations).
+void Generate(const std::string& dir, int layers) {
+  at::manual_seed(2026);
+  for (int m = 0; m < kModels; ++m) {
+    std::vector<std::pair<std::string, at::Tensor>> weights, grams;
+    for (const Linear& linear : Linears(layers)) {
+      weights.push_back(
+          {linear.name, at::randn({linear.out, linear.in}) * 0.05});
+      const std::string bias =
+          linear.name.substr(0, linear.name.size() - 6) + "bias";
+      weights.push_back({bias, at::randn({linear.out}) * 0.05});
+      at::Tensor b = at::randn({linear.in, 64});
+      grams.push_back(
+          {linear.name, at::matmul(b, b.t()) / 64 + at::eye(linear.in) * 0.1});
+    }
+    WriteFile(absl::StrCat(dir, "/model", m, ".safetensors"), weights, {});
+    WriteFile(absl::StrCat(dir, "/gram", m, ".safetensors"), grams,
+              {{"num_examples", "1000"}, {"reduction", "mean"}});
+  }
+}
+
+// Floating-point operations of the RegMean formula per weight: forming
+// sum G~ (N n^2) and sum G~ W^T (N 2 n^2 m), Cholesky (n^3/3) and the two
+// triangular solves (2 n^2 m).
+double Flops(int layers) {
+  double flops = 0;
+  for (const Linear& l : Linears(layers)) {
+    const double n = static_cast<double>(l.in), m = static_cast<double>(l.out);
+    flops += kModels * n * n + kModels * 2 * n * n * m + n * n * n / 3 +
+             2 * n * n * m;
+  }
+  return flops;
+}
+
+// This machine's float64 matmul rate, GFLOP/s (2048 x 2048, best of 3).
+double MatmulGflops() {
+  at::Tensor a = at::randn({2048, 2048}, at::kDouble);
+  at::Tensor b = at::randn({2048, 2048}, at::kDouble);
+  at::matmul(a, b);
+  double best = 0;
+  for (int i = 0; i < 3; ++i) {
+    const auto start = Clock::now();
+    at::Tensor c = at::matmul(a, b);
+    best = std::max(best, 2.0 * 2048 * 2048 * 2048 / Seconds(start) / 1e9);
+  }
+  return best;
+}
+
+int RunMerge(const std::string& dir) {
+  std::vector<std::unique_ptr<core::SafetensorsReader>> readers;
+  std::vector<core::MergeInput> inputs;
+  for (int m = 0; m < kModels; ++m) {
+    core::MergeInput input;
+    readers.push_back(*core::SafetensorsReader::Open(
+        absl::StrCat(dir, "/model", m, ".safetensors")));
+    input.weights = readers.back().get();
+    readers.push_back(*core::SafetensorsReader::Open(
+        absl::StrCat(dir, "/gram", m, ".safetensors")));
+    input.gram = readers.back().get();
+    input.label = absl::StrCat("model", m);
+    inputs.push_back(input);
+  }
+  core::MergeOptions options;
+  options.method = core::MergeMethod::kRegMean;
+  options.alpha = kAlpha;
+  auto plan = core::PlanMerge(inputs, options);
+  if (!plan.ok()) {
+    std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
+    return 1;
+  }
+  absl::Status status = core::ExecuteMerge(
+      *plan, inputs, options, dir + "/merged.safetensors", nullptr, nullptr);
+  if (!status.ok()) {
+    std::fprintf(stderr, "%s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const std::string dir = absl::GetFlag(FLAGS_dir);
+  const int layers = absl::GetFlag(FLAGS_layers);
+  std::filesystem::create_directories(dir);
+  if (!std::filesystem::exists(dir + "/gram2.safetensors")) {
+    Generate(dir, layers);
+  }
+
+  // Ours, in a child (for its peak RSS).
+  auto start = Clock::now();
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(RunMerge(dir));
+  int status = 0;
+  struct rusage usage {};
+  ::wait4(child, &status, 0, &usage);
+  const double ours = Seconds(start);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return 1;
+  const double ours_rss_mib = usage.ru_maxrss / 1024.0;
+
+  // The reference, same files, same machine; it reports its own time (load,
+  // merge, save: no interpreter start-up), peak RSS and the difference.
+  const std::string command = absl::StrCat(
+      "PYTHONPATH=", AMALGAM_SOURCE_DIR, "/client/python /usr/bin/python3 ",
+      AMALGAM_SOURCE_DIR, "/bench/regmean_reference.py ", dir, " ", kModels,
+      " ", kAlpha);
+  std::FILE* pipe = ::popen(command.c_str(), "r");
+  double python = 0, python_rss_mib = 0, difference = 0;
+  if (pipe == nullptr ||
+      std::fscanf(pipe,
+                  "seconds=%lf peak_rss_mib=%lf max_relative_difference=%lf",
+                  &python, &python_rss_mib, &difference) != 3 ||
+      ::pclose(pipe) != 0) {
+    std::fprintf(stderr, "the reference failed\n");
+    return 1;
+  }
+
+  const double gflop = Flops(layers) / 1e9;
+  const double peak = MatmulGflops();
+  std::printf(
+      "| implementation | seconds | speed-up | GFLOP/s | share of f64 matmul "
+      "(%.1f GFLOP/s) | peak RSS (MiB) |\n",
+      peak);
+  std::printf("|---|---|---|---|---|---|\n");
+  std::printf(
+      "| amalgam core::ExecuteMerge | %.1f | %.2fx | %.1f | %.0f%% | %.0f |\n",
+      ours, python / ours, gflop / ours, 100 * gflop / ours / peak,
+      ours_rss_mib);
+  std::printf(
+      "| PyTorch reference (bench/regmean_reference.py) | %.1f | 1.00x | %.1f "
+      "| %.0f%% | %.0f |\n",
+      python, gflop / python, 100 * gflop / python / peak, python_rss_mib);
+  std::printf(
+      "\n%d layers, %d models, %.1f GFLOP per merge (formula count); largest "
+      "relative difference between the two results: %.2g\n",
+      layers, kModels, gflop, difference);
+  return 0;
+}
