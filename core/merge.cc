@@ -16,6 +16,7 @@
 #include <deque>
 #include <functional>
 #include <future>
+#include <map>
 #include <memory>
 #include <new>
 #include <thread>
@@ -400,11 +401,59 @@ class PipelinedWriter {
   std::thread thread_;
 };
 
+// Output buffers for merged CPU tensors, reused once the writer is done
+// with them: fresh buffers of tens of MiB would fault every page in again.
+// Must outlive every tensor it hands out.
+class BufferPool {
+ public:
+  ~BufferPool() {
+    for (const auto& [bytes, buffer] : free_) std::free(buffer);
+  }
+
+  at::Tensor Empty(at::IntArrayRef sizes, at::ScalarType type) {
+    int64_t numel = 1;
+    for (int64_t d : sizes) numel *= d;
+    const size_t bytes = static_cast<size_t>(numel) * at::elementSize(type);
+    void* buffer = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        buffer = it->second;
+        free_.erase(it);
+      }
+    }
+    if (buffer == nullptr) {
+      buffer =
+          std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
+      if (buffer == nullptr) throw std::bad_alloc();
+    }
+    return at::from_blob(
+        buffer, sizes, [this, bytes](void* p) { Return(p, bytes); },
+        at::TensorOptions().dtype(type));
+  }
+
+ private:
+  void Return(void* buffer, size_t bytes) {
+    absl::MutexLock lock(&mu_);
+    if (free_.size() < kMaxFree) {
+      free_.emplace(bytes, buffer);
+    } else {
+      std::free(buffer);
+    }
+  }
+
+  static constexpr size_t kMaxFree = 4;
+  absl::Mutex mu_;
+  std::multimap<size_t, void*> free_ ABSL_GUARDED_BY(mu_);
+};
+
 struct ExecContext {
   const MergePlan* plan;
   const std::vector<MergeInput>* inputs;
   const MergeOptions* options;
   at::Device device;
+  BufferPool* buffers;
 };
 
 // Weighted average sum c_i W_i, accumulated in model order.
@@ -447,7 +496,7 @@ at::Tensor MergeAverage(const ExecContext& ctx,
       in.push_back(Load(*inputs[i].weights, *weights[i], compute, ctx.device)
                        .contiguous());
     }
-    at::Tensor out = at::empty(in[0].sizes(), in[0].options());
+    at::Tensor out = ctx.buffers->Empty(in[0].sizes(), compute);
     if (compute == at::kFloat) {
       WeightedSum<float>(in, c, out);
     } else {
@@ -758,7 +807,8 @@ absl::Status ExecuteMerge(
       std::unique_ptr<SafetensorsWriter> writer,
       SafetensorsWriter::Create(out_path, std::move(specs), metadata));
 
-  ExecContext ctx{&plan, &inputs, &options, device};
+  BufferPool buffers;
+  ExecContext ctx{&plan, &inputs, &options, device, &buffers};
   MergeProgress state;
   state.tensors_total = static_cast<int64_t>(plan.tensors.size());
   state.bytes_total = plan.output_bytes;
