@@ -558,16 +558,24 @@ absl::StatusOr<at::Tensor> MergeRegMean(
     at::Tensor w =
         Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
     average = i == 0 ? w.t().mul(c[i]) : average.add(w.t(), c[i]);
-    at::Tensor g = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device)
-                       .mul(c[i] * ctx.plan->gram_scale[i]);
-    at::Tensor gt = g;
+    // G~ = c s (alpha G + (1 - alpha) diag(G)), built in place: fresh
+    // buffers of this size cost a page fault per 4 KiB.
+    at::Tensor gt = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device);
+    if (gt.data_ptr() ==
+        static_cast<const void*>(inputs[i].gram->Data(*grams[i]).data())) {
+      gt = gt.clone();  // F64 Grams alias the read-only mapping
+    }
+    const double scale = c[i] * ctx.plan->gram_scale[i];
     if (alpha != 1.0) {
-      gt = g.mul(alpha);
-      gt.diagonal().copy_(g.diagonal());
+      at::Tensor diagonal = gt.diagonal().clone();
+      gt.mul_(alpha * scale);
+      gt.diagonal().copy_(diagonal.mul_(scale));
+    } else {
+      gt.mul_(scale);
     }
     at::Tensor gw = gt.matmul(w.t());  // [in, out]
     if (i == 0) {
-      a = gt.clone();
+      a = gt;
       b = gw;
     } else {
       a.add_(gt);

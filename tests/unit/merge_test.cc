@@ -375,6 +375,8 @@ class RegMeanTest : public MergeTest {
  protected:
   static constexpr int64_t kIn = 8;
   static constexpr int64_t kOut = 5;
+  // The dtype the Grams are stored in.
+  at::ScalarType gram_type_ = at::kFloat;
 
   // Model i: weight "lin.weight" [kOut, kIn], bias "lin.bias" [kOut], inputs
   // X_i [rows_i, kIn] and their Gram X_i^T X_i (a sum over rows).
@@ -401,12 +403,12 @@ class RegMeanTest : public MergeTest {
       MergeInput input =
           Input(Write("w" + id, {{"lin.weight", w}, {"lin.bias", b}}),
                 coeffs_.empty() ? 0 : coeffs_[i], "m" + id);
-      input.gram = Write("g" + id, {{"lin.weight", g.to(at::kFloat)}}, m);
+      input.gram = Write("g" + id, {{"lin.weight", g.to(gram_type_)}}, m);
       inputs_.push_back(input);
       xs_.push_back(x);
       ws_.push_back(w.to(at::kDouble));
       bs_.push_back(b.to(at::kDouble));
-      grams_.push_back(Rounded(g, at::kFloat));
+      grams_.push_back(Rounded(g, gram_type_));
     }
   }
 
@@ -458,6 +460,25 @@ TEST_F(RegMeanTest, AlphaOneMatchesTheNormalEquations) {
   auto out = Merge(inputs_, options);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(1.0)), 1e-6);
+}
+
+TEST_F(RegMeanTest, Float64GramsAreReadNotWritten) {
+  gram_type_ = at::kDouble;
+  coeffs_ = {1, 2, 3};
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 0.5;
+  auto first = Merge(inputs_, options, "first.safetensors");
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_LE(RelErr(Read(**first, "lin.weight"), Reference(0.5)), 1e-6);
+  // The merge works on copies: the mapped Grams are unchanged, so the same
+  // readers give the same result again.
+  auto second = Merge(inputs_, options, "second.safetensors");
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_TRUE(
+      at::equal(Read(**first, "lin.weight"), Read(**second, "lin.weight")));
+  EXPECT_TRUE(at::equal(Read(*inputs_[0].gram, "lin.weight"), grams_[0]));
 }
 
 TEST_F(RegMeanTest, AlphaHalfWithCoefficientsMatchesTheNormalEquations) {
