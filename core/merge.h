@@ -37,6 +37,14 @@ struct MergeInput {
   std::string label;
 };
 
+// Precision of RegMean's solve. The sums are formed in float64 either way.
+enum class RegMeanSolve {
+  kAuto,     // float32 on CUDA, float64 on the CPU
+  kFloat32,  // float32 Cholesky refined in float64; float64 when it does not
+             // converge (ill-conditioned)
+  kFloat64,  // float64 Cholesky, then LU
+};
+
 struct MergeOptions {
   MergeMethod method = MergeMethod::kAverage;
   // RegMean non-diagonal scaling in [0, 1].
@@ -51,6 +59,7 @@ struct MergeOptions {
   double fisher_floor = 1e-12;
   // "cpu", "cuda", "cuda:N" or "auto".
   std::string device = "cpu";
+  RegMeanSolve regmean_solve = RegMeanSolve::kAuto;
   // Merged tensors waiting for the writer thread; 0 writes each tensor
   // before merging the next (no overlap: the baseline of bench/merge_rss).
   int write_queue_depth = 2;
@@ -96,6 +105,9 @@ struct MergeProgress {
   int64_t tensors_total = 0;
   uint64_t bytes_done = 0;
   uint64_t bytes_total = 0;
+  // RegMean systems solved so far in refined float32 and in float64.
+  int64_t float32_solves = 0;
+  int64_t float64_solves = 0;
 };
 
 // Runs `plan` tensor by tensor, streaming the result into a safetensors file

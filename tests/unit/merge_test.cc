@@ -377,6 +377,9 @@ class RegMeanTest : public MergeTest {
   static constexpr int64_t kOut = 5;
   // The dtype the Grams are stored in.
   at::ScalarType gram_type_ = at::kFloat;
+  // When > 0, input feature 1 is feature 0 plus this much noise: nearly
+  // collinear features, an ill-conditioned Gram.
+  double collinear_ = 0;
 
   // Model i: weight "lin.weight" [kOut, kIn], bias "lin.bias" [kOut], inputs
   // X_i [rows_i, kIn] and their Gram X_i^T X_i (a sum over rows).
@@ -390,6 +393,10 @@ class RegMeanTest : public MergeTest {
       at::Tensor x =
           at::round(Randn({rows[i], kIn}, 500 + (equal_grams ? 0 : i)) *
                     at::linspace(0.5, 6.0, kIn, at::kDouble));
+      if (collinear_ > 0) {
+        x.select(1, 1).copy_(x.select(1, 0) +
+                             collinear_ * Randn({rows[i]}, 800 + i));
+      }
       at::Tensor w = Randn({kOut, kIn}, 600 + i).to(at::kFloat);
       at::Tensor b = Randn({kOut}, 700 + i).to(at::kFloat);
       at::Tensor g = x.t().matmul(x);
@@ -479,6 +486,53 @@ TEST_F(RegMeanTest, Float64GramsAreReadNotWritten) {
   EXPECT_TRUE(
       at::equal(Read(**first, "lin.weight"), Read(**second, "lin.weight")));
   EXPECT_TRUE(at::equal(Read(*inputs_[0].gram, "lin.weight"), grams_[0]));
+}
+
+// The float32 solve (what CUDA uses) refined in float64 is as accurate as
+// float64 on well-conditioned systems, and hands ill-conditioned ones to the
+// float64 solve.
+TEST_F(RegMeanTest, Float32SolveIsRefinedOrFallsBackToFloat64) {
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 1.0;
+  for (RegMeanSolve solve : {RegMeanSolve::kFloat32, RegMeanSolve::kFloat64}) {
+    options.regmean_solve = solve;
+    auto plan = PlanMerge(inputs_, options);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    MergeProgress last;
+    const std::string out =
+        Path(solve == RegMeanSolve::kFloat32 ? "f32" : "f64");
+    ASSERT_TRUE(ExecuteMerge(
+                    *plan, inputs_, options, out,
+                    [&](const MergeProgress& p) { last = p; }, nullptr)
+                    .ok());
+    EXPECT_LE(RelErr(Read(*Open(out), "lin.weight"), Reference(1.0)), 1e-6);
+    EXPECT_EQ(last.float32_solves, solve == RegMeanSolve::kFloat32 ? 1 : 0);
+    EXPECT_EQ(last.float64_solves, solve == RegMeanSolve::kFloat64 ? 1 : 0);
+  }
+}
+
+TEST_F(RegMeanTest, IllConditionedFloat32SolveFallsBackToFloat64) {
+  // Condition number near 1e12: beyond float32, fine for float64.
+  gram_type_ = at::kDouble;
+  collinear_ = 1e-5;
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 1.0;
+  options.regmean_solve = RegMeanSolve::kFloat32;
+  auto plan = PlanMerge(inputs_, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  MergeProgress last;
+  ASSERT_TRUE(ExecuteMerge(
+                  *plan, inputs_, options, Path("out"),
+                  [&](const MergeProgress& p) { last = p; }, nullptr)
+                  .ok());
+  EXPECT_EQ(last.float32_solves, 0);
+  EXPECT_EQ(last.float64_solves, 1);
+  EXPECT_LE(RelErr(Read(*Open(Path("out")), "lin.weight"), Reference(1.0)),
+            1e-4);
 }
 
 TEST_F(RegMeanTest, AlphaHalfWithCoefficientsMatchesTheNormalEquations) {
