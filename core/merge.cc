@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <new>
+#include <system_error>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -328,7 +329,12 @@ class PipelinedWriter {
  public:
   PipelinedWriter(SafetensorsWriter* writer, size_t depth)
       : writer_(writer), depth_(depth) {
-    if (depth_ > 0) thread_ = std::thread([this] { Loop(); });
+    if (depth_ == 0) return;
+    try {
+      thread_ = std::thread([this] { Loop(); });
+    } catch (const std::system_error&) {
+      depth_ = 0;  // no thread to be had: write in the caller
+    }
   }
   ~PipelinedWriter() { Close().IgnoreError(); }
 
@@ -393,7 +399,7 @@ class PipelinedWriter {
   }
 
   SafetensorsWriter* const writer_;
-  const size_t depth_;
+  size_t depth_;
   absl::Mutex mu_;
   std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
@@ -895,8 +901,12 @@ absl::Status ExecuteMerge(
     // The next tensor's pages come in on another thread meanwhile.
     std::future<void> prefetched;
     if (index + 1 < plan.tensors.size()) {
-      prefetched = std::async(std::launch::async, prefetch,
-                              plan.tensors[index + 1].info.name);
+      try {
+        prefetched = std::async(std::launch::async, prefetch,
+                                plan.tensors[index + 1].info.name);
+      } catch (const std::system_error&) {
+        // No thread to be had: the pages fault in as the merge reads them.
+      }
     }
     struct WaitForPrefetch {
       std::future<void>& future;

@@ -55,19 +55,29 @@ v1::DType ToProtoDType(core::DType dtype) {
 }  // namespace
 
 absl::Status ArtifactServiceImpl::UploadTracker::Acquire(
-    const std::string& owner, const std::string& upload_id) {
+    const std::string& owner, const std::string& upload_id,
+    grpc::CallbackServerContext* context) {
   absl::MutexLock lock(&mu_);
-  int& count = per_org_[owner];
+  if (!upload_id.empty()) {
+    auto it = active_.find({owner, upload_id});
+    if (it != active_.end()) {
+      // Most likely the client lost that connection without the server
+      // noticing: cancel it, so the client's retry finds the id free.
+      it->second->TryCancel();
+      return absl::AbortedError(
+          absl::StrCat("upload ", upload_id,
+                       " was being received on another stream; that stream "
+                       "is cancelled, retry"));
+    }
+  }
+  const int count = per_org_.count(owner) > 0 ? per_org_[owner] : 0;
   if (count >= max_per_org_) {
     return absl::ResourceExhaustedError(
         absl::StrCat("organisation ", owner, " already has ", count,
                      " uploads in progress (the limit); retry later"));
   }
-  if (!upload_id.empty() && !active_.insert({owner, upload_id}).second) {
-    return absl::AbortedError(absl::StrCat(
-        "upload ", upload_id, " is being received on another stream"));
-  }
-  ++count;
+  if (!upload_id.empty()) active_[{owner, upload_id}] = context;
+  per_org_[owner] = count + 1;
   return absl::OkStatus();
 }
 
@@ -79,17 +89,19 @@ void ArtifactServiceImpl::UploadTracker::Release(const std::string& owner,
 }
 
 void ArtifactServiceImpl::UploadTracker::RemoveIfIdle(
-    Storage* storage, const std::string& owner, const std::string& upload_id) {
+    Storage* storage, const std::string& owner, const std::string& upload_id,
+    int64_t cutoff_unix_seconds) {
   absl::MutexLock lock(&mu_);
   if (active_.count({owner, upload_id}) > 0) return;
-  absl::Status status = storage->RemoveUpload(owner, upload_id);
-  if (status.ok()) {
+  absl::StatusOr<bool> removed =
+      storage->RemoveStaleUpload(owner, upload_id, cutoff_unix_seconds);
+  if (!removed.ok()) {
+    Log(LogLevel::kWarning,
+        absl::StrCat("event=upload_expiry_failed upload=", upload_id, " owner=",
+                     owner, " error=\"", removed.status().message(), "\""));
+  } else if (*removed) {
     Log(LogLevel::kInfo, absl::StrCat("event=upload_expired upload=", upload_id,
                                       " owner=", owner));
-  } else {
-    Log(LogLevel::kWarning,
-        absl::StrCat("event=upload_expiry_failed upload=", upload_id,
-                     " owner=", owner, " error=\"", status.message(), "\""));
   }
 }
 
@@ -100,9 +112,13 @@ void ArtifactServiceImpl::UploadTracker::RemoveIfIdle(
 class ArtifactServiceImpl::UploadReactor
     : public grpc::ServerReadReactor<v1::UploadRequest> {
  public:
-  UploadReactor(ArtifactServiceImpl* service, std::string owner,
+  UploadReactor(ArtifactServiceImpl* service,
+                grpc::CallbackServerContext* context, std::string owner,
                 v1::UploadResponse* response)
-      : service_(service), owner_(std::move(owner)), response_(response) {
+      : service_(service),
+        context_(context),
+        owner_(std::move(owner)),
+        response_(response) {
     StartRead(&request_);
   }
 
@@ -150,9 +166,12 @@ class ArtifactServiceImpl::UploadReactor
     }
     const v1::UploadChunk& chunk = request_.chunk();
     if (chunk.offset() != received_) {
-      return absl::FailedPreconditionError(absl::StrCat(
+      std::string message = absl::StrCat(
           "chunk offset ", chunk.offset(), " but the server holds ", received_,
-          " bytes of this upload; send from there"));
+          " bytes of this upload; send from there");
+      // Resumable: the client asks GetUpload again and retries.
+      return resumable_ ? absl::AbortedError(message)
+                        : absl::FailedPreconditionError(message);
     }
     const int64_t size = static_cast<int64_t>(chunk.data().size());
     if (received_ + size > header_.size_bytes()) {
@@ -178,7 +197,7 @@ class ArtifactServiceImpl::UploadReactor
     AMALGAM_RETURN_IF_ERROR(
         ValidateUploadHeader(header, service_->options_.max_upload_bytes));
     AMALGAM_RETURN_IF_ERROR(
-        service_->uploads_.Acquire(owner_, header.upload_id()));
+        service_->uploads_.Acquire(owner_, header.upload_id(), context_));
     slot_held_ = true;
     if (Metrics* metrics = service_->options_.metrics) metrics->UploadStarted();
     if (!header.describes().empty()) {
@@ -218,14 +237,14 @@ class ArtifactServiceImpl::UploadReactor
       upload = storage->CreateUpload(owner_, header_);
     }
     if (!upload.ok()) return upload.status();
-    resumable_ = true;
-    temp_path_ = upload->path;
     if (upload->header.SerializeAsString() != header_.SerializeAsString()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "upload ", header_.upload_id(),
           " was started with a different header (kind, name, size_bytes, "
           "sha256 or describes); use a new upload_id"));
     }
+    resumable_ = true;
+    temp_path_ = upload->path;
     if (upload->committed_bytes > header_.size_bytes()) {
       storage->RemoveUpload(owner_, header_.upload_id()).IgnoreError();
       return absl::DataLossError(absl::StrCat(
@@ -259,8 +278,7 @@ class ArtifactServiceImpl::UploadReactor
     }
     const bool scheduled = service_->executor_->Schedule([this] {
       absl::StatusOr<v1::Artifact> artifact = Finalize();
-      if (resumable_ &&
-          (artifact.ok() || !absl::IsInternal(artifact.status()))) {
+      if (resumable_ && (artifact.ok() || bad_content_)) {
         // Stored, or the bytes are bad: either way the upload is over.
         service_->storage_->RemoveUpload(owner_, header_.upload_id())
             .IgnoreError();
@@ -292,6 +310,7 @@ class ArtifactServiceImpl::UploadReactor
       sha256 = hash_.HexDigest();
     }
     if (sha256 != header_.sha256()) {
+      bad_content_ = true;
       return absl::DataLossError(
           absl::StrCat("upload \"", header_.name(), "\" has sha256 ", sha256,
                        " but the header declared ", header_.sha256()));
@@ -300,6 +319,7 @@ class ArtifactServiceImpl::UploadReactor
     absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> reader =
         core::SafetensorsReader::Open(temp_path_);
     if (!reader.ok()) {
+      bad_content_ = true;
       return absl::InvalidArgumentError(absl::StrCat(
           "upload \"", header_.name(),
           "\" is not a valid safetensors file: ", reader.status().message()));
@@ -316,8 +336,13 @@ class ArtifactServiceImpl::UploadReactor
     artifact.set_size_bytes(header_.size_bytes());
     artifact.set_sha256(sha256);
     artifact.set_describes(header_.describes());
-    AMALGAM_RETURN_IF_ERROR(
-        ValidateContent(artifact, **reader, described.get()));
+    if (absl::Status valid =
+            ValidateContent(artifact, **reader, described.get());
+        !valid.ok()) {
+      bad_content_ =
+          absl::IsInvalidArgument(valid) || absl::IsFailedPrecondition(valid);
+      return valid;
+    }
     artifact.set_tensor_count(
         static_cast<int64_t>((*reader)->tensors().size()));
     for (const auto& [key, value] : (*reader)->metadata()) {
@@ -346,15 +371,17 @@ class ArtifactServiceImpl::UploadReactor
   }
 
   ArtifactServiceImpl* const service_;
+  grpc::CallbackServerContext* const context_;
   const std::string owner_;
   v1::UploadResponse* const response_;
   v1::UploadRequest request_;
   v1::UploadHeader header_;
   bool header_seen_ = false;
   int64_t received_ = 0;
-  bool slot_held_ = false;  // counts against the organisation's uploads
-  bool resumable_ = false;  // has an upload_id: the file outlives the stream
-  bool resumed_ = false;    // began past offset 0: hash the file at the end
+  bool slot_held_ = false;    // counts against the organisation's uploads
+  bool resumable_ = false;    // has an upload_id: the file outlives the stream
+  bool resumed_ = false;      // began past offset 0: hash the file at the end
+  bool bad_content_ = false;  // sha256 or validation failed: discard
   core::Sha256 hash_;
   std::string temp_path_;
   v1::Artifact described_;  // the weights a statistics upload describes
@@ -465,7 +492,7 @@ void ArtifactServiceImpl::ExpireUploads() {
                        stale.status().message(), "\""));
     } else {
       for (const auto& [owner, id] : *stale) {
-        uploads_.RemoveIfIdle(storage_, owner, id);
+        uploads_.RemoveIfIdle(storage_, owner, id, cutoff);
       }
     }
     if (stop_mu_.AwaitWithTimeout(absl::Condition(&stopping_), period)) {
@@ -501,7 +528,7 @@ grpc::ServerReadReactor<v1::UploadRequest>* ArtifactServiceImpl::Upload(
     return new FailedReactor<grpc::ServerReadReactor<v1::UploadRequest>>(
         org.status());
   }
-  return new UploadReactor(this, *org, response);
+  return new UploadReactor(this, context, *org, response);
 }
 
 grpc::ServerUnaryReactor* ArtifactServiceImpl::ListArtifacts(

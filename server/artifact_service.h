@@ -82,19 +82,23 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
    public:
     explicit UploadTracker(int max_per_org) : max_per_org_(max_per_org) {}
     // RESOURCE_EXHAUSTED over the limit; ABORTED if `upload_id` (may be
-    // empty) is already being received.
-    absl::Status Acquire(const std::string& owner,
-                         const std::string& upload_id);
+    // empty) is already being received, after cancelling that stream (its
+    // client is most likely gone).
+    absl::Status Acquire(const std::string& owner, const std::string& upload_id,
+                         grpc::CallbackServerContext* context);
     void Release(const std::string& owner, const std::string& upload_id);
-    // Removes a stale upload unless a stream is receiving it.
+    // Removes a stale upload unless a stream is receiving it or it was
+    // touched since `cutoff_unix_seconds`.
     void RemoveIfIdle(Storage* storage, const std::string& owner,
-                      const std::string& upload_id);
+                      const std::string& upload_id,
+                      int64_t cutoff_unix_seconds);
 
    private:
     const int max_per_org_;
     absl::Mutex mu_;
     std::map<std::string, int> per_org_ ABSL_GUARDED_BY(mu_);
-    std::set<std::pair<std::string, std::string>> active_ ABSL_GUARDED_BY(mu_);
+    std::map<std::pair<std::string, std::string>, grpc::CallbackServerContext*>
+        active_ ABSL_GUARDED_BY(mu_);
   };
 
   // Removes uploads untouched for options_.upload_expiry, until stopped.

@@ -690,7 +690,8 @@ void JobManager::DiscardResults(const std::string& job_id) {
   if (!artifacts.ok()) return;
   for (const v1::Artifact& artifact : *artifacts) {
     if (artifact.produced_by_job() == job_id) {
-      storage_->DeleteArtifact(artifact).IgnoreError();
+      // Not while another job reads it (then it stays, as a stray result).
+      DeleteIfUnused(artifact).IgnoreError();
     }
   }
 }

@@ -4,6 +4,7 @@
 #include <httplib.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 #include <limits>
 #include <utility>
@@ -127,10 +128,17 @@ std::pair<int64_t, int64_t> DeviceMemory(const std::string& device) {
   // The CUDA runtime's cudaSetDevice / cudaMemGetInfo, if it is loaded.
   using SetDevice = int (*)(int);
   using MemGetInfo = int (*)(size_t*, size_t*);
-  static void* cudart = [] {
-    void* handle = dlopen("libcudart.so", RTLD_NOW | RTLD_NOLOAD);
-    if (handle == nullptr) handle = dlopen("libcudart.so", RTLD_NOW);
-    return handle;
+  static void* cudart = []() -> void* {
+    // Whichever CUDA runtime LibTorch loaded, else one on the search path.
+    for (const char* name :
+         {"libcudart.so.12", "libcudart.so.11.0", "libcudart.so"}) {
+      if (void* handle = dlopen(name, RTLD_NOW | RTLD_NOLOAD)) return handle;
+    }
+    for (const char* name :
+         {"libcudart.so.12", "libcudart.so.11.0", "libcudart.so"}) {
+      if (void* handle = dlopen(name, RTLD_NOW)) return handle;
+    }
+    return nullptr;
   }();
   if (cudart == nullptr) return {0, 0};
   auto set_device = reinterpret_cast<SetDevice>(dlsym(cudart, "cudaSetDevice"));
@@ -316,6 +324,11 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   }
   httplib::Server* http = server->http_.get();
   server->thread_ = std::thread([http] { http->listen_after_bind(); });
+  // stop() is a no-op until the loop runs: wait for it, so that stopping
+  // right after starting cannot hang.
+  while (!http->is_running() && server->thread_.joinable()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   return server;
 }
 

@@ -187,8 +187,9 @@ void Server::Shutdown() {
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::seconds(5));
   grpc_server_->Wait();
-  jobs_.reset();
+  // The metrics server's scrape callback reads the job manager: stop it first.
   metrics_server_.reset();
+  jobs_.reset();
   Log(LogLevel::kInfo, "event=stopped");
 }
 

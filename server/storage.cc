@@ -413,6 +413,24 @@ absl::Status Storage::RemoveUpload(const std::string& owner,
   return absl::OkStatus();
 }
 
+absl::StatusOr<bool> Storage::RemoveStaleUpload(const std::string& owner,
+                                                const std::string& upload_id,
+                                                int64_t cutoff_unix_seconds) {
+  absl::MutexLock lock(&mu_);
+  Statement stmt(db_,
+                 "DELETE FROM uploads WHERE owner = ?1 AND id = ?2 AND "
+                 "updated_at < ?3");
+  if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
+      !stmt.Bind(2, upload_id) || !stmt.Bind(3, cutoff_unix_seconds) ||
+      !stmt.Run()) {
+    return SqliteError(db_, absl::StrCat("expire upload ", upload_id));
+  }
+  if (sqlite3_changes(db_) == 0) return false;  // touched since
+  std::error_code error;
+  fs::remove(UploadPath(owner, upload_id), error);
+  return true;
+}
+
 absl::StatusOr<std::vector<std::pair<std::string, std::string>>>
 Storage::StaleUploads(int64_t cutoff_unix_seconds) {
   absl::MutexLock lock(&mu_);

@@ -83,6 +83,11 @@ class Storage {
   // Removes the row and the file (if still there).
   absl::Status RemoveUpload(const std::string& owner,
                             const std::string& upload_id);
+  // Removes the upload only if it is still untouched since
+  // `cutoff_unix_seconds`; true if it was removed.
+  absl::StatusOr<bool> RemoveStaleUpload(const std::string& owner,
+                                         const std::string& upload_id,
+                                         int64_t cutoff_unix_seconds);
   // (owner, upload id) of uploads untouched since `cutoff_unix_seconds`.
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> StaleUploads(
       int64_t cutoff_unix_seconds);

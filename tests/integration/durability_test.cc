@@ -610,5 +610,27 @@ TEST_F(DurabilityTest, RunningJobWhoseInputVanishedFailsWithAReason) {
   EXPECT_THAT(done->error_message(), HasSubstr(b->id()));
 }
 
+// A client that lost its connection without the server noticing leaves its
+// stream open; resuming the same upload cancels that stream and goes on.
+TEST_F(DurabilityTest, AStuckStreamIsTakenOverByTheResume) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  const std::string content = ReadFile(path);
+  auto stuck = std::make_unique<OpenUpload>();
+  stuck->stub = RawStub();
+  Authorize(&stuck->context, "alice-token");
+  stuck->writer = stuck->stub->Upload(&stuck->context, &stuck->response);
+  ASSERT_TRUE(stuck->writer->Write(Header(path, "stuck")));
+  ASSERT_TRUE(stuck->writer->Write(Chunk(content, 0, kMiB)));
+  auto alice = Connect("alice-token");
+  AwaitCommitted(alice.get(), "stuck", kMiB);
+  int64_t first_offset = -1;
+  auto artifact = Resume(alice.get(), path, "stuck", &first_offset);
+  ASSERT_TRUE(artifact.ok()) << artifact.status();
+  EXPECT_EQ(first_offset, kMiB);
+  ExpectDownloadMatches(alice.get(), artifact->id(), path);
+  EXPECT_EQ(stuck->writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
 }  // namespace
 }  // namespace amalgam
