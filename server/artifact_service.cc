@@ -132,6 +132,10 @@ class ArtifactServiceImpl::UploadReactor
       Fail(status);
       return;
     }
+    if (answered_) {
+      Finish(grpc::Status::OK);
+      return;
+    }
     StartRead(&request_);
   }
 
@@ -216,6 +220,7 @@ class ArtifactServiceImpl::UploadReactor
       file_ = std::fopen(temp_path_.c_str(), "wb");
     } else {
       AMALGAM_RETURN_IF_ERROR(OpenResumable());
+      if (answered_) return absl::OkStatus();
       file_ = std::fopen(temp_path_.c_str(), "ab");
     }
     if (file_ == nullptr) {
@@ -242,6 +247,19 @@ class ArtifactServiceImpl::UploadReactor
           "upload ", header_.upload_id(),
           " was started with a different header (kind, name, size_bytes, "
           "sha256 or describes); use a new upload_id"));
+    }
+    if (!upload->artifact_id.empty()) {
+      // Finished before: the client lost the response. Answer with the
+      // artifact it made, unless that was deleted since (then start over).
+      absl::StatusOr<v1::Artifact> made =
+          storage->GetArtifactFor(upload->artifact_id, owner_);
+      if (made.ok()) {
+        *response_->mutable_artifact() = *std::move(made);
+        response_->set_upload_id(header_.upload_id());
+        answered_ = true;
+        return absl::OkStatus();
+      }
+      AMALGAM_ASSIGN_OR_RETURN(upload, storage->CreateUpload(owner_, header_));
     }
     resumable_ = true;
     temp_path_ = upload->path;
@@ -278,8 +296,12 @@ class ArtifactServiceImpl::UploadReactor
     }
     const bool scheduled = service_->executor_->Schedule([this] {
       absl::StatusOr<v1::Artifact> artifact = Finalize();
-      if (resumable_ && (artifact.ok() || bad_content_)) {
-        // Stored, or the bytes are bad: either way the upload is over.
+      if (resumable_ && artifact.ok()) {
+        service_->storage_
+            ->CompleteUpload(owner_, header_.upload_id(), artifact->id())
+            .IgnoreError();
+      } else if (resumable_ && bad_content_) {
+        // The bytes are bad: start again.
         service_->storage_->RemoveUpload(owner_, header_.upload_id())
             .IgnoreError();
       }
@@ -382,6 +404,7 @@ class ArtifactServiceImpl::UploadReactor
   bool resumable_ = false;    // has an upload_id: the file outlives the stream
   bool resumed_ = false;      // began past offset 0: hash the file at the end
   bool bad_content_ = false;  // sha256 or validation failed: discard
+  bool answered_ = false;     // the upload had finished: response is set
   core::Sha256 hash_;
   std::string temp_path_;
   v1::Artifact described_;  // the weights a statistics upload describes
@@ -517,6 +540,7 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::GetUpload(
         status.set_upload_id(request->upload_id());
         status.set_committed_bytes(upload.committed_bytes);
         status.set_size_bytes(upload.header.size_bytes());
+        status.set_artifact_id(upload.artifact_id);
         return status;
       });
 }

@@ -121,7 +121,8 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
   AMALGAM_RETURN_IF_ERROR(storage->Exec(
       "CREATE TABLE IF NOT EXISTS uploads ("
       " owner TEXT NOT NULL, id TEXT NOT NULL, updated_at INTEGER NOT NULL,"
-      " header BLOB NOT NULL, PRIMARY KEY (owner, id))"));
+      " header BLOB NOT NULL, artifact_id TEXT NOT NULL DEFAULT '',"
+      " PRIMARY KEY (owner, id))"));
   AMALGAM_RETURN_IF_ERROR(storage->ReconcileUploads());
   return storage;
 }
@@ -319,11 +320,12 @@ std::string Storage::UploadPath(const std::string& owner,
 
 absl::StatusOr<PartialUpload> Storage::FindUpload(
     const std::string& owner, const std::string& upload_id) {
-  std::string bytes;
+  std::string bytes, artifact_id;
   {
     absl::MutexLock lock(&mu_);
     Statement stmt(db_,
-                   "SELECT header FROM uploads WHERE owner = ?1 AND id = ?2");
+                   "SELECT header, artifact_id FROM uploads WHERE owner = ?1 "
+                   "AND id = ?2");
     if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
         !stmt.Bind(2, upload_id)) {
       return SqliteError(db_, absl::StrCat("read upload ", upload_id));
@@ -340,14 +342,21 @@ absl::StatusOr<PartialUpload> Storage::FindUpload(
     const auto* data =
         static_cast<const char*>(sqlite3_column_blob(stmt.get(), 0));
     bytes.assign(data, sqlite3_column_bytes(stmt.get(), 0));
+    artifact_id.assign(
+        reinterpret_cast<const char*>(sqlite3_column_text(stmt.get(), 1)));
   }
   PartialUpload upload;
   upload.owner = owner;
+  upload.artifact_id = artifact_id;
   if (!upload.header.ParseFromString(bytes)) {
     return absl::DataLossError(
         absl::StrCat("catalog row of upload ", upload_id, " is corrupt"));
   }
   upload.path = UploadPath(owner, upload_id);
+  if (!upload.artifact_id.empty()) {
+    upload.committed_bytes = upload.header.size_bytes();
+    return upload;
+  }
   std::error_code error;
   const uintmax_t size = fs::file_size(upload.path, error);
   upload.committed_bytes = error ? 0 : static_cast<int64_t>(size);
@@ -378,6 +387,23 @@ absl::StatusOr<PartialUpload> Storage::CreateUpload(
                                             std::strerror(errno)));
   }
   return upload;
+}
+
+absl::Status Storage::CompleteUpload(const std::string& owner,
+                                     const std::string& upload_id,
+                                     const std::string& artifact_id) {
+  absl::MutexLock lock(&mu_);
+  Statement stmt(db_,
+                 "UPDATE uploads SET artifact_id = ?3, updated_at = ?4 WHERE "
+                 "owner = ?1 AND id = ?2");
+  if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
+      !stmt.Bind(2, upload_id) || !stmt.Bind(3, artifact_id) ||
+      !stmt.Bind(4, int64_t{std::time(nullptr)}) || !stmt.Run()) {
+    return SqliteError(db_, absl::StrCat("complete upload ", upload_id));
+  }
+  std::error_code error;
+  fs::remove(UploadPath(owner, upload_id), error);
+  return absl::OkStatus();
 }
 
 absl::Status Storage::TouchUpload(const std::string& owner,
@@ -453,7 +479,8 @@ absl::Status Storage::ReconcileUploads() {
   std::vector<std::pair<std::string, std::string>> missing;
   std::set<std::string> paths;
   {
-    Statement stmt(db_, "SELECT owner, id FROM uploads");
+    // Finished uploads have no file: only their artifact id is kept.
+    Statement stmt(db_, "SELECT owner, id FROM uploads WHERE artifact_id = ''");
     if (stmt.get() == nullptr) return SqliteError(db_, "list uploads");
     int rc;
     while ((rc = sqlite3_step(stmt.get())) == SQLITE_ROW) {

@@ -16,13 +16,16 @@ struct sqlite3;
 
 namespace amalgam::server {
 
-// A resumable upload in progress: its header (with the client's upload_id),
-// and the file its bytes go to. `committed_bytes` is what the file holds.
+// A resumable upload: its header (with the client's upload_id), and the file
+// its bytes go to. `committed_bytes` is what the file holds. Once finished,
+// `artifact_id` names the artifact it made (kept until it expires, so that a
+// client whose final response was lost gets that artifact, not a second one).
 struct PartialUpload {
   std::string owner;
   v1::UploadHeader header;
   std::string path;
   int64_t committed_bytes = 0;
+  std::string artifact_id;
 };
 
 // The embedded storage of a data directory:
@@ -77,6 +80,10 @@ class Storage {
   // Registers a new upload (row first, then an empty file).
   absl::StatusOr<PartialUpload> CreateUpload(const std::string& owner,
                                              const v1::UploadHeader& header);
+  // Records that the upload made `artifact_id` (its file is gone by then).
+  absl::Status CompleteUpload(const std::string& owner,
+                              const std::string& upload_id,
+                              const std::string& artifact_id);
   // Marks the upload as active now (it expires `expiry` after this).
   absl::Status TouchUpload(const std::string& owner,
                            const std::string& upload_id);

@@ -223,6 +223,10 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
     {
       // Where to go on from: what the server holds, or the start.
       absl::StatusOr<v1::UploadStatus> held = GetUpload(header.upload_id());
+      if (held.ok() && !held->artifact_id().empty()) {
+        // Finished already (the response of that stream was lost).
+        return GetArtifact(held->artifact_id());
+      }
       if (held.ok()) {
         offset = held->committed_bytes();
       } else if (absl::IsNotFound(held.status())) {
@@ -289,11 +293,15 @@ absl::StatusOr<v1::Artifact> Client::SendUpload(
   // When a write fails the stream is broken; Finish reports why.
   writer->WritesDone();
   AMALGAM_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+  // The server may answer before all bytes are sent: the upload had
+  // finished on an earlier stream.
+  if (response.has_artifact()) return std::move(*response.mutable_artifact());
   if (offset < total) {
     return absl::UnavailableError(absl::StrCat(
         "upload stream closed after ", offset, " of ", total, " bytes"));
   }
-  return std::move(*response.mutable_artifact());
+  return absl::InternalError(
+      "the server answered the upload without an artifact");
 }
 
 absl::StatusOr<v1::UploadStatus> Client::GetUpload(

@@ -63,6 +63,14 @@ std::string ReadFile(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// A raw upload stream (what the client library would not send).
+struct OpenUpload {
+  std::unique_ptr<v1::ArtifactService::Stub> stub;
+  grpc::ClientContext context;
+  v1::UploadResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadRequest>> writer;
+};
+
 class DurabilityTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -105,9 +113,20 @@ class DurabilityTest : public ::testing::Test {
         server_->address(), grpc::InsecureChannelCredentials(), args));
   }
 
-  static void Authorize(grpc::ClientContext* context,
-                        const std::string& token) {
-    context->AddMetadata("authorization", "Bearer " + token);
+  // Alice's upload stream with the header of `path` (upload `id`) sent;
+  // `deadline` (if not zero) bounds the call.
+  std::unique_ptr<OpenUpload> OpenStream(
+      const std::string& path, const std::string& id,
+      std::chrono::milliseconds deadline = std::chrono::milliseconds(0)) {
+    auto upload = std::make_unique<OpenUpload>();
+    upload->stub = RawStub();
+    upload->context.AddMetadata("authorization", "Bearer alice-token");
+    if (deadline.count() > 0) {
+      upload->context.set_deadline(std::chrono::system_clock::now() + deadline);
+    }
+    upload->writer = upload->stub->Upload(&upload->context, &upload->response);
+    upload->writer->Write(Header(path, id));
+    return upload;
   }
 
   static v1::UploadRequest Header(const std::string& path,
@@ -134,17 +153,13 @@ class DurabilityTest : public ::testing::Test {
   grpc::Status SendPrefix(const std::string& path, const std::string& id,
                           int64_t bytes) {
     const std::string content = ReadFile(path);
-    auto stub = RawStub();
-    grpc::ClientContext context;
-    Authorize(&context, "alice-token");
-    v1::UploadResponse response;
-    auto writer = stub->Upload(&context, &response);
-    writer->Write(Header(path, id));
+    auto upload = OpenStream(path, id);
     for (int64_t offset = 0; offset < bytes; offset += kMiB) {
-      writer->Write(Chunk(content, offset, std::min(kMiB, bytes - offset)));
+      upload->writer->Write(
+          Chunk(content, offset, std::min(kMiB, bytes - offset)));
     }
-    writer->WritesDone();
-    return writer->Finish();
+    upload->writer->WritesDone();
+    return upload->writer->Finish();
   }
 
   // Waits until GetUpload(id) reports at least `bytes`.
@@ -246,8 +261,8 @@ TEST_F(DurabilityTest, InterruptedUploadResumesFromTheCommittedOffset) {
   EXPECT_EQ(first_offset, 3 * kMiB) << "the client sent only the rest";
   EXPECT_EQ(artifact->sha256(), *core::Sha256File(path));
   ExpectDownloadMatches(alice.get(), artifact->id(), path);
-  EXPECT_EQ(alice->GetUpload("resume-1").status().code(),
-            absl::StatusCode::kNotFound);
+  // The finished upload keeps only the id of the artifact it made.
+  EXPECT_EQ(alice->GetUpload("resume-1")->artifact_id(), artifact->id());
   EXPECT_TRUE(fs::is_empty(data_dir() + "/uploads"));
 }
 
@@ -363,14 +378,6 @@ TEST_F(DurabilityTest, AbandonedUploadsExpire) {
   EXPECT_TRUE(fs::is_empty(data_dir() + "/uploads"));
 }
 
-// An upload stream left open after its header and first chunk.
-struct OpenUpload {
-  std::unique_ptr<v1::ArtifactService::Stub> stub;
-  grpc::ClientContext context;
-  v1::UploadResponse response;
-  std::unique_ptr<grpc::ClientWriter<v1::UploadRequest>> writer;
-};
-
 TEST_F(DurabilityTest, UploadsPerOrganisationAreLimited) {
   StartServer({"--max-uploads-per-org", "2"});
   const std::string path = WriteLargeModel(dir_);
@@ -378,11 +385,7 @@ TEST_F(DurabilityTest, UploadsPerOrganisationAreLimited) {
   auto alice = Connect("alice-token", /*upload_retries=*/0);
   std::vector<std::unique_ptr<OpenUpload>> open;
   for (const std::string id : {"held-1", "held-2"}) {
-    auto upload = std::make_unique<OpenUpload>();
-    upload->stub = RawStub();
-    Authorize(&upload->context, "alice-token");
-    upload->writer = upload->stub->Upload(&upload->context, &upload->response);
-    ASSERT_TRUE(upload->writer->Write(Header(path, id)));
+    auto upload = OpenStream(path, id);
     ASSERT_TRUE(upload->writer->Write(Chunk(content, 0, kMiB)));
     AwaitCommitted(alice.get(), id, kMiB);
     open.push_back(std::move(upload));
@@ -446,15 +449,10 @@ TEST_F(DurabilityTest, OversizedMessagesAreRefused) {
   StartServer();
   const std::string path = WriteLargeModel(dir_);
   const std::string content = ReadFile(path);
-  auto stub = RawStub();
-  grpc::ClientContext context;
-  Authorize(&context, "alice-token");
-  v1::UploadResponse response;
-  auto writer = stub->Upload(&context, &response);
-  writer->Write(Header(path, ""));
-  writer->Write(Chunk(content, 0, 8 * kMiB + 16));
-  writer->WritesDone();
-  EXPECT_EQ(writer->Finish().error_code(),
+  auto upload = OpenStream(path, "");
+  upload->writer->Write(Chunk(content, 0, 8 * kMiB + 16));
+  upload->writer->WritesDone();
+  EXPECT_EQ(upload->writer->Finish().error_code(),
             grpc::StatusCode::RESOURCE_EXHAUSTED);
 }
 
@@ -462,18 +460,11 @@ TEST_F(DurabilityTest, DeadlinesAreHonoured) {
   StartServer();
   const std::string path = WriteLargeModel(dir_);
   const std::string content = ReadFile(path);
-  auto stub = RawStub();
   {
-    grpc::ClientContext context;
-    Authorize(&context, "alice-token");
-    context.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::milliseconds(500));
-    v1::UploadResponse response;
-    auto writer = stub->Upload(&context, &response);
-    writer->Write(Header(path, "slow"));
-    writer->Write(Chunk(content, 0, kMiB));
+    auto upload = OpenStream(path, "slow", std::chrono::milliseconds(500));
+    upload->writer->Write(Chunk(content, 0, kMiB));
     std::this_thread::sleep_for(std::chrono::seconds(1));
-    EXPECT_EQ(writer->Finish().error_code(),
+    EXPECT_EQ(upload->writer->Finish().error_code(),
               grpc::StatusCode::DEADLINE_EXCEEDED);
   }
   // The server dropped the call but kept what it had, for a resume.
@@ -616,11 +607,7 @@ TEST_F(DurabilityTest, AStuckStreamIsTakenOverByTheResume) {
   StartServer();
   const std::string path = WriteLargeModel(dir_);
   const std::string content = ReadFile(path);
-  auto stuck = std::make_unique<OpenUpload>();
-  stuck->stub = RawStub();
-  Authorize(&stuck->context, "alice-token");
-  stuck->writer = stuck->stub->Upload(&stuck->context, &stuck->response);
-  ASSERT_TRUE(stuck->writer->Write(Header(path, "stuck")));
+  auto stuck = OpenStream(path, "stuck");
   ASSERT_TRUE(stuck->writer->Write(Chunk(content, 0, kMiB)));
   auto alice = Connect("alice-token");
   AwaitCommitted(alice.get(), "stuck", kMiB);
@@ -630,6 +617,31 @@ TEST_F(DurabilityTest, AStuckStreamIsTakenOverByTheResume) {
   EXPECT_EQ(first_offset, kMiB);
   ExpectDownloadMatches(alice.get(), artifact->id(), path);
   EXPECT_EQ(stuck->writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+// The server stored the artifact but the client never heard (the final
+// response was lost): uploading again with the same id returns that
+// artifact instead of storing a second one.
+TEST_F(DurabilityTest, ALostFinalResponseDoesNotUploadTwice) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  const std::string content = ReadFile(path);
+  // The whole upload; the client "loses" the response.
+  ASSERT_TRUE(SendPrefix(path, "once", content.size()).ok());
+  auto alice = Connect("alice-token");
+  auto held = alice->GetUpload("once");
+  ASSERT_TRUE(held.ok()) << held.status();
+  ASSERT_FALSE(held->artifact_id().empty());
+  auto again = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+                             nullptr, "once");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->id(), held->artifact_id());
+  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 1);
+  // A stream that sends the header again is answered at once, too.
+  auto upload = OpenStream(path, "once");
+  upload->writer->WritesDone();
+  ASSERT_TRUE(upload->writer->Finish().ok());
+  EXPECT_EQ(upload->response.artifact().id(), held->artifact_id());
 }
 
 }  // namespace

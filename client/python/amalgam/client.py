@@ -322,7 +322,11 @@ class Client:
         try:
             for attempt in itertools.count():
                 try:
-                    offset = self._held_bytes(header.upload_id)
+                    held = self._held(header.upload_id)
+                    if held.artifact_id:
+                        # Finished already (that stream's response was lost).
+                        return self.get_artifact(held.artifact_id)
+                    offset = held.committed_bytes
                     if bar is not None:
                         bar.n = offset
                         bar.refresh()
@@ -341,13 +345,14 @@ class Client:
             if bar is not None:
                 bar.close()
 
-    def _held_bytes(self, upload_id: str) -> int:
-        """Bytes of the upload the server holds; 0 for one it does not know."""
+    def _held(self, upload_id: str) -> pb.UploadStatus:
+        """What the server holds of the upload; nothing for one it does not
+        know."""
         try:
-            return self.get_upload(upload_id).committed_bytes
+            return self.get_upload(upload_id)
         except AmalgamError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
-                return 0
+                return pb.UploadStatus(upload_id=upload_id)
             raise
 
     def _upload_requests(self, header, opener, offset, bar):
