@@ -871,21 +871,22 @@ absl::Status ExecuteMerge(
   state.tensors_total = static_cast<int64_t>(plan.tensors.size());
   state.bytes_total = plan.output_bytes;
   // Releases tensor `name` of every input from the resident set: streaming.
-  auto release = [&inputs](const std::string& name) {
-    for (const MergeInput& input : inputs) {
-      for (const SafetensorsReader* reader :
-           {input.weights, input.gram, input.fisher}) {
-        if (reader != nullptr) reader->Release(name);
-      }
-    }
+  // Calls `method` (Release or Prefetch) for tensor `name` of every file.
+  auto for_every_file =
+      [&inputs](const std::string& name,
+                void (SafetensorsReader::*method)(absl::string_view) const) {
+        for (const MergeInput& input : inputs) {
+          for (const SafetensorsReader* reader :
+               {input.weights, input.gram, input.fisher}) {
+            if (reader != nullptr) (reader->*method)(name);
+          }
+        }
+      };
+  auto release = [&](const std::string& name) {
+    for_every_file(name, &SafetensorsReader::Release);
   };
-  auto prefetch = [&inputs](const std::string& name) {
-    for (const MergeInput& input : inputs) {
-      for (const SafetensorsReader* reader :
-           {input.weights, input.gram, input.fisher}) {
-        if (reader != nullptr) reader->Prefetch(name);
-      }
-    }
+  auto prefetch = [&](const std::string& name) {
+    for_every_file(name, &SafetensorsReader::Prefetch);
   };
   // Reading (kernel read-ahead of the next tensor), merging (this thread)
   // and writing (the pipeline's thread) overlap.

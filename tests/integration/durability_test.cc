@@ -205,6 +205,24 @@ class DurabilityTest : public ::testing::Test {
     return killed;
   }
 
+  // Uploads dir_/a.safetensors and dir_/b.safetensors and submits their
+  // average.
+  void UploadAndAverage(client::Client* client, v1::Artifact* a,
+                        v1::Artifact* b, v1::SubmitJobRequest* request,
+                        v1::Job* job) {
+    for (auto [artifact, name] : {std::pair{a, "a"}, std::pair{b, "b"}}) {
+      auto uploaded = client->Upload(
+          v1::ARTIFACT_KIND_WEIGHTS,
+          absl::StrCat(dir_, "/", name, ".safetensors"), name, "");
+      ASSERT_TRUE(uploaded.ok()) << uploaded.status();
+      *artifact = *uploaded;
+    }
+    *request = Average(a->id(), b->id());
+    auto submitted = client->SubmitJob(*request);
+    ASSERT_TRUE(submitted.ok()) << submitted.status();
+    *job = *submitted;
+  }
+
   // Uploads `path` as upload `id`; `first_offset` gets where it began.
   static absl::StatusOr<v1::Artifact> Resume(client::Client* client,
                                              const std::string& path,
@@ -310,24 +328,21 @@ TEST_F(DurabilityTest, KillDuringMergeReRunsTheJobAfterRestart) {
   WriteModel(dir_ + "/a.safetensors", kTensors, kElements, a_value);
   WriteModel(dir_ + "/b.safetensors", kTensors, kElements, b_value);
   auto alice = Connect("alice-token");
-  auto a = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/a.safetensors",
-                         "a", "");
-  auto b = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/b.safetensors",
-                         "b", "");
-  ASSERT_TRUE(a.ok() && b.ok());
-  v1::SubmitJobRequest request = Average(a->id(), b->id());
-  auto job = alice->SubmitJob(request);
-  ASSERT_TRUE(job.ok()) << job.status();
+  v1::Artifact a, b;
+  v1::SubmitJobRequest request;
+  v1::Job job;
+  ASSERT_NO_FATAL_FAILURE(
+      UploadAndAverage(alice.get(), &a, &b, &request, &job));
   // With one worker, this one is still queued when the server dies.
   request.mutable_merge()->set_result_name("queued");
   auto queued = alice->SubmitJob(request);
   ASSERT_TRUE(queued.ok()) << queued.status();
-  ASSERT_TRUE(KillAtProgress(alice.get(), job->id(), 3))
+  ASSERT_TRUE(KillAtProgress(alice.get(), job.id(), 3))
       << "the merge finished before the kill";
 
   ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
   alice = Connect("alice-token");
-  auto done = alice->WatchJob(job->id());
+  auto done = alice->WatchJob(job.id());
   ASSERT_TRUE(done.ok()) << done.status();
   ASSERT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error_message();
   auto queued_done = alice->WatchJob(queued->id());
@@ -338,8 +353,8 @@ TEST_F(DurabilityTest, KillDuringMergeReRunsTheJobAfterRestart) {
             alice->GetArtifact(done->result_ids(0))->sha256());
   EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 4)
       << "two inputs and two results, nothing partial";
-  ExpectDownloadMatches(alice.get(), a->id(), dir_ + "/a.safetensors");
-  ExpectDownloadMatches(alice.get(), b->id(), dir_ + "/b.safetensors");
+  ExpectDownloadMatches(alice.get(), a.id(), dir_ + "/a.safetensors");
+  ExpectDownloadMatches(alice.get(), b.id(), dir_ + "/b.safetensors");
 
   const std::string out = dir_ + "/merged.safetensors";
   ASSERT_TRUE(alice->Download(done->result_ids(0), out).ok());
@@ -582,23 +597,20 @@ TEST_F(DurabilityTest, RunningJobWhoseInputVanishedFailsWithAReason) {
   WriteModel(dir_ + "/a.safetensors", 40, 8, [](int, int64_t) { return 1; });
   WriteModel(dir_ + "/b.safetensors", 40, 8, [](int, int64_t) { return 3; });
   auto alice = Connect("alice-token");
-  auto a = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/a.safetensors",
-                         "a", "");
-  auto b = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, dir_ + "/b.safetensors",
-                         "b", "");
-  ASSERT_TRUE(a.ok() && b.ok());
-  v1::SubmitJobRequest request = Average(a->id(), b->id());
-  auto job = alice->SubmitJob(request);
-  ASSERT_TRUE(job.ok()) << job.status();
-  ASSERT_TRUE(KillAtProgress(alice.get(), job->id(), 1));
+  v1::Artifact a, b;
+  v1::SubmitJobRequest request;
+  v1::Job job;
+  ASSERT_NO_FATAL_FAILURE(
+      UploadAndAverage(alice.get(), &a, &b, &request, &job));
+  ASSERT_TRUE(KillAtProgress(alice.get(), job.id(), 1));
   // The disk lost b's bytes while the server was down.
-  ASSERT_TRUE(fs::remove(data_dir() + "/blobs/" + b->sha256()));
+  ASSERT_TRUE(fs::remove(data_dir() + "/blobs/" + b.sha256()));
   ASSERT_TRUE(server_->Start()) << "log: " << server_->log_path();
   alice = Connect("alice-token");
-  auto done = alice->WatchJob(job->id());
+  auto done = alice->WatchJob(job.id());
   ASSERT_TRUE(done.ok()) << done.status();
   EXPECT_EQ(done->state(), v1::JOB_STATE_FAILED);
-  EXPECT_THAT(done->error_message(), HasSubstr(b->id()));
+  EXPECT_THAT(done->error_message(), HasSubstr(b.id()));
 }
 
 // A client that lost its connection without the server noticing leaves its

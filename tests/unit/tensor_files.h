@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/safetensors.h"
+#include "core/torch_util.h"  // ScalarTypeOf
 #include "gtest/gtest.h"
 
 namespace amalgam::core::testutil {
@@ -36,20 +37,6 @@ inline DType DTypeOf(at::ScalarType type) {
     default:
       return DType::kF32;
   }
-}
-
-inline at::ScalarType ScalarTypeOf(DType dtype) {
-  switch (dtype) {
-    case DType::kF16:
-      return at::kHalf;
-    case DType::kBF16:
-      return at::kBFloat16;
-    case DType::kF64:
-      return at::kDouble;
-    case DType::kF32:
-      break;
-  }
-  return at::kFloat;
 }
 
 inline at::Generator Gen(uint64_t seed) {
