@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "core/cpu_cache.h"
 #include "core/status_macros.h"
 #include "core/torch_util.h"
 #include "nlohmann/json.hpp"
@@ -522,6 +523,7 @@ absl::Status ExecuteGrow(
                                 {{"format", "pt"},
                                  {"amalgam.method", "grow"},
                                  {"amalgam.grow.report", plan.report_json}}));
+  CpuCacheScope cache;  // same-shaped layers reuse their buffers
   const int64_t total = static_cast<int64_t>(plan.tensors.size());
   int64_t done = 0;
   for (const GrowTensor& t : plan.tensors) {

@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "core/cpu_cache.h"
 #include "core/status_macros.h"
 #include "core/torch_util.h"
 
@@ -407,59 +408,11 @@ class PipelinedWriter {
   std::thread thread_;
 };
 
-// Output buffers for merged CPU tensors, reused once the writer is done
-// with them: fresh buffers of tens of MiB would fault every page in again.
-// Must outlive every tensor it hands out.
-class BufferPool {
- public:
-  ~BufferPool() {
-    for (const auto& [bytes, buffer] : free_) std::free(buffer);
-  }
-
-  at::Tensor Empty(at::IntArrayRef sizes, at::ScalarType type) {
-    int64_t numel = 1;
-    for (int64_t d : sizes) numel *= d;
-    const size_t bytes = static_cast<size_t>(numel) * at::elementSize(type);
-    void* buffer = nullptr;
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        buffer = it->second;
-        free_.erase(it);
-      }
-    }
-    if (buffer == nullptr) {
-      buffer =
-          std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
-      if (buffer == nullptr) throw std::bad_alloc();
-    }
-    return at::from_blob(
-        buffer, sizes, [this, bytes](void* p) { Return(p, bytes); },
-        at::TensorOptions().dtype(type));
-  }
-
- private:
-  void Return(void* buffer, size_t bytes) {
-    absl::MutexLock lock(&mu_);
-    if (free_.size() < kMaxFree) {
-      free_.emplace(bytes, buffer);
-    } else {
-      std::free(buffer);
-    }
-  }
-
-  static constexpr size_t kMaxFree = 4;
-  absl::Mutex mu_;
-  std::multimap<size_t, void*> free_ ABSL_GUARDED_BY(mu_);
-};
-
 struct ExecContext {
   const MergePlan* plan;
   const std::vector<MergeInput>* inputs;
   const MergeOptions* options;
   at::Device device;
-  BufferPool* buffers;
   MergeProgress* state;  // solve counts
 };
 
@@ -503,7 +456,7 @@ at::Tensor MergeAverage(const ExecContext& ctx,
       in.push_back(Load(*inputs[i].weights, *weights[i], compute, ctx.device)
                        .contiguous());
     }
-    at::Tensor out = ctx.buffers->Empty(in[0].sizes(), compute);
+    at::Tensor out = at::empty(in[0].sizes(), at::TensorOptions(compute));
     if (compute == at::kFloat) {
       WeightedSum<float>(in, c, out);
     } else {
@@ -552,6 +505,59 @@ at::Tensor MergeFisher(const ExecContext& ctx,
   return at::where(use_average, avg, num.div(den));
 }
 
+// Cholesky factorisation, recursive: the two half-size factorisations are
+// joined by a triangular solve and a product, both at the BLAS's
+// matrix-multiply speed (LAPACK's potrf alone reached 46 of the 119 GFLOP/s
+// a float64 matmul gets on the 2-core bench machine; this, 63).
+constexpr int64_t kCholeskyLeaf = 512;
+
+// c -= p p^T on the lower triangle of c (diagonal blocks of up to
+// kCholeskyLeaf rows in full): half the product's work.
+void SubtractLowerProduct(at::Tensor c, const at::Tensor& p) {
+  const int64_t m = c.size(0);
+  if (m <= kCholeskyLeaf) {
+    c.addmm_(p, p.t(), /*beta=*/1.0, /*alpha=*/-1.0);
+    return;
+  }
+  const int64_t h = m / 2;
+  const at::Tensor top = p.narrow(0, 0, h);
+  const at::Tensor bottom = p.narrow(0, h, m - h);
+  SubtractLowerProduct(c.narrow(0, 0, h).narrow(1, 0, h), top);
+  c.narrow(0, h, m - h).narrow(1, 0, h).addmm_(bottom, top.t(), 1.0, -1.0);
+  SubtractLowerProduct(c.narrow(0, h, m - h).narrow(1, h, m - h), bottom);
+}
+
+// Overwrites the lower triangle of the symmetric `a` (only that triangle is
+// read) with its Cholesky factor L, a = L L^T; the strict upper triangle is
+// left with whatever it held. False where `a` is not positive definite.
+bool CholeskyInPlace(at::Tensor a) {
+  const int64_t n = a.size(0);
+  if (n <= kCholeskyLeaf) {
+    at::Tensor l, info;
+    std::tie(l, info) = at::linalg_cholesky_ex(a);
+    if (info.item<int64_t>() != 0) return false;
+    a.copy_(l);
+    return true;
+  }
+  const int64_t h = n / 2;
+  at::Tensor a11 = a.narrow(0, 0, h).narrow(1, 0, h);
+  at::Tensor a21 = a.narrow(0, h, n - h).narrow(1, 0, h);
+  if (!CholeskyInPlace(a11)) return false;
+  // L21 = A21 L11^-T.
+  a21.copy_(at::linalg_solve_triangular(a11.t(), a21, /*upper=*/true,
+                                        /*left=*/false));
+  at::Tensor a22 = a.narrow(0, h, n - h).narrow(1, h, n - h);
+  SubtractLowerProduct(a22, a21);
+  return CholeskyInPlace(a22);
+}
+
+// x = (L L^T)^-1 b, from the lower triangle of `l`.
+at::Tensor CholeskySolve(const at::Tensor& l, const at::Tensor& b) {
+  return at::linalg_solve_triangular(
+      l.t(), at::linalg_solve_triangular(l, b, /*upper=*/false),
+      /*upper=*/true);
+}
+
 // The RegMean closed form, in float64.
 // Mixed-precision refinement of a float32 solve: at most this many steps, to
 // a last correction this small relative to the solution.
@@ -577,37 +583,51 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   const auto& inputs = *ctx.inputs;
   const auto& c = ctx.plan->coefficients;
   const double alpha = ctx.options->alpha;
-  at::Tensor a, b, average;  // average: sum c_i W_i^T, [in, out]
+  // a = sum G~_i [in, in], b = sum G~_i W_i^T [in, out], where
+  // G~ = c s (alpha G + (1 - alpha) diag(G)) = factor H, H being G with its
+  // diagonal divided by alpha (or, for alpha 0, the diagonal alone): H is
+  // made in the float64 copy of G, and factor folded into the accumulating
+  // add and GEMM, so each Gram is read once for a and once for b.
+  const double diagonal_multiplier = alpha > 0 ? 1.0 / alpha : 1.0;
+  at::Tensor a, b;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    at::Tensor w =
+    const at::Tensor w =
         Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
-    average = i == 0 ? w.t().mul(c[i]) : average.add(w.t(), c[i]);
-    // G~ = c s (alpha G + (1 - alpha) diag(G)), built in place: fresh
-    // buffers of this size cost a page fault per 4 KiB.
-    at::Tensor gt = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device);
-    if (gt.data_ptr() ==
-        static_cast<const void*>(inputs[i].gram->Data(*grams[i]).data())) {
-      gt = gt.clone();  // F64 Grams alias the read-only mapping
-    }
     const double scale = c[i] * ctx.plan->gram_scale[i];
-    if (alpha != 1.0) {
-      at::Tensor diagonal = gt.diagonal().clone();
-      gt.mul_(alpha * scale);
-      gt.diagonal().copy_(diagonal.mul_(scale));
-    } else {
-      gt.mul_(scale);
+    const double factor = alpha > 0 ? alpha * scale : scale;
+    at::Tensor h = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device);
+    if (h.data_ptr() ==
+        static_cast<const void*>(inputs[i].gram->Data(*grams[i]).data())) {
+      h = h.clone();  // F64 Grams alias the read-only mapping
     }
-    at::Tensor gw = gt.matmul(w.t());  // [in, out]
+    if (alpha > 0) {
+      h.diagonal().mul_(diagonal_multiplier);
+    } else {
+      h = at::diag(h.diagonal());
+    }
     if (i == 0) {
-      a = gt;
-      b = gw;
+      a = h.mul(factor);
+      b = at::empty({h.size(0), w.size(0)}, h.options());
     } else {
-      a.add_(gt);
-      b.add_(gw);
+      a.add_(h, factor);
     }
+    b.addmm_(h, w.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/factor);
   }
+  // The weighted average sum c_i W_i^T [in, out], for columns not solved.
+  auto average = [&]() {
+    at::Tensor sum;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const at::Tensor wt =
+          Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device).t();
+      sum = i == 0 ? wt.mul(c[i]) : sum.add_(wt, c[i]);
+    }
+    return sum;
+  };
+  // A NaN or infinity makes the sum NaN or infinite; only when it is does
+  // the (slower) element-wise test run, to tell an overflowing sum apart.
   auto all_finite = [](const at::Tensor& t) {
-    return at::isfinite(t).all().item<bool>();
+    return std::isfinite(t.sum().item<double>()) ||
+           at::isfinite(t).all().item<bool>();
   };
   // An input feature that is zero in every row of every model has a zero
   // diagonal entry, hence (Grams being positive semi-definite) a zero row and
@@ -618,7 +638,7 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   const int64_t n_active = active.sum().item<int64_t>();
   at::Tensor active_index;
   if (n_active < a.size(0)) {
-    if (n_active == 0) return average.t();
+    if (n_active == 0) return average().t();
     active_index = active.nonzero().squeeze(1);
     a = a.index_select(0, active_index).index_select(1, active_index);
     b = b.index_select(0, active_index);
@@ -631,14 +651,13 @@ absl::StatusOr<at::Tensor> MergeRegMean(
     // for the float64 residual with the float32 factor. When the condition
     // number is too large for float32 the corrections do not shrink, and
     // the float64 path below takes over.
-    at::Tensor l, info;
-    std::tie(l, info) = at::linalg_cholesky_ex(a.to(at::kFloat));
-    if (info.item<int64_t>() == 0) {
-      at::Tensor x64 = at::cholesky_solve(b.to(at::kFloat), l).to(at::kDouble);
+    at::Tensor l = a.to(at::kFloat);
+    if (CholeskyInPlace(l)) {
+      at::Tensor x64 = CholeskySolve(l, b.to(at::kFloat)).to(at::kDouble);
       for (int step = 0; step < kRefinementSteps && all_finite(x64); ++step) {
         const at::Tensor residual = b - a.matmul(x64);
         const at::Tensor dx =
-            at::cholesky_solve(residual.to(at::kFloat), l).to(at::kDouble);
+            CholeskySolve(l, residual.to(at::kFloat)).to(at::kDouble);
         x64.add_(dx);
         if (dx.norm().item<double>() <=
             kRefinedTolerance * x64.norm().item<double>()) {
@@ -652,14 +671,13 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   }
   if (finite && !solved) {
     ++ctx.state->float64_solves;
-    at::Tensor l, info;
-    std::tie(l, info) = at::linalg_cholesky_ex(a);
-    if (info.item<int64_t>() == 0) {
-      x = at::cholesky_solve(b, l);
+    at::Tensor l = a.clone();  // a is kept for LU
+    if (CholeskyInPlace(l)) {
+      x = CholeskySolve(l, b);
       solved = all_finite(x);
     }
     if (!solved) {
-      at::Tensor lu, pivots;
+      at::Tensor lu, pivots, info;
       std::tie(lu, pivots, info) = at::linalg_lu_factor_ex(a);
       if (info.item<int64_t>() == 0) {
         // Treat a pivot that vanishes relative to the largest as singular.
@@ -681,7 +699,7 @@ absl::StatusOr<at::Tensor> MergeRegMean(
         "alpha < 1, check the Gram statistics or exclude the tensor"));
   }
   if (active_index.defined()) {
-    return average.index_copy(0, active_index, x).t();
+    return average().index_copy_(0, active_index, x).t();
   }
   return x.t();
 }
@@ -737,7 +755,10 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
     case TensorRule::kCopy:
       return absl::InternalError("kCopy is not computed");
   }
-  return merged.to(at::kCPU, ScalarTypeOf(t.info.dtype)).contiguous();
+  // One conversion pass straight into row-major order (RegMean's result is a
+  // transposed view).
+  return merged.to(at::kCPU, ScalarTypeOf(t.info.dtype), /*non_blocking=*/false,
+                   /*copy=*/false, at::MemoryFormat::Contiguous);
 }
 
 }  // namespace
@@ -865,9 +886,11 @@ absl::Status ExecuteMerge(
       std::unique_ptr<SafetensorsWriter> writer,
       SafetensorsWriter::Create(out_path, std::move(specs), metadata));
 
-  BufferPool buffers;
+  // Large buffers are reused from tensor to tensor (the output buffers once
+  // the writer is done with them, the float64 work of RegMean).
+  CpuCacheScope cache;
   MergeProgress state;
-  ExecContext ctx{&plan, &inputs, &options, device, &buffers, &state};
+  ExecContext ctx{&plan, &inputs, &options, device, &state};
   state.tensors_total = static_cast<int64_t>(plan.tensors.size());
   state.bytes_total = plan.output_bytes;
   // Releases tensor `name` of every input from the resident set: streaming.

@@ -752,7 +752,18 @@ absl::Status SafetensorsWriter::Append(absl::Span<const uint8_t> bytes) {
         absl::StrCat("cannot write ", path_, ".tmp: ", ErrnoText(error)));
   }
   written_ += bytes.size();
+  if (written_ - written_at_writeback_ >= kWritebackBytes) StartWriteback();
   return absl::OkStatus();
+}
+
+void SafetensorsWriter::StartWriteback() {
+  written_at_writeback_ = written_;
+  if (std::fflush(file_) != 0) return;  // reported by Finish
+  const off_t end = ::ftello(file_);
+  if (end <= writeback_offset_) return;
+  ::sync_file_range(fileno(file_), writeback_offset_, end - writeback_offset_,
+                    SYNC_FILE_RANGE_WRITE);
+  writeback_offset_ = end;
 }
 
 absl::Status SafetensorsWriter::Finish() {

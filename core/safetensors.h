@@ -1,5 +1,7 @@
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -111,6 +113,8 @@ struct TensorSpec {
 // the list of tensors, then each tensor's bytes are appended in that order.
 // The file is written to `path` + ".tmp" and renamed into place by Finish()
 // after an fsync, so a crash never leaves a partial file under `path`.
+// Writeback to the disk starts while the file is still being written (every
+// kWritebackBytes), so the final fsync waits for the last part only.
 // Not thread-safe.
 class SafetensorsWriter {
  public:
@@ -131,7 +135,13 @@ class SafetensorsWriter {
   // FAILED_PRECONDITION unless exactly the declared bytes were written.
   absl::Status Finish();
 
+  static constexpr uint64_t kWritebackBytes = uint64_t{16} << 20;
+
  private:
+  // Hands what was appended since the last call to the disk, without waiting
+  // for it (best effort: Finish's fsync reports any error).
+  void StartWriteback();
+
   SafetensorsWriter(std::string path, std::FILE* file, uint64_t data_size);
 
   std::string path_;
@@ -140,6 +150,8 @@ class SafetensorsWriter {
   std::unique_ptr<char[]> buffer_;
   uint64_t data_size_;
   uint64_t written_ = 0;
+  uint64_t written_at_writeback_ = 0;  // written_ at the last StartWriteback
+  off_t writeback_offset_ = 0;         // file offset it reached
   bool finished_ = false;
 };
 

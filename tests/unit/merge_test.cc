@@ -373,7 +373,8 @@ TEST_F(FisherTest, FisherOfTheWrongShapeIsRefused) {
 
 class RegMeanTest : public MergeTest {
  protected:
-  static constexpr int64_t kIn = 8;
+  // Input features: small, or large enough for the blocked factorisation.
+  int64_t in_ = 8;
   static constexpr int64_t kOut = 5;
   // The dtype the Grams are stored in.
   at::ScalarType gram_type_ = at::kFloat;
@@ -381,8 +382,8 @@ class RegMeanTest : public MergeTest {
   // collinear features, an ill-conditioned Gram.
   double collinear_ = 0;
 
-  // Model i: weight "lin.weight" [kOut, kIn], bias "lin.bias" [kOut], inputs
-  // X_i [rows_i, kIn] and their Gram X_i^T X_i (a sum over rows).
+  // Model i: weight "lin.weight" [kOut, in_], bias "lin.bias" [kOut], inputs
+  // X_i [rows_i, in_] and their Gram X_i^T X_i (a sum over rows).
   void MakeModels(std::vector<int64_t> rows,
                   std::vector<std::map<std::string, std::string>> meta = {},
                   bool equal_grams = false) {
@@ -391,13 +392,13 @@ class RegMeanTest : public MergeTest {
       // Small integers of different scales per feature: the Grams differ
       // strongly between features and are exact in float32.
       at::Tensor x =
-          at::round(Randn({rows[i], kIn}, 500 + (equal_grams ? 0 : i)) *
-                    at::linspace(0.5, 6.0, kIn, at::kDouble));
+          at::round(Randn({rows[i], in_}, 500 + (equal_grams ? 0 : i)) *
+                    at::linspace(0.5, 6.0, in_, at::kDouble));
       if (collinear_ > 0) {
         x.select(1, 1).copy_(x.select(1, 0) +
                              collinear_ * Randn({rows[i]}, 800 + i));
       }
-      at::Tensor w = Randn({kOut, kIn}, 600 + i).to(at::kFloat);
+      at::Tensor w = Randn({kOut, in_}, 600 + i).to(at::kFloat);
       at::Tensor b = Randn({kOut}, 700 + i).to(at::kFloat);
       at::Tensor g = x.t().matmul(x);
       std::map<std::string, std::string> m =
@@ -429,11 +430,30 @@ class RegMeanTest : public MergeTest {
     return c;
   }
 
+  // Merges with `options` and `solve` into a file of its own; its
+  // "lin.weight" goes to `merged`, and the last progress report is returned.
+  MergeProgress MergeWithSolve(MergeOptions options, RegMeanSolve solve,
+                               at::Tensor& merged) {
+    options.regmean_solve = solve;
+    MergeProgress last;
+    auto plan = PlanMerge(inputs_, options);
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    if (!plan.ok()) return last;
+    const std::string out =
+        Path(solve == RegMeanSolve::kFloat32 ? "f32" : "f64");
+    const absl::Status status = ExecuteMerge(
+        *plan, inputs_, options, out, [&](const MergeProgress& p) { last = p; },
+        nullptr);
+    EXPECT_TRUE(status.ok()) << status;
+    if (status.ok()) merged = Read(*Open(out), "lin.weight");
+    return last;
+  }
+
   // The normal-equation solution in float64, Grams scaled by `scale`.
   at::Tensor Reference(double alpha, std::vector<double> scale = {}) const {
     std::vector<double> c = NormalisedCoeffs();
-    at::Tensor a = at::zeros({kIn, kIn}, at::kDouble);
-    at::Tensor b = at::zeros({kIn, kOut}, at::kDouble);
+    at::Tensor a = at::zeros({in_, in_}, at::kDouble);
+    at::Tensor b = at::zeros({in_, kOut}, at::kDouble);
     for (size_t i = 0; i < ws_.size(); ++i) {
       at::Tensor g = grams_[i] * (scale.empty() ? 1.0 : scale[i]);
       at::Tensor gt = alpha * g + (1 - alpha) * at::diag(at::diag(g));
@@ -497,17 +517,10 @@ TEST_F(RegMeanTest, Float32SolveIsRefinedOrFallsBackToFloat64) {
   options.method = MergeMethod::kRegMean;
   options.alpha = 1.0;
   for (RegMeanSolve solve : {RegMeanSolve::kFloat32, RegMeanSolve::kFloat64}) {
-    options.regmean_solve = solve;
-    auto plan = PlanMerge(inputs_, options);
-    ASSERT_TRUE(plan.ok()) << plan.status();
-    MergeProgress last;
-    const std::string out =
-        Path(solve == RegMeanSolve::kFloat32 ? "f32" : "f64");
-    ASSERT_TRUE(ExecuteMerge(
-                    *plan, inputs_, options, out,
-                    [&](const MergeProgress& p) { last = p; }, nullptr)
-                    .ok());
-    EXPECT_LE(RelErr(Read(*Open(out), "lin.weight"), Reference(1.0)), 1e-6);
+    at::Tensor merged;
+    const MergeProgress last = MergeWithSolve(options, solve, merged);
+    ASSERT_TRUE(merged.defined());
+    EXPECT_LE(RelErr(merged, Reference(1.0)), 1e-6);
     EXPECT_EQ(last.float32_solves, solve == RegMeanSolve::kFloat32 ? 1 : 0);
     EXPECT_EQ(last.float64_solves, solve == RegMeanSolve::kFloat64 ? 1 : 0);
   }
@@ -549,6 +562,25 @@ TEST_F(RegMeanTest, AlphaHalfWithCoefficientsMatchesTheNormalEquations) {
   EXPECT_GT(RelErr(got, Reference(0.0)), 1e-3);
 }
 
+// Systems of over kCholeskyLeaf (512) features are factorised recursively,
+// in both precisions; an odd size splits unevenly.
+TEST_F(RegMeanTest, LargeSystemsMatchTheNormalEquations) {
+  in_ = 1101;
+  coeffs_ = {1, 2, 3};
+  MakeModels({1400, 1300, 1900});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 0.7;
+  const at::Tensor reference = Reference(0.7);
+  for (RegMeanSolve solve : {RegMeanSolve::kFloat64, RegMeanSolve::kFloat32}) {
+    at::Tensor merged;
+    const MergeProgress last = MergeWithSolve(options, solve, merged);
+    ASSERT_TRUE(merged.defined());
+    EXPECT_LE(RelErr(merged, reference), 1e-6);
+    EXPECT_EQ(last.float32_solves, solve == RegMeanSolve::kFloat32 ? 1 : 0);
+  }
+}
+
 TEST_F(RegMeanTest, AlphaZeroWithEqualGramsEqualsTheWeightedAverage) {
   coeffs_ = {1, 2, 3};
   MakeModels({30, 30, 30}, {}, /*equal_grams=*/true);
@@ -557,7 +589,7 @@ TEST_F(RegMeanTest, AlphaZeroWithEqualGramsEqualsTheWeightedAverage) {
   options.alpha = 0.0;
   auto out = Merge(inputs_, options);
   ASSERT_TRUE(out.ok()) << out.status();
-  at::Tensor avg = at::zeros({kOut, kIn}, at::kDouble);
+  at::Tensor avg = at::zeros({kOut, in_}, at::kDouble);
   for (size_t i = 0; i < 3; ++i) avg += ws_[i] * (coeffs_[i] / 6.0);
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), avg), 1e-6);
 }
@@ -681,13 +713,13 @@ TEST_F(RegMeanTest, FeaturesZeroInEveryModelTakeTheAverageAndTheRestIsSolved) {
   // Reference: the normal equations restricted to the live features, and
   // the plain average for the dead column.
   std::vector<int64_t> live;
-  for (int64_t k = 0; k < kIn; ++k) {
+  for (int64_t k = 0; k < in_; ++k) {
     if (k != dead) live.push_back(k);
   }
   at::Tensor index = at::tensor(live, at::kLong);
-  at::Tensor a = at::zeros({kIn - 1, kIn - 1}, at::kDouble);
-  at::Tensor b = at::zeros({kIn - 1, kOut}, at::kDouble);
-  at::Tensor average = at::zeros({kOut, kIn}, at::kDouble);
+  at::Tensor a = at::zeros({in_ - 1, in_ - 1}, at::kDouble);
+  at::Tensor b = at::zeros({in_ - 1, kOut}, at::kDouble);
+  at::Tensor average = at::zeros({kOut, in_}, at::kDouble);
   for (size_t i = 0; i < ws_.size(); ++i) {
     at::Tensor g = grams_[i].index_select(0, index).index_select(1, index);
     a += g / 3.0;
