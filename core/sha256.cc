@@ -5,7 +5,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <vector>
+#include <system_error>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -41,6 +42,63 @@ std::string Sha256::HexDigest() {
   return hex;
 }
 
+BackgroundSha256::BackgroundSha256() {
+  try {
+    thread_ = std::thread(&BackgroundSha256::Loop, this);
+  } catch (const std::system_error&) {
+    // No thread to be had: Update hashes in the caller.
+  }
+}
+
+BackgroundSha256::~BackgroundSha256() { Stop(); }
+
+void BackgroundSha256::Update(std::string bytes) {
+  if (!thread_.joinable()) {
+    hash_.Update(bytes);
+    return;
+  }
+  absl::MutexLock lock(&mu_);
+  auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return pending_bytes_ < kMaxPendingBytes;
+  };
+  mu_.Await(absl::Condition(&room));
+  pending_bytes_ += bytes.size();
+  queue_.push_back(std::move(bytes));
+}
+
+std::string BackgroundSha256::HexDigest() {
+  Stop();
+  return hash_.HexDigest();
+}
+
+void BackgroundSha256::Stop() {
+  if (!thread_.joinable()) return;
+  {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+  }
+  thread_.join();
+}
+
+void BackgroundSha256::Loop() {
+  while (true) {
+    std::string bytes;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return !queue_.empty() || closing_;
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (queue_.empty()) return;
+      bytes = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    hash_.Update(bytes);
+    absl::MutexLock lock(&mu_);
+    pending_bytes_ -= bytes.size();
+  }
+}
+
 absl::StatusOr<std::string> Sha256File(const std::string& path) {
   std::FILE* file = std::fopen(path.c_str(), "rb");
   if (file == nullptr) {
@@ -49,11 +107,14 @@ absl::StatusOr<std::string> Sha256File(const std::string& path) {
     return absl::InternalError(
         absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
   }
-  Sha256 hash;
-  std::vector<char> buffer(1 << 20);
+  // Reading and hashing overlap.
+  BackgroundSha256 hash;
+  std::string buffer(size_t{1} << 20, '\0');
   size_t n;
   while ((n = std::fread(buffer.data(), 1, buffer.size(), file)) > 0) {
-    hash.Update(buffer.data(), n);
+    buffer.resize(n);
+    hash.Update(std::move(buffer));
+    buffer.assign(size_t{1} << 20, '\0');
   }
   const bool failed = std::ferror(file) != 0;
   std::fclose(file);

@@ -1,10 +1,14 @@
 #pragma once
 
+#include <cstddef>
+#include <deque>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 
 namespace amalgam::core {
 
@@ -24,6 +28,36 @@ class Sha256 {
  private:
   struct State;
   std::unique_ptr<State> state_;
+};
+
+// SHA-256 computed on a thread of its own, so hashing (about 0.6 s per GiB)
+// overlaps the caller's receiving and writing. Update hands the bytes over
+// and returns at once, unless kMaxPendingBytes are still waiting (then it
+// waits: the caller cannot run ahead without bound). Where no thread can be
+// had, hashes in the caller. One producer; not thread-safe otherwise.
+class BackgroundSha256 {
+ public:
+  static constexpr size_t kMaxPendingBytes = size_t{16} << 20;
+
+  BackgroundSha256();
+  ~BackgroundSha256();
+  BackgroundSha256(const BackgroundSha256&) = delete;
+  BackgroundSha256& operator=(const BackgroundSha256&) = delete;
+
+  void Update(std::string bytes);
+  // Waits for every byte handed over; once, then no more updates.
+  std::string HexDigest();
+
+ private:
+  void Loop();
+  void Stop();
+
+  Sha256 hash_;  // the thread's alone while it runs
+  absl::Mutex mu_;
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  size_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
 };
 
 // Hex SHA-256 of a whole file; NOT_FOUND / INTERNAL on I/O errors.

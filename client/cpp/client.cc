@@ -386,7 +386,7 @@ absl::StatusOr<v1::DownloadChunk> Client::Download(
 
   v1::DownloadChunk first;
   bool have_first = false;
-  core::Sha256 hash;
+  core::BackgroundSha256 hash;
   int64_t offset = 0;
   v1::DownloadChunk chunk;
   absl::Status local = absl::OkStatus();
@@ -411,8 +411,8 @@ absl::StatusOr<v1::DownloadChunk> Client::Download(
     }
     local = WriteAll(fd.get(), chunk.data(), tmp_path);
     if (!local.ok()) break;
-    hash.Update(chunk.data());
     offset += static_cast<int64_t>(chunk.data().size());
+    hash.Update(std::move(*chunk.mutable_data()));  // on its own thread
     if (progress) progress(offset, first.size_bytes());
   }
   if (!local.ok()) {
