@@ -476,6 +476,66 @@ at::Tensor MergeAverage(const ExecContext& ctx,
   return acc;
 }
 
+// Fisher merge of inputs that already hold the compute type, on the CPU, in
+// two passes: the first reads every input once, chunk by chunk so the sums
+// stay in cache, and leaves sum c_i F_i W_i / sum c_i F_i in `out`, the
+// average and the denominator beside it; the second, once the largest
+// denominator is known, takes the average where the denominator is below
+// the floor. The same operations in the same order as the general path.
+template <typename T>
+at::Tensor FusedFisher(const std::vector<at::Tensor>& w,
+                       const std::vector<at::Tensor>& f,
+                       const std::vector<double>& c, double floor) {
+  at::Tensor out = at::empty(w[0].sizes(), w[0].options());
+  at::Tensor avg = at::empty_like(out);
+  at::Tensor den = at::empty_like(out);
+  T* const o = out.data_ptr<T>();
+  T* const a = avg.data_ptr<T>();
+  T* const d = den.data_ptr<T>();
+  constexpr int64_t kChunk = 1 << 12;
+  absl::Mutex mu;
+  T largest = 0;
+  at::parallel_for(0, out.numel(), kChunk, [&](int64_t begin, int64_t end) {
+    T local = 0;
+    for (int64_t start = begin; start < end; start += kChunk) {
+      const int64_t stop = std::min(end, start + kChunk);
+      for (size_t i = 0; i < w.size(); ++i) {
+        const T ci = static_cast<T>(c[i]);
+        const T* wi = w[i].data_ptr<T>();
+        const T* fi = f[i].data_ptr<T>();
+        if (i == 0) {
+          for (int64_t j = start; j < stop; ++j) {
+            const T cf = fi[j] * ci;
+            o[j] = cf * wi[j];
+            d[j] = cf;
+            a[j] = wi[j] * ci;
+          }
+        } else {
+          for (int64_t j = start; j < stop; ++j) {
+            const T cf = fi[j] * ci;
+            o[j] += cf * wi[j];
+            d[j] += cf;
+            a[j] += wi[j] * ci;
+          }
+        }
+      }
+      for (int64_t j = start; j < stop; ++j) {
+        o[j] /= d[j];
+        local = std::max(local, d[j]);
+      }
+    }
+    absl::MutexLock lock(&mu);
+    largest = std::max(largest, local);
+  });
+  const T threshold = largest * static_cast<T>(floor);
+  at::parallel_for(0, out.numel(), kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      if (d[j] <= 0 || d[j] < threshold) o[j] = a[j];
+    }
+  });
+  return out;
+}
+
 // sum c_i F_i W_i / sum c_i F_i, the average where the denominator is below
 // the floor.
 at::Tensor MergeFisher(const ExecContext& ctx,
@@ -484,6 +544,23 @@ at::Tensor MergeFisher(const ExecContext& ctx,
                        at::ScalarType compute) {
   const auto& inputs = *ctx.inputs;
   const auto& c = ctx.plan->coefficients;
+  if (ctx.device.is_cpu() &&
+      (compute == at::kFloat || compute == at::kDouble) &&
+      ScalarTypeOf(weights[0]->dtype) == compute &&
+      std::all_of(fishers.begin(), fishers.end(), [&](const TensorInfo* f) {
+        return ScalarTypeOf(f->dtype) == compute;
+      })) {
+    std::vector<at::Tensor> w, f;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      w.push_back(Load(*inputs[i].weights, *weights[i], compute, ctx.device)
+                      .contiguous());
+      f.push_back(Load(*inputs[i].fisher, *fishers[i], compute, ctx.device)
+                      .contiguous());
+    }
+    const double floor = ctx.options->fisher_floor;
+    return compute == at::kFloat ? FusedFisher<float>(w, f, c, floor)
+                                 : FusedFisher<double>(w, f, c, floor);
+  }
   at::Tensor num, den, avg;
   for (size_t i = 0; i < inputs.size(); ++i) {
     at::Tensor w = Load(*inputs[i].weights, *weights[i], compute, ctx.device);

@@ -335,6 +335,42 @@ TEST_F(FisherTest, DenominatorBelowTheFloorUsesTheAverage) {
   EXPECT_LE(RelErr(row1, fisher[1]), 1e-5);
 }
 
+// Many chunks of the fused CPU pass (60000 elements, split between threads)
+// against the float64 formula, floor included; and Fisher stored as F64
+// beside F32 weights, which takes the general path, gives the same.
+TEST_F(FisherTest, LargeTensorsAndMixedDtypesMatchTheFloat64Formula) {
+  const std::vector<int64_t> shape = {200, 300};
+  for (at::ScalarType fisher_type : {at::kFloat, at::kDouble}) {
+    std::vector<MergeInput> inputs;
+    at::Tensor num = at::zeros(shape, at::kDouble);
+    at::Tensor den = at::zeros(shape, at::kDouble);
+    at::Tensor avg = at::zeros(shape, at::kDouble);
+    for (int i = 0; i < 3; ++i) {
+      const std::string id = std::to_string(i) + at::toString(fisher_type);
+      at::Tensor w = Randn(shape, 400 + i).to(at::kFloat);
+      at::Tensor f = Rand(shape, 500 + i) * 4;
+      f.select(0, 7).zero_();  // no information: the average
+      f = f.to(fisher_type);
+      MergeInput input = Input(Write("lw" + id, {{"w", w}}), coeffs_[i], id);
+      input.fisher = Write("lf" + id, {{"w", f}}, {{"num_examples", "10"}});
+      inputs.push_back(input);
+      const double c = coeffs_[i] / 6.0;
+      num += f.to(at::kDouble) * c * w.to(at::kDouble);
+      den += f.to(at::kDouble) * c;
+      avg += w.to(at::kDouble) * c;
+    }
+    at::Tensor expected = at::where(den.gt(0), num / den, avg);
+    MergeOptions options;
+    options.method = MergeMethod::kFisher;
+    auto out = Merge(inputs, options,
+                     std::string("large") + at::toString(fisher_type));
+    ASSERT_TRUE(out.ok()) << out.status();
+    at::Tensor got = Read(**out, "w");
+    EXPECT_LE(RelErr(got, expected), 1e-5) << at::toString(fisher_type);
+    EXPECT_LE(RelErr(got.select(0, 7), avg.select(0, 7)), 1e-6);
+  }
+}
+
 TEST_F(FisherTest, FisherMissingForAModelIsRefused) {
   MakeModels({Rand({6, 5}, 1), Rand({6, 5}, 2), Rand({6, 5}, 3)});
   inputs_[1].fisher = nullptr;
