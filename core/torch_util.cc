@@ -43,6 +43,16 @@ at::Tensor Load(const SafetensorsReader& reader, const TensorInfo& info,
   absl::Span<const uint8_t> bytes = reader.Data(info);
   TORCH_CHECK(bytes.size() == info.nbytes, "tensor \"", info.name, "\" has ",
               bytes.size(), " bytes, expected ", info.nbytes);
+  if (device.is_cuda()) {
+    // Through page-locked memory (LibTorch's caching host allocator keeps it
+    // for the next tensor), so the copy to the device is asynchronous and
+    // overlaps the device's work on the tensors before; the conversion to
+    // the compute type runs on the device.
+    at::Tensor staging = at::empty(
+        info.shape, at::TensorOptions().dtype(stored).pinned_memory(true));
+    std::memcpy(staging.data_ptr(), bytes.data(), bytes.size());
+    return staging.to(device, stored, /*non_blocking=*/true).to(compute);
+  }
   at::Tensor t;
   const auto address = reinterpret_cast<uintptr_t>(bytes.data());
   if (address % DTypeSize(info.dtype) != 0) {
