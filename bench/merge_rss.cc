@@ -119,6 +119,8 @@ std::string OutputPath(const Args& args) {
          "/merged.safetensors";
 }
 
+double Seconds(const timeval& t) { return t.tv_sec + t.tv_usec / 1e6; }
+
 // The merge itself, run in the child.
 int RunMerge(const Args& args, const std::vector<std::string>& weights,
              const std::vector<std::string>& fishers) {
@@ -226,7 +228,10 @@ int main(int argc, char** argv) {
   }
 
   const std::string out = OutputPath(args);
-  std::vector<double> times;
+  struct Run {
+    double seconds, user, system;
+  };
+  std::vector<Run> runs;
   double peak_mib = 0;
   for (int run = 0; run < args.runs; ++run) {
     const auto start = std::chrono::steady_clock::now();
@@ -235,18 +240,21 @@ int main(int argc, char** argv) {
     int status = 0;
     struct rusage usage {};
     ::wait4(child, &status, 0, &usage);
-    times.push_back(
+    const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-            .count());
+            .count();
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
       std::fprintf(stderr, "merge failed\n");
       return 1;
     }
     std::filesystem::remove(out);  // not part of the merge's time
     peak_mib = std::max(peak_mib, usage.ru_maxrss / 1024.0);  // KiB
+    runs.push_back({seconds, Seconds(usage.ru_utime), Seconds(usage.ru_stime)});
   }
-  std::sort(times.begin(), times.end());
-  const double seconds = times[times.size() / 2];
+  std::sort(runs.begin(), runs.end(),
+            [](const Run& a, const Run& b) { return a.seconds < b.seconds; });
+  const Run& median = runs[runs.size() / 2];
+  const double seconds = median.seconds;
   const double inputs_per_model = args.method == "fisher" ? 2 : 1;
   const double bound_mib =
       1024.0 + inputs_per_model * args.models * tensor_bytes / 1048576.0;
@@ -256,11 +264,11 @@ int main(int argc, char** argv) {
   const double write_alone = WriteAloneSeconds(out, tensors, elements);
   std::printf(
       "| %s (queue %d) | %d x %.2f GiB | %d x %d MiB | %.0f | %.0f | %s | %.2f "
-      "| %.2f | %.2f | %.0f%% | %.2f | %.2f | %.0f%% |\n",
+      "| %.2f / %.2f | %.2f | %.2f | %.0f%% | %.2f | %.2f | %.0f%% |\n",
       args.method.c_str(), args.queue_depth, args.models, args.model_gib,
       tensors, args.tensor_mib, peak_mib, bound_mib,
-      peak_mib < bound_mib ? "yes" : "NO", seconds, input_gib / seconds,
-      memcpy_gib, 100 * input_gib / seconds / memcpy_gib, write_alone,
-      input_gib / write_alone, 100 * write_alone / seconds);
+      peak_mib < bound_mib ? "yes" : "NO", seconds, median.user, median.system,
+      input_gib / seconds, memcpy_gib, 100 * input_gib / seconds / memcpy_gib,
+      write_alone, input_gib / write_alone, 100 * write_alone / seconds);
   return peak_mib < bound_mib ? 0 : 3;
 }

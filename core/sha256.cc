@@ -1,7 +1,9 @@
 #include "core/sha256.h"
 
 #include <openssl/evp.h>
+#include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -42,20 +44,29 @@ std::string Sha256::HexDigest() {
   return hex;
 }
 
-BackgroundSha256::BackgroundSha256() {
-  try {
-    thread_ = std::thread(&BackgroundSha256::Loop, this);
-  } catch (const std::system_error&) {
-    // No thread to be had: Update hashes in the caller.
-  }
-}
-
 BackgroundSha256::~BackgroundSha256() { Stop(); }
 
 void BackgroundSha256::Update(std::string bytes) {
   if (!thread_.joinable()) {
-    hash_.Update(bytes);
-    return;
+    bool hashed = false;
+    if (no_thread_ || inline_bytes_ + bytes.size() <= kInlineBytes) {
+      inline_bytes_ += bytes.size();
+      hash_.Update(bytes);
+      hashed = true;
+    } else {
+      try {
+        thread_ = std::thread(&BackgroundSha256::Loop, this);
+      } catch (const std::system_error&) {
+        no_thread_ = true;
+        hash_.Update(bytes);
+        hashed = true;
+      }
+    }
+    if (hashed) {
+      absl::MutexLock lock(&mu_);
+      KeepSpare(std::move(bytes));
+      return;
+    }
   }
   absl::MutexLock lock(&mu_);
   auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -64,6 +75,19 @@ void BackgroundSha256::Update(std::string bytes) {
   mu_.Await(absl::Condition(&room));
   pending_bytes_ += bytes.size();
   queue_.push_back(std::move(bytes));
+}
+
+std::string BackgroundSha256::TakeSpare() {
+  absl::MutexLock lock(&mu_);
+  if (spares_.empty()) return std::string();
+  std::string spare = std::move(spares_.back());
+  spares_.pop_back();
+  spare.clear();
+  return spare;
+}
+
+void BackgroundSha256::KeepSpare(std::string bytes) {
+  if (spares_.size() < kMaxSpares) spares_.push_back(std::move(bytes));
 }
 
 std::string BackgroundSha256::HexDigest() {
@@ -96,6 +120,7 @@ void BackgroundSha256::Loop() {
     hash_.Update(bytes);
     absl::MutexLock lock(&mu_);
     pending_bytes_ -= bytes.size();
+    KeepSpare(std::move(bytes));
   }
 }
 
@@ -107,14 +132,21 @@ absl::StatusOr<std::string> Sha256File(const std::string& path) {
     return absl::InternalError(
         absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
   }
-  // Reading and hashing overlap.
+  // Reading and hashing overlap; buffers go round between the two. Pieces
+  // of 1 MiB, or the file's size if smaller.
+  struct stat info {};
+  size_t piece = size_t{1} << 20;
+  if (::fstat(fileno(file), &info) == 0 && info.st_size > 0) {
+    piece = std::min(piece, static_cast<size_t>(info.st_size));
+  }
   BackgroundSha256 hash;
-  std::string buffer(size_t{1} << 20, '\0');
-  size_t n;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), file)) > 0) {
+  while (true) {
+    std::string buffer = hash.TakeSpare();
+    buffer.resize(piece);
+    const size_t n = std::fread(buffer.data(), 1, buffer.size(), file);
+    if (n == 0) break;
     buffer.resize(n);
     hash.Update(std::move(buffer));
-    buffer.assign(size_t{1} << 20, '\0');
   }
   const bool failed = std::ferror(file) != 0;
   std::fclose(file);

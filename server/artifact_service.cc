@@ -190,9 +190,13 @@ class ArtifactServiceImpl::UploadReactor
       return absl::InternalError(absl::StrCat(
           "cannot write upload to ", temp_path_, ": ", std::strerror(errno)));
     }
-    // Hashed on the hasher's thread while the next message is read.
-    if (!resumed_)
-      hash_.Update(std::move(*request_.mutable_chunk()->mutable_data()));
+    if (!resumed_) {
+      // Hashed on the hasher's thread while the next message is read into
+      // a buffer the hasher is done with.
+      std::string data = hash_.TakeSpare();
+      data.swap(*request_.mutable_chunk()->mutable_data());
+      hash_.Update(std::move(data));
+    }
     received_ += size;
     if (Metrics* metrics = service_->options_.metrics) {
       metrics->BytesReceived(size);

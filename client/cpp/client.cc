@@ -412,7 +412,11 @@ absl::StatusOr<v1::DownloadChunk> Client::Download(
     local = WriteAll(fd.get(), chunk.data(), tmp_path);
     if (!local.ok()) break;
     offset += static_cast<int64_t>(chunk.data().size());
-    hash.Update(std::move(*chunk.mutable_data()));  // on its own thread
+    // Hashed on its own thread; the next chunk is read into a buffer the
+    // hasher is done with.
+    std::string data = hash.TakeSpare();
+    data.swap(*chunk.mutable_data());
+    hash.Update(std::move(data));
     if (progress) progress(offset, first.size_bytes());
   }
   if (!local.ok()) {
