@@ -1,8 +1,8 @@
 // Upload and download throughput of amalgamd against a bare gRPC stream on
 // the same machine, in one run.
 //
-//   transfer [--mib 1024] [--dir build/transfer] [--amalgamd
-//   build/bin/amalgamd]
+//   transfer [--mib 1024] [--dir build/transfer] [--runs 3]
+//            [--amalgamd build/bin/amalgamd]
 //
 // Baseline: an in-process callback server whose Upload reads UploadRequest
 // chunks (1 MiB, the client library's size) and drops them, over loopback.
@@ -16,6 +16,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -38,6 +39,7 @@
 ABSL_FLAG(int, mib, 1024, "size of the artifact");
 ABSL_FLAG(std::string, dir, "build/transfer", "scratch directory");
 ABSL_FLAG(std::string, amalgamd, "build/bin/amalgamd", "server binary");
+ABSL_FLAG(int, runs, 3, "measurements per row; the median is reported");
 
 namespace {
 
@@ -92,6 +94,15 @@ double BareUpload(v1::ArtifactService::Stub* stub, int64_t bytes) {
   return Seconds(start);
 }
 
+// The median of `runs` calls of `measure` (seconds each).
+template <typename F>
+double Median(int runs, F measure) {
+  std::vector<double> seconds;
+  for (int i = 0; i < runs; ++i) seconds.push_back(measure(i));
+  std::sort(seconds.begin(), seconds.end());
+  return seconds[seconds.size() / 2];
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -134,8 +145,10 @@ int main(int argc, char** argv) {
   auto stub = v1::ArtifactService::NewStub(
       grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
                                 grpc::InsecureChannelCredentials(), args));
+  const int runs = std::max(1, absl::GetFlag(FLAGS_runs));
   BareUpload(stub.get(), int64_t{64} << 20);  // warm-up
-  const double bare_seconds = BareUpload(stub.get(), bytes);
+  const double bare_seconds =
+      Median(runs, [&](int) { return BareUpload(stub.get(), bytes); });
   bare->Shutdown();
 
   // amalgamd.
@@ -149,25 +162,42 @@ int main(int argc, char** argv) {
   amalgam::client::ClientOptions options;
   options.address = server.address();
   auto client = *amalgam::client::Client::Create(options);
-  auto start = Clock::now();
-  amalgam::core::Sha256File(path).IgnoreError();
-  const double hash_seconds = Seconds(start);
-  start = Clock::now();
-  auto artifact =
-      client->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "transfer", "");
-  const double upload_seconds = Seconds(start);
-  if (!artifact.ok()) {
-    std::fprintf(stderr, "upload: %s\n", artifact.status().ToString().c_str());
-    return 1;
-  }
-  start = Clock::now();
-  auto downloaded = client->Download(artifact->id(), dir + "/download");
-  const double download_seconds = Seconds(start);
-  if (!downloaded.ok()) {
-    std::fprintf(stderr, "download: %s\n",
-                 downloaded.status().ToString().c_str());
-    return 1;
-  }
+  const double hash_seconds = Median(runs, [&](int) {
+    const auto start = Clock::now();
+    amalgam::core::Sha256File(path).IgnoreError();
+    return Seconds(start);
+  });
+  // Each upload under a name of its own (a new upload id); the server
+  // stores the content once, but receives, hashes and verifies it each time.
+  std::string artifact_id;
+  bool failed = false;
+  const double upload_seconds = Median(runs, [&](int i) {
+    const auto start = Clock::now();
+    auto artifact = client->Upload(v1::ARTIFACT_KIND_WEIGHTS, path,
+                                   absl::StrCat("transfer-", i), "");
+    const double seconds = Seconds(start);
+    if (!artifact.ok()) {
+      std::fprintf(stderr, "upload: %s\n",
+                   artifact.status().ToString().c_str());
+      failed = true;
+    } else {
+      artifact_id = artifact->id();
+    }
+    return seconds;
+  });
+  const double download_seconds = Median(runs, [&](int) {
+    const auto start = Clock::now();
+    auto downloaded = client->Download(artifact_id, dir + "/download");
+    const double seconds = Seconds(start);
+    if (!downloaded.ok()) {
+      std::fprintf(stderr, "download: %s\n",
+                   downloaded.status().ToString().c_str());
+      failed = true;
+    }
+    std::filesystem::remove(dir + "/download");
+    return seconds;
+  });
+  if (failed) return 1;
   std::printf("| transfer | MiB | seconds | MiB/s | share of bare stream |\n");
   std::printf("|---|---|---|---|---|\n");
   std::printf(
@@ -185,18 +215,22 @@ int main(int argc, char** argv) {
       mib, download_seconds, mib / download_seconds,
       100 * bare_seconds / download_seconds);
   // The durability floor: the same bytes written and fsynced to the same disk.
-  start = Clock::now();
-  {
-    std::ofstream out(dir + "/floor", std::ios::binary);
-    std::string block(1 << 20, 'y');
-    for (int64_t done = 0; done < bytes; done += block.size()) {
-      out.write(block.data(), block.size());
+  const double floor_seconds = Median(runs, [&](int) {
+    const auto start = Clock::now();
+    {
+      std::ofstream out(dir + "/floor", std::ios::binary);
+      std::string block(1 << 20, 'y');
+      for (int64_t done = 0; done < bytes; done += block.size()) {
+        out.write(block.data(), block.size());
+      }
     }
-  }
-  const int fd = ::open((dir + "/floor").c_str(), O_RDONLY);
-  ::fsync(fd);
-  ::close(fd);
-  const double floor_seconds = Seconds(start);
+    const int fd = ::open((dir + "/floor").c_str(), O_RDONLY);
+    ::fsync(fd);
+    ::close(fd);
+    const double seconds = Seconds(start);
+    std::filesystem::remove(dir + "/floor");
+    return seconds;
+  });
   std::printf(
       "| baseline: write + fsync to the same disk | %.0f | %.2f | %.0f | "
       "%.0f%% |\n",
