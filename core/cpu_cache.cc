@@ -171,6 +171,8 @@ CpuCacheScope::CpuCacheScope(size_t max_cached_bytes) {
 
 CpuCacheScope::~CpuCacheScope() { CachingCpuAllocator::Get().RemoveScope(); }
 
+void InstallCpuCache() { CachingCpuAllocator::Get(); }
+
 CpuCacheStats GetCpuCacheStats() { return CachingCpuAllocator::Get().Stats(); }
 
 }  // namespace amalgam::core

@@ -28,6 +28,13 @@ class CpuCacheScope {
   CpuCacheScope& operator=(const CpuCacheScope&) = delete;
 };
 
+// Puts the caching allocator in place (LibTorch's CPU allocator slot). The
+// first CpuCacheScope does it otherwise; a process with several threads
+// calls this once at start-up, before they run, since the slot is a plain
+// global. The allocator has no raw_deleter(): c10's raw_allocate() is not
+// for it (LibTorch's tensor paths do not use it).
+void InstallCpuCache();
+
 struct CpuCacheStats {
   int64_t hits = 0;          // allocations served from the cache
   int64_t misses = 0;        // cached-size allocations that mapped new memory

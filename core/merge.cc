@@ -661,26 +661,31 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   const auto& c = ctx.plan->coefficients;
   const double alpha = ctx.options->alpha;
   // a = sum G~_i [in, in], b = sum G~_i W_i^T [in, out], where
-  // G~ = c s (alpha G + (1 - alpha) diag(G)) = factor H, H being G with its
-  // diagonal divided by alpha (or, for alpha 0, the diagonal alone): H is
-  // made in the float64 copy of G, and factor folded into the accumulating
-  // add and GEMM, so each Gram is read once for a and once for b.
-  const double diagonal_multiplier = alpha > 0 ? 1.0 / alpha : 1.0;
+  // G~ = c s (alpha G + (1 - alpha) diag(G)) = factor H. H is made in the
+  // float64 copy of G and factor folded into the accumulating add and GEMM,
+  // so each Gram is read once for a and once for b. Usually H is G with its
+  // diagonal divided by alpha (factor c s alpha); for alpha below
+  // kFoldedAlpha, where 1/alpha could overflow, H is alpha G with G's own
+  // diagonal (factor c s; for alpha 0, the diagonal alone).
+  constexpr double kFoldedAlpha = 1e-6;
   at::Tensor a, b;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const at::Tensor w =
         Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
     const double scale = c[i] * ctx.plan->gram_scale[i];
-    const double factor = alpha > 0 ? alpha * scale : scale;
     at::Tensor h = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device);
     if (h.data_ptr() ==
         static_cast<const void*>(inputs[i].gram->Data(*grams[i]).data())) {
       h = h.clone();  // F64 Grams alias the read-only mapping
     }
-    if (alpha > 0) {
-      h.diagonal().mul_(diagonal_multiplier);
+    double factor = scale;
+    if (alpha >= kFoldedAlpha) {
+      h.diagonal().div_(alpha);
+      factor = alpha * scale;
     } else {
-      h = at::diag(h.diagonal());
+      const at::Tensor diagonal = h.diagonal().clone();
+      h.mul_(alpha);
+      h.diagonal().copy_(diagonal);
     }
     if (i == 0) {
       a = h.mul(factor);
@@ -832,10 +837,9 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
     case TensorRule::kCopy:
       return absl::InternalError("kCopy is not computed");
   }
-  // One conversion pass straight into row-major order (RegMean's result is a
-  // transposed view).
-  return merged.to(at::kCPU, ScalarTypeOf(t.info.dtype), /*non_blocking=*/false,
-                   /*copy=*/false, at::MemoryFormat::Contiguous);
+  // Written as raw row-major bytes: contiguous whatever layout the merge
+  // produced (to() alone may hand back a transposed view unchanged).
+  return merged.to(at::kCPU, ScalarTypeOf(t.info.dtype)).contiguous();
 }
 
 }  // namespace

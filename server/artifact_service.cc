@@ -191,11 +191,10 @@ class ArtifactServiceImpl::UploadReactor
           "cannot write upload to ", temp_path_, ": ", std::strerror(errno)));
     }
     if (!resumed_) {
-      // Hashed on the hasher's thread while the next message is read into
-      // a buffer the hasher is done with.
-      std::string data = hash_.TakeSpare();
-      data.swap(*request_.mutable_chunk()->mutable_data());
-      hash_.Update(std::move(data));
+      // Hashed on the hasher's thread while the next message is read (the
+      // chunk is a oneof, freed by the next parse anyway: moved, not
+      // recycled).
+      hash_.Update(std::move(*request_.mutable_chunk()->mutable_data()));
     }
     received_ += size;
     if (Metrics* metrics = service_->options_.metrics) {

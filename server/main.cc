@@ -12,6 +12,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "core/cpu_cache.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -90,6 +91,8 @@ int main(int argc, char** argv) {
   for (std::string& arg : normalized) normalized_argv.push_back(arg.data());
   absl::ParseCommandLine(static_cast<int>(normalized_argv.size()),
                          normalized_argv.data());
+  // LibTorch's allocator slot is a plain global: set it before any thread.
+  amalgam::core::InstallCpuCache();
 
   LogLevel level;
   if (!amalgam::server::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {

@@ -617,6 +617,23 @@ TEST_F(RegMeanTest, LargeSystemsMatchTheNormalEquations) {
   }
 }
 
+// An alpha so small that 1/alpha overflows is still the formula, not a
+// "singular" system.
+TEST_F(RegMeanTest, TinyAlphaMatchesTheNormalEquations) {
+  coeffs_ = {1, 2, 3};
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  const std::vector<double> alphas = {1e-310, 1e-7};
+  for (size_t k = 0; k < alphas.size(); ++k) {
+    const double alpha = alphas[k];
+    options.alpha = alpha;
+    auto out = Merge(inputs_, options, "tiny" + std::to_string(k));
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(alpha)), 1e-6);
+  }
+}
+
 TEST_F(RegMeanTest, AlphaZeroWithEqualGramsEqualsTheWeightedAverage) {
   coeffs_ = {1, 2, 3};
   MakeModels({30, 30, 30}, {}, /*equal_grams=*/true);
