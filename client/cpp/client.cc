@@ -170,15 +170,27 @@ Client::Client(const ClientOptions& options,
       jobs_(v1::JobService::NewStub(channel_)),
       health_(grpc::health::v1::Health::NewStub(channel_)) {}
 
-absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus>
-Client::CheckHealth(const std::string& service) {
+template <typename Stub, typename Request, typename Response>
+absl::StatusOr<Response> Client::Unary(
+    Stub& stub,
+    grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&,
+                                 Response*),
+    const Request& request) const {
   grpc::ClientContext context;
   Prepare(&context, /*unary=*/true);
+  Response response;
+  AMALGAM_RETURN_IF_ERROR(
+      FromGrpcStatus((stub.*method)(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus>
+Client::CheckHealth(const std::string& service) {
   grpc::health::v1::HealthCheckRequest request;
   request.set_service(service);
-  grpc::health::v1::HealthCheckResponse response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(health_->Check(&context, request, &response)));
+  AMALGAM_ASSIGN_OR_RETURN(
+      grpc::health::v1::HealthCheckResponse response,
+      Unary(*health_, &grpc::health::v1::Health::Stub::Check, request));
   return response.status();
 }
 
@@ -306,57 +318,33 @@ absl::StatusOr<v1::Artifact> Client::SendUpload(
 
 absl::StatusOr<v1::UploadStatus> Client::GetUpload(
     const std::string& upload_id) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
   v1::GetUploadRequest request;
   request.set_upload_id(upload_id);
-  v1::UploadStatus response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(artifacts_->GetUpload(&context, request, &response)));
-  return response;
+  return Unary(*artifacts_, &v1::ArtifactService::Stub::GetUpload, request);
 }
 
 absl::StatusOr<v1::ListArtifactsResponse> Client::ListArtifacts(
     v1::ArtifactKind kind) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
   v1::ListArtifactsRequest request;
   request.set_kind(kind);
-  v1::ListArtifactsResponse response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(artifacts_->ListArtifacts(&context, request, &response)));
-  return response;
+  return Unary(*artifacts_, &v1::ArtifactService::Stub::ListArtifacts, request);
 }
 
 absl::StatusOr<v1::Artifact> Client::GetArtifact(const std::string& id) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
   v1::GetArtifactRequest request;
   request.set_id(id);
-  v1::Artifact response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(artifacts_->GetArtifact(&context, request, &response)));
-  return response;
+  return Unary(*artifacts_, &v1::ArtifactService::Stub::GetArtifact, request);
 }
 
 absl::StatusOr<v1::DeleteArtifactResponse> Client::DeleteArtifact(
     const v1::DeleteArtifactRequest& request) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
-  v1::DeleteArtifactResponse response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(artifacts_->DeleteArtifact(&context, request, &response)));
-  return response;
+  return Unary(*artifacts_, &v1::ArtifactService::Stub::DeleteArtifact,
+               request);
 }
 
 absl::StatusOr<v1::ShareArtifactResponse> Client::ShareArtifact(
     const v1::ShareArtifactRequest& request) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
-  v1::ShareArtifactResponse response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(artifacts_->ShareArtifact(&context, request, &response)));
-  return response;
+  return Unary(*artifacts_, &v1::ArtifactService::Stub::ShareArtifact, request);
 }
 
 absl::StatusOr<v1::DownloadChunk> Client::Download(
@@ -447,33 +435,18 @@ absl::StatusOr<v1::DownloadChunk> Client::Download(
 }
 
 absl::StatusOr<v1::Job> Client::SubmitJob(const v1::SubmitJobRequest& request) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
-  v1::Job response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(jobs_->SubmitJob(&context, request, &response)));
-  return response;
+  return Unary(*jobs_, &v1::JobService::Stub::SubmitJob, request);
 }
 
 absl::StatusOr<v1::Job> Client::GetJob(const std::string& id) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
   v1::GetJobRequest request;
   request.set_id(id);
-  v1::Job response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(jobs_->GetJob(&context, request, &response)));
-  return response;
+  return Unary(*jobs_, &v1::JobService::Stub::GetJob, request);
 }
 
 absl::StatusOr<v1::ListJobsResponse> Client::ListJobs() {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
   v1::ListJobsRequest request;
-  v1::ListJobsResponse response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(jobs_->ListJobs(&context, request, &response)));
-  return response;
+  return Unary(*jobs_, &v1::JobService::Stub::ListJobs, request);
 }
 
 absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id,
@@ -510,14 +483,9 @@ absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id,
 }
 
 absl::StatusOr<v1::Job> Client::CancelJob(const std::string& id) {
-  grpc::ClientContext context;
-  Prepare(&context, /*unary=*/true);
   v1::CancelJobRequest request;
   request.set_id(id);
-  v1::Job response;
-  AMALGAM_RETURN_IF_ERROR(
-      FromGrpcStatus(jobs_->CancelJob(&context, request, &response)));
-  return response;
+  return Unary(*jobs_, &v1::JobService::Stub::CancelJob, request);
 }
 
 }  // namespace amalgam::client

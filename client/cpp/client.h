@@ -125,6 +125,13 @@ class Client {
       int64_t offset, const ProgressCallback& progress);
   // Sets metadata (token) and, for unary calls, the deadline.
   void Prepare(grpc::ClientContext* context, bool unary) const;
+  // One unary call, prepared as above; its status as absl's.
+  template <typename Stub, typename Request, typename Response>
+  absl::StatusOr<Response> Unary(
+      Stub& stub,
+      grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&,
+                                   Response*),
+      const Request& request) const;
 
   const ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
