@@ -442,20 +442,38 @@ void WeightedSum(const std::vector<at::Tensor>& in,
   });
 }
 
+// The tensors `infos` of each model's `file`, as mapped, for a fused CPU
+// pass; empty where none applies (not the CPU, a compute type other than
+// float32 or float64, or a tensor stored in another type: the bytes are
+// used as they are, with no conversion).
+std::vector<at::Tensor> MappedForFusedPass(
+    const ExecContext& ctx, const SafetensorsReader* MergeInput::*file,
+    const std::vector<const TensorInfo*>& infos, at::ScalarType compute) {
+  if (!ctx.device.is_cpu() ||
+      (compute != at::kFloat && compute != at::kDouble)) {
+    return {};
+  }
+  for (const TensorInfo* info : infos) {
+    if (ScalarTypeOf(info->dtype) != compute) return {};
+  }
+  std::vector<at::Tensor> mapped;
+  for (size_t i = 0; i < infos.size(); ++i) {
+    mapped.push_back(
+        Load(*((*ctx.inputs)[i].*file), *infos[i], compute, ctx.device)
+            .contiguous());
+  }
+  return mapped;
+}
+
 at::Tensor MergeAverage(const ExecContext& ctx,
                         const std::vector<const TensorInfo*>& weights,
                         at::ScalarType compute) {
   const auto& inputs = *ctx.inputs;
   const auto& c = ctx.plan->coefficients;
-  if (ctx.device.is_cpu() &&
-      (compute == at::kFloat || compute == at::kDouble) &&
-      ScalarTypeOf(weights[0]->dtype) == compute) {
-    // The inputs already hold the compute type: no conversion, one pass.
-    std::vector<at::Tensor> in;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      in.push_back(Load(*inputs[i].weights, *weights[i], compute, ctx.device)
-                       .contiguous());
-    }
+  if (const std::vector<at::Tensor> in =
+          MappedForFusedPass(ctx, &MergeInput::weights, weights, compute);
+      !in.empty()) {
+    // No conversion, one pass.
     at::Tensor out = at::empty(in[0].sizes(), at::TensorOptions(compute));
     if (compute == at::kFloat) {
       WeightedSum<float>(in, c, out);
@@ -544,19 +562,13 @@ at::Tensor MergeFisher(const ExecContext& ctx,
                        at::ScalarType compute) {
   const auto& inputs = *ctx.inputs;
   const auto& c = ctx.plan->coefficients;
-  if (ctx.device.is_cpu() &&
-      (compute == at::kFloat || compute == at::kDouble) &&
-      ScalarTypeOf(weights[0]->dtype) == compute &&
-      std::all_of(fishers.begin(), fishers.end(), [&](const TensorInfo* f) {
-        return ScalarTypeOf(f->dtype) == compute;
-      })) {
-    std::vector<at::Tensor> w, f;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      w.push_back(Load(*inputs[i].weights, *weights[i], compute, ctx.device)
-                      .contiguous());
-      f.push_back(Load(*inputs[i].fisher, *fishers[i], compute, ctx.device)
-                      .contiguous());
-    }
+  const std::vector<at::Tensor> w =
+      MappedForFusedPass(ctx, &MergeInput::weights, weights, compute);
+  const std::vector<at::Tensor> f =
+      w.empty()
+          ? std::vector<at::Tensor>()
+          : MappedForFusedPass(ctx, &MergeInput::fisher, fishers, compute);
+  if (!f.empty()) {
     const double floor = ctx.options->fisher_floor;
     return compute == at::kFloat ? FusedFisher<float>(w, f, c, floor)
                                  : FusedFisher<double>(w, f, c, floor);
