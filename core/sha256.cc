@@ -79,6 +79,7 @@ void BackgroundSha256::Update(std::string bytes) {
 
 std::string BackgroundSha256::TakeSpare() {
   absl::MutexLock lock(&mu_);
+  recycling_ = true;
   if (spares_.empty()) return std::string();
   std::string spare = std::move(spares_.back());
   spares_.pop_back();
@@ -87,7 +88,10 @@ std::string BackgroundSha256::TakeSpare() {
 }
 
 void BackgroundSha256::KeepSpare(std::string bytes) {
-  if (spares_.size() < kMaxSpares) spares_.push_back(std::move(bytes));
+  // Only for a producer that takes spares; others' bytes are freed at once.
+  if (recycling_ && spares_.size() < kMaxSpares) {
+    spares_.push_back(std::move(bytes));
+  }
 }
 
 std::string BackgroundSha256::HexDigest() {

@@ -70,6 +70,7 @@ class BackgroundSha256 {
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   size_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::string> spares_ ABSL_GUARDED_BY(mu_);
+  bool recycling_ ABSL_GUARDED_BY(mu_) = false;  // TakeSpare was called
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
