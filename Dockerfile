@@ -32,9 +32,10 @@ RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
       ${CUDA:+-DTorch_DIR=/opt/libtorch/share/cmake/Torch} && \
     cmake --build /build --target amalgamd amalgam && \
     mkdir -p /out/bin && cp /build/bin/amalgamd /build/bin/amalgam /out/bin/ && \
-    # The Debian packages that hold the shared libraries the binaries load.
-    ldd /out/bin/amalgamd /out/bin/amalgam | awk '/=> \// {print $3}' | sort -u | \
-      xargs -r dpkg -S 2>/dev/null | cut -d: -f1 | sort -u > /out/packages.txt
+    # The Debian packages that hold the shared libraries the binaries load;
+    # fails the build when a library is missing or belongs to no package.
+    ALLOW_UNPACKAGED=/opt/libtorch bash scripts/runtime-packages.sh \
+      /out/bin/amalgamd /out/bin/amalgam > /out/packages.txt
 
 # ---------------------------------------------------------------------------
 FROM ${DEBIAN} AS runtime

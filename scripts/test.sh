@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every test: formatting, unit, integration (real
 # amalgamd over gRPC on loopback), end-to-end (the CLI against the server),
-# pytest, and a short run of each libFuzzer target.
+# pytest, a short run of each libFuzzer target, and the container image built
+# and run with podman.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
@@ -14,3 +15,6 @@ ctest --preset release -j2
 
 echo "== fuzz (short run)"
 bash scripts/fuzz.sh 30
+
+echo "== container image (podman)"
+bash scripts/container-test.sh

@@ -130,63 +130,7 @@ grep -q "num_examples: 256" "$TMP/out" || fail "show of a gram gives no num_exam
 grep -q "${W[0]}" "$TMP/out" || fail "show of a gram does not name the weights it describes"
 
 # --- reference checker ---------------------------------------------------------
-cat >"$TMP/check.py" <<'EOF'
-"""check.py ROOT DEMO_DIR RESULT METHOD [COEFF...]: compares RESULT with a float64 reference."""
-import sys
-
-import numpy as np
-
-root, demo, result, method = sys.argv[1:5]
-coeffs = np.array([float(c) for c in sys.argv[5:]] or [1.0, 1.0, 1.0])
-sys.path.insert(0, root + "/tests/fixtures")
-import safetensors_np  # noqa: E402
-
-ALPHA = 0.9  # the server's default
-n = len(coeffs)
-c = coeffs / coeffs.sum()
-models = [safetensors_np.load(f"{demo}/model_{i}.safetensors")[0] for i in range(n)]
-grams = [safetensors_np.load(f"{demo}/gram_{i}.safetensors")[0] for i in range(n)]
-fishers = [safetensors_np.load(f"{demo}/fisher_{i}.safetensors")[0] for i in range(n)]
-f64 = lambda t: {k: v.astype(np.float64) for k, v in t.items()}
-models, grams, fishers = map(lambda ts: [f64(t) for t in ts], (models, grams, fishers))
-
-reference = {}
-for name in models[0]:
-    ws = [m[name] for m in models]
-    if method == "regmean" and all(name in g for g in grams):
-        tilde = [ALPHA * g[name] + (1 - ALPHA) * np.diag(np.diag(g[name])) for g in grams]
-        lhs = sum(ci * t for ci, t in zip(c, tilde))
-        rhs = sum(ci * t @ w.T for ci, t, w in zip(c, tilde, ws))
-        reference[name] = np.linalg.solve(lhs, rhs).T
-    elif method == "fisher":
-        num = sum(ci * f[name] * w for ci, f, w in zip(c, fishers, ws))
-        den = sum(ci * f[name] for ci, f in zip(c, fishers))
-        reference[name] = num / den
-    else:
-        reference[name] = sum(ci * w for ci, w in zip(c, ws))
-
-got, _ = safetensors_np.load(result)
-if sorted(got) != sorted(reference):
-    sys.exit(f"tensor names {sorted(got)}, want {sorted(reference)}")
-worst = 0.0
-for name, ref in reference.items():
-    value = got[name]
-    if value.dtype != np.float32:
-        sys.exit(f"{name}: dtype {value.dtype}, want float32")
-    if value.shape != ref.shape:
-        sys.exit(f"{name}: shape {value.shape}, want {ref.shape}")
-    error = np.abs(value.astype(np.float64) - ref).max() / np.abs(ref).max()
-    worst = max(worst, error)
-    if error > 1e-5:
-        sys.exit(f"{name}: max relative error {error:.3g} > 1e-5")
-# The merge must differ from the plain average where the method says it should.
-if method in ("regmean", "fisher", "weighted"):
-    average = sum(m["2.weight"] for m in models) / n
-    if np.abs(reference["2.weight"] - average).max() < 1e-3:
-        sys.exit("reference equals the plain average: the demo data do not test the method")
-print(f"   {method}: {len(reference)} tensors, max relative error {worst:.2e}")
-EOF
-check() { "$PYTHON" "$TMP/check.py" "$ROOT" "$TMP/demo" "$@" || fail "result of $2 differs from the reference"; }
+check() { "$PYTHON" "$ROOT/tests/fixtures/check_merge.py" "$TMP/demo" "$@" || fail "result of $2 differs from the reference"; }
 
 # --- merges ----------------------------------------------------------------------
 step "merge regmean --out"
