@@ -3,10 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <dlfcn.h>
 #include <re2/re2.h>
-#include <torch/cuda.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -30,6 +27,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "core/cpu_cache.h"
+#include "core/runtime.h"
 #include "core/status_macros.h"
 #include "core/torch_util.h"
 
@@ -1074,86 +1072,6 @@ absl::Status ExecuteMerge(
   }
   AMALGAM_RETURN_IF_ERROR(pipeline.Close());
   return writer->Finish();
-}
-
-absl::StatusOr<std::string> ResolveDevice(const std::string& spec) {
-  int index = 0;
-  if (spec == "cpu") return std::string("cpu");
-  if (spec == "auto" || spec == "cuda") {
-    index = 0;
-  } else if (absl::StartsWith(spec, "cuda:")) {
-    const std::string digits = spec.substr(5);
-    if (digits.empty() ||
-        digits.find_first_not_of("0123456789") != std::string::npos ||
-        !absl::SimpleAtoi(digits, &index)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "invalid device \"", spec, "\"; expected auto, cpu, cuda or cuda:N"));
-    }
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "invalid device \"", spec, "\"; expected auto, cpu, cuda or cuda:N"));
-  }
-  size_t count = 0;
-  try {
-    count = torch::cuda::is_available() ? torch::cuda::device_count() : 0;
-  } catch (const c10::Error& e) {
-    return FromTorchError(e, "probing CUDA");
-  }
-  if (spec == "auto") {
-    return count > 0 ? std::string("cuda:0") : std::string("cpu");
-  }
-  if (count == 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("device \"", spec,
-                     "\" requested but this build or machine has no CUDA"));
-  }
-  if (static_cast<size_t>(index) >= count) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("device \"", spec, "\" requested but there are only ",
-                     count, " CUDA devices"));
-  }
-  return absl::StrCat("cuda:", index);
-}
-
-RuntimeInfo GetRuntimeInfo() {
-  RuntimeInfo runtime;
-  runtime.libtorch = TORCH_VERSION;
-  runtime.blas = "unknown";
-  // The BLAS actually loaded (Debian's LibTorch calls whatever libblas.so.3
-  // the alternatives system points to).
-  if (void* sgemm = dlsym(RTLD_DEFAULT, "sgemm_")) {
-    Dl_info info;
-    if (dladdr(sgemm, &info) != 0 && info.dli_fname != nullptr) {
-      runtime.blas = info.dli_fname;
-      if (char* real = realpath(info.dli_fname, nullptr)) {
-        runtime.blas = real;
-        std::free(real);
-      }
-    }
-  }
-  using GetConfig = const char* (*)();
-  if (auto get_config = reinterpret_cast<GetConfig>(
-          dlsym(RTLD_DEFAULT, "openblas_get_config"))) {
-    runtime.blas = absl::StrCat(get_config(), " (", runtime.blas, ")");
-  }
-  runtime.cuda = "no";
-  try {
-    runtime.threads = at::get_num_threads();
-    if (torch::cuda::is_available()) {
-      runtime.cuda =
-          absl::StrCat("yes (", torch::cuda::device_count(), " devices)");
-    }
-  } catch (const c10::Error&) {
-    runtime.cuda = "unknown";
-  }
-  return runtime;
-}
-
-std::string DescribeRuntime() {
-  const RuntimeInfo runtime = GetRuntimeInfo();
-  return absl::StrCat("LibTorch ", runtime.libtorch, "; BLAS: ", runtime.blas,
-                      "; intra-op threads: ", runtime.threads,
-                      "; CUDA: ", runtime.cuda);
 }
 
 }  // namespace amalgam::core

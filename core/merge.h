@@ -123,21 +123,4 @@ absl::Status ExecuteMerge(
     const std::function<void(const MergeProgress&)>& progress,
     const std::atomic<bool>* cancelled);
 
-// "cpu" or "cuda:N" for a --device value ("auto", "cpu", "cuda", "cuda:N").
-// INVALID_ARGUMENT for a malformed value, FAILED_PRECONDITION for CUDA when
-// this build or machine has none.
-absl::StatusOr<std::string> ResolveDevice(const std::string& spec);
-
-// One line naming LibTorch's version, its BLAS and whether CUDA is usable.
-std::string DescribeRuntime();
-
-// What DescribeRuntime says, field by field (for build-info metrics).
-struct RuntimeInfo {
-  std::string libtorch;  // version
-  std::string blas;      // the BLAS library actually loaded
-  std::string cuda;      // "no", "yes (N devices)" or "unknown"
-  int threads = 0;       // intra-op threads
-};
-RuntimeInfo GetRuntimeInfo();
-
 }  // namespace amalgam::core

@@ -115,6 +115,39 @@ absl::StatusOr<DType> DTypeForTensor(const std::string& dtype,
   return *parsed;
 }
 
+}  // namespace
+
+absl::Status CheckJsonDepth(absl::string_view text, int max_depth,
+                            absl::string_view what) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, " nests JSON arrays or objects deeper than ", max_depth,
+            " levels (at byte ", i, "); the format has no such nesting"));
+      }
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
 // One entry of the header, with its data offsets relative to the data
 // section.
 struct ParsedEntry {
@@ -158,8 +191,10 @@ absl::StatusOr<ParsedEntry> ParseEntry(const std::string& name,
     } else if (dim.is_number_integer()) {
       parsed.info.shape.push_back(dim.get<int64_t>());
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": \"shape\" holds ", dim.dump(), ", not an integer"));
+      // Never echo untrusted JSON: name its type only.
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": \"shape\" holds a JSON ", dim.type_name(),
+                       ", not an integer"));
     }
   }
   AMALGAM_ASSIGN_OR_RETURN(parsed.info.numel,
@@ -202,6 +237,8 @@ absl::StatusOr<ParsedEntry> ParseEntry(const std::string& name,
 absl::StatusOr<SafetensorsHeader> ParseHeaderJson(absl::string_view text,
                                                   uint64_t data_size,
                                                   uint64_t data_start) {
+  // {"name": {"shape": [..]}}: three levels.
+  AMALGAM_RETURN_IF_ERROR(CheckJsonDepth(text, 3, "the header"));
   Json root;
   try {
     root = Json::parse(text.begin(), text.end());
@@ -306,6 +343,9 @@ absl::StatusOr<ShardIndex> ReadShardIndex(const std::string& path) {
   if (in.bad()) return FileError("cannot read", path, errno);
   const std::string text = buffer.str();
 
+  // {"metadata": {..}, "weight_map": {..}}: two levels, one spare.
+  AMALGAM_RETURN_IF_ERROR(
+      CheckJsonDepth(text, 3, absl::StrCat(path, ": the index")));
   Json root;
   try {
     root = Json::parse(text);

@@ -39,6 +39,14 @@ struct SafetensorsHeader {
   std::map<std::string, std::string> metadata;
 };
 
+// OK unless `text` nests JSON arrays or objects deeper than `max_depth`
+// (brackets inside strings do not count); INVALID_ARGUMENT naming `what`
+// otherwise. Run before parsing untrusted JSON, so that no later step (a
+// parser, a destructor, a dump) recurses once per level of an attacker's
+// nesting. Thread-safe.
+absl::Status CheckJsonDepth(absl::string_view text, int max_depth,
+                            absl::string_view what);
+
 // Parses the JSON header of a safetensors file whose data section (the bytes
 // after the 8-byte length and the header) is `data_size` bytes long.
 // `data_start` is the file offset of the data section; it is added to every

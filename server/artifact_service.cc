@@ -98,12 +98,14 @@ void ArtifactServiceImpl::UploadTracker::RemoveIfIdle(
   absl::StatusOr<bool> removed =
       storage->RemoveStaleUpload(owner, upload_id, cutoff_unix_seconds);
   if (!removed.ok()) {
-    Log(LogLevel::kWarning,
-        absl::StrCat("event=upload_expiry_failed upload=", upload_id, " owner=",
-                     owner, " error=\"", removed.status().message(), "\""));
+    Log(LogLevel::kWarning, LogFields("upload_expiry_failed")
+                                .Add("upload", upload_id)
+                                .Add("owner", owner)
+                                .Add("error", removed.status().message()));
   } else if (*removed) {
-    Log(LogLevel::kInfo, absl::StrCat("event=upload_expired upload=", upload_id,
-                                      " owner=", owner));
+    Log(LogLevel::kInfo, LogFields("upload_expired")
+                             .Add("upload", upload_id)
+                             .Add("owner", owner));
   }
 }
 
@@ -318,10 +320,12 @@ class ArtifactServiceImpl::UploadReactor
         *response_->mutable_artifact() = *artifact;
         response_->set_upload_id(header_.upload_id());
         Log(LogLevel::kInfo,
-            absl::StrCat(
-                "event=upload artifact=", artifact->id(), " owner=", owner_,
-                " kind=", v1::ArtifactKind_Name(artifact->kind()),
-                " bytes=", artifact->size_bytes(), " verify_ms=", verify_ms));
+            LogFields("upload")
+                .Add("artifact", artifact->id())
+                .Add("owner", owner_)
+                .Add("kind", v1::ArtifactKind_Name(artifact->kind()))
+                .Add("bytes", artifact->size_bytes())
+                .Add("verify_ms", verify_ms));
         Finish(grpc::Status::OK);
       } else {
         Fail(artifact.status());
@@ -395,9 +399,11 @@ class ArtifactServiceImpl::UploadReactor
   }
 
   void Fail(const absl::Status& status) {
-    Log(LogLevel::kInfo, absl::StrCat("event=upload_failed owner=", owner_,
-                                      " code=", static_cast<int>(status.code()),
-                                      " error=\"", status.message(), "\""));
+    Log(LogLevel::kInfo,
+        LogFields("upload_failed")
+            .Add("owner", owner_)
+            .Add("code", absl::StatusCodeToString(status.code()))
+            .Add("error", status.message()));
     Finish(ToGrpcStatus(status));
   }
 
@@ -519,9 +525,8 @@ void ArtifactServiceImpl::ExpireUploads() {
     absl::StatusOr<std::vector<std::pair<std::string, std::string>>> stale =
         storage_->StaleUploads(cutoff);
     if (!stale.ok()) {
-      Log(LogLevel::kWarning,
-          absl::StrCat("event=upload_expiry_failed error=\"",
-                       stale.status().message(), "\""));
+      Log(LogLevel::kWarning, LogFields("upload_expiry_failed")
+                                  .Add("error", stale.status().message()));
     } else {
       for (const auto& [owner, id] : *stale) {
         uploads_.RemoveIfIdle(storage_, owner, id, cutoff);
@@ -610,17 +615,18 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::DeleteArtifact(
     grpc::CallbackServerContext* context,
     const v1::DeleteArtifactRequest* request,
     v1::DeleteArtifactResponse* response) {
-  return ServeUnary(
-      context, tokens_, response,
-      [&](const std::string& org)
-          -> absl::StatusOr<v1::DeleteArtifactResponse> {
-        AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
-                                 OwnedArtifact(request->id(), org));
-        AMALGAM_RETURN_IF_ERROR(jobs_->DeleteIfUnused(artifact));
-        Log(LogLevel::kInfo, absl::StrCat("event=delete artifact=",
-                                          artifact.id(), " owner=", org));
-        return v1::DeleteArtifactResponse();
-      });
+  return ServeUnary(context, tokens_, response,
+                    [&](const std::string& org)
+                        -> absl::StatusOr<v1::DeleteArtifactResponse> {
+                      AMALGAM_ASSIGN_OR_RETURN(
+                          v1::Artifact artifact,
+                          OwnedArtifact(request->id(), org));
+                      AMALGAM_RETURN_IF_ERROR(jobs_->DeleteIfUnused(artifact));
+                      Log(LogLevel::kInfo, LogFields("delete")
+                                               .Add("artifact", artifact.id())
+                                               .Add("owner", org));
+                      return v1::DeleteArtifactResponse();
+                    });
 }
 
 grpc::ServerUnaryReactor* ArtifactServiceImpl::ShareArtifact(
@@ -643,10 +649,10 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::ShareArtifact(
           artifact.add_shared_with(request->organization());
         }
         AMALGAM_RETURN_IF_ERROR(storage_->UpdateArtifact(artifact));
-        Log(LogLevel::kInfo,
-            absl::StrCat("event=", request->revoke() ? "revoke" : "share",
-                         " artifact=", artifact.id(), " owner=", org,
-                         " with=", request->organization()));
+        Log(LogLevel::kInfo, LogFields(request->revoke() ? "revoke" : "share")
+                                 .Add("artifact", artifact.id())
+                                 .Add("owner", org)
+                                 .Add("with", request->organization()));
         return v1::ShareArtifactResponse();
       });
 }

@@ -145,7 +145,7 @@ absl::Status JobManager::Recover() {
     Add(job, requeue);
   }
   Log(LogLevel::kInfo,
-      absl::StrCat("event=recover jobs=", jobs.size(), " requeued=", requeued));
+      LogFields("recover").Add("jobs", jobs.size()).Add("requeued", requeued));
   return absl::OkStatus();
 }
 
@@ -346,8 +346,10 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
   }
   AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
   Add(job, /*queue=*/true);
-  Log(LogLevel::kInfo, absl::StrCat("event=job_state job=", job.id(), " owner=",
-                                    owner, " state=JOB_STATE_QUEUED"));
+  Log(LogLevel::kInfo, LogFields("job_state")
+                           .Add("job", job.id())
+                           .Add("owner", owner)
+                           .Add("state", "JOB_STATE_QUEUED"));
   return job;
 }
 
@@ -447,18 +449,18 @@ void JobManager::Update(Entry* entry,
   if (entry->job.state() != before) {
     absl::Status status = storage_->PutJob(entry->job);
     if (!status.ok()) {
-      Log(LogLevel::kError,
-          absl::StrCat("event=persist_failed job=", entry->job.id(),
-                       " error=\"", status.message(), "\""));
+      Log(LogLevel::kError, LogFields("persist_failed")
+                                .Add("job", entry->job.id())
+                                .Add("error", status.message()));
     }
-    Log(LogLevel::kInfo,
-        absl::StrCat(
-            "event=job_state job=", entry->job.id(),
-            " owner=", entry->job.owner(),
-            " state=", v1::JobState_Name(entry->job.state()),
-            entry->job.error_message().empty()
-                ? ""
-                : absl::StrCat(" error=\"", entry->job.error_message(), "\"")));
+    LogFields fields("job_state");
+    fields.Add("job", entry->job.id())
+        .Add("owner", entry->job.owner())
+        .Add("state", v1::JobState_Name(entry->job.state()));
+    if (!entry->job.error_message().empty()) {
+      fields.Add("error", entry->job.error_message());
+    }
+    Log(LogLevel::kInfo, fields);
   }
   for (auto& [token, listener] : entry->listeners) listener(entry->job);
 }

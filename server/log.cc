@@ -3,9 +3,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
+#include <cstdio>
 #include <ctime>
 #include <string>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 
@@ -45,7 +48,43 @@ bool ParseLogLevel(absl::string_view text, LogLevel* level) {
   return false;
 }
 
-void Log(LogLevel level, absl::string_view message) {
+LogFields& LogFields::Add(absl::string_view key, absl::string_view value) {
+  if (!text_.empty()) text_ += ' ';
+  absl::StrAppend(&text_, key, "=");
+  const bool cut = value.size() > kMaxLogValueBytes;
+  const absl::string_view kept = value.substr(0, kMaxLogValueBytes);
+  bool plain = !kept.empty() && !cut;
+  for (char c : kept) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) &&
+        std::string_view("._:/@+,-").find(c) == std::string_view::npos) {
+      plain = false;
+      break;
+    }
+  }
+  if (plain) {
+    text_.append(kept.data(), kept.size());
+    return *this;
+  }
+  text_ += '"';
+  for (char c : kept) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      text_ += '\\';
+      text_ += c;
+    } else if (byte < 0x20 || byte >= 0x7f) {
+      char hex[5];
+      std::snprintf(hex, sizeof(hex), "\\x%02x", byte);
+      text_ += hex;
+    } else {
+      text_ += c;
+    }
+  }
+  if (cut) absl::StrAppend(&text_, "...(", value.size(), " bytes)");
+  text_ += '"';
+  return *this;
+}
+
+void Log(LogLevel level, const LogFields& fields) {
   if (static_cast<int>(level) < min_level) return;
   const auto now = std::chrono::system_clock::now();
   const std::time_t seconds = std::chrono::system_clock::to_time_t(now);
@@ -60,7 +99,7 @@ void Log(LogLevel level, absl::string_view message) {
   char ms[8];
   std::snprintf(ms, sizeof(ms), ".%03dZ", static_cast<int>(millis));
   const std::string line =
-      absl::StrCat(stamp, ms, " ", LevelName(level), " ", message, "\n");
+      absl::StrCat(stamp, ms, " ", LevelName(level), " ", fields.text(), "\n");
   // One write(2) per line keeps concurrent lines whole.
   (void)!::write(STDERR_FILENO, line.data(), line.size());
 }

@@ -1,8 +1,10 @@
 // amalgamd: the Amalgam model-merging server.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -10,9 +12,12 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "core/cpu_cache.h"
+#include "core/runtime.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -48,6 +53,12 @@ ABSL_FLAG(std::string, tls_key, "", "TLS: PEM private key");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "mutual TLS: PEM of the CA that signs client certificates");
 ABSL_FLAG(std::string, log_level, "info", "debug | info | warning | error");
+ABSL_FLAG(std::string, blas_core, "auto",
+          "OpenBLAS kernels: auto (replace a generic core OpenBLAS fell back "
+          "to by the CPU's best), keep, or a core name such as SkylakeX");
+ABSL_FLAG(int, threads, 0,
+          "LibTorch intra-op threads per job; 0: the usable CPUs (affinity, "
+          "cgroup quota) shared among --workers");
 
 namespace {
 
@@ -78,10 +89,101 @@ bool WritePortFile(const std::string& path, int port, int metrics_port) {
   return std::rename(temp.c_str(), path.c_str()) == 0;
 }
 
+// Set on a restart that asked OpenBLAS for other kernels:
+// "CORE<TAB>LOADED<TAB>REASON".
+constexpr char kBlasChosenEnv[] = "AMALGAM_BLAS_CHOSEN";
+// Set on a restart back to the loaded kernels after the chosen ones failed
+// the GEMM check: why.
+constexpr char kBlasKeptEnv[] = "AMALGAM_BLAS_KEPT";
+
+std::string TakeEnv(const char* name) {
+  const char* value = std::getenv(name);
+  std::string text = value != nullptr ? value : "";
+  unsetenv(name);
+  return text;
+}
+
+// Re-executes this program with `env` set: OpenBLAS reads OPENBLAS_CORETYPE
+// only when it loads. Returns only if exec fails.
+void Restart(char** argv, const std::string& core, const char* env,
+             const std::string& value) {
+  setenv("OPENBLAS_CORETYPE", core.c_str(), 1);
+  setenv(env, value.c_str(), 1);
+  execv("/proc/self/exe", argv);
+  amalgam::server::Log(amalgam::server::LogLevel::kWarning,
+                       amalgam::server::LogFields("blas_restart_failed")
+                           .Add("core", core)
+                           .Add("error", std::strerror(errno)));
+  unsetenv(env);
+}
+
+// Chooses the OpenBLAS kernels (--blas-core), restarting the process when
+// they change, and checks a GEMM against a plain loop before serving.
+// Returns false, having said why, if the BLAS gives wrong products.
+bool SetUpBlas(char** argv) {
+  using amalgam::server::Log;
+  using amalgam::server::LogFields;
+  using amalgam::server::LogLevel;
+  const amalgam::core::BlasInfo blas = amalgam::core::GetBlasInfo();
+  const std::string chosen = TakeEnv(kBlasChosenEnv);
+  const std::string kept = TakeEnv(kBlasKeptEnv);
+  std::string reason;
+  if (!chosen.empty()) {
+    std::vector<std::string> parts = absl::StrSplit(chosen, '\t');
+    parts.resize(3);
+    const absl::Status check = amalgam::core::CheckGemm();
+    if (!check.ok() || !absl::EqualsIgnoreCase(blas.core, parts[0])) {
+      const std::string why =
+          check.ok()
+              ? absl::StrCat("OpenBLAS loaded ", blas.core, " when asked for ",
+                             parts[0])
+              : absl::StrCat(parts[0],
+                             " failed the GEMM check: ", check.message());
+      Restart(argv, parts[1], kBlasKeptEnv, why);
+    }
+    reason = absl::StrCat("chosen over ", parts[1], ": ", parts[2]);
+  } else if (!kept.empty()) {
+    reason = absl::StrCat("kept: ", kept);
+    Log(LogLevel::kWarning,
+        LogFields("blas_core_kept").Add("core", blas.core).Add("reason", kept));
+  } else {
+    const char* env_core = std::getenv("OPENBLAS_CORETYPE");
+    absl::StatusOr<amalgam::core::BlasCoreChoice> choice =
+        amalgam::core::ChooseBlasCore(
+            absl::GetFlag(FLAGS_blas_core), env_core != nullptr ? env_core : "",
+            blas.core, amalgam::core::DetectCpuFeatures());
+    if (!choice.ok()) {
+      std::fprintf(stderr, "amalgamd: %s\n",
+                   std::string(choice.status().message()).c_str());
+      return false;
+    }
+    if (!choice->core.empty()) {
+      Restart(
+          argv, choice->core, kBlasChosenEnv,
+          absl::StrCat(choice->core, "\t", blas.core, "\t", choice->reason));
+    }
+    reason = choice->reason;
+  }
+  const absl::Status check = amalgam::core::CheckGemm();
+  if (!check.ok()) {
+    std::fprintf(stderr, "amalgamd: the BLAS (%s, core %s) is broken: %s\n",
+                 blas.library.c_str(), blas.core.c_str(),
+                 std::string(check.message()).c_str());
+    return false;
+  }
+  Log(LogLevel::kInfo, LogFields("blas")
+                           .Add("library", blas.library)
+                           .Add("core", blas.core.empty() ? "-" : blas.core)
+                           .Add("reason", reason)
+                           .Add("gemm_check", "ok"));
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   using amalgam::server::Log;
+  using amalgam::server::LogFields;
   using amalgam::server::LogLevel;
   absl::SetProgramUsageMessage(
       "amalgamd --listen 127.0.0.1:50051 --data-dir ./var/amalgam "
@@ -111,6 +213,8 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // After the mask: the GEMM check may start LibTorch's threads.
+  if (!SetUpBlas(argv)) return 1;
 
   amalgam::server::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
@@ -129,6 +233,21 @@ int main(int argc, char** argv) {
   options.max_uploads_per_org = absl::GetFlag(FLAGS_max_uploads_per_org);
   options.upload_expiry = absl::GetFlag(FLAGS_upload_expiry);
   options.testing_step_delay = absl::GetFlag(FLAGS_testing_step_delay);
+  const int threads = absl::GetFlag(FLAGS_threads);
+  if (threads < 0) {
+    std::fprintf(stderr, "amalgamd: --threads must be 0 (automatic) or more\n");
+    return 2;
+  }
+  const int usable_cpus = amalgam::core::UsableCpus();
+  const int intra_op = threads > 0 ? threads
+                                   : amalgam::core::IntraOpThreadsFor(
+                                         usable_cpus, options.workers);
+  amalgam::core::SetIntraOpThreads(intra_op);
+  Log(LogLevel::kInfo, LogFields("threads")
+                           .Add("intra_op", intra_op)
+                           .Add("source", threads > 0 ? "--threads" : "auto")
+                           .Add("usable_cpus", usable_cpus)
+                           .Add("workers", options.workers));
   auto server = amalgam::server::Server::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "amalgamd: %s\n",
@@ -146,11 +265,11 @@ int main(int argc, char** argv) {
   while (sigwait(&signals, &signal) == 0 && signal == SIGHUP) {
     absl::Status status = (*server)->ReloadTokens();
     if (!status.ok()) {
-      Log(LogLevel::kError, absl::StrCat("event=tokens_reload_failed error=\"",
-                                         status.message(), "\""));
+      Log(LogLevel::kError,
+          LogFields("tokens_reload_failed").Add("error", status.message()));
     }
   }
-  Log(LogLevel::kInfo, absl::StrCat("event=shutdown signal=", signal));
+  Log(LogLevel::kInfo, LogFields("shutdown").Add("signal", signal));
   (*server)->Shutdown();
   // Exit without the destructors: see Server::Shutdown.
   std::fflush(nullptr);

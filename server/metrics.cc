@@ -7,16 +7,21 @@
 #include <chrono>
 #include <fstream>
 #include <limits>
+#include <set>
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "core/merge.h"
+#include "amalgam/v1/amalgam.pb.h"
+#include "core/runtime.h"
+#include "google/protobuf/descriptor.h"
 #include "prometheus/text_serializer.h"
 #include "server/auth.h"
 #include "server/log.h"
@@ -45,12 +50,55 @@ const Histogram::BucketBoundaries& JobBuckets() {
   return *buckets;
 }
 
+// The (kind, method) pairs a finished job is counted under: merges by
+// method, grow and sweep with method "-" (as JobManager reports them).
+std::vector<std::pair<std::string, std::string>> JobLabels() {
+  std::vector<std::pair<std::string, std::string>> labels;
+  const google::protobuf::EnumDescriptor* methods =
+      v1::MergeMethod_descriptor();
+  for (int i = 0; i < methods->value_count(); ++i) {
+    const int number = methods->value(i)->number();
+    if (number == v1::MERGE_METHOD_UNSPECIFIED) continue;
+    labels.emplace_back("merge",
+                        absl::AsciiStrToLower(absl::StripPrefix(
+                            methods->value(i)->name(), "MERGE_METHOD_")));
+  }
+  labels.emplace_back("grow", "-");
+  labels.emplace_back("sweep", "-");
+  return labels;
+}
+
+// The full names (/package.Service/Method) of the methods amalgamd serves:
+// its own from their descriptors, the standard ones (served by gRPC's own
+// implementations, whose descriptors are not in this process's pool) by name.
+const std::set<std::string>& KnownMethods() {
+  static const auto* methods = [] {
+    auto* names = new std::set<std::string>{
+        "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"};
+    for (const char* service :
+         {"amalgam.v1.ArtifactService", "amalgam.v1.JobService"}) {
+      const google::protobuf::ServiceDescriptor* descriptor =
+          google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
+              service);
+      if (descriptor == nullptr) continue;
+      for (int i = 0; i < descriptor->method_count(); ++i) {
+        names->insert(
+            absl::StrCat("/", service, "/", descriptor->method(i)->name()));
+      }
+    }
+    return names;
+  }();
+  return *methods;
+}
+
 // Observes one RPC: org from its token, bytes sent, code and duration.
 class RpcObserver : public grpc::experimental::Interceptor {
  public:
   RpcObserver(grpc::experimental::ServerRpcInfo* info, Metrics* metrics,
               const TokenStore* tokens)
-      : method_(info->method()),
+      : method_(MethodLabel(info->method())),
+        path_(info->method() != nullptr ? info->method() : ""),
         metrics_(metrics),
         tokens_(tokens),
         start_(absl::Now()) {}
@@ -72,11 +120,15 @@ class RpcObserver : public grpc::experimental::Interceptor {
           static_cast<absl::StatusCode>(status.error_code()));
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start_);
       metrics_->RpcDone(method_, code, seconds);
+      LogFields fields("rpc");
+      fields.Add("method", method_);
+      // An unknown method's path is the caller's: logged cut and escaped.
+      if (method_ == kUnknownMethod) fields.Add("path", path_);
       Log(LogLevel::kInfo,
-          absl::StrCat("event=rpc method=", method_, " org=", org_,
-                       " code=", code,
-                       " duration_ms=", absl::StrFormat("%.3f", seconds * 1000),
-                       " sent_bytes=", sent_bytes_));
+          fields.Add("org", org_)
+              .Add("code", code)
+              .Add("duration_ms", absl::StrFormat("%.3f", seconds * 1000))
+              .Add("sent_bytes", sent_bytes_));
     }
     methods->Proceed();
   }
@@ -94,6 +146,7 @@ class RpcObserver : public grpc::experimental::Interceptor {
   }
 
   const std::string method_;
+  const std::string path_;
   Metrics* const metrics_;
   const TokenStore* const tokens_;
   const absl::Time start_;
@@ -102,6 +155,12 @@ class RpcObserver : public grpc::experimental::Interceptor {
 };
 
 }  // namespace
+
+std::string MethodLabel(const char* method) {
+  if (method == nullptr) return kUnknownMethod;
+  return KnownMethods().count(method) > 0 ? std::string(method)
+                                          : std::string(kUnknownMethod);
+}
 
 std::pair<int64_t, int64_t> DeviceMemory(const std::string& device) {
   if (device == "cpu") {
@@ -230,6 +289,15 @@ Metrics::Metrics(const std::string& device)
       .Register(r)
       .Add({{"device", device}})
       .Set(1);
+  // Every (kind, method, state) a job can finish with exists from the start
+  // at 0: Prometheus's increase() and rate() miss a series' first sample.
+  for (const auto& [kind, method] : JobLabels()) {
+    for (const char* state : {"succeeded", "failed", "cancelled"}) {
+      jobs_->Add({{"kind", kind}, {"method", method}, {"state", state}});
+    }
+    job_seconds_->Add({{"kind", kind}, {"method", method}}, JobBuckets());
+    job_output_bytes_->Add({{"kind", kind}});
+  }
   const core::RuntimeInfo runtime = core::GetRuntimeInfo();
   BuildGauge()
       .Name("amalgam_build_info")
@@ -237,8 +305,14 @@ Metrics::Metrics(const std::string& device)
       .Register(r)
       .Add({{"version", AMALGAM_VERSION},
             {"libtorch", runtime.libtorch},
-            {"blas", runtime.blas},
+            {"blas", runtime.blas.library},
             {"cuda", runtime.cuda}})
+      .Set(1);
+  BuildGauge()
+      .Name("amalgam_blas_info")
+      .Help("The BLAS library and the OpenBLAS kernels (core) in use (value 1)")
+      .Register(r)
+      .Add({{"library", runtime.blas.library}, {"core", runtime.blas.core}})
       .Set(1);
 }
 

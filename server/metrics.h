@@ -74,6 +74,12 @@ class Metrics {
   prometheus::Gauge* device_total_;
 };
 
+// The `method` label of an RPC: its full name when amalgamd serves that
+// method, else kUnknownMethod, so that callers cannot add label values (nor
+// grow /metrics) by calling made-up methods.
+inline constexpr char kUnknownMethod[] = "unknown";
+std::string MethodLabel(const char* method);
+
 // Memory of `device` in bytes: {used, total}. For "cpu" the process's
 // resident set and the machine's memory; for "cuda:N" what the CUDA runtime
 // reports (loaded at run time, so a CPU-only build needs no CUDA). {0, 0}

@@ -11,7 +11,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "core/merge.h"
+#include "core/runtime.h"
 #include "core/status_macros.h"
 #include "server/log.h"
 
@@ -159,12 +159,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   }
   server->drain_timeout_ = options.drain_timeout;
   server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
-  Log(LogLevel::kInfo,
-      absl::StrCat("event=serving listen=", options.listen,
-                   " port=", server->port_, " data_dir=", options.data_dir,
-                   " metrics_port=", server->metrics_port(), " device=", device,
-                   " workers=", options.workers, " runtime=\"",
-                   core::DescribeRuntime(), "\""));
+  Log(LogLevel::kInfo, LogFields("serving")
+                           .Add("listen", options.listen)
+                           .Add("port", server->port_)
+                           .Add("data_dir", options.data_dir)
+                           .Add("metrics_port", server->metrics_port())
+                           .Add("device", device)
+                           .Add("workers", options.workers)
+                           .Add("runtime", core::DescribeRuntime()));
   return server;
 }
 
@@ -172,7 +174,7 @@ absl::Status Server::ReloadTokens() {
   if (tokens_ == nullptr) return absl::OkStatus();
   AMALGAM_RETURN_IF_ERROR(tokens_->Reload());
   Log(LogLevel::kInfo,
-      absl::StrCat("event=tokens_reloaded tokens=", tokens_->size()));
+      LogFields("tokens_reloaded").Add("tokens", tokens_->size()));
   return absl::OkStatus();
 }
 
@@ -182,7 +184,7 @@ void Server::Shutdown() {
   // Drain: health says NOT_SERVING (load balancers stop sending), no new job
   // starts, running ones get drain_timeout to finish.
   grpc_server_->GetHealthCheckService()->SetServingStatus(false);
-  Log(LogLevel::kInfo, "event=draining");
+  Log(LogLevel::kInfo, LogFields("draining"));
   jobs_->Drain(drain_timeout_);
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::seconds(5));
@@ -190,7 +192,7 @@ void Server::Shutdown() {
   // The metrics server's scrape callback reads the job manager: stop it first.
   metrics_server_.reset();
   jobs_.reset();
-  Log(LogLevel::kInfo, "event=stopped");
+  Log(LogLevel::kInfo, LogFields("stopped"));
 }
 
 Server::~Server() { Shutdown(); }

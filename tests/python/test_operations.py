@@ -52,16 +52,17 @@ def scrape(port):
 
 
 def sample(samples, name, **labels):
-    """The value of the sample of ``name`` whose labels include ``labels``
+    """The sum of the samples of ``name`` whose labels include ``labels``
     (0 if there is none)."""
+    total = 0.0
     for key, value in samples.items():
         match = re.fullmatch(r"([a-zA-Z_:]+)(?:\{(.*)\})?", key)
         if match.group(1) != name:
             continue
         have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
         if all(have.get(k) == v for k, v in labels.items()):
-            return value
-    return 0.0
+            total += value
+    return total
 
 
 def test_metrics_count_uploads_and_merges(tmp_path, amalgamd_path):
@@ -160,3 +161,26 @@ def test_sigterm_drains_running_jobs(tmp_path, amalgamd_path, standard_stubs):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_blas_core_flag_restarts_with_those_kernels_and_threads_flag_holds(
+        tmp_path, amalgamd_path):
+    """--blas-core NAME re-executes amalgamd with OPENBLAS_CORETYPE (read only
+    when OpenBLAS loads), checks a GEMM, logs and exports the core in use."""
+    process, address = start_amalgamd(amalgamd_path, tmp_path,
+                                      extra=("--blas-core", "Haswell", "--threads", "1"))
+    try:
+        port = metrics_port(tmp_path)
+        info = [k for k in scrape(port) if k.startswith("amalgam_blas_info{")]
+        assert len(info) == 1 and 'core="Haswell"' in info[0], info
+        with amalgam.Client(address) as client:
+            w = client.upload_weights({"w": torch.ones(8, 8)})
+            assert client.merge([w, w], "average").wait().state == "succeeded"
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    log = (tmp_path / "server.log").read_text()
+    assert re.search(r"event=blas .*core=Haswell reason=\"chosen over \w+: --blas-core "
+                     r"Haswell\" gemm_check=ok", log), log
+    assert "event=threads intra_op=1 source=--threads" in log
+    assert "intra-op threads: 1" in log

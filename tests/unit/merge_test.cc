@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <stdlib.h>
-#include <torch/cuda.h>
 
 #include <atomic>
 #include <cmath>
@@ -1078,41 +1077,6 @@ TEST_F(ExecutionTest, AutoDeviceRunsTheMerge) {
   auto out = Merge(inputs_, options);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(0.9)), 1e-6);
-}
-
-TEST(DeviceTest, ResolvesCpuAndAuto) {
-  auto cpu = ResolveDevice("cpu");
-  ASSERT_TRUE(cpu.ok()) << cpu.status();
-  EXPECT_EQ(*cpu, "cpu");
-  auto automatic = ResolveDevice("auto");
-  ASSERT_TRUE(automatic.ok()) << automatic.status();
-  EXPECT_EQ(*automatic, torch::cuda::is_available() ? "cuda:0" : "cpu");
-}
-
-TEST(DeviceTest, CudaWithoutCudaIsAFailedPrecondition) {
-  if (torch::cuda::is_available()) GTEST_SKIP() << "this machine has CUDA";
-  for (const char* spec : {"cuda", "cuda:0", "cuda:3"}) {
-    auto device = ResolveDevice(spec);
-    EXPECT_EQ(device.status().code(), absl::StatusCode::kFailedPrecondition)
-        << spec;
-    EXPECT_THAT(device.status().message(), HasSubstr(spec));
-  }
-}
-
-TEST(DeviceTest, MalformedDeviceIsAnInvalidArgument) {
-  for (const char* spec : {"", "gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"}) {
-    auto device = ResolveDevice(spec);
-    EXPECT_EQ(device.status().code(), absl::StatusCode::kInvalidArgument)
-        << spec;
-  }
-}
-
-TEST(DeviceTest, RuntimeDescriptionNamesLibTorchBlasAndCuda) {
-  std::string text = DescribeRuntime();
-  EXPECT_THAT(text, HasSubstr("LibTorch "));
-  EXPECT_THAT(text, HasSubstr("BLAS: "));
-  EXPECT_THAT(text, HasSubstr("CUDA: "));
-  std::cout << text << "\n";
 }
 
 }  // namespace

@@ -468,7 +468,7 @@ TEST_F(SafetensorsTest, RejectsHeaderEntriesOfTheWrongJsonType) {
       {R"({"t":{"dtype":"F32","shape":"1","data_offsets":[0,4]}})",
        "tensor \"t\": \"shape\" is missing or not an array"},
       {R"({"t":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})",
-       "tensor \"t\": \"shape\" holds 1.5, not an integer"},
+       "tensor \"t\": \"shape\" holds a JSON number, not an integer"},
       {R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0]}})",
        "tensor \"t\": \"data_offsets\" is missing or not a pair"},
       {R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}})",
@@ -485,6 +485,32 @@ TEST_F(SafetensorsTest, RejectsHeaderEntriesOfTheWrongJsonType) {
     EXPECT_TRUE(HasError(ParseSafetensorsHeader(c.json, 64, 8).status(),
                          absl::StatusCode::kInvalidArgument, c.message));
   }
+}
+
+TEST_F(SafetensorsTest,
+       RejectsShapesNestedDeeperThanTheFormatWithoutRecursing) {
+  // The attack: 60 000 levels in a shape made the error message's dump()
+  // recurse until the stack overflowed.
+  const std::string deep = std::string(60000, '[') + std::string(60000, ']');
+  const std::string header =
+      R"({"t":{"dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,4]}})";
+  const std::string path = WriteRaw("deep.safetensors", header);
+  EXPECT_TRUE(HasError(SafetensorsReader::Open(path).status(),
+                       absl::StatusCode::kInvalidArgument,
+                       "the header nests JSON arrays or objects deeper than 3 "
+                       "levels (at byte 29)"));
+  // One level too many is refused; brackets inside strings do not count.
+  EXPECT_TRUE(HasError(
+      ParseSafetensorsHeader(
+          R"({"t":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}})", 4, 8)
+          .status(),
+      absl::StatusCode::kInvalidArgument, "deeper than 3 levels"));
+  auto fine = ParseSafetensorsHeader(
+      R"({"__metadata__":{"k":"[[[[{{{{\"]]"},)"
+      R"("t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+      4, 8);
+  ASSERT_TRUE(fine.ok()) << fine.status();
+  EXPECT_EQ(fine->metadata.at("k"), "[[[[{{{{\"]]");
 }
 
 TEST_F(SafetensorsTest, NonexistentFileIsNotFound) {
@@ -557,6 +583,17 @@ TEST_F(ShardedTest, OpensByDirectoryAndByIndexWithAllTensors) {
               std::vector<uint16_t>{0x3F80});
     EXPECT_TRUE(CheckAllFinite(r).ok());
   }
+}
+
+TEST_F(ShardedTest, RejectsIndexNestedDeeperThanTheFormat) {
+  WriteShards();
+  const std::string path = Path("model.safetensors.index.json");
+  std::ofstream(path) << R"({"metadata":{"x":)" << std::string(50000, '[')
+                      << std::string(50000, ']') << "}}";
+  EXPECT_TRUE(HasError(SafetensorsReader::Open(dir_).status(),
+                       absl::StatusCode::kInvalidArgument,
+                       path + ": the index nests JSON arrays or objects "
+                              "deeper than 3 levels"));
 }
 
 TEST_F(ShardedTest, RejectsWeightMapNamingTensorItsShardLacks) {
