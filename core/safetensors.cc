@@ -53,6 +53,9 @@ absl::Status FileError(absl::string_view what, const std::string& path,
   if (error == EACCES || error == EPERM) {
     return absl::PermissionDeniedError(message);
   }
+  if (error == ENOSPC || error == EDQUOT) {
+    return absl::ResourceExhaustedError(message);
+  }
   return absl::InternalError(message);
 }
 
@@ -762,9 +765,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
   if (std::fwrite(length, 1, sizeof(length), file) != sizeof(length) ||
       std::fwrite(header_text.data(), 1, header_text.size(), file) !=
           header_text.size()) {
-    const int error = errno;
-    return absl::InternalError(
-        absl::StrCat("cannot write ", tmp_path, ": ", ErrnoText(error)));
+    return FileError("cannot write", tmp_path, errno);
   }
   return writer;
 }
@@ -787,9 +788,7 @@ absl::Status SafetensorsWriter::Append(absl::Span<const uint8_t> bytes) {
   }
   if (bytes.empty()) return absl::OkStatus();
   if (std::fwrite(bytes.data(), 1, bytes.size(), file_) != bytes.size()) {
-    const int error = errno;
-    return absl::InternalError(
-        absl::StrCat("cannot write ", path_, ".tmp: ", ErrnoText(error)));
+    return FileError("cannot write", path_ + ".tmp", errno);
   }
   written_ += bytes.size();
   if (written_ - written_at_writeback_ >= kWritebackBytes) StartWriteback();
@@ -818,22 +817,14 @@ absl::Status SafetensorsWriter::Finish() {
   }
   const std::string tmp_path = path_ + ".tmp";
   if (std::fflush(file_) != 0 || std::ferror(file_) != 0) {
-    const int error = errno;
-    return absl::InternalError(
-        absl::StrCat("cannot write ", tmp_path, ": ", ErrnoText(error)));
+    return FileError("cannot write", tmp_path, errno);
   }
   if (::fsync(fileno(file_)) != 0) {
-    const int error = errno;
-    return absl::InternalError(
-        absl::StrCat("cannot fsync ", tmp_path, ": ", ErrnoText(error)));
+    return FileError("cannot fsync", tmp_path, errno);
   }
   const int close_result = std::fclose(file_);
   file_ = nullptr;
-  if (close_result != 0) {
-    const int error = errno;
-    return absl::InternalError(
-        absl::StrCat("cannot close ", tmp_path, ": ", ErrnoText(error)));
-  }
+  if (close_result != 0) return FileError("cannot close", tmp_path, errno);
   if (std::rename(tmp_path.c_str(), path_.c_str()) != 0) {
     const int error = errno;
     return absl::InternalError(absl::StrCat("cannot rename ", tmp_path, " to ",

@@ -20,6 +20,7 @@
 #include "server/grpc_status.h"
 #include "server/log.h"
 #include "server/rpc_util.h"
+#include "server/space.h"
 #include "server/upload_header.h"
 
 namespace amalgam::server {
@@ -189,8 +190,7 @@ class ArtifactServiceImpl::UploadReactor
     }
     if (std::fwrite(chunk.data().data(), 1, chunk.data().size(), file_) !=
         chunk.data().size()) {
-      return absl::InternalError(absl::StrCat(
-          "cannot write upload to ", temp_path_, ": ", std::strerror(errno)));
+      return WriteError(errno);
     }
     if (!resumed_) {
       // Hashed on the hasher's thread while the next message is read (the
@@ -225,6 +225,7 @@ class ArtifactServiceImpl::UploadReactor
       described_ = described;
     }
     if (header.upload_id().empty()) {
+      AMALGAM_RETURN_IF_ERROR(Admit(/*held=*/0));
       temp_path_ = service_->storage_->NewTempPath("upload");
       file_ = std::fopen(temp_path_.c_str(), "wb");
     } else {
@@ -232,14 +233,41 @@ class ArtifactServiceImpl::UploadReactor
       if (answered_) return absl::OkStatus();
       file_ = std::fopen(temp_path_.c_str(), "ab");
     }
-    if (file_ == nullptr) {
-      return absl::InternalError(
-          absl::StrCat("cannot open ", temp_path_, ": ", std::strerror(errno)));
-    }
+    if (file_ == nullptr) return WriteError(errno);
     // Unbuffered: what the file holds is what GetUpload reports, also after
     // the process is killed.
     std::setvbuf(file_, nullptr, _IONBF, 0);
     return absl::OkStatus();
+  }
+
+  // Refuses an upload, before its first byte, that would take the owner
+  // over its byte quota or the data volume into its reserve. `held`: the
+  // bytes of it the server already has.
+  absl::Status Admit(int64_t held) {
+    const ArtifactServiceOptions& options = service_->options_;
+    const std::string what =
+        absl::StrCat("an upload of ", header_.size_bytes(), " bytes");
+    AMALGAM_RETURN_IF_ERROR(CheckFreeSpace(service_->storage_->data_dir(),
+                                           header_.size_bytes() - held,
+                                           options.disk_reserve_bytes, what));
+    if (options.quota_bytes_per_org <= 0) return absl::OkStatus();
+    AMALGAM_ASSIGN_OR_RETURN(
+        const int64_t stored,
+        service_->storage_->OrgBytes(owner_, header_.upload_id()));
+    return CheckQuota(owner_,
+                      stored + service_->jobs_->PendingOutputBytes(owner_),
+                      header_.size_bytes(), options.quota_bytes_per_org, what);
+  }
+
+  // The upload's file cannot be opened or written: RESOURCE_EXHAUSTED when
+  // the disk is full. Names no server path.
+  absl::Status WriteError(int error) const {
+    const std::string message =
+        absl::StrCat("cannot store the upload's bytes: ", std::strerror(error));
+    if (error == ENOSPC || error == EDQUOT) {
+      return absl::ResourceExhaustedError(message);
+    }
+    return absl::InternalError(message);
   }
 
   // Finds the upload named by the header, or registers it.
@@ -248,7 +276,10 @@ class ArtifactServiceImpl::UploadReactor
     absl::StatusOr<PartialUpload> upload =
         storage->FindUpload(owner_, header_.upload_id());
     if (absl::IsNotFound(upload.status())) {
+      AMALGAM_RETURN_IF_ERROR(Admit(/*held=*/0));
       upload = storage->CreateUpload(owner_, header_);
+    } else if (upload.ok() && upload->artifact_id.empty()) {
+      AMALGAM_RETURN_IF_ERROR(Admit(upload->committed_bytes));
     }
     if (!upload.ok()) return upload.status();
     if (upload->header.SerializeAsString() != header_.SerializeAsString()) {

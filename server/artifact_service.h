@@ -30,6 +30,12 @@ struct ArtifactServiceOptions {
   absl::Duration upload_expiry = absl::Hours(24);
   // Where transfers are counted; may be null.
   Metrics* metrics = nullptr;
+  // Bytes one organisation may hold (artifacts, partial uploads, outputs of
+  // its queued and running jobs); 0: unlimited.
+  int64_t quota_bytes_per_org = 0;
+  // Bytes kept free on the data volume: an upload that would eat into them
+  // is refused before its first byte.
+  int64_t disk_reserve_bytes = 0;
 };
 
 // Upload (verified against the declared sha256 and validated by kind before

@@ -16,6 +16,7 @@
 #include "core/sha256.h"
 #include "core/status_macros.h"
 #include "server/log.h"
+#include "server/space.h"
 
 namespace amalgam::server {
 namespace {
@@ -322,7 +323,23 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
   job.mutable_progress()->set_bytes_total(
       static_cast<int64_t>(prepared->bytes_per_output) * prepared->outputs);
   job.set_report_json(prepared->grow_plan.report_json);
+  if (prepared->bytes_per_output >
+      static_cast<uint64_t>(options_.max_output_bytes)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the job's result would be ", prepared->bytes_per_output,
+        " bytes; this server writes at most ", options_.max_output_bytes,
+        " bytes per artifact (--max-upload-bytes)"));
+  }
+  const int64_t output_bytes = job.progress().bytes_total();
+  const std::string what =
+      absl::StrCat("a job writing ", output_bytes, " bytes");
+  AMALGAM_RETURN_IF_ERROR(CheckFreeSpace(storage_->data_dir(), output_bytes,
+                                         options_.disk_reserve_bytes, what));
+  AMALGAM_ASSIGN_OR_RETURN(const int64_t stored, storage_->OrgBytes(owner));
   absl::MutexLock lock(&mu_);
+  AMALGAM_RETURN_IF_ERROR(
+      CheckQuota(owner, stored + PendingOutputBytesLocked(owner), output_bytes,
+                 options_.quota_bytes_per_org, what));
   if (draining_) {
     return absl::UnavailableError(
         "the server is shutting down; submit the job again when it is back");
@@ -528,6 +545,21 @@ void JobManager::Run(Entry* entry) {
             absl::StripPrefix(v1::JobState_Name(job.state()), "JOB_STATE_")),
         seconds, output_bytes);
   }
+}
+
+int64_t JobManager::PendingOutputBytesLocked(const std::string& owner) const {
+  int64_t bytes = 0;
+  for (const auto& [id, entry] : jobs_) {
+    if (entry->job.owner() == owner && !IsFinal(entry->job.state())) {
+      bytes += entry->job.progress().bytes_total();
+    }
+  }
+  return bytes;
+}
+
+int64_t JobManager::PendingOutputBytes(const std::string& owner) const {
+  absl::MutexLock lock(&mu_);
+  return PendingOutputBytesLocked(owner);
 }
 
 void JobManager::Drain(absl::Duration timeout) {

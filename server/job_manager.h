@@ -41,6 +41,15 @@ struct JobManagerOptions {
   Metrics* metrics = nullptr;
   // Resolved device ("cpu", "cuda:0").
   std::string device = "cpu";
+  // Largest result artifact a job may write (as --max-upload-bytes bounds an
+  // upload); a submission past it is RESOURCE_EXHAUSTED.
+  int64_t max_output_bytes = int64_t{64} << 30;
+  // Bytes one organisation may hold (artifacts, partial uploads, outputs of
+  // its queued and running jobs); 0: unlimited.
+  int64_t quota_bytes_per_org = 0;
+  // Bytes kept free on the data volume: a job whose outputs would eat into
+  // them is refused at submission.
+  int64_t disk_reserve_bytes = 0;
 };
 
 // Validates, queues, runs and tracks jobs on a pool of worker threads, off the
@@ -55,6 +64,10 @@ class JobManager {
   ~JobManager();
   JobManager(const JobManager&) = delete;
   JobManager& operator=(const JobManager&) = delete;
+
+  // Output bytes of `owner`'s queued and running jobs (counted against its
+  // quota until they are results).
+  int64_t PendingOutputBytes(const std::string& owner) const;
 
   // Loads the jobs of the catalog and re-queues the unfinished ones (failing
   // those whose inputs no longer validate). Call once, before Submit.
@@ -98,6 +111,9 @@ class JobManager {
   struct Prepared;
   struct Entry;
 
+  int64_t PendingOutputBytesLocked(const std::string& owner) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   // Opens the inputs and plans the job: what Submit validates and Run runs.
   absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
   absl::Status PrepareMerge(const v1::Job& job, Prepared* prepared);
@@ -138,7 +154,7 @@ class JobManager {
   Storage* const storage_;
   const JobManagerOptions options_;
 
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   std::map<std::string, std::unique_ptr<Entry>> jobs_ ABSL_GUARDED_BY(mu_);
   std::vector<Entry*> queue_ ABSL_GUARDED_BY(mu_);  // FIFO
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

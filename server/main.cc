@@ -30,6 +30,12 @@ ABSL_FLAG(int, workers, 1, "merge jobs that run at once");
 ABSL_FLAG(int, max_queued_jobs, 64, "jobs that may wait to run");
 ABSL_FLAG(int64_t, max_upload_bytes, int64_t{64} << 30,
           "largest artifact accepted, in bytes");
+ABSL_FLAG(int64_t, quota_bytes_per_org, 0,
+          "bytes one organisation may hold: its artifacts, partial uploads "
+          "and the outputs of its queued and running jobs; 0: unlimited");
+ABSL_FLAG(int64_t, disk_reserve_bytes, int64_t{128} << 20,
+          "bytes kept free on the data volume: uploads and jobs that would "
+          "eat into them are refused (RESOURCE_EXHAUSTED) before writing");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus endpoint host:port (GET /metrics); empty disables it");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
@@ -227,6 +233,8 @@ int main(int argc, char** argv) {
   options.workers = absl::GetFlag(FLAGS_workers);
   options.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);
   options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  options.quota_bytes_per_org = absl::GetFlag(FLAGS_quota_bytes_per_org);
+  options.disk_reserve_bytes = absl::GetFlag(FLAGS_disk_reserve_bytes);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.max_jobs_per_org = absl::GetFlag(FLAGS_max_jobs_per_org);

@@ -79,11 +79,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
       options.verify_threads < 1 || options.max_upload_bytes < 1 ||
       options.max_jobs_per_org < 1 || options.max_uploads_per_org < 1 ||
       options.upload_expiry <= absl::ZeroDuration() ||
+      options.quota_bytes_per_org < 0 || options.disk_reserve_bytes < 0 ||
       options.testing_step_delay < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
         "--workers, --max-queued-jobs, --verify-threads, --max-upload-bytes, "
         "--max-jobs-per-org, --max-uploads-per-org and --upload-expiry must "
-        "be positive");
+        "be positive; --quota-bytes-per-org and --disk-reserve-bytes not "
+        "negative");
   }
   AMALGAM_ASSIGN_OR_RETURN(std::string device,
                            core::ResolveDevice(options.device));
@@ -102,6 +104,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   job_options.max_active_per_org = options.max_jobs_per_org;
   job_options.testing_step_delay = options.testing_step_delay;
   job_options.device = device;
+  job_options.max_output_bytes = options.max_upload_bytes;
+  job_options.quota_bytes_per_org = options.quota_bytes_per_org;
+  job_options.disk_reserve_bytes = options.disk_reserve_bytes;
   job_options.metrics = server->metrics_.get();
   server->jobs_ =
       std::make_unique<JobManager>(server->storage_.get(), job_options);
@@ -112,6 +117,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   artifact_options.max_uploads_per_org = options.max_uploads_per_org;
   artifact_options.upload_expiry = options.upload_expiry;
   artifact_options.metrics = server->metrics_.get();
+  artifact_options.quota_bytes_per_org = options.quota_bytes_per_org;
+  artifact_options.disk_reserve_bytes = options.disk_reserve_bytes;
   server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
       server->storage_.get(), server->executor_.get(), server->jobs_.get(),
       server->tokens_.get(), artifact_options);

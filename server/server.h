@@ -37,6 +37,10 @@ struct ServerOptions {
   int workers = 1;
   int max_queued_jobs = 64;
   int64_t max_upload_bytes = int64_t{64} << 30;
+  // Bytes one organisation may hold (0: unlimited), and bytes kept free on
+  // the data volume.
+  int64_t quota_bytes_per_org = 0;
+  int64_t disk_reserve_bytes = int64_t{128} << 20;
   // Queued plus running jobs per organisation.
   int max_jobs_per_org = 16;
   // Open upload streams per organisation.

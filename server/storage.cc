@@ -23,9 +23,14 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// RESOURCE_EXHAUSTED when the disk is full, INTERNAL otherwise.
 absl::Status SqliteError(sqlite3* db, absl::string_view what) {
-  return absl::InternalError(
-      absl::StrCat("catalog: ", what, ": ", sqlite3_errmsg(db)));
+  std::string message =
+      absl::StrCat("catalog: ", what, ": ", sqlite3_errmsg(db));
+  if (sqlite3_errcode(db) == SQLITE_FULL) {
+    return absl::ResourceExhaustedError(std::move(message));
+  }
+  return absl::InternalError(std::move(message));
 }
 
 // Finalizes a prepared statement on scope exit.
@@ -95,8 +100,14 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
     }
   }
   // Files in tmp/ belong to uploads and jobs of an earlier run.
-  for (const auto& entry : fs::directory_iterator(fs::path(data_dir) / "tmp")) {
-    fs::remove_all(entry.path(), error);
+  for (fs::directory_iterator it(fs::path(data_dir) / "tmp", error), end;
+       !error && it != end; it.increment(error)) {
+    std::error_code ignored;
+    fs::remove_all(it->path(), ignored);
+  }
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot list ", data_dir, "/tmp: ", error.message()));
   }
   const std::string db_path = (fs::path(data_dir) / "catalog.db").string();
   sqlite3* db = nullptr;
@@ -234,26 +245,66 @@ absl::Status Storage::UpdateArtifact(const v1::Artifact& artifact) {
 }
 
 absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
-  std::vector<std::string> rows;
-  {
-    absl::MutexLock lock(&mu_);
-    Statement stmt(db_, "DELETE FROM artifacts WHERE id = ?1");
-    if (stmt.get() == nullptr || !stmt.Bind(1, artifact.id()) || !stmt.Run()) {
-      return SqliteError(db_, absl::StrCat("delete artifact ", artifact.id()));
+  absl::MutexLock lock(&mu_);
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> rows,
+                           ListRecords("artifacts"));
+  bool shared_blob = false;
+  for (const std::string& row : rows) {
+    v1::Artifact other;
+    if (other.ParseFromString(row) && other.id() != artifact.id() &&
+        other.sha256() == artifact.sha256()) {
+      shared_blob = true;
     }
-    AMALGAM_ASSIGN_OR_RETURN(rows, ListRecords("artifacts"));
-    for (const std::string& row : rows) {
-      v1::Artifact other;
-      if (other.ParseFromString(row) && other.sha256() == artifact.sha256()) {
-        return absl::OkStatus();  // the blob is still in use
-      }
-    }
-    // Removed under the lock, so no upload of the same content can register
-    // against the blob in between.
+  }
+  // The blob goes first: on a full disk the row's deletion needs room in
+  // the catalog's log, which the blob frees. Under the lock, so no upload
+  // of the same content registers against the blob in between. A crash in
+  // between leaves a row without its blob, which reads as DATA_LOSS and is
+  // deleted again.
+  if (!shared_blob) {
     std::error_code error;
     fs::remove(BlobPath(artifact), error);
   }
+  Statement stmt(db_, "DELETE FROM artifacts WHERE id = ?1");
+  if (stmt.get() == nullptr || !stmt.Bind(1, artifact.id()) || !stmt.Run()) {
+    return SqliteError(db_, absl::StrCat("delete artifact ", artifact.id()));
+  }
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Storage::OrgBytes(const std::string& owner,
+                                          const std::string& except_upload) {
+  absl::MutexLock lock(&mu_);
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> rows,
+                           ListRecords("artifacts"));
+  std::map<std::string, int64_t> blobs;
+  for (const std::string& row : rows) {
+    v1::Artifact artifact;
+    if (artifact.ParseFromString(row) && artifact.owner() == owner) {
+      blobs[artifact.sha256()] = artifact.size_bytes();
+    }
+  }
+  int64_t bytes = 0;
+  for (const auto& [sha256, size] : blobs) bytes += size;
+  Statement stmt(db_,
+                 "SELECT id, header FROM uploads WHERE owner = ?1 AND "
+                 "artifact_id = ''");
+  if (stmt.get() == nullptr || !stmt.Bind(1, owner)) {
+    return SqliteError(db_, "count partial uploads");
+  }
+  int rc;
+  while ((rc = sqlite3_step(stmt.get())) == SQLITE_ROW) {
+    const std::string id =
+        reinterpret_cast<const char*>(sqlite3_column_text(stmt.get(), 0));
+    v1::UploadHeader header;
+    if (id != except_upload &&
+        header.ParseFromArray(sqlite3_column_blob(stmt.get(), 1),
+                              sqlite3_column_bytes(stmt.get(), 1))) {
+      bytes += header.size_bytes();
+    }
+  }
+  if (rc != SQLITE_DONE) return SqliteError(db_, "count partial uploads");
+  return bytes;
 }
 
 absl::StatusOr<std::vector<v1::Artifact>> Storage::ListArtifacts() {
@@ -433,27 +484,34 @@ absl::Status Storage::DeleteUploadRow(const std::string& owner,
 absl::Status Storage::RemoveUpload(const std::string& owner,
                                    const std::string& upload_id) {
   absl::MutexLock lock(&mu_);
-  AMALGAM_RETURN_IF_ERROR(DeleteUploadRow(owner, upload_id));
+  // File first: it frees the room a full disk needs for the row's deletion
+  // (a row without its file is dropped at the next start).
   std::error_code error;
   fs::remove(UploadPath(owner, upload_id), error);
-  return absl::OkStatus();
+  return DeleteUploadRow(owner, upload_id);
 }
 
 absl::StatusOr<bool> Storage::RemoveStaleUpload(const std::string& owner,
                                                 const std::string& upload_id,
                                                 int64_t cutoff_unix_seconds) {
   absl::MutexLock lock(&mu_);
+  // Decided by a read, so that the file can go before the row (see
+  // RemoveUpload); touches take the same lock, so none comes in between.
   Statement stmt(db_,
-                 "DELETE FROM uploads WHERE owner = ?1 AND id = ?2 AND "
+                 "SELECT 1 FROM uploads WHERE owner = ?1 AND id = ?2 AND "
                  "updated_at < ?3");
   if (stmt.get() == nullptr || !stmt.Bind(1, owner) ||
-      !stmt.Bind(2, upload_id) || !stmt.Bind(3, cutoff_unix_seconds) ||
-      !stmt.Run()) {
+      !stmt.Bind(2, upload_id) || !stmt.Bind(3, cutoff_unix_seconds)) {
     return SqliteError(db_, absl::StrCat("expire upload ", upload_id));
   }
-  if (sqlite3_changes(db_) == 0) return false;  // touched since
+  const int rc = sqlite3_step(stmt.get());
+  if (rc == SQLITE_DONE) return false;  // touched since, or gone
+  if (rc != SQLITE_ROW) {
+    return SqliteError(db_, absl::StrCat("expire upload ", upload_id));
+  }
   std::error_code error;
   fs::remove(UploadPath(owner, upload_id), error);
+  AMALGAM_RETURN_IF_ERROR(DeleteUploadRow(owner, upload_id));
   return true;
 }
 
@@ -498,15 +556,17 @@ absl::Status Storage::ReconcileUploads() {
     }
     if (rc != SQLITE_DONE) return SqliteError(db_, "list uploads");
   }
+  // Files first: they free room that a full disk needs for the row writes.
+  std::error_code error;
+  for (fs::directory_iterator it(fs::path(data_dir_) / "uploads", error), end;
+       !error && it != end; it.increment(error)) {
+    if (paths.count(it->path().string()) == 0) {
+      std::error_code ignored;
+      fs::remove_all(it->path(), ignored);
+    }
+  }
   for (const auto& [owner, id] : missing) {
     AMALGAM_RETURN_IF_ERROR(DeleteUploadRow(owner, id));
-  }
-  std::error_code error;
-  for (const auto& entry :
-       fs::directory_iterator(fs::path(data_dir_) / "uploads", error)) {
-    if (paths.count(entry.path().string()) == 0) {
-      fs::remove_all(entry.path(), error);
-    }
   }
   return absl::OkStatus();
 }

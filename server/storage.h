@@ -63,9 +63,13 @@ class Storage {
   absl::StatusOr<std::pair<int64_t, int64_t>> Stats();
   // Replaces an existing artifact's catalog row (sharing changes).
   absl::Status UpdateArtifact(const v1::Artifact& artifact);
-  // Removes the catalog row, then the blob unless another artifact has the
-  // same content.
+  // Removes the blob unless another artifact has the same content, then the
+  // catalog row (in that order, so that a full disk can be freed).
   absl::Status DeleteArtifact(const v1::Artifact& artifact);
+  // Bytes `owner` holds: its artifacts' distinct blobs and the declared
+  // sizes of its unfinished uploads, except the upload `except_upload`.
+  absl::StatusOr<int64_t> OrgBytes(const std::string& owner,
+                                   const std::string& except_upload = "");
   // The path of an artifact's blob.
   std::string BlobPath(const v1::Artifact& artifact) const;
   // Opens an artifact's blob; DATA_LOSS (naming the artifact) when the
@@ -87,7 +91,7 @@ class Storage {
   // Marks the upload as active now (it expires `expiry` after this).
   absl::Status TouchUpload(const std::string& owner,
                            const std::string& upload_id);
-  // Removes the row and the file (if still there).
+  // Removes the file (if still there) and the row.
   absl::Status RemoveUpload(const std::string& owner,
                             const std::string& upload_id);
   // Removes the upload only if it is still untouched since

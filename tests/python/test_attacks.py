@@ -84,3 +84,122 @@ def test_log_fields_from_callers_are_escaped(fresh_server, tmp_path):
                    for line in lines)
     failed = [line for line in lines if "event=upload_failed" in line]
     assert failed and '\\" forged=1\\x0a' in failed[-1], failed
+
+
+def weights(size_bytes, seed):
+    """An in-memory model of ``size_bytes`` of float32 random values."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    return {"w": torch.rand(size_bytes // 4, generator=generator)}
+
+
+def test_h3_quota_counts_artifacts_partial_uploads_and_job_outputs(tmp_path, amalgamd_path):
+    import hashlib
+    from amalgam.v1 import amalgam_pb2 as pb
+    from amalgam.v1 import amalgam_pb2_grpc as pb_grpc
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-a org-a\ntok-b org-b\n")
+    os.chmod(tokens, 0o600)
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
+        "--tokens", str(tokens), "--quota-bytes-per-org", "300000"))
+    try:
+        with amalgam.Client(address, token="tok-a") as a:
+            first = a.upload_weights(weights(100000, 1))
+            # Two 100 KB models merge into a 100 KB result: 300 KB with it.
+            second = a.upload_weights(weights(100000, 2))
+            with pytest.raises(amalgam.AmalgamError) as error:
+                a.merge([first, second], "average")
+            assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "organisation org-a" in error.value.message
+            assert "quota of 300000 bytes" in error.value.message
+            a.delete(second)
+            # A partial upload holds its declared size.
+            data = bytes(120000)
+            header = pb.UploadHeader(kind=pb.ARTIFACT_KIND_WEIGHTS, name="partial",
+                                     size_bytes=len(data), upload_id="partial-1",
+                                     sha256=hashlib.sha256(data).hexdigest())
+            stub = pb_grpc.ArtifactServiceStub(a._channel)
+            with pytest.raises(grpc.RpcError):
+                stub.Upload(iter([pb.UploadRequest(header=header),
+                                  pb.UploadRequest(chunk=pb.UploadChunk(offset=0, data=data[:1000]))]),
+                            metadata=(("authorization", "Bearer tok-a"),))
+            with pytest.raises(amalgam.AmalgamError) as error:
+                a.upload_weights(weights(100000, 3))
+            assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "holds 220" in error.value.message, error.value.message
+        with amalgam.Client(address, token="tok-b") as b:
+            # Another organisation's quota is its own.
+            b.upload_weights(weights(100000, 4))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 24 MiB tmpfs, mounted for the test (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    import subprocess
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory):
+    """Writes files in ``directory`` until the filesystem is full."""
+    fd = os.open(directory / f"filler-{len(os.listdir(directory))}",
+                 os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for block in (1 << 16, 1):
+            try:
+                while True:
+                    os.write(fd, bytes(block))
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_h3_a_full_disk_is_freed_by_delete_and_serves_writes_again(
+        small_filesystem, tmp_path, amalgamd_path):
+    data_dir = small_filesystem / "data"
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
+        "--data-dir", str(data_dir), "--disk-reserve-bytes", str(1 << 20)))
+    try:
+        with amalgam.Client(address) as client:
+            big = client.upload_weights(weights(8 << 20, 1))
+            # More than the volume has: refused before a byte is written.
+            with pytest.raises(amalgam.AmalgamError) as error:
+                client.upload_weights(weights(20 << 20, 2))
+            assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "does not fit" in error.value.message
+            assert str(small_filesystem) not in error.value.message
+            client.upload_weights(weights(1 << 20, 3))
+            fill(small_filesystem)
+            with pytest.raises(amalgam.AmalgamError) as error:
+                client.upload_weights(weights(1 << 16, 4))
+            assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Deleting frees the disk although the catalog cannot grow first.
+            client.delete(big)
+            small = client.upload_weights(weights(1 << 16, 4))
+            merged = client.merge([small, small], "average").wait()
+            assert merged.state == "succeeded", merged
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    # A restart on the full volume serves too.
+    fill(small_filesystem)
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
+        "--data-dir", str(data_dir), "--disk-reserve-bytes", str(1 << 20)))
+    try:
+        with amalgam.Client(address) as client:
+            assert len(client.list_artifacts()) == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
