@@ -15,33 +15,36 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-// First negative element of a floating tensor, or -1.
-int64_t FirstNegative(const SafetensorsReader& reader, const TensorInfo& t) {
-  const uint8_t* data = reader.Data(t).data();
-  for (int64_t i = 0; i < t.numel; ++i) {
-    bool negative = false;
-    switch (t.dtype) {
-      case DType::kF16:
-      case DType::kBF16: {
-        uint16_t bits;
-        std::memcpy(&bits, data + 2 * i, 2);
-        negative = (bits & 0x8000) && (bits & 0x7fff);
-        break;
-      }
-      case DType::kF32: {
-        float v;
-        std::memcpy(&v, data + 4 * i, 4);
-        negative = v < 0;
-        break;
-      }
-      case DType::kF64: {
-        double v;
-        std::memcpy(&v, data + 8 * i, 8);
-        negative = v < 0;
-        break;
-      }
+// Whether element `i` of a floating tensor's `data` is below zero.
+bool IsNegative(const uint8_t* data, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kF16:
+    case DType::kBF16: {
+      uint16_t bits;
+      std::memcpy(&bits, data + 2 * i, 2);
+      return (bits & 0x8000) && (bits & 0x7fff);
     }
-    if (negative) return i;
+    case DType::kF32: {
+      float v;
+      std::memcpy(&v, data + 4 * i, 4);
+      return v < 0;
+    }
+    case DType::kF64: {
+      double v;
+      std::memcpy(&v, data + 8 * i, 8);
+      return v < 0;
+    }
+  }
+  return false;
+}
+
+// First negative element of a floating tensor, or -1; every `stride`-th
+// element from the first (stride n+1 walks an n x n matrix's diagonal).
+int64_t FirstNegative(const SafetensorsReader& reader, const TensorInfo& t,
+                      int64_t stride = 1) {
+  const uint8_t* data = reader.Data(t).data();
+  for (int64_t i = 0; i < t.numel; i += stride) {
+    if (IsNegative(data, t.dtype, i)) return i;
   }
   return -1;
 }
@@ -74,6 +77,14 @@ absl::Status ValidateGram(const SafetensorsReader& gram,
       return absl::InvalidArgumentError(
           absl::StrCat("Gram \"", t.name, "\" has shape ", ShapeString(t.shape),
                        "; a Gram must be square"));
+    }
+    // Diagonal entries are sums of squares: a negative one is no Gram (and
+    // would read as a dead feature).
+    if (const int64_t i = FirstNegative(gram, t, t.shape[0] + 1); i >= 0) {
+      const int64_t row = i / (t.shape[0] + 1);
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Gram \"", t.name, "\" has a negative diagonal entry at [", row, ", ",
+          row, "]; a Gram's diagonal is a sum of squares"));
     }
     if (weights == nullptr) continue;
     const TensorInfo* w = weights->Find(t.name);

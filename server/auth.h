@@ -22,7 +22,8 @@ inline constexpr char kLocalOrganization[] = "local";
 class TokenStore {
  public:
   // INVALID_ARGUMENT naming the file and line for a malformed line or a
-  // token listed twice; NOT_FOUND if the file does not exist.
+  // token listed twice; NOT_FOUND if the file does not exist;
+  // FAILED_PRECONDITION if its group or others may write it.
   static absl::StatusOr<std::unique_ptr<TokenStore>> Load(
       const std::string& path);
 
@@ -38,8 +39,13 @@ class TokenStore {
 
   const std::string path_;
   mutable absl::Mutex mu_;
+  // SHA-256 (hex) of each token -> its organisation.
   std::map<std::string, std::string> tokens_ ABSL_GUARDED_BY(mu_);
 };
+
+// True if `address` (host:port) names a loopback interface: "localhost",
+// an IPv4 literal in 127.0.0.0/8 or [::1]. Host names are not resolved.
+bool IsLoopbackAddress(const std::string& address);
 
 // Who is calling: with `tokens` null, everyone is kLocalOrganization; else
 // the `authorization: Bearer TOKEN` metadata must name a known token

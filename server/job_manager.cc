@@ -361,7 +361,12 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
         "organisation ", owner, " has ", active,
         " queued or running jobs (the limit); retry when one finishes"));
   }
-  AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
+  // A colliding id is never overwritten: another is drawn.
+  absl::Status inserted;
+  while (absl::IsAlreadyExists(inserted = storage_->AddJob(job))) {
+    job.set_id(NewId("job"));
+  }
+  AMALGAM_RETURN_IF_ERROR(inserted);
   Add(job, /*queue=*/true);
   Log(LogLevel::kInfo, LogFields("job_state")
                            .Add("job", job.id())

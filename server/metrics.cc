@@ -4,6 +4,7 @@
 #include <httplib.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <limits>
@@ -397,11 +398,21 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
         absl::StrCat("cannot listen on --metrics-listen ", address));
   }
   httplib::Server* http = server->http_.get();
-  server->thread_ = std::thread([http] { http->listen_after_bind(); });
+  auto returned = std::make_shared<std::atomic<bool>>(false);
+  server->thread_ = std::thread([http, returned] {
+    http->listen_after_bind();
+    *returned = true;
+  });
   // stop() is a no-op until the loop runs: wait for it, so that stopping
-  // right after starting cannot hang.
-  while (!http->is_running() && server->thread_.joinable()) {
+  // right after starting cannot hang; but not for a loop that already ended.
+  while (!http->is_running() && !*returned) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (!http->is_running()) {
+    server->thread_.join();
+    return absl::UnavailableError(
+        absl::StrCat("the metrics server on --metrics-listen ", address,
+                     " stopped at once"));
   }
   return server;
 }

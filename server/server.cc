@@ -59,14 +59,6 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
 
 }  // namespace
 
-bool IsLoopbackAddress(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  const std::string host =
-      colon == std::string::npos ? address : address.substr(0, colon);
-  return host == "localhost" || host == "[::1]" ||
-         absl::StartsWith(host, "127.");
-}
-
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(
     const ServerOptions& options) {
   if (options.tokens_file.empty() && !IsLoopbackAddress(options.listen)) {

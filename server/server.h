@@ -100,7 +100,4 @@ class Server {
   std::unique_ptr<MetricsServer> metrics_server_;
 };
 
-// True if `address` (host:port) names a loopback interface.
-bool IsLoopbackAddress(const std::string& address);
-
 }  // namespace amalgam::server

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,7 +12,6 @@
 #include <ctime>
 #include <filesystem>
 #include <map>
-#include <random>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -67,10 +67,17 @@ class Statement {
 }  // namespace
 
 std::string NewId(const std::string& prefix) {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  // The kernel's CSPRNG: ids must not be guessable from earlier ones.
+  uint64_t value = 0;
+  auto* bytes = reinterpret_cast<uint8_t*>(&value);
+  size_t got = 0;
+  while (got < sizeof(value)) {
+    const ssize_t n = ::getrandom(bytes + got, sizeof(value) - got, 0);
+    if (n > 0) got += static_cast<size_t>(n);
+  }
   char buffer[17];
   std::snprintf(buffer, sizeof(buffer), "%016llx",
-                static_cast<unsigned long long>(rng()));
+                static_cast<unsigned long long>(value));
   return absl::StrCat(prefix, "_", buffer);
 }
 
@@ -156,7 +163,6 @@ std::string Storage::BlobPath(const v1::Artifact& artifact) const {
 
 absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
                                                   v1::Artifact artifact) {
-  artifact.set_id(NewId("art"));
   artifact.set_created_at(static_cast<int64_t>(std::time(nullptr)));
   artifact.clear_tensors();
   const std::string blob = BlobPath(artifact);
@@ -175,7 +181,14 @@ absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
     }
     AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(blob));
   }
-  AMALGAM_RETURN_IF_ERROR(PutRecord("artifacts", artifact.id(), artifact));
+  // A colliding id is never overwritten: the insert fails and another is
+  // drawn.
+  absl::Status inserted;
+  do {
+    artifact.set_id(NewId("art"));
+    inserted = InsertRecord("artifacts", artifact.id(), artifact);
+  } while (absl::IsAlreadyExists(inserted));
+  AMALGAM_RETURN_IF_ERROR(inserted);
   return artifact;
 }
 
@@ -325,6 +338,11 @@ absl::StatusOr<std::vector<v1::Artifact>> Storage::ListArtifacts() {
 absl::Status Storage::PutJob(const v1::Job& job) {
   absl::MutexLock lock(&mu_);
   return PutRecord("jobs", job.id(), job);
+}
+
+absl::Status Storage::AddJob(const v1::Job& job) {
+  absl::MutexLock lock(&mu_);
+  return InsertRecord("jobs", job.id(), job);
 }
 
 absl::StatusOr<v1::Job> Storage::GetJob(const std::string& id) {
@@ -593,6 +611,27 @@ absl::Status Storage::PutRecord(const char* table, const std::string& id,
   if (stmt.get() == nullptr || !stmt.Bind(1, id) ||
       !stmt.Bind(2, int64_t{std::time(nullptr)}) || !stmt.BindBlob(3, bytes) ||
       !stmt.Run()) {
+    return SqliteError(db_, absl::StrCat("write ", table, " row ", id));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Storage::InsertRecord(const char* table, const std::string& id,
+                                   const google::protobuf::Message& record) {
+  const std::string sql = absl::StrCat(
+      "INSERT INTO ", table, " (id, created_at, record) VALUES (?1, ?2, ?3)");
+  Statement stmt(db_, sql.c_str());
+  const std::string bytes = record.SerializeAsString();
+  if (stmt.get() == nullptr || !stmt.Bind(1, id) ||
+      !stmt.Bind(2, int64_t{std::time(nullptr)}) || !stmt.BindBlob(3, bytes)) {
+    return SqliteError(db_, absl::StrCat("write ", table, " row ", id));
+  }
+  const int rc = sqlite3_step(stmt.get());
+  if (rc == SQLITE_CONSTRAINT) {
+    return absl::AlreadyExistsError(
+        absl::StrCat(table, " row ", id, " exists already"));
+  }
+  if (rc != SQLITE_DONE) {
     return SqliteError(db_, absl::StrCat("write ", table, " row ", id));
   }
   return absl::OkStatus();

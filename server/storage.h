@@ -103,7 +103,9 @@ class Storage {
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> StaleUploads(
       int64_t cutoff_unix_seconds);
 
-  // Inserts or replaces a job's row.
+  // Inserts a new job's row; ALREADY_EXISTS if its id is taken.
+  absl::Status AddJob(const v1::Job& job);
+  // Replaces an existing job's row (inserts it if missing).
   absl::Status PutJob(const v1::Job& job);
   absl::StatusOr<v1::Job> GetJob(const std::string& id);
   absl::StatusOr<std::vector<v1::Job>> ListJobs();
@@ -116,6 +118,10 @@ class Storage {
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status PutRecord(const char* table, const std::string& id,
                          const google::protobuf::Message& record)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A plain insert: ALREADY_EXISTS, writing nothing, if `id` is taken.
+  absl::Status InsertRecord(const char* table, const std::string& id,
+                            const google::protobuf::Message& record)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::string> GetRecord(const char* table,
                                         const std::string& id)
@@ -140,7 +146,8 @@ class Storage {
 // was shared with it; for a non-owner, `shared_with` is cleared.
 bool ViewFor(const std::string& organization, v1::Artifact* artifact);
 
-// A random id with the given prefix, e.g. "art_3f9c0a7b21d4e5f6".
+// A random id with the given prefix, e.g. "art_3f9c0a7b21d4e5f6", from the
+// kernel's CSPRNG (getrandom).
 std::string NewId(const std::string& prefix);
 
 // fsyncs the file and its directory; INTERNAL on failure.

@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -37,83 +38,15 @@ namespace v1 = ::amalgam::v1;
 
 constexpr char kDefaultServer[] = "127.0.0.1:50051";
 
-constexpr char kUsage[] =
-    R"(usage: amalgam [--server ADDR] [--token T] COMMAND [ARGS]
-
-Options (before COMMAND):
-  --server ADDR   amalgamd address (default $AMALGAM_SERVER, else 127.0.0.1:50051)
-  --token T       bearer token (default $AMALGAM_TOKEN)
-  --tls-ca F      TLS: PEM of the server's CA (default $AMALGAM_TLS_CA)
-  --tls-cert F --tls-key F
-                  mutual TLS: this client's certificate and key
-                  (default $AMALGAM_TLS_CERT, $AMALGAM_TLS_KEY)
-
-Commands:
-  upload weights|gram|fisher PATH [--name N] [--for ID]
-                  upload a safetensors file; prints the artifact id
-  ls              list artifacts
-  show ID         show an artifact: metadata and tensors
-  rm ID           delete an artifact you own (refused while a job uses it)
-  share ID --with ORG [--revoke]
-                  grant (or revoke) another organisation read access
-  merge --method average|weighted|fisher|regmean --model ID[:COEFF]...
-        [--gram ID]... [--fisher ID]... [--alpha A] [--exclude REGEX]...
-        [--take-excluded-from K] [--gram-normalization as-uploaded|mean]
-        [--name N] [--watch] [--out FILE]
-                  submit a merge job; prints the job id. The i-th --gram and
-                  --fisher belong to the i-th --model. --watch waits for the
-                  job; --out waits and downloads the result to FILE
-  grow --a ID [--b ID] --layout mlp|bert|gpt2|rules [--rules FILE]
-       [--noise S] [--name N] --out FILE
-                  grow a wider model from A and B (or A alone) by Deep Fusion;
-                  prints the job id, waits, writes the model to FILE and the
-                  report (new config, properties that hold) to stderr
-  sweep --a ID --b ID --steps K --out DIR [--name N]
-                  submit an interpolation sweep: the K models (1-t)A + tB,
-                  t = 0, 1/(K-1), ..., 1; prints the job id, waits, and
-                  writes each model to DIR/NAME-tT.safetensors
-  jobs            list jobs
-  watch JOB       follow a job until it ends; prints its result ids
-  cancel JOB      cancel a job
-  download ID --out FILE
-                  download an artifact
-  health [--service S]
-                  check the server's grpc.health.v1 status; exit 0 when
-                  SERVING (for container health checks)
-  help            show this text
-)";
-
-// One usage line per command, shown with usage errors and `COMMAND --help`.
-const std::map<std::string, std::string>& CommandUsages() {
-  static const auto* usages = new std::map<std::string, std::string>{
-      {"upload",
-       "amalgam upload weights|gram|fisher PATH [--name N] [--for ID]"},
-      {"ls", "amalgam ls"},
-      {"show", "amalgam show ID"},
-      {"rm", "amalgam rm ID"},
-      {"share", "amalgam share ID --with ORG [--revoke]"},
-      {"merge",
-       "amalgam merge --method average|weighted|fisher|regmean "
-       "--model ID[:COEFF]... [--gram ID]... [--fisher ID]... [--alpha A] "
-       "[--exclude REGEX]... [--take-excluded-from K] "
-       "[--gram-normalization as-uploaded|mean] [--name N] [--watch] "
-       "[--out FILE]"},
-      {"sweep", "amalgam sweep --a ID --b ID --steps K --out DIR [--name N]"},
-      {"jobs", "amalgam jobs"},
-      {"watch", "amalgam watch JOB"},
-      {"cancel", "amalgam cancel JOB"},
-      {"download", "amalgam download ID --out FILE"},
-      {"health", "amalgam health [--service S]"},
-      {"help", "amalgam help"},
-  };
-  return *usages;
-}
+// The usage of one command ("amalgam NAME SYNOPSIS"), empty if unknown, and
+// the whole help text; both made from the command table below.
+std::string CommandUsage(const std::string& command);
+std::string UsageText();
 
 int UsageError(const std::string& command, absl::string_view message) {
   std::cerr << "amalgam: " << message << "\n";
-  auto it = CommandUsages().find(command);
-  if (it != CommandUsages().end()) {
-    std::cerr << "usage: " << it->second << "\n";
+  if (const std::string usage = CommandUsage(command); !usage.empty()) {
+    std::cerr << "usage: " << usage << "\n";
   } else {
     std::cerr << "usage: amalgam [--server ADDR] [--token T] COMMAND [ARGS] "
                  "(see `amalgam help`)\n";
@@ -845,38 +778,150 @@ int RunShare(Context& ctx, const Args& args) {
   return 0;
 }
 
+int RunHelp(Context&, const Args&) {
+  std::cout << UsageText();
+  return 0;
+}
+
+// Every command: its usage, what it does, how it runs and its options. The
+// help text and each command's usage line are made from this one table.
 struct Command {
+  std::string name;
+  // The arguments after the command's name; "\n" breaks the line.
+  std::string synopsis;
+  // What it does; "\n" breaks the line.
+  std::string summary;
   int (*run)(Context&, const Args&);
   OptionSpec options;
 };
 
-const std::map<std::string, Command>& Commands() {
-  static const auto* commands = new std::map<std::string, Command>{
-      {"upload", {RunUpload, {{"--name", "--for"}, {}, {}}}},
-      {"ls", {RunLs, {}}},
-      {"show", {RunShow, {}}},
-      {"rm", {RunRm, {}}},
-      {"share", {RunShare, {{"--with"}, {"--revoke"}, {}}}},
+const std::vector<Command>& Commands() {
+  static const auto* commands = new std::vector<Command>{
+      {"upload",
+       "weights|gram|fisher PATH [--name N] [--for ID]",
+       "upload a safetensors file; prints the artifact id",
+       RunUpload,
+       {{"--name", "--for"}, {}, {}}},
+      {"ls", "", "list artifacts", RunLs, {}},
+      {"show", "ID", "show an artifact: metadata and tensors", RunShow, {}},
+      {"rm",
+       "ID",
+       "delete an artifact you own (refused while a job uses it)",
+       RunRm,
+       {}},
+      {"share",
+       "ID --with ORG [--revoke]",
+       "grant (or revoke) another organisation read access",
+       RunShare,
+       {{"--with"}, {"--revoke"}, {}}},
       {"merge",
-       {RunMerge,
-        {{"--method", "--model", "--gram", "--fisher", "--alpha", "--exclude",
-          "--take-excluded-from", "--gram-normalization", "--name", "--out"},
-         {"--watch"},
-         {"--model", "--gram", "--fisher", "--exclude"}}}},
+       "--method average|weighted|fisher|regmean --model ID[:COEFF]...\n"
+       "[--gram ID]... [--fisher ID]... [--alpha A] [--exclude REGEX]...\n"
+       "[--take-excluded-from K] [--gram-normalization as-uploaded|mean]\n"
+       "[--name N] [--watch] [--out FILE]",
+       "submit a merge job; prints the job id. The i-th --gram and\n"
+       "--fisher belong to the i-th --model. --watch waits for the\n"
+       "job; --out waits and downloads the result to FILE",
+       RunMerge,
+       {{"--method", "--model", "--gram", "--fisher", "--alpha", "--exclude",
+         "--take-excluded-from", "--gram-normalization", "--name", "--out"},
+        {"--watch"},
+        {"--model", "--gram", "--fisher", "--exclude"}}},
       {"grow",
-       {RunGrow,
-        {{"--a", "--b", "--layout", "--rules", "--noise", "--name", "--out"},
-         {},
-         {}}}},
+       "--a ID [--b ID] --layout mlp|bert|gpt2|rules [--rules FILE]\n"
+       "[--noise S] [--name N] --out FILE",
+       "grow a wider model from A and B (or A alone) by Deep Fusion;\n"
+       "prints the job id, waits, writes the model to FILE and the\n"
+       "report (new config, properties that hold) to stderr",
+       RunGrow,
+       {{"--a", "--b", "--layout", "--rules", "--noise", "--name", "--out"},
+        {},
+        {}}},
       {"sweep",
-       {RunSweep, {{"--a", "--b", "--steps", "--out", "--name"}, {}, {}}}},
-      {"health", {RunHealth, {{"--service"}, {}, {}}}},
-      {"jobs", {RunJobs, {}}},
-      {"watch", {RunWatch, {}}},
-      {"cancel", {RunCancel, {}}},
-      {"download", {RunDownload, {{"--out"}, {}, {}}}},
+       "--a ID --b ID --steps K --out DIR [--name N]",
+       "submit an interpolation sweep: the K models (1-t)A + tB,\n"
+       "t = 0, 1/(K-1), ..., 1; prints the job id, waits, and\n"
+       "writes each model to DIR/NAME-tT.safetensors",
+       RunSweep,
+       {{"--a", "--b", "--steps", "--out", "--name"}, {}, {}}},
+      {"jobs", "", "list jobs", RunJobs, {}},
+      {"watch",
+       "JOB",
+       "follow a job until it ends; prints its result ids",
+       RunWatch,
+       {}},
+      {"cancel", "JOB", "cancel a job", RunCancel, {}},
+      {"download",
+       "ID --out FILE",
+       "download an artifact",
+       RunDownload,
+       {{"--out"}, {}, {}}},
+      {"health",
+       "[--service S]",
+       "check the server's grpc.health.v1 status; exit 0 when\n"
+       "SERVING (for container health checks)",
+       RunHealth,
+       {{"--service"}, {}, {}}},
+      {"help", "", "show this text", RunHelp, {}},
   };
   return *commands;
+}
+
+const Command* FindCommand(const std::string& name) {
+  for (const Command& command : Commands()) {
+    if (command.name == name) return &command;
+  }
+  return nullptr;
+}
+
+std::string CommandUsage(const std::string& name) {
+  const Command* command = FindCommand(name);
+  if (command == nullptr) return "";
+  std::string synopsis = command->synopsis;
+  for (char& c : synopsis) {
+    if (c == '\n') c = ' ';
+  }
+  return absl::StrCat("amalgam ", name, synopsis.empty() ? "" : " ", synopsis);
+}
+
+std::string UsageText() {
+  std::string text =
+      "usage: amalgam [--server ADDR] [--token T] COMMAND [ARGS]\n\n"
+      "Options (before COMMAND):\n"
+      "  --server ADDR   amalgamd address (default $AMALGAM_SERVER, else "
+      "127.0.0.1:50051)\n"
+      "  --token T       bearer token (default $AMALGAM_TOKEN)\n"
+      "  --tls-ca F      TLS: PEM of the server's CA (default "
+      "$AMALGAM_TLS_CA)\n"
+      "  --tls-cert F --tls-key F\n"
+      "                  mutual TLS: this client's certificate and key\n"
+      "                  (default $AMALGAM_TLS_CERT, $AMALGAM_TLS_KEY)\n\n"
+      "Commands:\n";
+  constexpr size_t kColumn = 18;
+  for (const Command& command : Commands()) {
+    const std::string first = absl::StrCat("  ", command.name);
+    const std::string indent(first.size() + 1, ' ');
+    std::vector<std::string> synopsis =
+        absl::StrSplit(command.synopsis, '\n', absl::SkipEmpty());
+    std::string head = first;
+    for (size_t i = 0; i < synopsis.size(); ++i) {
+      absl::StrAppend(&head, i == 0 ? " " : absl::StrCat("\n", indent),
+                      synopsis[i]);
+    }
+    std::vector<std::string> summary = absl::StrSplit(command.summary, '\n');
+    size_t line = 0;
+    if (synopsis.size() <= 1 && head.size() < kColumn) {
+      // A short command shares its first line with the summary.
+      absl::StrAppend(&text, head, std::string(kColumn - head.size(), ' '),
+                      summary[line++], "\n");
+    } else {
+      absl::StrAppend(&text, head, "\n");
+    }
+    for (; line < summary.size(); ++line) {
+      absl::StrAppend(&text, std::string(kColumn, ' '), summary[line], "\n");
+    }
+  }
+  return text;
 }
 
 std::string EnvOr(const char* name, const std::string& fallback) {
@@ -898,7 +943,7 @@ int Main(int argc, char** argv) {
   for (; i < rest.size() && !rest[i].empty() && rest[i][0] == '-'; ++i) {
     const std::string& arg = rest[i];
     if (arg == "-h" || arg == "--help") {
-      std::cout << kUsage;
+      std::cout << UsageText();
       return 0;
     }
     std::string name = arg;
@@ -930,28 +975,26 @@ int Main(int argc, char** argv) {
   if (i >= rest.size()) return UsageError("", "no command given");
   const std::string command = rest[i];
   const std::vector<std::string> command_args(rest.begin() + i + 1, rest.end());
-  if (command == "help") {
-    std::cout << kUsage;
-    return 0;
-  }
-  auto it = Commands().find(command);
-  if (it == Commands().end()) {
+  const Command* found = FindCommand(command);
+  if (found == nullptr) {
     return UsageError("", absl::StrCat("unknown command '", command, "'"));
   }
-  auto args = ParseArgs(command_args, it->second.options);
+  auto args = ParseArgs(command_args, found->options);
   if (!args.ok()) return UsageError(command, args.status().message());
   if (args->help) {
-    std::cout << "usage: " << CommandUsages().at(command) << "\n";
+    std::cout << "usage: " << CommandUsage(command) << "\n";
     return 0;
   }
   if (options.address.empty()) return UsageError("", "empty --server");
 
   Context ctx;
   ctx.options = options;
-  auto client = Client::Create(options);
-  if (!client.ok()) return Fail(client.status());
-  ctx.client = std::move(*client);
-  return it->second.run(ctx, *args);
+  if (found->run != RunHelp) {
+    auto client = Client::Create(options);
+    if (!client.ok()) return Fail(client.status());
+    ctx.client = std::move(*client);
+  }
+  return found->run(ctx, *args);
 }
 
 }  // namespace

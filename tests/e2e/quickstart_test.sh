@@ -187,4 +187,15 @@ grep -q "^usage: " "$TMP/err" || fail "usage error printed no usage line"
 cli frobnicate
 [ "$RC" -eq 2 ] || fail "unknown command: exit status $RC, want 2"
 
+step "every command of the help text answers --help with its usage"
+cli help
+[ "$RC" -eq 0 ] || fail "help exited $RC"
+commands=$(sed -n '/^Commands:/,$p' "$TMP/out" | grep -oE '^  [a-z]+' | tr -d ' ')
+[ "$(echo "$commands" | wc -w)" -ge 14 ] || fail "help lists only: $commands"
+for command in $commands; do
+  cli "$command" --help
+  [ "$RC" -eq 0 ] || fail "amalgam $command --help exited $RC (stderr: $(cat "$TMP/err"))"
+  grep -q "^usage: amalgam $command" "$TMP/out" || fail "amalgam $command --help printed no usage"
+done
+
 echo "PASS"

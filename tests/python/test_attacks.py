@@ -203,3 +203,17 @@ def test_h3_a_full_disk_is_freed_by_delete_and_serves_writes_again(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_gram_with_a_negative_diagonal_entry_is_refused(client):
+    import torch
+    w = client.upload_weights({"lin.weight": torch.ones(3, 4)})
+    gram = torch.eye(4, dtype=torch.float64)
+    gram[2, 2] = -1e-3
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.upload_gram({"lin.weight": gram}, for_weights=w)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'Gram "lin.weight" has a negative diagonal entry at [2, 2]' in error.value.message
+    # Off-diagonal entries may be negative.
+    gram[2, 2], gram[0, 1], gram[1, 0] = 1.0, -0.5, -0.5
+    client.upload_gram({"lin.weight": gram}, for_weights=w)
