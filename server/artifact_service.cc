@@ -670,16 +670,24 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::ShareArtifact(
         if (request->organization().empty()) {
           return absl::InvalidArgumentError("organization is empty");
         }
-        AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
-                                 OwnedArtifact(request->id(), org));
-        auto* shared = artifact.mutable_shared_with();
-        shared->erase(std::remove(shared->begin(), shared->end(),
-                                  request->organization()),
-                      shared->end());
-        if (!request->revoke() && request->organization() != org) {
-          artifact.add_shared_with(request->organization());
-        }
-        AMALGAM_RETURN_IF_ERROR(storage_->UpdateArtifact(artifact));
+        AMALGAM_RETURN_IF_ERROR(OwnedArtifact(request->id(), org).status());
+        AMALGAM_ASSIGN_OR_RETURN(
+            v1::Artifact artifact,
+            storage_->ModifyArtifact(
+                request->id(), [&](v1::Artifact& artifact) -> absl::Status {
+                  if (artifact.owner() != org) {
+                    return absl::NotFoundError(
+                        absl::StrCat("artifact ", request->id(), " not found"));
+                  }
+                  auto* shared = artifact.mutable_shared_with();
+                  shared->erase(std::remove(shared->begin(), shared->end(),
+                                            request->organization()),
+                                shared->end());
+                  if (!request->revoke() && request->organization() != org) {
+                    artifact.add_shared_with(request->organization());
+                  }
+                  return absl::OkStatus();
+                }));
         Log(LogLevel::kInfo, LogFields(request->revoke() ? "revoke" : "share")
                                  .Add("artifact", artifact.id())
                                  .Add("owner", org)

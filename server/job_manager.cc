@@ -405,11 +405,23 @@ absl::Status JobManager::DeleteIfUnused(const v1::Artifact& artifact) {
   absl::MutexLock lock(&mu_);
   for (const auto& [id, entry] : jobs_) {
     if (IsFinal(entry->job.state())) continue;
+    const std::string& owner = entry->job.owner();
+    const bool own = owner == artifact.owner();
+    // A job of an organisation the artifact is no longer shared with does
+    // not hold it: it fails when it starts (its inputs are opened again).
+    if (!own &&
+        std::find(artifact.shared_with().begin(), artifact.shared_with().end(),
+                  owner) == artifact.shared_with().end()) {
+      continue;
+    }
     for (const std::string& input : InputIds(entry->job)) {
       if (input == artifact.id()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("artifact ", artifact.id(),
-                         " is an input of queued or running job ", id));
+        // Another organisation's job ids are not the owner's to see.
+        return absl::FailedPreconditionError(absl::StrCat(
+            "artifact ", artifact.id(), " is an input of ",
+            own ? absl::StrCat("queued or running job ", id)
+                : "a queued or running job of an organisation it is shared "
+                  "with; revoke the share to delete it anyway"));
       }
     }
   }
@@ -465,11 +477,13 @@ void JobManager::Unwatch(const std::string& id, uint64_t token) {
 }
 
 void JobManager::Update(Entry* entry,
-                        const std::function<void(v1::Job&)>& change) {
+                        const std::function<void(v1::Job&)>& change,
+                        bool persist) {
   const v1::JobState before = entry->job.state();
   change(entry->job);
   if (entry->job.state() != before) {
-    absl::Status status = storage_->PutJob(entry->job);
+    absl::Status status =
+        persist ? storage_->PutJob(entry->job) : absl::OkStatus();
     if (!status.ok()) {
       Log(LogLevel::kError, LogFields("persist_failed")
                                 .Add("job", entry->job.id())
@@ -513,33 +527,52 @@ void JobManager::WorkerLoop() {
 
 void JobManager::Run(Entry* entry) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<std::vector<std::string>> results = RunJob(entry);
+  Outputs outputs;
+  absl::Status status = RunJob(entry, &outputs);
+  absl::StatusOr<v1::Job> published;
+  if (status.ok()) {
+    // The results and SUCCEEDED become visible in one transaction, outside
+    // the lock (it moves and fsyncs files).
+    v1::Job done;
+    {
+      absl::MutexLock lock(&mu_);
+      done = entry->job;
+    }
+    done.set_state(v1::JOB_STATE_SUCCEEDED);
+    done.set_finished_at(Now());
+    published = storage_->PublishResults(done, std::move(outputs.files));
+    outputs.files.clear();
+    status = published.status();
+  }
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   absl::MutexLock lock(&mu_);
   --running_;
   if (stopping_ && !entry->user_cancelled &&
-      results.status().code() == absl::StatusCode::kCancelled) {
+      status.code() == absl::StatusCode::kCancelled) {
     // Interrupted by shutdown: the catalog keeps it running, so the next
     // start re-runs it.
     return;
   }
-  Update(entry, [&](v1::Job& job) {
-    job.set_finished_at(Now());
-    if (results.ok()) {
-      job.set_state(v1::JOB_STATE_SUCCEEDED);
-      for (const std::string& id : *results) job.add_result_ids(id);
-    } else if (results.status().code() == absl::StatusCode::kCancelled) {
-      job.set_state(v1::JOB_STATE_CANCELLED);
-    } else {
-      job.set_state(v1::JOB_STATE_FAILED);
-      job.set_error_code(static_cast<int>(results.status().code()));
-      job.set_error_message(std::string(results.status().message()));
-    }
-  });
+  if (published.ok()) {
+    // Persisted by PublishResults already.
+    Update(
+        entry, [&](v1::Job& job) { job = *published; }, /*persist=*/false);
+  } else {
+    Update(entry, [&](v1::Job& job) {
+      job.set_finished_at(Now());
+      if (status.code() == absl::StatusCode::kCancelled) {
+        job.set_state(v1::JOB_STATE_CANCELLED);
+      } else {
+        job.set_state(v1::JOB_STATE_FAILED);
+        job.set_error_code(static_cast<int>(status.code()));
+        job.set_error_message(std::string(status.message()));
+      }
+    });
+  }
   if (options_.metrics != nullptr) {
     const v1::Job& job = entry->job;
     uint64_t output_bytes = 0;
-    if (results.ok()) output_bytes = job.progress().bytes_total();
+    if (status.ok()) output_bytes = job.progress().bytes_total();
     options_.metrics->JobFinished(
         JobKind(job),
         job.has_merge()
@@ -580,7 +613,11 @@ std::pair<int64_t, int64_t> JobManager::Counts() {
   return {static_cast<int64_t>(queue_.size()), running_};
 }
 
-absl::StatusOr<std::vector<std::string>> JobManager::RunJob(Entry* entry) {
+JobManager::Outputs::~Outputs() {
+  for (const auto& [path, artifact] : files) std::remove(path.c_str());
+}
+
+absl::Status JobManager::RunJob(Entry* entry, Outputs* outputs) {
   v1::Job job;
   {
     absl::MutexLock lock(&mu_);
@@ -607,15 +644,11 @@ absl::StatusOr<std::vector<std::string>> JobManager::RunJob(Entry* entry) {
       absl::SleepFor(options_.testing_step_delay);
     }
   };
-  std::vector<std::string> results;
   absl::Status status;
   for (int k = 0; k < prepared->outputs && status.ok(); ++k) {
     const std::string out_path = storage_->NewTempPath("result");
-    // Whatever happens below, no output is left behind in tmp/.
-    struct RemoveOnExit {
-      const std::string& path;
-      ~RemoveOnExit() { std::remove(path.c_str()); }
-    } remove_on_exit{out_path};
+    // Removed with `outputs` unless published.
+    outputs->files.emplace_back(out_path, v1::Artifact());
     std::string name;
     if (job.has_sweep()) {
       const double t = prepared->sweep_ts[k];
@@ -656,17 +689,13 @@ absl::StatusOr<std::vector<std::string>> JobManager::RunJob(Entry* entry) {
           &entry->cancelled);
     }
     if (status.ok()) {
-      absl::StatusOr<std::string> id = StoreResult(job, out_path, name);
-      status = id.status();
-      if (id.ok()) results.push_back(*id);
+      absl::StatusOr<v1::Artifact> artifact =
+          DescribeResult(job, out_path, name);
+      status = artifact.status();
+      if (artifact.ok()) outputs->files.back().second = *std::move(artifact);
     }
   }
-  if (!status.ok()) {
-    // A job's results appear together or not at all.
-    DiscardResults(job.id());
-    return status;
-  }
-  return results;
+  return status;
 }
 
 absl::Status JobManager::WriteSweepStep(
@@ -699,9 +728,8 @@ absl::Status JobManager::WriteSweepStep(
       cancelled);
 }
 
-absl::StatusOr<std::string> JobManager::StoreResult(const v1::Job& job,
-                                                    const std::string& path,
-                                                    const std::string& name) {
+absl::StatusOr<v1::Artifact> JobManager::DescribeResult(
+    const v1::Job& job, const std::string& path, const std::string& name) {
   v1::Artifact artifact;
   artifact.set_kind(v1::ARTIFACT_KIND_WEIGHTS);
   artifact.set_owner(job.owner());
@@ -710,6 +738,11 @@ absl::StatusOr<std::string> JobManager::StoreResult(const v1::Job& job,
   AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(path));
   artifact.set_sha256(sha256);
   AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(path));
+  if (absl::Status finite = core::CheckAllFinite(*reader); !finite.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the result is not finite, so it is not published: ",
+                     finite.message()));
+  }
   artifact.set_tensor_count(static_cast<int64_t>(reader->tensors().size()));
   for (const auto& [key, value] : reader->metadata()) {
     (*artifact.mutable_metadata())[key] = value;
@@ -718,9 +751,7 @@ absl::StatusOr<std::string> JobManager::StoreResult(const v1::Job& job,
   std::error_code error;
   artifact.set_size_bytes(
       static_cast<int64_t>(std::filesystem::file_size(path, error)));
-  AMALGAM_ASSIGN_OR_RETURN(artifact,
-                           storage_->AddArtifact(path, std::move(artifact)));
-  return artifact.id();
+  return artifact;
 }
 
 void JobManager::DiscardResults(const std::string& job_id) {

@@ -133,23 +133,36 @@ class JobManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WorkerLoop();
   void Run(Entry* entry);
-  // Writes and stores the job's outputs; returns their artifact ids.
-  absl::StatusOr<std::vector<std::string>> RunJob(Entry* entry);
+  // The outputs of a job, written under tmp/ and described, not yet
+  // visible; removes the files when destroyed (once published, they are
+  // gone already).
+  struct Outputs {
+    std::vector<std::pair<std::string, v1::Artifact>> files;
+    Outputs() = default;
+    Outputs(const Outputs&) = delete;
+    Outputs& operator=(const Outputs&) = delete;
+    ~Outputs();
+  };
+  // Writes the job's outputs into `outputs`.
+  absl::Status RunJob(Entry* entry, Outputs* outputs);
   // One model of a sweep, (1 - t) A + t B; the endpoints are copies.
   static absl::Status WriteSweepStep(
       const Prepared& prepared, double t, const std::string& out_path,
       const std::function<void(int64_t, int64_t)>& progress,
       const std::atomic<bool>* cancelled);
-  // Catalogs the file at `path` as a result of `job`.
-  absl::StatusOr<std::string> StoreResult(const v1::Job& job,
-                                          const std::string& path,
-                                          const std::string& name);
-  // Deletes the results stored so far by a job that failed or is re-run.
+  // The artifact the file at `path` becomes as a result of `job`;
+  // FAILED_PRECONDITION naming the tensor if it holds a NaN or infinity.
+  absl::StatusOr<v1::Artifact> DescribeResult(const v1::Job& job,
+                                              const std::string& path,
+                                              const std::string& name);
+  // Deletes results that a job of an earlier version of amalgamd stored
+  // before it was re-run (results are now published with SUCCEEDED).
   void DiscardResults(const std::string& job_id);
   // Applies `change` to the job, persists it if the state changed, and tells
   // the listeners.
-  void Update(Entry* entry, const std::function<void(v1::Job&)>& change)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `persist` false: the caller wrote the new row itself.
+  void Update(Entry* entry, const std::function<void(v1::Job&)>& change,
+              bool persist = true) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Storage* const storage_;
   const JobManagerOptions options_;

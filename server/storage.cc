@@ -161,35 +161,74 @@ std::string Storage::BlobPath(const v1::Artifact& artifact) const {
   return (fs::path(data_dir_) / "blobs" / artifact.sha256()).string();
 }
 
-absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
-                                                  v1::Artifact artifact) {
-  artifact.set_created_at(static_cast<int64_t>(std::time(nullptr)));
-  artifact.clear_tensors();
+absl::Status Storage::MoveToBlob(const std::string& temp_path,
+                                 const v1::Artifact& artifact, bool* created) {
   const std::string blob = BlobPath(artifact);
   std::error_code error;
-  // The blob and its row change together under the lock, so DeleteArtifact
-  // never removes a blob that a new row is about to reference.
-  absl::MutexLock lock(&mu_);
+  *created = false;
   if (fs::exists(blob, error)) {
     // Same content already stored: blobs are content-addressed.
     fs::remove(temp_path, error);
-  } else {
-    fs::rename(temp_path, blob, error);
-    if (error) {
-      return absl::InternalError(absl::StrCat("cannot move ", temp_path, " to ",
-                                              blob, ": ", error.message()));
-    }
-    AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(blob));
+    return absl::OkStatus();
   }
+  fs::rename(temp_path, blob, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat(
+        "cannot move a new file into the blob store: ", error.message()));
+  }
+  *created = true;
+  return SyncFileAndDir(blob);
+}
+
+absl::Status Storage::InsertArtifact(v1::Artifact* artifact) {
+  artifact->set_created_at(static_cast<int64_t>(std::time(nullptr)));
+  artifact->clear_tensors();
   // A colliding id is never overwritten: the insert fails and another is
   // drawn.
   absl::Status inserted;
   do {
-    artifact.set_id(NewId("art"));
-    inserted = InsertRecord("artifacts", artifact.id(), artifact);
+    artifact->set_id(NewId("art"));
+    inserted = InsertRecord("artifacts", artifact->id(), *artifact);
   } while (absl::IsAlreadyExists(inserted));
-  AMALGAM_RETURN_IF_ERROR(inserted);
+  return inserted;
+}
+
+absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
+                                                  v1::Artifact artifact) {
+  // The blob and its row change together under the lock, so DeleteArtifact
+  // never removes a blob that a new row is about to reference.
+  absl::MutexLock lock(&mu_);
+  bool created = false;
+  AMALGAM_RETURN_IF_ERROR(MoveToBlob(temp_path, artifact, &created));
+  AMALGAM_RETURN_IF_ERROR(InsertArtifact(&artifact));
   return artifact;
+}
+
+absl::StatusOr<v1::Job> Storage::PublishResults(
+    v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results) {
+  absl::MutexLock lock(&mu_);
+  AMALGAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  std::vector<std::string> created_blobs;
+  absl::Status status = [&]() -> absl::Status {
+    job.clear_result_ids();
+    for (auto& [temp_path, artifact] : results) {
+      bool created = false;
+      AMALGAM_RETURN_IF_ERROR(MoveToBlob(temp_path, artifact, &created));
+      if (created) created_blobs.push_back(BlobPath(artifact));
+      AMALGAM_RETURN_IF_ERROR(InsertArtifact(&artifact));
+      job.add_result_ids(artifact.id());
+    }
+    AMALGAM_RETURN_IF_ERROR(PutRecord("jobs", job.id(), job));
+    return Exec("COMMIT");
+  }();
+  if (!status.ok()) {
+    Exec("ROLLBACK").IgnoreError();
+    // Blobs this call brought in are referenced by no committed row.
+    std::error_code error;
+    for (const std::string& blob : created_blobs) fs::remove(blob, error);
+    return status;
+  }
+  return job;
 }
 
 absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> Storage::OpenBlob(
@@ -204,12 +243,8 @@ absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> Storage::OpenBlob(
   return reader;
 }
 
-absl::StatusOr<v1::Artifact> Storage::GetArtifact(const std::string& id) {
-  std::string bytes;
-  {
-    absl::MutexLock lock(&mu_);
-    AMALGAM_ASSIGN_OR_RETURN(bytes, GetRecord("artifacts", id));
-  }
+absl::StatusOr<v1::Artifact> Storage::ReadArtifact(const std::string& id) {
+  AMALGAM_ASSIGN_OR_RETURN(std::string bytes, GetRecord("artifacts", id));
   v1::Artifact artifact;
   if (bytes.empty()) {
     return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
@@ -219,6 +254,11 @@ absl::StatusOr<v1::Artifact> Storage::GetArtifact(const std::string& id) {
         absl::StrCat("catalog row of ", id, " is corrupt"));
   }
   return artifact;
+}
+
+absl::StatusOr<v1::Artifact> Storage::GetArtifact(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  return ReadArtifact(id);
 }
 
 bool ViewFor(const std::string& organization, v1::Artifact* artifact) {
@@ -252,9 +292,22 @@ absl::StatusOr<std::pair<int64_t, int64_t>> Storage::Stats() {
   return std::make_pair(static_cast<int64_t>(artifacts.size()), bytes);
 }
 
-absl::Status Storage::UpdateArtifact(const v1::Artifact& artifact) {
+absl::StatusOr<v1::Artifact> Storage::ModifyArtifact(
+    const std::string& id,
+    const std::function<absl::Status(v1::Artifact&)>& change) {
   absl::MutexLock lock(&mu_);
-  return PutRecord("artifacts", artifact.id(), artifact);
+  AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact, ReadArtifact(id));
+  AMALGAM_RETURN_IF_ERROR(change(artifact));
+  // An update, never an insert: a row deleted meanwhile stays deleted.
+  Statement stmt(db_, "UPDATE artifacts SET record = ?2 WHERE id = ?1");
+  if (stmt.get() == nullptr || !stmt.Bind(1, id) ||
+      !stmt.BindBlob(2, artifact.SerializeAsString()) || !stmt.Run()) {
+    return SqliteError(db_, absl::StrCat("update artifact ", id));
+  }
+  if (sqlite3_changes(db_) == 0) {
+    return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
+  }
+  return artifact;
 }
 
 absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -51,6 +52,14 @@ class Storage {
   absl::StatusOr<v1::Artifact> AddArtifact(const std::string& temp_path,
                                            v1::Artifact artifact);
 
+  // Makes a finished job's results visible together with its final row, in
+  // one transaction: each (complete, fsynced temp file, artifact) pair is
+  // moved into the blob store and catalogued under a fresh id, the ids are
+  // set as `job`'s result_ids and `job` is written. On error no result is
+  // catalogued and the job's row is unchanged. Returns the job as written.
+  absl::StatusOr<v1::Job> PublishResults(
+      v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results);
+
   // NOT_FOUND naming the id when there is no such artifact.
   absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id);
   // The artifact if `organization` may read it (owner or shared with it);
@@ -61,8 +70,13 @@ class Storage {
   absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts();
   // Artifacts in the catalog and the bytes of their distinct blobs.
   absl::StatusOr<std::pair<int64_t, int64_t>> Stats();
-  // Replaces an existing artifact's catalog row (sharing changes).
-  absl::Status UpdateArtifact(const v1::Artifact& artifact);
+  // Reads artifact `id`, applies `change` and writes it back, as one step
+  // that no other catalog call interleaves with: concurrent changes are
+  // never lost, and an artifact deleted meanwhile is NOT_FOUND, never
+  // recreated. An error from `change` is returned and nothing is written.
+  absl::StatusOr<v1::Artifact> ModifyArtifact(
+      const std::string& id,
+      const std::function<absl::Status(v1::Artifact&)>& change);
   // Removes the blob unless another artifact has the same content, then the
   // catalog row (in that order, so that a full disk can be freed).
   absl::Status DeleteArtifact(const v1::Artifact& artifact);
@@ -118,6 +132,17 @@ class Storage {
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status PutRecord(const char* table, const std::string& id,
                          const google::protobuf::Message& record)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The catalog row of artifact `id`: NOT_FOUND, DATA_LOSS if corrupt.
+  absl::StatusOr<v1::Artifact> ReadArtifact(const std::string& id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves `temp_path` to the blob of `artifact.sha256()` (or drops it when
+  // that content is stored already; `created` says which).
+  absl::Status MoveToBlob(const std::string& temp_path,
+                          const v1::Artifact& artifact, bool* created)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Inserts the row of a new artifact under a fresh id (set in `artifact`).
+  absl::Status InsertArtifact(v1::Artifact* artifact)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A plain insert: ALREADY_EXISTS, writing nothing, if `id` is taken.
   absl::Status InsertRecord(const char* table, const std::string& id,

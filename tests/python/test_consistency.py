@@ -1,0 +1,132 @@
+"""What the catalog promises under concurrency and failure, against the real
+amalgamd: shares are never lost or resurrect a deleted artifact, a job's
+results appear with SUCCEEDED and not before, non-finite results are not
+published, and another organisation's job neither leaks its id nor holds an
+artifact after its share is revoked."""
+
+import os
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+import amalgam
+from conftest import start_amalgamd
+
+
+@pytest.fixture
+def tenants(tmp_path, amalgamd_path):
+    """(address, tokens) of an amalgamd with organisations org-a and org-b,
+    one worker and a pause after each merged tensor."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-a org-a\ntok-b org-b\n")
+    os.chmod(tokens, 0o600)
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
+        "--tokens", str(tokens), "--workers", "1", "--testing-step-delay", "200ms"))
+    yield address
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_concurrent_shares_lose_no_grant(tenants):
+    with amalgam.Client(tenants, token="tok-a") as a:
+        artifact = a.upload_weights({"w": torch.ones(4)})
+        organisations = [f"org-{i}" for i in range(24)]
+        errors = []
+
+        def share(org):
+            try:
+                a.share(artifact, org)
+            except Exception as error:  # noqa: BLE001 (reported below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=share, args=(org,)) for org in organisations]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert sorted(a.get_artifact(artifact).shared_with) == sorted(organisations)
+
+
+def test_a_share_racing_a_delete_never_brings_the_artifact_back(tenants):
+    with amalgam.Client(tenants, token="tok-a") as a:
+        for i in range(40):
+            artifact = a.upload_weights({"w": torch.full((4,), float(i))})
+            barrier = threading.Barrier(2)
+
+            def share():
+                barrier.wait()
+                try:
+                    a.share(artifact, "org-b")
+                except amalgam.AmalgamError as error:
+                    assert error.code == grpc.StatusCode.NOT_FOUND
+
+            thread = threading.Thread(target=share)
+            thread.start()
+            barrier.wait()
+            a.delete(artifact)
+            thread.join()
+            with pytest.raises(amalgam.AmalgamError) as error:
+                a.get_artifact(artifact)
+            assert error.value.code == grpc.StatusCode.NOT_FOUND
+        assert a.list_artifacts() == []
+
+
+def test_a_running_sweeps_results_appear_only_with_succeeded(tenants):
+    with amalgam.Client(tenants, token="tok-a") as a:
+        # 4 tensors a model, 200 ms each: about 0.8 s a model, 3 models.
+        m = [a.upload_weights({f"t{k}": torch.full((8,), float(i + k)) for k in range(4)},
+                              name=f"m{i}") for i in range(2)]
+        job = a.sweep(m[0], m[1], steps=3)
+        seen_running = 0
+        while job.refresh().state in ("queued", "running"):
+            if job.state == "running" and job.job.progress.tensors_done > 4:
+                seen_running += 1
+                assert [x for x in a.list_artifacts() if x.produced_by_job] == []
+                assert not job.job.result_ids
+            time.sleep(0.05)
+        assert seen_running > 0, "never saw the sweep past its first model"
+        assert job.state == "succeeded"
+        results = [x for x in a.list_artifacts() if x.produced_by_job == job.id]
+        assert sorted(x.id for x in results) == sorted(job.result_ids)
+        assert len(results) == 3
+
+
+def test_a_non_finite_result_is_not_published(tenants):
+    with amalgam.Client(tenants, token="tok-a") as a:
+        ws = [a.upload_weights({"w": torch.full((4,), 10.0)}, name=f"w{i}") for i in range(2)]
+        # float32 products overflow: F W is inf, and inf / inf is NaN.
+        fs = [a.upload_fisher({"w": torch.full((4,), 3e38)}, for_weights=w) for w in ws]
+        job = a.merge(ws, "fisher", fishers=fs)
+        with pytest.raises(amalgam.AmalgamError) as error:
+            job.wait()
+        assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert 'tensor "w" holds a NaN or infinity' in error.value.message
+        assert [x for x in a.list_artifacts() if x.produced_by_job] == []
+
+
+def test_another_organisations_job_hides_its_id_and_yields_to_a_revoke(tenants):
+    with amalgam.Client(tenants, token="tok-a") as a, \
+            amalgam.Client(tenants, token="tok-b") as b:
+        big = [a.upload_weights({f"t{k}": torch.ones(8) for k in range(20)}, name=f"big{i}")
+               for i in range(2)]
+        shared = a.upload_weights({"w": torch.ones(4)}, name="shared")
+        a.share(shared, "org-b")
+        mine = b.upload_weights({"w": torch.zeros(4)}, name="b's")
+        blocker = a.merge(big, "average")          # holds the only worker for ~4 s
+        queued = b.merge([shared, mine], "average")
+        assert queued.refresh().state == "queued"
+        with pytest.raises(amalgam.AmalgamError) as error:
+            a.delete(shared)
+        assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert queued.id not in error.value.message
+        assert "organisation it is shared with" in error.value.message
+        a.share(shared, "org-b", revoke=True)
+        a.delete(shared)
+        with pytest.raises(amalgam.AmalgamError) as error:
+            queued.wait(timeout=60)
+        assert error.value.code == grpc.StatusCode.NOT_FOUND
+        blocker.wait(timeout=60)
