@@ -26,6 +26,41 @@
 namespace amalgam::server {
 namespace {
 
+// What the catalog keeps of an upload, and every list, scrape and response
+// carries: bounded, so that one organisation's artifact cannot slow
+// another's calls or overflow a response.
+constexpr int64_t kMaxHeaderBytes = int64_t{4} << 20;
+constexpr int64_t kMaxMetadataBytes = int64_t{64} << 10;
+
+// INVALID_ARGUMENT if the safetensors header at the start of `path` or its
+// __metadata__ is larger than the catalog keeps.
+absl::Status CheckHeaderSizes(const std::string& path,
+                              const core::SafetensorsReader& reader) {
+  uint8_t length[8] = {};
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  const bool read = file != nullptr && std::fread(length, 1, 8, file) == 8;
+  if (file != nullptr) std::fclose(file);
+  if (!read) return absl::InternalError("cannot read the upload's header");
+  uint64_t header_bytes = 0;
+  for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | length[i];
+  if (header_bytes > static_cast<uint64_t>(kMaxHeaderBytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the safetensors header is ", header_bytes,
+                     " bytes; at most ", kMaxHeaderBytes, " are accepted"));
+  }
+  int64_t metadata_bytes = 0;
+  for (const auto& [key, value] : reader.metadata()) {
+    metadata_bytes += static_cast<int64_t>(key.size() + value.size());
+  }
+  if (metadata_bytes > kMaxMetadataBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("__metadata__ holds ", metadata_bytes,
+                     " bytes of keys and values; at most ", kMaxMetadataBytes,
+                     " are accepted"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateContent(const v1::Artifact& artifact,
                              const core::SafetensorsReader& reader,
                              const core::SafetensorsReader* described) {
@@ -57,6 +92,23 @@ v1::DType ToProtoDType(core::DType dtype) {
 
 }  // namespace
 
+absl::Status ArtifactServiceImpl::OrgSlots::Acquire(const std::string& owner) {
+  absl::MutexLock lock(&mu_);
+  int& count = per_org_[owner];
+  if (count >= max_per_org_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("organisation ", owner, " already has ", count, " ", what_,
+                     " in progress (the limit); retry later"));
+  }
+  ++count;
+  return absl::OkStatus();
+}
+
+void ArtifactServiceImpl::OrgSlots::Release(const std::string& owner) {
+  absl::MutexLock lock(&mu_);
+  if (--per_org_[owner] <= 0) per_org_.erase(owner);
+}
+
 absl::Status ArtifactServiceImpl::UploadTracker::Acquire(
     const std::string& owner, const std::string& upload_id,
     grpc::CallbackServerContext* context) {
@@ -73,21 +125,15 @@ absl::Status ArtifactServiceImpl::UploadTracker::Acquire(
                        "is cancelled, retry"));
     }
   }
-  const int count = per_org_.count(owner) > 0 ? per_org_[owner] : 0;
-  if (count >= max_per_org_) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("organisation ", owner, " already has ", count,
-                     " uploads in progress (the limit); retry later"));
-  }
+  AMALGAM_RETURN_IF_ERROR(slots_.Acquire(owner));
   if (!upload_id.empty()) active_[{owner, upload_id}] = context;
-  per_org_[owner] = count + 1;
   return absl::OkStatus();
 }
 
 void ArtifactServiceImpl::UploadTracker::Release(const std::string& owner,
                                                  const std::string& upload_id) {
   absl::MutexLock lock(&mu_);
-  if (--per_org_[owner] == 0) per_org_.erase(owner);
+  slots_.Release(owner);
   if (!upload_id.empty()) active_.erase({owner, upload_id});
 }
 
@@ -402,9 +448,10 @@ class ArtifactServiceImpl::UploadReactor
     artifact.set_size_bytes(header_.size_bytes());
     artifact.set_sha256(sha256);
     artifact.set_describes(header_.describes());
-    if (absl::Status valid =
-            ValidateContent(artifact, **reader, described.get());
-        !valid.ok()) {
+    absl::Status valid = CheckHeaderSizes(temp_path_, **reader);
+    if (valid.ok())
+      valid = ValidateContent(artifact, **reader, described.get());
+    if (!valid.ok()) {
       bad_content_ =
           absl::IsInvalidArgument(valid) || absl::IsFailedPrecondition(valid);
       return valid;
@@ -461,9 +508,13 @@ class ArtifactServiceImpl::UploadReactor
 class ArtifactServiceImpl::DownloadReactor
     : public grpc::ServerWriteReactor<v1::DownloadChunk> {
  public:
+  // Holds one of `org`'s download slots until done.
   DownloadReactor(const v1::Artifact& artifact, const std::string& path,
-                  int64_t offset, int64_t chunk_bytes, Metrics* metrics)
-      : artifact_(artifact),
+                  int64_t offset, int64_t chunk_bytes, Metrics* metrics,
+                  OrgSlots* slots, std::string org)
+      : slots_(slots),
+        org_(std::move(org)),
+        artifact_(artifact),
         offset_(offset),
         buffer_(chunk_bytes),
         metrics_(metrics) {
@@ -491,6 +542,7 @@ class ArtifactServiceImpl::DownloadReactor
 
   void OnDone() override {
     if (file_ != nullptr) std::fclose(file_);
+    slots_->Release(org_);
     delete this;
   }
 
@@ -516,6 +568,8 @@ class ArtifactServiceImpl::DownloadReactor
     StartWrite(&chunk_);
   }
 
+  OrgSlots* const slots_;
+  const std::string org_;
   const v1::Artifact artifact_;
   int64_t offset_;
   std::vector<char> buffer_;
@@ -534,7 +588,8 @@ ArtifactServiceImpl::ArtifactServiceImpl(Storage* storage, Executor* executor,
       jobs_(jobs),
       tokens_(tokens),
       options_(options),
-      uploads_(options.max_uploads_per_org) {
+      uploads_(options.max_uploads_per_org),
+      downloads_(options.max_downloads_per_org, "downloads") {
   expirer_ = std::thread([this] { ExpireUploads(); });
 }
 
@@ -710,9 +765,10 @@ absl::StatusOr<v1::Artifact> ArtifactServiceImpl::OwnedArtifact(
 
 grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
     grpc::CallbackServerContext* context, const v1::DownloadRequest* request) {
+  std::string org;
   absl::StatusOr<v1::Artifact> artifact =
       [&]() -> absl::StatusOr<v1::Artifact> {
-    AMALGAM_ASSIGN_OR_RETURN(std::string org, Authenticate(*context, tokens_));
+    AMALGAM_ASSIGN_OR_RETURN(org, Authenticate(*context, tokens_));
     AMALGAM_ASSIGN_OR_RETURN(
         v1::Artifact found,
         storage_->GetArtifactFor(request->artifact_id(), org));
@@ -721,6 +777,7 @@ grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
           absl::StrCat("offset ", request->offset(), " is outside artifact ",
                        found.id(), " of ", found.size_bytes(), " bytes"));
     }
+    AMALGAM_RETURN_IF_ERROR(downloads_.Acquire(org));
     return found;
   }();
   if (!artifact.ok()) {
@@ -729,7 +786,7 @@ grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
   }
   return new DownloadReactor(*artifact, storage_->BlobPath(*artifact),
                              request->offset(), options_.chunk_bytes,
-                             options_.metrics);
+                             options_.metrics, &downloads_, org);
 }
 
 }  // namespace amalgam::server

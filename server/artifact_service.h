@@ -26,6 +26,8 @@ struct ArtifactServiceOptions {
   int64_t chunk_bytes = int64_t{1} << 20;
   // Upload streams one organisation may have open at once.
   int max_uploads_per_org = 8;
+  // Download streams one organisation may have open at once.
+  int max_downloads_per_org = 8;
   // A resumable upload untouched this long is removed with its bytes.
   absl::Duration upload_expiry = absl::Hours(24);
   // Where transfers are counted; may be null.
@@ -82,11 +84,27 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   class UploadReactor;
   class DownloadReactor;
 
+  // Streams of one kind open per organisation, at most `max_per_org` each.
+  class OrgSlots {
+   public:
+    OrgSlots(int max_per_org, std::string what)
+        : max_per_org_(max_per_org), what_(std::move(what)) {}
+    // RESOURCE_EXHAUSTED, naming the organisation, over the limit.
+    absl::Status Acquire(const std::string& owner);
+    void Release(const std::string& owner);
+
+   private:
+    const int max_per_org_;
+    const std::string what_;  // "uploads", "downloads"
+    absl::Mutex mu_;
+    std::map<std::string, int> per_org_ ABSL_GUARDED_BY(mu_);
+  };
+
   // Upload streams in progress: per-organisation counts (the limit) and the
   // resumable ids being received, so one id has one stream at a time.
   class UploadTracker {
    public:
-    explicit UploadTracker(int max_per_org) : max_per_org_(max_per_org) {}
+    explicit UploadTracker(int max_per_org) : slots_(max_per_org, "uploads") {}
     // RESOURCE_EXHAUSTED over the limit; ABORTED if `upload_id` (may be
     // empty) is already being received, after cancelling that stream (its
     // client is most likely gone).
@@ -100,9 +118,8 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
                       int64_t cutoff_unix_seconds);
 
    private:
-    const int max_per_org_;
+    OrgSlots slots_;
     absl::Mutex mu_;
-    std::map<std::string, int> per_org_ ABSL_GUARDED_BY(mu_);
     std::map<std::pair<std::string, std::string>, grpc::CallbackServerContext*>
         active_ ABSL_GUARDED_BY(mu_);
   };
@@ -121,6 +138,7 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   const TokenStore* const tokens_;
   const ArtifactServiceOptions options_;
   UploadTracker uploads_;
+  OrgSlots downloads_;
   absl::Mutex stop_mu_;
   bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;
   std::thread expirer_;

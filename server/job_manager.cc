@@ -317,6 +317,13 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
       return absl::InvalidArgumentError(
           "SubmitJobRequest needs a merge, grow or sweep spec");
   }
+  if (job.has_merge() &&
+      job.merge().models_size() > options_.max_models_per_job) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the merge names ", job.merge().models_size(),
+        " models; this server merges at most ", options_.max_models_per_job,
+        " in one job (--max-models-per-job)"));
+  }
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
   job.mutable_progress()->set_tensors_total(prepared->tensors_per_output *
                                             prepared->outputs);

@@ -41,6 +41,8 @@ struct JobManagerOptions {
   Metrics* metrics = nullptr;
   // Resolved device ("cpu", "cuda:0").
   std::string device = "cpu";
+  // Most models one merge may name (each is an open file with its statistics).
+  int max_models_per_job = 64;
   // Largest result artifact a job may write (as --max-upload-bytes bounds an
   // upload); a submission past it is RESOURCE_EXHAUSTED.
   int64_t max_output_bytes = int64_t{64} << 30;

@@ -44,6 +44,9 @@ ABSL_FLAG(int, max_jobs_per_org, 16,
           "queued plus running jobs one organisation may have");
 ABSL_FLAG(int, max_uploads_per_org, 8,
           "upload streams one organisation may have open at once");
+ABSL_FLAG(int, max_downloads_per_org, 8,
+          "download streams one organisation may have open at once");
+ABSL_FLAG(int, max_models_per_job, 64, "most models one merge job may name");
 ABSL_FLAG(absl::Duration, upload_expiry, absl::Hours(24),
           "an unfinished resumable upload untouched this long is removed");
 ABSL_FLAG(absl::Duration, testing_step_delay, absl::ZeroDuration(),
@@ -239,6 +242,8 @@ int main(int argc, char** argv) {
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.max_jobs_per_org = absl::GetFlag(FLAGS_max_jobs_per_org);
   options.max_uploads_per_org = absl::GetFlag(FLAGS_max_uploads_per_org);
+  options.max_downloads_per_org = absl::GetFlag(FLAGS_max_downloads_per_org);
+  options.max_models_per_job = absl::GetFlag(FLAGS_max_models_per_job);
   options.upload_expiry = absl::GetFlag(FLAGS_upload_expiry);
   options.testing_step_delay = absl::GetFlag(FLAGS_testing_step_delay);
   const int threads = absl::GetFlag(FLAGS_threads);

@@ -70,13 +70,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   if (options.workers < 1 || options.max_queued_jobs < 1 ||
       options.verify_threads < 1 || options.max_upload_bytes < 1 ||
       options.max_jobs_per_org < 1 || options.max_uploads_per_org < 1 ||
+      options.max_downloads_per_org < 1 || options.max_models_per_job < 2 ||
       options.upload_expiry <= absl::ZeroDuration() ||
       options.quota_bytes_per_org < 0 || options.disk_reserve_bytes < 0 ||
       options.testing_step_delay < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
         "--workers, --max-queued-jobs, --verify-threads, --max-upload-bytes, "
-        "--max-jobs-per-org, --max-uploads-per-org and --upload-expiry must "
-        "be positive; --quota-bytes-per-org and --disk-reserve-bytes not "
+        "--max-jobs-per-org, --max-uploads-per-org, --max-downloads-per-org "
+        "and --upload-expiry must be positive, --max-models-per-job 2 or "
+        "more; --quota-bytes-per-org and --disk-reserve-bytes not "
         "negative");
   }
   AMALGAM_ASSIGN_OR_RETURN(std::string device,
@@ -97,6 +99,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   job_options.testing_step_delay = options.testing_step_delay;
   job_options.device = device;
   job_options.max_output_bytes = options.max_upload_bytes;
+  job_options.max_models_per_job = options.max_models_per_job;
   job_options.quota_bytes_per_org = options.quota_bytes_per_org;
   job_options.disk_reserve_bytes = options.disk_reserve_bytes;
   job_options.metrics = server->metrics_.get();
@@ -107,6 +110,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   ArtifactServiceOptions artifact_options;
   artifact_options.max_upload_bytes = options.max_upload_bytes;
   artifact_options.max_uploads_per_org = options.max_uploads_per_org;
+  artifact_options.max_downloads_per_org = options.max_downloads_per_org;
   artifact_options.upload_expiry = options.upload_expiry;
   artifact_options.metrics = server->metrics_.get();
   artifact_options.quota_bytes_per_org = options.quota_bytes_per_org;

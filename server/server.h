@@ -43,8 +43,11 @@ struct ServerOptions {
   int64_t disk_reserve_bytes = int64_t{128} << 20;
   // Queued plus running jobs per organisation.
   int max_jobs_per_org = 16;
-  // Open upload streams per organisation.
+  // Open upload and download streams per organisation.
   int max_uploads_per_org = 8;
+  int max_downloads_per_org = 8;
+  // Most models one merge may name.
+  int max_models_per_job = 64;
   // Unfinished resumable uploads untouched this long are removed.
   absl::Duration upload_expiry = absl::Hours(24);
   // host:port of the Prometheus endpoint (GET /metrics); empty: none.

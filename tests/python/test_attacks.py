@@ -4,6 +4,7 @@ must be refused with the fitting code while the server keeps serving."""
 import json
 import os
 import struct
+import time
 import urllib.request
 
 import grpc
@@ -26,6 +27,20 @@ def fresh_server(tmp_path, amalgamd_path):
     assert process.wait(timeout=30) == 0, "amalgamd did not exit 0 on SIGTERM"
 
 
+def refused_upload(address, path, header):
+    """Uploads a file of ``header`` (bytes, or a dict written as JSON) and
+    4 data bytes as org-a's weights; returns the AmalgamError it must raise."""
+    if isinstance(header, dict):
+        header = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with amalgam.Client(address, token="tok-a") as client:
+        with pytest.raises(amalgam.AmalgamError) as error:
+            client.upload_weights(str(path))
+        # Nothing made, and still serving.
+        assert client.list_artifacts() == []
+    return error.value
+
+
 def metrics_text(root):
     url = f"http://127.0.0.1:{metrics_port(root)}/metrics"
     return urllib.request.urlopen(url, timeout=10).read().decode()
@@ -35,16 +50,10 @@ def test_h1_a_deeply_nested_shape_is_refused_and_the_server_lives(fresh_server, 
     address, _ = fresh_server
     deep = (b'{"t":{"dtype":"F32","shape":' + b"[" * 60000 + b"]" * 60000 +
             b',"data_offsets":[0,4]}}')
-    path = tmp_path / "deep.safetensors"
-    path.write_bytes(struct.pack("<Q", len(deep)) + deep + bytes(4))
-    with amalgam.Client(address, token="tok-a") as client:
-        with pytest.raises(amalgam.AmalgamError) as error:
-            client.upload_weights(str(path))
-        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "deeper than 3 levels" in error.value.message
-        assert "[[[" not in error.value.message
-        # Still serving.
-        assert client.list_artifacts() == []
+    error = refused_upload(address, tmp_path / "deep.safetensors", deep)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "deeper than 3 levels" in error.message
+    assert "[[[" not in error.message
 
 
 def test_h2_made_up_methods_neither_grow_metrics_nor_the_log(fresh_server):
@@ -71,14 +80,10 @@ def test_log_fields_from_callers_are_escaped(fresh_server, tmp_path):
     """A tensor name with a quote and a newline reaches the upload_failed
     line's error field; it must stay inside that one field of that one line."""
     address, root = fresh_server
-    path = tmp_path / "m.safetensors"
     name = 'x" forged=1\n2026-01-01T00:00:00.000Z INFO event=fake'
-    header = json.dumps({name: {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
-    with amalgam.Client(address, token="tok-a") as client:
-        with pytest.raises(amalgam.AmalgamError) as error:
-            client.upload_weights(str(path))
-        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    error = refused_upload(address, tmp_path / "m.safetensors",
+                           {name: {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}})
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     lines = (root / "server.log").read_text().splitlines()
     assert not any("event=fake" in line and "event=upload_failed" not in line
                    for line in lines)
@@ -217,3 +222,55 @@ def test_a_gram_with_a_negative_diagonal_entry_is_refused(client):
     # Off-diagonal entries may be negative.
     gram[2, 2], gram[0, 1], gram[1, 0] = 1.0, -0.5, -0.5
     client.upload_gram({"lin.weight": gram}, for_weights=w)
+
+
+def test_streams_and_fan_in_are_bounded_per_organisation(tmp_path, amalgamd_path):
+    from amalgam.v1 import amalgam_pb2 as pb
+    from amalgam.v1 import amalgam_pb2_grpc as pb_grpc
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
+        "--max-downloads-per-org", "2", "--max-models-per-job", "3"))
+    try:
+        with amalgam.Client(address) as client:
+            big = client.upload_weights(weights(16 << 20, 1))
+            stub = pb_grpc.ArtifactServiceStub(client._channel)
+            open_calls = []
+            for _ in range(2):
+                call = stub.Download(pb.DownloadRequest(artifact_id=big.id))
+                next(call)  # streaming, and not read further
+                open_calls.append(call)
+            third = stub.Download(pb.DownloadRequest(artifact_id=big.id))
+            with pytest.raises(grpc.RpcError) as error:
+                next(third)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "organisation local already has 2 downloads" in error.value.details()
+            open_calls.pop().cancel()
+            deadline = time.monotonic() + 10
+            while True:  # the slot returns once the server sees the cancel
+                try:
+                    assert len(client.download_bytes(big)) == big.size_bytes
+                    break
+                except amalgam.AmalgamError as busy:
+                    assert busy.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the cancelled stream kept its slot"
+                    time.sleep(0.05)
+            open_calls.pop().cancel()
+
+            small = [client.upload_weights(weights(64, i), name=f"s{i}") for i in range(4)]
+            with pytest.raises(amalgam.AmalgamError) as error:
+                client.merge(small, "average")
+            assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 3 in one job (--max-models-per-job)" in error.value.message
+            assert client.merge(small[:3], "average").wait().state == "succeeded"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_oversized_metadata_is_refused_and_creates_no_artifact(fresh_server, tmp_path):
+    address, _ = fresh_server
+    error = refused_upload(address, tmp_path / "meta.safetensors", {
+        "__metadata__": {"blob": "x" * (100 << 10)},
+        "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "__metadata__ holds 102404 bytes" in error.message
+    assert "at most 65536" in error.message
