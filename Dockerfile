@@ -63,5 +63,10 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["amalgam", "--server", "127.0.0.1:50051", "health"]
 ENTRYPOINT ["amalgamd"]
 # Listening beyond loopback needs a token file (mount it, e.g. from a secret).
+# Tokens travel in plaintext inside the container network: publish the port
+# on loopback only (docker-compose.yml), or put a mesh or ingress that
+# terminates TLS in front; for TLS in amalgamd itself, replace the last flag
+# with --tls-cert F --tls-key F.
 CMD ["--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464", \
-     "--data-dir", "/var/lib/amalgam", "--tokens", "/etc/amalgam/tokens"]
+     "--data-dir", "/var/lib/amalgam", "--tokens", "/etc/amalgam/tokens", \
+     "--allow-plaintext-tokens"]

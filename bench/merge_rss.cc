@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "core/merge.h"
+#include "core/runtime.h"
 #include "core/safetensors.h"
 
 namespace {
@@ -40,6 +41,8 @@ struct Args {
   std::string out_dir;
   // Merges timed; the median is reported (this VM's timings are noisy).
   int runs = 3;
+  // LibTorch intra-op threads; 0 keeps LibTorch's default.
+  int threads = 0;
 };
 
 Args ParseArgs(int argc, char** argv) {
@@ -62,6 +65,8 @@ Args ParseArgs(int argc, char** argv) {
       args.queue_depth = std::atoi(value.c_str());
     } else if (flag == "--runs") {
       args.runs = std::max(1, std::atoi(value.c_str()));
+    } else if (flag == "--threads") {
+      args.threads = std::max(0, std::atoi(value.c_str()));
     } else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       std::exit(2);
@@ -207,6 +212,7 @@ double MemcpyGibPerSecond() {
 
 int main(int argc, char** argv) {
   const Args args = ParseArgs(argc, argv);
+  if (args.threads > 0) core::SetIntraOpThreads(args.threads);
   std::filesystem::create_directories(args.dir);
   const int64_t elements = int64_t{args.tensor_mib} << 18;  // 4-byte floats
   const int tensors =
@@ -264,11 +270,13 @@ int main(int argc, char** argv) {
   const double write_alone = WriteAloneSeconds(out, tensors, elements);
   std::printf(
       "| %s (queue %d) | %d x %.2f GiB | %d x %d MiB | %.0f | %.0f | %s | %.2f "
-      "| %.2f / %.2f | %.2f | %.2f | %.0f%% | %.2f | %.2f | %.0f%% |\n",
+      "| %.2f / %.2f | %.2f | %.2f | %.0f%% | %.2f | %.2f | %.0f%% | %s, %d "
+      "|\n",
       args.method.c_str(), args.queue_depth, args.models, args.model_gib,
       tensors, args.tensor_mib, peak_mib, bound_mib,
       peak_mib < bound_mib ? "yes" : "NO", seconds, median.user, median.system,
       input_gib / seconds, memcpy_gib, 100 * input_gib / seconds / memcpy_gib,
-      write_alone, input_gib / write_alone, 100 * write_alone / seconds);
+      write_alone, input_gib / write_alone, 100 * write_alone / seconds,
+      core::GetBlasInfo().core.c_str(), core::GetRuntimeInfo().threads);
   return peak_mib < bound_mib ? 0 : 3;
 }

@@ -17,6 +17,7 @@
 
 #include "absl/memory/memory.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/status_macros.h"
@@ -68,6 +69,22 @@ absl::Status Annotate(const absl::Status& status, absl::string_view prefix) {
 
 std::string Quoted(absl::string_view name) {
   return absl::StrCat("\"", name, "\"");
+}
+
+// `text` with control characters, quotes and backslashes escaped, cut to
+// 200 bytes: a name from a file, fit for a message.
+std::string Printable(absl::string_view text) {
+  std::string out;
+  for (char c : text.substr(0, 200)) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte == 0x7f || c == '"' || c == '\\') {
+      absl::StrAppendFormat(&out, "\\x%02x", byte);
+    } else {
+      out += c;
+    }
+  }
+  if (text.size() > 200) out += "...";
+  return out;
 }
 
 std::string ShapeText(const std::vector<int64_t>& shape) {
@@ -161,6 +178,18 @@ struct ParsedEntry {
 
 absl::StatusOr<ParsedEntry> ParseEntry(const std::string& name,
                                        const Json& entry, uint64_t data_size) {
+  if (name.empty()) {
+    return absl::InvalidArgumentError("a tensor has an empty name");
+  }
+  for (size_t i = 0; i < name.size(); ++i) {
+    const auto byte = static_cast<unsigned char>(name[i]);
+    if (byte < 0x20 || byte == 0x7f) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tensor %s holds the control character 0x%02x at byte %d of its "
+          "name",
+          Quoted(Printable(name)), byte, i));
+    }
+  }
   const std::string what = absl::StrCat("tensor ", Quoted(name));
   if (!entry.is_object()) {
     return absl::InvalidArgumentError(
@@ -243,11 +272,26 @@ absl::StatusOr<SafetensorsHeader> ParseHeaderJson(absl::string_view text,
   // {"name": {"shape": [..]}}: three levels.
   AMALGAM_RETURN_IF_ERROR(CheckJsonDepth(text, 3, "the header"));
   Json root;
+  // JSON lets a key repeat (the parser keeps the last); a header must not.
+  std::set<std::string> names;
+  std::string repeated;
   try {
-    root = Json::parse(text.begin(), text.end());
+    root = Json::parse(text.begin(), text.end(),
+                       [&](int depth, Json::parse_event_t event, Json& parsed) {
+                         if (depth == 1 && event == Json::parse_event_t::key &&
+                             !names.insert(parsed.get<std::string>()).second &&
+                             repeated.empty()) {
+                           repeated = parsed.get<std::string>();
+                         }
+                         return true;
+                       });
   } catch (const Json::parse_error& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("malformed JSON header: ", e.what()));
+  }
+  if (!repeated.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the header names ", Quoted(Printable(repeated)), " twice"));
   }
   if (!root.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -295,6 +339,23 @@ absl::StatusOr<SafetensorsHeader> ParseHeaderJson(absl::string_view text,
           ", ", previous->end, "] and [", entry.begin, ", ", entry.end, "]"));
     }
     previous = &entry;
+  }
+  // The tensors cover the data section without holes, as the format asks:
+  // no byte rides along that no tensor accounts for.
+  uint64_t covered = 0;
+  for (const ParsedEntry& entry : entries) {
+    if (entry.begin > covered) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bytes [", covered, ", ", entry.begin,
+                       ") of the data belong to no tensor (a gap before ",
+                       Quoted(entry.info.name), ")"));
+    }
+    covered = std::max(covered, entry.end);
+  }
+  if (covered != data_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bytes [", covered, ", ", data_size,
+                     ") at the end of the data belong to no tensor"));
   }
   header.tensors.reserve(entries.size());
   for (ParsedEntry& entry : entries) {

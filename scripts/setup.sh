@@ -10,7 +10,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libre2-dev libsqlite3-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev
   clang-format
-  podman runc debootstrap uidmap
+  podman runc debootstrap uidmap prometheus
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-pytest
   python3-tqdm python3-sklearn python3-matplotlib python3-yaml
 )

@@ -384,14 +384,22 @@ class ArtifactServiceImpl::UploadReactor
       const absl::Time start = absl::Now();
       absl::StatusOr<v1::Artifact> artifact = Finalize();
       const double verify_ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+      // The artifact is made (or the bytes are bad) whatever these answer;
+      // a failure only leaves the upload's row to expiry, so it is logged.
+      absl::Status bookkeeping;
       if (resumable_ && artifact.ok()) {
-        service_->storage_
-            ->CompleteUpload(owner_, header_.upload_id(), artifact->id())
-            .IgnoreError();
+        bookkeeping = service_->storage_->CompleteUpload(
+            owner_, header_.upload_id(), artifact->id());
       } else if (resumable_ && bad_content_) {
         // The bytes are bad: start again.
-        service_->storage_->RemoveUpload(owner_, header_.upload_id())
-            .IgnoreError();
+        bookkeeping =
+            service_->storage_->RemoveUpload(owner_, header_.upload_id());
+      }
+      if (!bookkeeping.ok()) {
+        Log(LogLevel::kError, LogFields("upload_bookkeeping_failed")
+                                  .Add("upload", header_.upload_id())
+                                  .Add("owner", owner_)
+                                  .Add("error", bookkeeping.message()));
       }
       if (artifact.ok()) {
         *response_->mutable_artifact() = *artifact;
@@ -663,7 +671,7 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::ListArtifacts(
       context, tokens_, response,
       [&](const std::string& org) -> absl::StatusOr<v1::ListArtifactsResponse> {
         AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> artifacts,
-                                 storage_->ListArtifacts());
+                                 storage_->ListArtifacts(org));
         v1::ListArtifactsResponse list;
         for (v1::Artifact& artifact : artifacts) {
           if (request->kind() != v1::ARTIFACT_KIND_UNSPECIFIED &&

@@ -55,6 +55,12 @@ absl::StatusOr<std::map<std::string, std::string>> TokenStore::Parse(
       return absl::InvalidArgumentError(
           absl::StrCat(path, ":", number, ": expected `TOKEN ORGANISATION`"));
     }
+    if (absl::StartsWith(token, "change-me")) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ":", number,
+          ": an example token (change-me...) is not a secret; replace it, "
+          "e.g. with the output of `openssl rand -hex 32`"));
+    }
     if (!tokens.emplace(TokenKey(token), org).second) {
       return absl::InvalidArgumentError(
           absl::StrCat(path, ":", number, ": token listed twice"));

@@ -23,7 +23,8 @@ class TokenStore {
  public:
   // INVALID_ARGUMENT naming the file and line for a malformed line or a
   // token listed twice; NOT_FOUND if the file does not exist;
-  // FAILED_PRECONDITION if its group or others may write it.
+  // FAILED_PRECONDITION if its group or others may write it or it holds an
+  // example token (one starting with "change-me").
   static absl::StatusOr<std::unique_ptr<TokenStore>> Load(
       const std::string& path);
 

@@ -15,8 +15,10 @@
 #include "core/safetensors.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
+#include "server/grpc_status.h"
 #include "server/log.h"
 #include "server/space.h"
+#include "server/upload_header.h"
 
 namespace amalgam::server {
 namespace {
@@ -127,9 +129,9 @@ absl::Status JobManager::Recover() {
       if (!p.ok()) {
         job.set_state(v1::JOB_STATE_FAILED);
         job.set_error_code(static_cast<int>(p.status().code()));
-        job.set_error_message(absl::StrCat(
+        job.set_error_message(PublicMessage(absl::StrCat(
             "after a restart the job's inputs no longer validate: ",
-            p.status().message()));
+            p.status().message())));
         job.set_finished_at(Now());
         AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
       }
@@ -317,6 +319,10 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
       return absl::InvalidArgumentError(
           "SubmitJobRequest needs a merge, grow or sweep spec");
   }
+  const std::string& result_name = job.has_merge()  ? job.merge().result_name()
+                                   : job.has_grow() ? job.grow().result_name()
+                                                    : job.sweep().result_name();
+  AMALGAM_RETURN_IF_ERROR(ValidateName(result_name, "result_name"));
   if (job.has_merge() &&
       job.merge().models_size() > options_.max_models_per_job) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -572,7 +578,7 @@ void JobManager::Run(Entry* entry) {
       } else {
         job.set_state(v1::JOB_STATE_FAILED);
         job.set_error_code(static_cast<int>(status.code()));
-        job.set_error_message(std::string(status.message()));
+        job.set_error_message(PublicMessage(status.message()));
       }
     });
   }

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -61,6 +62,9 @@ ABSL_FLAG(std::string, tls_cert, "", "TLS: PEM certificate chain");
 ABSL_FLAG(std::string, tls_key, "", "TLS: PEM private key");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "mutual TLS: PEM of the CA that signs client certificates");
+ABSL_FLAG(bool, allow_plaintext_tokens, false,
+          "serve bearer tokens without TLS on a non-loopback --listen (only "
+          "behind a service mesh or ingress that terminates TLS)");
 ABSL_FLAG(std::string, log_level, "info", "debug | info | warning | error");
 ABSL_FLAG(std::string, blas_core, "auto",
           "OpenBLAS kernels: auto (replace a generic core OpenBLAS fell back "
@@ -112,23 +116,40 @@ std::string TakeEnv(const char* name) {
   return text;
 }
 
-// Re-executes this program with `env` set: OpenBLAS reads OPENBLAS_CORETYPE
-// only when it loads. Returns only if exec fails.
-void Restart(char** argv, const std::string& core, const char* env,
-             const std::string& value) {
-  setenv("OPENBLAS_CORETYPE", core.c_str(), 1);
-  setenv(env, value.c_str(), 1);
+// Re-executes this program with `env` set: OpenBLAS reads
+// OPENBLAS_CORETYPE, and OpenMP OMP_WAIT_POLICY, only when they load.
+// Returns only if exec fails (then the variables are as before).
+void Restart(char** argv,
+             const std::vector<std::pair<std::string, std::string>>& env) {
+  std::vector<std::pair<std::string, std::string>> before;
+  for (const auto& [name, value] : env) {
+    const char* old = std::getenv(name.c_str());
+    before.emplace_back(name, old != nullptr ? old : "");
+    setenv(name.c_str(), value.c_str(), 1);
+  }
   execv("/proc/self/exe", argv);
   amalgam::server::Log(amalgam::server::LogLevel::kWarning,
-                       amalgam::server::LogFields("blas_restart_failed")
-                           .Add("core", core)
+                       amalgam::server::LogFields("restart_failed")
                            .Add("error", std::strerror(errno)));
-  unsetenv(env);
+  for (const auto& [name, value] : before) {
+    if (value.empty()) {
+      unsetenv(name.c_str());
+    } else {
+      setenv(name.c_str(), value.c_str(), 1);
+    }
+  }
 }
 
-// Chooses the OpenBLAS kernels (--blas-core), restarting the process when
-// they change, and checks a GEMM against a plain loop before serving.
-// Returns false, having said why, if the BLAS gives wrong products.
+// Chooses the OpenBLAS kernels (--blas-core) and OpenMP's wait policy,
+// restarting the process when either changes, and checks a GEMM against a
+// plain loop before serving. Returns false, having said why, if the BLAS
+// gives wrong products.
+//
+// OpenMP's default policy spins idle intra-op threads, which then take the
+// CPUs from OpenBLAS's own threads: RegMean of BERT-base shapes took 25 s
+// on 2 intra-op threads against 16 s on 1, and 16.6 s on 2 with
+// OMP_WAIT_POLICY=PASSIVE (bench/README.md). Unless the user set it,
+// amalgamd runs with PASSIVE.
 bool SetUpBlas(char** argv) {
   using amalgam::server::Log;
   using amalgam::server::LogFields;
@@ -148,7 +169,7 @@ bool SetUpBlas(char** argv) {
                              parts[0])
               : absl::StrCat(parts[0],
                              " failed the GEMM check: ", check.message());
-      Restart(argv, parts[1], kBlasKeptEnv, why);
+      Restart(argv, {{"OPENBLAS_CORETYPE", parts[1]}, {kBlasKeptEnv, why}});
     }
     reason = absl::StrCat("chosen over ", parts[1], ": ", parts[2]);
   } else if (!kept.empty()) {
@@ -166,11 +187,17 @@ bool SetUpBlas(char** argv) {
                    std::string(choice.status().message()).c_str());
       return false;
     }
+    std::vector<std::pair<std::string, std::string>> env;
     if (!choice->core.empty()) {
-      Restart(
-          argv, choice->core, kBlasChosenEnv,
+      env.emplace_back("OPENBLAS_CORETYPE", choice->core);
+      env.emplace_back(
+          kBlasChosenEnv,
           absl::StrCat(choice->core, "\t", blas.core, "\t", choice->reason));
     }
+    if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
+      env.emplace_back("OMP_WAIT_POLICY", "PASSIVE");
+    }
+    if (!env.empty()) Restart(argv, env);
     reason = choice->reason;
   }
   const absl::Status check = amalgam::core::CheckGemm();
@@ -231,6 +258,7 @@ int main(int argc, char** argv) {
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.allow_plaintext_tokens = absl::GetFlag(FLAGS_allow_plaintext_tokens);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.device = absl::GetFlag(FLAGS_device);
   options.workers = absl::GetFlag(FLAGS_workers);
@@ -256,11 +284,14 @@ int main(int argc, char** argv) {
                                    : amalgam::core::IntraOpThreadsFor(
                                          usable_cpus, options.workers);
   amalgam::core::SetIntraOpThreads(intra_op);
-  Log(LogLevel::kInfo, LogFields("threads")
-                           .Add("intra_op", intra_op)
-                           .Add("source", threads > 0 ? "--threads" : "auto")
-                           .Add("usable_cpus", usable_cpus)
-                           .Add("workers", options.workers));
+  const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
+  Log(LogLevel::kInfo,
+      LogFields("threads")
+          .Add("intra_op", intra_op)
+          .Add("source", threads > 0 ? "--threads" : "auto")
+          .Add("usable_cpus", usable_cpus)
+          .Add("workers", options.workers)
+          .Add("omp_wait_policy", wait_policy != nullptr ? wait_policy : "-"));
   auto server = amalgam::server::Server::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "amalgamd: %s\n",

@@ -2,9 +2,12 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <sstream>
@@ -13,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/runtime.h"
 #include "core/status_macros.h"
+#include "server/grpc_status.h"
 #include "server/log.h"
 
 namespace amalgam::server {
@@ -57,6 +61,22 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
   return grpc::SslServerCredentials(ssl);
 }
 
+// Drops gRPC's reflection plugin from a ServerBuilder (linking the library
+// registers it for every builder).
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>*
+                         plugins) override {
+    plugins->erase(
+        std::remove_if(plugins->begin(), plugins->end(),
+                       [](const std::unique_ptr<grpc::ServerBuilderPlugin>& p) {
+                         return p->name() == "proto_server_reflection";
+                       }),
+        plugins->end());
+  }
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(
@@ -81,8 +101,20 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
         "more; --quota-bytes-per-org and --disk-reserve-bytes not "
         "negative");
   }
+  const bool plaintext_tokens = !options.tokens_file.empty() &&
+                                options.tls_cert_file.empty() &&
+                                !IsLoopbackAddress(options.listen);
+  if (plaintext_tokens && !options.allow_plaintext_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--listen ", options.listen,
+        " is not a loopback address, so bearer tokens would cross the network "
+        "in plaintext: serve TLS (--tls-cert, --tls-key), or give "
+        "--allow-plaintext-tokens when a service mesh or ingress terminates "
+        "TLS in front of amalgamd"));
+  }
   AMALGAM_ASSIGN_OR_RETURN(std::string device,
                            core::ResolveDevice(options.device));
+  SetPrivateDirectory(options.data_dir);
   auto server = std::unique_ptr<Server>(new Server());
   if (!options.tokens_file.empty()) {
     AMALGAM_ASSIGN_OR_RETURN(server->tokens_,
@@ -127,6 +159,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   AMALGAM_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                            MakeCredentials(options));
   builder.AddListeningPort(options.listen, credentials, &server->port_);
+  // Reflection lists every service and message to whoever asks, and gRPC's
+  // implementation cannot check a token: it is served only without --tokens
+  // (loopback, one organisation).
+  if (!options.tokens_file.empty()) {
+    builder.SetOption(std::make_unique<WithoutReflection>());
+  }
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   builder.RegisterService(server->artifact_service_.get());
@@ -159,6 +197,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
                 metrics->SetStored(stored->first, stored->second);
               }
             }));
+  }
+  if (plaintext_tokens) {
+    Log(LogLevel::kWarning,
+        LogFields("plaintext_tokens")
+            .Add("listen", options.listen)
+            .Add("reason",
+                 "--allow-plaintext-tokens: bearer tokens arrive without TLS; "
+                 "a mesh or ingress must terminate TLS in front of amalgamd"));
   }
   server->drain_timeout_ = options.drain_timeout;
   server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);

@@ -30,6 +30,9 @@ struct ServerOptions {
   // Mutual TLS: PEM of the CA that signs client certificates; clients
   // without a valid certificate are refused. Needs tls_cert_file.
   std::string tls_client_ca_file;
+  // With tokens on a non-loopback address, plaintext is refused unless set
+  // (a mesh or ingress terminates TLS in front of amalgamd).
+  bool allow_plaintext_tokens = false;
   std::string data_dir = "./var/amalgam";
   // "auto", "cpu", "cuda" or "cuda:N".
   std::string device = "auto";
@@ -61,7 +64,8 @@ struct ServerOptions {
 };
 
 // amalgamd: storage, job manager and the gRPC services, with
-// grpc.health.v1 and server reflection.
+// grpc.health.v1 (unauthenticated, for probes) and, without a token file,
+// server reflection.
 class Server {
  public:
   // Opens storage, recovers jobs, binds and starts serving.

@@ -141,8 +141,75 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
       " owner TEXT NOT NULL, id TEXT NOT NULL, updated_at INTEGER NOT NULL,"
       " header BLOB NOT NULL, artifact_id TEXT NOT NULL DEFAULT '',"
       " PRIMARY KEY (owner, id))"));
+  AMALGAM_RETURN_IF_ERROR(storage->Migrate());
   AMALGAM_RETURN_IF_ERROR(storage->ReconcileUploads());
   return storage;
+}
+
+absl::Status Storage::Migrate() {
+  Statement version_stmt(db_, "PRAGMA user_version");
+  if (version_stmt.get() == nullptr ||
+      sqlite3_step(version_stmt.get()) != SQLITE_ROW) {
+    return SqliteError(db_, "read the schema version");
+  }
+  const int64_t version = sqlite3_column_int64(version_stmt.get(), 0);
+  if (version >= 1) return absl::OkStatus();
+  // 1: owner, content and size of each artifact as indexed columns, and its
+  // grants as rows, so that lists, quotas and deletes read only the rows
+  // they concern instead of parsing every record.
+  return InTransaction([&]() -> absl::Status {
+    AMALGAM_RETURN_IF_ERROR(Exec(
+        "ALTER TABLE artifacts ADD COLUMN owner TEXT NOT NULL DEFAULT ''"));
+    AMALGAM_RETURN_IF_ERROR(Exec(
+        "ALTER TABLE artifacts ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''"));
+    AMALGAM_RETURN_IF_ERROR(
+        Exec("ALTER TABLE artifacts ADD COLUMN size_bytes INTEGER NOT NULL "
+             "DEFAULT 0"));
+    AMALGAM_RETURN_IF_ERROR(Exec(
+        "CREATE TABLE shares (artifact_id TEXT NOT NULL, organization TEXT "
+        "NOT NULL, PRIMARY KEY (organization, artifact_id))"));
+    AMALGAM_RETURN_IF_ERROR(
+        Exec("CREATE INDEX artifacts_by_owner ON artifacts (owner)"));
+    AMALGAM_RETURN_IF_ERROR(
+        Exec("CREATE INDEX artifacts_by_sha256 ON artifacts (sha256)"));
+    AMALGAM_RETURN_IF_ERROR(
+        Exec("CREATE INDEX shares_by_artifact ON shares (artifact_id)"));
+    AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> rows,
+                             ListRecords("artifacts", nullptr));
+    for (const std::string& row : rows) {
+      v1::Artifact artifact;
+      if (!artifact.ParseFromString(row)) {
+        return absl::DataLossError("catalog has a corrupt artifact row");
+      }
+      AMALGAM_RETURN_IF_ERROR(WriteArtifactColumns(artifact));
+    }
+    return Exec("PRAGMA user_version = 1");
+  });
+}
+
+absl::Status Storage::WriteArtifactColumns(const v1::Artifact& artifact) {
+  Statement update(db_,
+                   "UPDATE artifacts SET owner = ?2, sha256 = ?3, "
+                   "size_bytes = ?4 WHERE id = ?1");
+  if (update.get() == nullptr || !update.Bind(1, artifact.id()) ||
+      !update.Bind(2, artifact.owner()) || !update.Bind(3, artifact.sha256()) ||
+      !update.Bind(4, artifact.size_bytes()) || !update.Run()) {
+    return SqliteError(db_, absl::StrCat("index artifact ", artifact.id()));
+  }
+  Statement clear(db_, "DELETE FROM shares WHERE artifact_id = ?1");
+  if (clear.get() == nullptr || !clear.Bind(1, artifact.id()) || !clear.Run()) {
+    return SqliteError(db_, absl::StrCat("index artifact ", artifact.id()));
+  }
+  for (const std::string& org : artifact.shared_with()) {
+    Statement grant(db_,
+                    "INSERT OR IGNORE INTO shares (artifact_id, organization) "
+                    "VALUES (?1, ?2)");
+    if (grant.get() == nullptr || !grant.Bind(1, artifact.id()) ||
+        !grant.Bind(2, org) || !grant.Run()) {
+      return SqliteError(db_, absl::StrCat("index artifact ", artifact.id()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 Storage::Storage(std::string data_dir, sqlite3* db)
@@ -190,7 +257,8 @@ absl::Status Storage::InsertArtifact(v1::Artifact* artifact) {
     artifact->set_id(NewId("art"));
     inserted = InsertRecord("artifacts", artifact->id(), *artifact);
   } while (absl::IsAlreadyExists(inserted));
-  return inserted;
+  AMALGAM_RETURN_IF_ERROR(inserted);
+  return WriteArtifactColumns(*artifact);
 }
 
 absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
@@ -200,16 +268,24 @@ absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
   absl::MutexLock lock(&mu_);
   bool created = false;
   AMALGAM_RETURN_IF_ERROR(MoveToBlob(temp_path, artifact, &created));
-  AMALGAM_RETURN_IF_ERROR(InsertArtifact(&artifact));
+  AMALGAM_RETURN_IF_ERROR(
+      InTransaction([&] { return InsertArtifact(&artifact); }));
   return artifact;
+}
+
+absl::Status Storage::InTransaction(const std::function<absl::Status()>& body) {
+  AMALGAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  absl::Status status = body();
+  if (status.ok()) status = Exec("COMMIT");
+  if (!status.ok()) Exec("ROLLBACK").IgnoreError();
+  return status;
 }
 
 absl::StatusOr<v1::Job> Storage::PublishResults(
     v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results) {
   absl::MutexLock lock(&mu_);
-  AMALGAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
   std::vector<std::string> created_blobs;
-  absl::Status status = [&]() -> absl::Status {
+  absl::Status status = InTransaction([&]() -> absl::Status {
     job.clear_result_ids();
     for (auto& [temp_path, artifact] : results) {
       bool created = false;
@@ -218,11 +294,9 @@ absl::StatusOr<v1::Job> Storage::PublishResults(
       AMALGAM_RETURN_IF_ERROR(InsertArtifact(&artifact));
       job.add_result_ids(artifact.id());
     }
-    AMALGAM_RETURN_IF_ERROR(PutRecord("jobs", job.id(), job));
-    return Exec("COMMIT");
-  }();
+    return PutRecord("jobs", job.id(), job);
+  });
   if (!status.ok()) {
-    Exec("ROLLBACK").IgnoreError();
     // Blobs this call brought in are referenced by no committed row.
     std::error_code error;
     for (const std::string& blob : created_blobs) fs::remove(blob, error);
@@ -280,16 +354,25 @@ absl::StatusOr<v1::Artifact> Storage::GetArtifactFor(
   return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
 }
 
-absl::StatusOr<std::pair<int64_t, int64_t>> Storage::Stats() {
-  AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> artifacts,
-                           ListArtifacts());
-  std::map<std::string, int64_t> blobs;
-  for (const v1::Artifact& artifact : artifacts) {
-    blobs[artifact.sha256()] = artifact.size_bytes();
+absl::StatusOr<int64_t> Storage::QueryInt(const char* sql,
+                                          const std::string& param) {
+  Statement stmt(db_, sql);
+  if (stmt.get() == nullptr || (!param.empty() && !stmt.Bind(1, param)) ||
+      sqlite3_step(stmt.get()) != SQLITE_ROW) {
+    return SqliteError(db_, "query the catalog");
   }
-  int64_t bytes = 0;
-  for (const auto& [sha256, size] : blobs) bytes += size;
-  return std::make_pair(static_cast<int64_t>(artifacts.size()), bytes);
+  return sqlite3_column_int64(stmt.get(), 0);
+}
+
+absl::StatusOr<std::pair<int64_t, int64_t>> Storage::Stats() {
+  absl::MutexLock lock(&mu_);
+  AMALGAM_ASSIGN_OR_RETURN(const int64_t count,
+                           QueryInt("SELECT COUNT(*) FROM artifacts"));
+  AMALGAM_ASSIGN_OR_RETURN(
+      const int64_t bytes,
+      QueryInt("SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size_bytes) "
+               "AS size FROM artifacts GROUP BY sha256)"));
+  return std::make_pair(count, bytes);
 }
 
 absl::StatusOr<v1::Artifact> Storage::ModifyArtifact(
@@ -298,30 +381,32 @@ absl::StatusOr<v1::Artifact> Storage::ModifyArtifact(
   absl::MutexLock lock(&mu_);
   AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact, ReadArtifact(id));
   AMALGAM_RETURN_IF_ERROR(change(artifact));
-  // An update, never an insert: a row deleted meanwhile stays deleted.
-  Statement stmt(db_, "UPDATE artifacts SET record = ?2 WHERE id = ?1");
-  if (stmt.get() == nullptr || !stmt.Bind(1, id) ||
-      !stmt.BindBlob(2, artifact.SerializeAsString()) || !stmt.Run()) {
-    return SqliteError(db_, absl::StrCat("update artifact ", id));
-  }
-  if (sqlite3_changes(db_) == 0) {
-    return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
-  }
+  AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+    // An update, never an insert: a row deleted meanwhile stays deleted.
+    Statement stmt(db_, "UPDATE artifacts SET record = ?2 WHERE id = ?1");
+    if (stmt.get() == nullptr || !stmt.Bind(1, id) ||
+        !stmt.BindBlob(2, artifact.SerializeAsString()) || !stmt.Run()) {
+      return SqliteError(db_, absl::StrCat("update artifact ", id));
+    }
+    if (sqlite3_changes(db_) == 0) {
+      return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
+    }
+    return WriteArtifactColumns(artifact);
+  }));
   return artifact;
 }
 
 absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
   absl::MutexLock lock(&mu_);
-  AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> rows,
-                           ListRecords("artifacts"));
-  bool shared_blob = false;
-  for (const std::string& row : rows) {
-    v1::Artifact other;
-    if (other.ParseFromString(row) && other.id() != artifact.id() &&
-        other.sha256() == artifact.sha256()) {
-      shared_blob = true;
-    }
+  Statement others(db_,
+                   "SELECT COUNT(*) FROM artifacts WHERE sha256 = ?1 AND "
+                   "id != ?2");
+  if (others.get() == nullptr || !others.Bind(1, artifact.sha256()) ||
+      !others.Bind(2, artifact.id()) ||
+      sqlite3_step(others.get()) != SQLITE_ROW) {
+    return SqliteError(db_, absl::StrCat("delete artifact ", artifact.id()));
   }
+  const bool shared_blob = sqlite3_column_int64(others.get(), 0) > 0;
   // The blob goes first: on a full disk the row's deletion needs room in
   // the catalog's log, which the blob frees. Under the lock, so no upload
   // of the same content registers against the blob in between. A crash in
@@ -331,27 +416,28 @@ absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
     std::error_code error;
     fs::remove(BlobPath(artifact), error);
   }
-  Statement stmt(db_, "DELETE FROM artifacts WHERE id = ?1");
-  if (stmt.get() == nullptr || !stmt.Bind(1, artifact.id()) || !stmt.Run()) {
-    return SqliteError(db_, absl::StrCat("delete artifact ", artifact.id()));
-  }
-  return absl::OkStatus();
+  return InTransaction([&]() -> absl::Status {
+    for (const char* sql : {"DELETE FROM shares WHERE artifact_id = ?1",
+                            "DELETE FROM artifacts WHERE id = ?1"}) {
+      Statement stmt(db_, sql);
+      if (stmt.get() == nullptr || !stmt.Bind(1, artifact.id()) ||
+          !stmt.Run()) {
+        return SqliteError(db_,
+                           absl::StrCat("delete artifact ", artifact.id()));
+      }
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<int64_t> Storage::OrgBytes(const std::string& owner,
                                           const std::string& except_upload) {
   absl::MutexLock lock(&mu_);
-  AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> rows,
-                           ListRecords("artifacts"));
-  std::map<std::string, int64_t> blobs;
-  for (const std::string& row : rows) {
-    v1::Artifact artifact;
-    if (artifact.ParseFromString(row) && artifact.owner() == owner) {
-      blobs[artifact.sha256()] = artifact.size_bytes();
-    }
-  }
-  int64_t bytes = 0;
-  for (const auto& [sha256, size] : blobs) bytes += size;
+  AMALGAM_ASSIGN_OR_RETURN(
+      int64_t bytes,
+      QueryInt("SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size_bytes) AS "
+               "size FROM artifacts WHERE owner = ?1 GROUP BY sha256)",
+               owner));
   Statement stmt(db_,
                  "SELECT id, header FROM uploads WHERE owner = ?1 AND "
                  "artifact_id = ''");
@@ -373,11 +459,18 @@ absl::StatusOr<int64_t> Storage::OrgBytes(const std::string& owner,
   return bytes;
 }
 
-absl::StatusOr<std::vector<v1::Artifact>> Storage::ListArtifacts() {
+absl::StatusOr<std::vector<v1::Artifact>> Storage::ListArtifacts(
+    const std::string& organization) {
   std::vector<std::string> rows;
   {
     absl::MutexLock lock(&mu_);
-    AMALGAM_ASSIGN_OR_RETURN(rows, ListRecords("artifacts"));
+    AMALGAM_ASSIGN_OR_RETURN(
+        rows, organization.empty()
+                  ? ListRecords("artifacts")
+                  : ListRecords("artifacts",
+                                "owner = ?1 OR id IN (SELECT artifact_id FROM "
+                                "shares WHERE organization = ?1)",
+                                organization));
   }
   std::vector<v1::Artifact> artifacts(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -709,11 +802,13 @@ absl::StatusOr<std::string> Storage::GetRecord(const char* table,
 }
 
 absl::StatusOr<std::vector<std::string>> Storage::ListRecords(
-    const char* table) {
-  const std::string sql =
-      absl::StrCat("SELECT record FROM ", table, " ORDER BY created_at, rowid");
+    const char* table, const char* where, const std::string& param) {
+  const std::string sql = absl::StrCat("SELECT record FROM ", table, " WHERE ",
+                                       where != nullptr ? where : "1",
+                                       " ORDER BY created_at, rowid");
   Statement stmt(db_, sql.c_str());
-  if (stmt.get() == nullptr) {
+  if (stmt.get() == nullptr ||
+      (where != nullptr && !param.empty() && !stmt.Bind(1, param))) {
     return SqliteError(db_, absl::StrCat("list ", table));
   }
   std::vector<std::string> rows;

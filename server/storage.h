@@ -67,7 +67,10 @@ class Storage {
   // other organisations do not leak. Non-owners do not see `shared_with`.
   absl::StatusOr<v1::Artifact> GetArtifactFor(const std::string& id,
                                               const std::string& organization);
-  absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts();
+  // Every artifact, or (`organization` set) those it owns or that are
+  // shared with it, read through indexed columns; in creation order.
+  absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts(
+      const std::string& organization = "");
   // Artifacts in the catalog and the bytes of their distinct blobs.
   absl::StatusOr<std::pair<int64_t, int64_t>> Stats();
   // Reads artifact `id`, applies `change` and writes it back, as one step
@@ -151,7 +154,25 @@ class Storage {
   absl::StatusOr<std::string> GetRecord(const char* table,
                                         const std::string& id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::vector<std::string>> ListRecords(const char* table)
+  // The records of `table` where the SQL condition `where` (with ?1 bound to
+  // `param`) holds, in creation order.
+  absl::StatusOr<std::vector<std::string>> ListRecords(
+      const char* table, const char* where = nullptr,
+      const std::string& param = "") ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The one integer a query returns (?1 bound to `param` if not empty).
+  absl::StatusOr<int64_t> QueryInt(const char* sql,
+                                   const std::string& param = "")
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Schema migrations, numbered by SQLite's user_version, each one
+  // transaction: 1 adds the indexed owner, sha256 and size columns of
+  // artifacts and the shares table.
+  absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes the indexed columns and share rows of `artifact` from its record.
+  absl::Status WriteArtifactColumns(const v1::Artifact& artifact)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs `body` in one transaction (BEGIN IMMEDIATE ... COMMIT), rolled
+  // back if it fails.
+  absl::Status InTransaction(const std::function<absl::Status()>& body)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops upload rows without a file and files without a row (a crash
   // between the two writes).

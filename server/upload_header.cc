@@ -6,6 +6,28 @@
 
 namespace amalgam::server {
 
+absl::Status ValidateName(const std::string& name, const std::string& field) {
+  if (name.size() > kMaxNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " has ", name.size(), " bytes; at most ",
+                     kMaxNameBytes, " are allowed"));
+  }
+  for (char c : name) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte == 0x7f || c == '/') {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field,
+                       " holds a control character or '/'; names are one line "
+                       "and no path"));
+    }
+  }
+  if (name == "." || name == "..") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " may not be \".\" or \"..\""));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
                                   int64_t max_upload_bytes) {
   if (header.kind() == v1::ARTIFACT_KIND_UNSPECIFIED ||
@@ -27,10 +49,9 @@ absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
     return absl::InvalidArgumentError(
         "header.sha256 must be 64 lower-case hex digits");
   }
-  if (header.name().size() > kMaxNameBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("header.name has ", header.name().size(),
-                     " bytes; at most ", kMaxNameBytes, " are allowed"));
+  if (absl::Status name = ValidateName(header.name(), "header.name");
+      !name.ok()) {
+    return name;
   }
   if (!header.describes().empty() &&
       header.kind() == v1::ARTIFACT_KIND_WEIGHTS) {

@@ -11,9 +11,15 @@ namespace amalgam::server {
 inline constexpr size_t kMaxNameBytes = 256;
 inline constexpr size_t kMaxUploadIdBytes = 64;
 
+// OK for an artifact or result name of at most kMaxNameBytes with no
+// control character and no '/' (a sweep's results become file names);
+// INVALID_ARGUMENT naming `field` otherwise. Empty is allowed (a default
+// name is used).
+absl::Status ValidateName(const std::string& name, const std::string& field);
+
 // Checks an upload header on its own, before any byte is stored: a known
 // kind, a positive size_bytes, a 64-digit lower-case hex sha256, a name of
-// at most kMaxNameBytes, `describes` only on statistics, and an upload_id
+// as ValidateName allows, `describes` only on statistics, and an upload_id
 // (optional) of 1..kMaxUploadIdBytes characters from [A-Za-z0-9_.-]:
 // INVALID_ARGUMENT naming the field otherwise. RESOURCE_EXHAUSTED when
 // size_bytes is over `max_upload_bytes`.

@@ -638,6 +638,18 @@ int RunGrow(Context& ctx, const Args& args) {
   return 0;
 }
 
+// `name` if it is one plain file name (no '/', no control character, not
+// "." or "..", at most 200 bytes), else `fallback`.
+std::string SafeFileName(const std::string& name, const std::string& fallback) {
+  bool safe =
+      !name.empty() && name.size() <= 200 && name != "." && name != "..";
+  for (char c : name) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte == 0x7f || c == '/' || c == '\\') safe = false;
+  }
+  return safe ? name : fallback;
+}
+
 int RunSweep(Context& ctx, const Args& args) {
   if (!args.positional.empty()) {
     return UsageError("sweep", absl::StrCat("unexpected argument '",
@@ -670,8 +682,10 @@ int RunSweep(Context& ctx, const Args& args) {
   for (const std::string& id : done.result_ids()) {
     auto artifact = ctx.client->GetArtifact(id);
     if (!artifact.ok()) return Fail(artifact.status());
+    // The name comes from the server: a file name inside --out, or the id.
     const std::string path =
-        (std::filesystem::path(out) / (artifact->name() + ".safetensors"))
+        (std::filesystem::path(out) /
+         (SafeFileName(artifact->name(), id) + ".safetensors"))
             .string();
     if (const int code = DownloadTo(ctx, id, path); code != 0) return code;
   }

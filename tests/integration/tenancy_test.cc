@@ -203,5 +203,42 @@ TEST(ListenTest, NonLoopbackWithoutTokensIsRefused) {
   EXPECT_THAT(text, HasSubstr("not a loopback address"));
 }
 
+TEST(ListenTest, PlaintextTokensBeyondLoopbackNeedTheirFlagAndAreLogged) {
+  const std::string dir = testing::MakeTempDir("plaintext-test");
+  const std::string tokens = dir + "/tokens";
+  std::ofstream(tokens) << "secret-token org-a\n";
+  testing::ServerProcess refused(AMALGAMD_PATH, dir + "/data");
+  EXPECT_EQ(
+      refused.RunToExit({"--listen", "0.0.0.0:0", "--data-dir", dir + "/data",
+                         "--tokens", tokens, "--metrics-listen", ""}),
+      1);
+  std::ifstream log(refused.log_path());
+  EXPECT_THAT(std::string(std::istreambuf_iterator<char>(log), {}),
+              HasSubstr("bearer tokens would cross the network in plaintext"));
+
+  testing::ServerProcess allowed(AMALGAMD_PATH, dir + "/data",
+                                 {"--listen", "0.0.0.0:0", "--tokens", tokens,
+                                  "--allow-plaintext-tokens"});
+  ASSERT_TRUE(allowed.Start());
+  std::ifstream allowed_log(allowed.log_path());
+  EXPECT_THAT(std::string(std::istreambuf_iterator<char>(allowed_log), {}),
+              HasSubstr("event=plaintext_tokens listen=0.0.0.0:0"));
+  EXPECT_EQ(allowed.Stop(), 0);
+}
+
+TEST(ListenTest, ExampleTokensAreRefused) {
+  const std::string dir = testing::MakeTempDir("example-tokens-test");
+  std::ofstream(dir + "/tokens") << "# example\nchange-me-alice org-a\n";
+  testing::ServerProcess server(AMALGAMD_PATH, dir + "/data");
+  EXPECT_EQ(
+      server.RunToExit({"--listen", "127.0.0.1:0", "--data-dir", dir + "/data",
+                        "--tokens", dir + "/tokens", "--metrics-listen", ""}),
+      1);
+  std::ifstream log(server.log_path());
+  EXPECT_THAT(std::string(std::istreambuf_iterator<char>(log), {}),
+              HasSubstr("/tokens:2: an example token (change-me...) is not a "
+                        "secret"));
+}
+
 }  // namespace
 }  // namespace amalgam

@@ -3,6 +3,7 @@ must be refused with the fitting code while the server keeps serving."""
 
 import json
 import os
+import re
 import struct
 import time
 import urllib.request
@@ -77,18 +78,28 @@ def test_h2_made_up_methods_neither_grow_metrics_nor_the_log(fresh_server):
 
 
 def test_log_fields_from_callers_are_escaped(fresh_server, tmp_path):
-    """A tensor name with a quote and a newline reaches the upload_failed
-    line's error field; it must stay inside that one field of that one line."""
+    """A tensor name with quotes reaches the upload_failed line's error field;
+    it must stay inside that one field (names with control characters are
+    refused before any message names them)."""
     address, root = fresh_server
-    name = 'x" forged=1\n2026-01-01T00:00:00.000Z INFO event=fake'
+    name = 'x" forged=1 event="fake'
     error = refused_upload(address, tmp_path / "m.safetensors",
                            {name: {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}})
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert name in error.message
     lines = (root / "server.log").read_text().splitlines()
-    assert not any("event=fake" in line and "event=upload_failed" not in line
-                   for line in lines)
     failed = [line for line in lines if "event=upload_failed" in line]
-    assert failed and '\\" forged=1\\x0a' in failed[-1], failed
+    assert len(failed) == 1, failed
+    # Parsed as the fields were given: the forged ones are inside error="...".
+    fields = re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', failed[0].split(" ", 2)[2])
+    assert [key for key, _ in fields] == ["event", "owner", "code", "error"], fields
+    assert '\\" forged=1 event=\\"fake' in dict(fields)["error"]
+
+    error = refused_upload(address, tmp_path / "n.safetensors",
+                           {"a\nINFO event=fake": {"dtype": "F32", "shape": [1],
+                                                   "data_offsets": [0, 4]}})
+    assert "holds the control character 0x0a at byte 1 of its name" in error.message
+    assert "\nINFO event=fake" not in (root / "server.log").read_text()
 
 
 def weights(size_bytes, seed):
@@ -274,3 +285,33 @@ def test_oversized_metadata_is_refused_and_creates_no_artifact(fresh_server, tmp
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "__metadata__ holds 102404 bytes" in error.message
     assert "at most 65536" in error.message
+
+
+def test_names_are_validated_and_server_paths_never_shown(fresh_server, tmp_path):
+    import torch
+    address, root = fresh_server
+    with amalgam.Client(address, token="tok-a") as client:
+        for name, why in (("a/b", "control character or '/'"), ("x" * (1 << 20), "bytes; at most 256"),
+                          ("..", 'may not be "." or ".."'), ("tab\there", "control character")):
+            with pytest.raises(amalgam.AmalgamError) as error:
+                client.upload_weights({"w": torch.ones(2)}, name=name)
+            assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert why in error.value.message and "header.name" in error.value.message
+        a = client.upload_weights({"w": torch.ones(2)}, name="a")
+        b = client.upload_weights({"w": torch.zeros(2)}, name="b")
+        with pytest.raises(amalgam.AmalgamError) as error:
+            client.sweep(a, b, steps=2, name="../../etc/evil")
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "result_name" in error.value.message
+        # A blob lost behind the server's back: DATA_LOSS, without its path.
+        for blob in (root / "data" / "blobs").iterdir():
+            blob.unlink()
+        with pytest.raises(amalgam.AmalgamError) as error:
+            client.get_artifact(a)
+        assert error.value.code == grpc.StatusCode.DATA_LOSS
+        assert str(root) not in error.value.message
+        assert "<data-dir>/blobs/" in error.value.message
+        with pytest.raises(amalgam.AmalgamError) as error:
+            client.merge([a, b], "average")
+        assert error.value.code == grpc.StatusCode.DATA_LOSS
+        assert str(root) not in error.value.message

@@ -130,3 +130,51 @@ def test_another_organisations_job_hides_its_id_and_yields_to_a_revoke(tenants):
             queued.wait(timeout=60)
         assert error.value.code == grpc.StatusCode.NOT_FOUND
         blocker.wait(timeout=60)
+
+
+def test_a_catalog_of_the_first_schema_is_migrated_with_its_shares(tmp_path, amalgamd_path):
+    """A catalog written before the indexed columns existed (user_version 0):
+    opened, its artifacts keep their owners and grants."""
+    import hashlib
+    import sqlite3
+    import struct
+    from amalgam.v1 import amalgam_pb2 as pb
+    data = tmp_path / "data"
+    (data / "blobs").mkdir(parents=True)
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    blob = struct.pack("<Q", len(header)) + header + bytes(4)
+    sha = hashlib.sha256(blob).hexdigest()
+    (data / "blobs" / sha).write_bytes(blob)
+    db = sqlite3.connect(data / "catalog.db")
+    for table in ("artifacts", "jobs"):
+        db.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY, created_at INTEGER NOT NULL,"
+                   " record BLOB NOT NULL)")
+    for i, (owner, shared) in enumerate((("org-a", ["org-b"]), ("org-a", []), ("org-b", []))):
+        record = pb.Artifact(id=f"art_{i}", kind=pb.ARTIFACT_KIND_WEIGHTS, owner=owner,
+                             name=f"old{i}", size_bytes=len(blob), sha256=sha,
+                             tensor_count=1, shared_with=shared)
+        db.execute("INSERT INTO artifacts VALUES (?, ?, ?)",
+                   (record.id, i, record.SerializeToString()))
+    db.commit()
+    db.close()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-a org-a\ntok-b org-b\ntok-c org-c\n")
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=("--tokens", str(tokens)))
+    try:
+        seen = {}
+        for token in ("tok-a", "tok-b", "tok-c"):
+            with amalgam.Client(address, token=token) as client:
+                seen[token] = sorted(a.name for a in client.list_artifacts())
+        assert seen == {"tok-a": ["old0", "old1"], "tok-b": ["old0", "old2"], "tok-c": []}
+        with amalgam.Client(address, token="tok-a") as a:
+            a.delete("art_1")
+            a.share("art_0", "org-b", revoke=True)
+        with amalgam.Client(address, token="tok-b") as b:
+            assert [x.name for x in b.list_artifacts()] == ["old2"]
+            # The blob is still referenced by the other two rows.
+            assert len(b.download_bytes("art_2")) == len(blob)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    version = sqlite3.connect(data / "catalog.db").execute("PRAGMA user_version").fetchone()[0]
+    assert version == 1

@@ -38,10 +38,15 @@ def test_compose_file_parses_and_references_existing_files():
     assert set(services) == {"amalgamd", "prometheus", "grafana"}
     assert (ROOT / services["amalgamd"]["build"] / "Dockerfile").exists()
     named = set(compose.get("volumes", {}))
+    ignored = (ROOT / ".gitignore").read_text().split()
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith("."):
+            if source == "./deploy/compose/tokens":
+                # The operator's own tokens: ignored by git, made from the example.
+                assert "/deploy/compose/tokens" in ignored
+                assert (ROOT / "deploy/compose/tokens.example").exists()
+            elif source.startswith("."):
                 assert (ROOT / source).exists(), f"{name}: {source}"
             else:
                 assert source in named, f"{name}: {source}"
@@ -49,7 +54,13 @@ def test_compose_file_parses_and_references_existing_files():
             assert dependency in services
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == ["amalgamd:9464"] and "9464:9464" in services["amalgamd"]["ports"]
+    assert targets == ["amalgamd:9464"]
+    # Published on the host's loopback only: tokens travel without TLS.
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port
+    assert "127.0.0.1:9464:9464" in services["amalgamd"]["ports"]
+    assert "--allow-plaintext-tokens" in (ROOT / "Dockerfile").read_text()
 
 
 def test_kubernetes_manifests_have_the_required_fields():

@@ -128,6 +128,29 @@ def test_health_and_reflection_from_standard_stubs(server, standard_stubs, cli_p
     assert (run.returncode, run.stdout.strip()) == (0, "SERVING")
 
 
+def test_with_tokens_reflection_is_not_served_and_health_stays_open(
+        tmp_path, amalgamd_path, standard_stubs):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-a org-a\n")
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=("--tokens", str(tokens)))
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reflection = standard_stubs["reflection_pb2_grpc"].ServerReflectionStub(channel)
+            responses = reflection.ServerReflectionInfo(
+                iter([standard_stubs["reflection_pb2"].ServerReflectionRequest(
+                    list_services="")]), timeout=10)
+            with pytest.raises(grpc.RpcError) as error:
+                list(responses)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            health = standard_stubs["health_pb2_grpc"].HealthStub(channel)
+            request = standard_stubs["health_pb2"].HealthCheckRequest(service="")
+            assert health.Check(request, timeout=10).status == \
+                standard_stubs["health_pb2"].HealthCheckResponse.SERVING
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_sigterm_drains_running_jobs(tmp_path, amalgamd_path, standard_stubs):
     health_pb2 = standard_stubs["health_pb2"]
     process, address = start_amalgamd(amalgamd_path, tmp_path,
@@ -183,4 +206,6 @@ def test_blas_core_flag_restarts_with_those_kernels_and_threads_flag_holds(
     assert re.search(r"event=blas .*core=Haswell reason=\"chosen over \w+: --blas-core "
                      r"Haswell\" gemm_check=ok", log), log
     assert "event=threads intra_op=1 source=--threads" in log
+    # Idle OpenMP threads sleep instead of spinning against OpenBLAS.
+    assert "omp_wait_policy=PASSIVE" in log
     assert "intra-op threads: 1" in log

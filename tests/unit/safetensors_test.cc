@@ -513,6 +513,46 @@ TEST_F(SafetensorsTest,
   EXPECT_EQ(fine->metadata.at("k"), "[[[[{{{{\"]]");
 }
 
+TEST_F(SafetensorsTest, RejectsRepeatedNamesGapsAndControlCharacters) {
+  struct Case {
+    std::string json;
+    uint64_t data_size;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+       R"("a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+       8, "the header names \"a\" twice"},
+      {R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8,
+       "bytes [0, 4) of the data belong to no tensor (a gap before \"a\")"},
+      {R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+       R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+       12, "bytes [4, 8) of the data belong to no tensor (a gap before \"b\")"},
+      {R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 6,
+       "bytes [4, 6) at the end of the data belong to no tensor"},
+      {"{\"a\\nb\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+       4,
+       "tensor \"a\\x0ab\" holds the control character 0x0a at byte 1 of its "
+       "name"},
+      {R"({"":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4,
+       "a tensor has an empty name"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.json);
+    EXPECT_TRUE(
+        HasError(ParseSafetensorsHeader(c.json, c.data_size, 8).status(),
+                 absl::StatusCode::kInvalidArgument, c.message));
+  }
+  // Zero-size tensors may sit anywhere in order; the data is still covered.
+  auto fine = ParseSafetensorsHeader(
+      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+      R"("z":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},)"
+      R"("b":{"dtype":"F16","shape":[2],"data_offsets":[4,8]}})",
+      8, 8);
+  ASSERT_TRUE(fine.ok()) << fine.status();
+  EXPECT_EQ(fine->tensors.size(), 3u);
+}
+
 TEST_F(SafetensorsTest, NonexistentFileIsNotFound) {
   const std::string path = Path("nope.safetensors");
   EXPECT_TRUE(HasError(SafetensorsReader::Open(path).status(),

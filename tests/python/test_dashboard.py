@@ -1,0 +1,123 @@
+"""The Grafana dashboard's queries, evaluated by a real Prometheus (Debian's
+`prometheus`, scraping amalgamd every second on loopback) after uploads and
+every job kind: each query returns series, and "Jobs finished" counts each
+job, the first of every label set included."""
+
+import json
+import pathlib
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+
+import amalgam
+from conftest import ROOT, metrics_port, start_amalgamd
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def query(port, expr):
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """Starts Prometheus with a 1 s scrape of the target given to the returned
+    function; yields that function, which returns Prometheus's port."""
+    if not pathlib.Path(PROMETHEUS).exists():
+        pytest.fail("prometheus is not installed: run scripts/setup.sh")
+    processes = []
+
+    def start(target):
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: amalgamd\n    static_configs: [{{targets: ['{target}']}}]\n")
+        log = open(tmp_path / "prometheus.log", "wb")
+        processes.append(subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                up = query(port, 'up{job="amalgamd"}')
+                if up and up[0]["value"][1] == "1":
+                    return port
+            except OSError:
+                pass
+            assert processes[-1].poll() is None, (tmp_path / "prometheus.log").read_text()
+            assert time.monotonic() < deadline, "Prometheus never scraped amalgamd"
+            time.sleep(0.2)
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_every_dashboard_query_returns_series_and_counts_each_job(
+        tmp_path, amalgamd_path, prometheus):
+    process, address = start_amalgamd(amalgamd_path, tmp_path)
+    try:
+        port = prometheus(f"127.0.0.1:{metrics_port(tmp_path)}")
+        time.sleep(2)  # a few scrapes before the first job
+        subprocess.run(["/usr/bin/python3", str(ROOT / "scripts/make_demo_models.py"),
+                        str(tmp_path / "demo"), "--count", "2"], check=True,
+                       stdout=subprocess.DEVNULL)
+        demo = tmp_path / "demo"
+        ran = {}
+        with amalgam.Client(address) as client:
+            w = [client.upload_weights(str(demo / f"model_{i}.safetensors")) for i in range(2)]
+            g = [client.upload_gram(str(demo / f"gram_{i}.safetensors"), for_weights=w[i])
+                 for i in range(2)]
+            f = [client.upload_fisher(str(demo / f"fisher_{i}.safetensors"), for_weights=w[i])
+                 for i in range(2)]
+            jobs = [("merge", "average", client.merge(w, "average")) for _ in range(3)]
+            jobs += [("merge", "weighted", client.merge(w, "weighted", coefficients=[1, 2])),
+                     ("merge", "fisher", client.merge(w, "fisher", fishers=f)),
+                     ("merge", "regmean", client.merge(w, "regmean", grams=g)),
+                     ("grow", "-", client.grow(w[0], w[1], layout="mlp")),
+                     ("sweep", "-", client.sweep(w[0], w[1], steps=3))]
+            for kind, method, job in jobs:
+                assert job.wait(timeout=120).state == "succeeded"
+                ran[(kind, method)] = ran.get((kind, method), 0) + 1
+        time.sleep(3)  # scraped after the last job
+
+        dashboard = json.loads((ROOT / "deploy/grafana/dashboards/amalgam.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                assert query(port, target["expr"]), f"{panel['title']}: {target['expr']} is empty"
+
+        finished = next(t["expr"] for p in dashboard["panels"] for t in p["targets"]
+                        if p["title"].startswith("Jobs finished"))
+        counted = {}
+        for series in query(port, finished):
+            labels = series["metric"]
+            value = float(series["value"][1])
+            if labels["state"] == "succeeded":
+                counted[(labels["kind"], labels["method"])] = round(value)
+            else:
+                assert round(value) == 0, series
+        for key, count in ran.items():
+            assert counted.get(key) == count, f"{key}: the dashboard counts {counted.get(key)}, " \
+                                              f"{count} ran"
+        assert sum(counted.values()) == sum(ran.values())
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
