@@ -315,3 +315,24 @@ def test_names_are_validated_and_server_paths_never_shown(fresh_server, tmp_path
             client.merge([a, b], "average")
         assert error.value.code == grpc.StatusCode.DATA_LOSS
         assert str(root) not in error.value.message
+
+
+def test_a_jobs_output_is_bounded_at_submission(tmp_path, amalgamd_path):
+    """Growth multiplies sizes (hidden-to-hidden layers become 4x): a result
+    over --max-upload-bytes is refused before it is written."""
+    import torch
+    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
+        "--max-upload-bytes", "150000"))
+    try:
+        with amalgam.Client(address) as client:
+            model = {"0.weight": torch.ones(100, 100), "2.weight": torch.ones(100, 100),
+                     "4.weight": torch.ones(100, 100)}
+            a = client.upload_weights(model, name="a")
+            with pytest.raises(amalgam.AmalgamError) as error:
+                client.grow(a, a, layout="mlp")
+            assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "this server writes at most 150000 bytes per artifact" in error.value.message
+            assert [x for x in client.list_artifacts() if x.produced_by_job] == []
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
