@@ -10,6 +10,7 @@
 # Debian's archive (debootstrap, then podman import) once and kept.
 #   scripts/container-test.sh            (after scripts/build.sh; as root)
 # Env: AMALGAM (default build/bin/amalgam), PYTHON (default /usr/bin/python3),
+#      DEBIAN_MIRROR (default: the host's, from /etc/apt/sources.list.d),
 #      AMALGAM_CONTAINER_KEEP=1 keeps the temporary directory and volume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +82,10 @@ trap cleanup EXIT
 if ! podman image exists "$BASE"; then
   step "bootstrap $BASE from Debian's archive"
   rm -rf "$WORK/rootfs"
-  debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian \
+  # The host's own Debian mirror (the only registry reachable), else the default.
+  mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' \
+    /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)}
+  debootstrap --variant=minbase bookworm "$WORK/rootfs" "${mirror:-http://deb.debian.org/debian}" \
     >"$WORK/debootstrap.log" 2>&1 || { tail -n 20 "$WORK/debootstrap.log" >&2; fail "debootstrap failed"; }
   tar -C "$WORK/rootfs" -c . | podman import - "$BASE" >/dev/null
   rm -rf "$WORK/rootfs"
