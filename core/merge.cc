@@ -638,6 +638,19 @@ bool CholeskyInPlace(at::Tensor a) {
   return CholeskyInPlace(a22);
 }
 
+// Whether a factorisation's pivots (positive: Cholesky's l_ii^2, LU's
+// |u_ii|) describe a system that is not singular to `epsilon`: the smallest
+// pivot above n epsilon times the largest. A rounded factorisation of an
+// exactly singular system can succeed with a tiny positive pivot, and its
+// solution is then finite garbage (weights of 1e13): both factorisations are
+// held to this one threshold.
+bool PivotsAreRegular(const at::Tensor& pivots, double epsilon) {
+  const at::Tensor p = pivots.to(at::kDouble);
+  const double ratio =
+      p.min().item<double>() / std::max(p.max().item<double>(), DBL_MIN);
+  return ratio > static_cast<double>(p.numel()) * epsilon;
+}
+
 // x = (L L^T)^-1 b, from the lower triangle of `l`.
 at::Tensor CholeskySolve(const at::Tensor& l, const at::Tensor& b) {
   return at::linalg_solve_triangular(
@@ -744,7 +757,9 @@ absl::StatusOr<at::Tensor> MergeRegMean(
     // number is too large for float32 the corrections do not shrink, and
     // the float64 path below takes over.
     at::Tensor l = a.to(at::kFloat);
-    if (CholeskyInPlace(l)) {
+    // Below float32's resolution the float64 path decides.
+    if (CholeskyInPlace(l) &&
+        PivotsAreRegular(l.diagonal().square(), FLT_EPSILON)) {
       at::Tensor x64 = CholeskySolve(l, b.to(at::kFloat)).to(at::kDouble);
       for (int step = 0; step < kRefinementSteps && all_finite(x64); ++step) {
         const at::Tensor residual = b - a.matmul(x64);
@@ -764,22 +779,18 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   if (finite && !solved) {
     ++ctx.state->float64_solves;
     at::Tensor l = a.clone();  // a is kept for LU
-    if (CholeskyInPlace(l)) {
+    if (CholeskyInPlace(l) &&
+        PivotsAreRegular(l.diagonal().square(), DBL_EPSILON)) {
       x = CholeskySolve(l, b);
       solved = all_finite(x);
     }
     if (!solved) {
       at::Tensor lu, pivots, info;
       std::tie(lu, pivots, info) = at::linalg_lu_factor_ex(a);
-      if (info.item<int64_t>() == 0) {
-        // Treat a pivot that vanishes relative to the largest as singular.
-        at::Tensor u = lu.diagonal().abs();
-        const double ratio =
-            u.min().item<double>() / std::max(u.max().item<double>(), DBL_MIN);
-        if (ratio > static_cast<double>(a.size(0)) * DBL_EPSILON) {
-          x = at::linalg_lu_solve(lu, pivots, b);
-          solved = all_finite(x);
-        }
+      if (info.item<int64_t>() == 0 &&
+          PivotsAreRegular(lu.diagonal().abs(), DBL_EPSILON)) {
+        x = at::linalg_lu_solve(lu, pivots, b);
+        solved = all_finite(x);
       }
     }
   }

@@ -9,7 +9,7 @@ packages=(
   libabsl-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libre2-dev libsqlite3-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev
-  clang-format
+  clang-format clang libclang-rt-14-dev
   podman runc debootstrap uidmap prometheus
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-pytest
   python3-tqdm python3-sklearn python3-matplotlib python3-yaml

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -416,6 +417,8 @@ class RegMeanTest : public MergeTest {
   // When > 0, input feature 1 is feature 0 plus this much noise: nearly
   // collinear features, an ill-conditioned Gram.
   double collinear_ = 0;
+  // Offsets every random stream of MakeModels (0: the fixed data).
+  int64_t seed_ = 0;
 
   // Model i: weight "lin.weight" [kOut, in_], bias "lin.bias" [kOut], inputs
   // X_i [rows_i, in_] and their Gram X_i^T X_i (a sum over rows).
@@ -426,15 +429,16 @@ class RegMeanTest : public MergeTest {
       const std::string id = std::to_string(i);
       // Small integers of different scales per feature: the Grams differ
       // strongly between features and are exact in float32.
-      at::Tensor x =
-          at::round(Randn({rows[i], in_}, 500 + (equal_grams ? 0 : i)) *
-                    at::linspace(0.5, 6.0, in_, at::kDouble));
+      at::Tensor x = at::round(
+          Randn({rows[i], in_}, 500 + (equal_grams ? 0 : i) + 1000 * seed_) *
+          at::linspace(0.5, 6.0, in_, at::kDouble));
       if (collinear_ > 0) {
         x.select(1, 1).copy_(x.select(1, 0) +
-                             collinear_ * Randn({rows[i]}, 800 + i));
+                             collinear_ *
+                                 Randn({rows[i]}, 800 + i + 1000 * seed_));
       }
-      at::Tensor w = Randn({kOut, in_}, 600 + i).to(at::kFloat);
-      at::Tensor b = Randn({kOut}, 700 + i).to(at::kFloat);
+      at::Tensor w = Randn({kOut, in_}, 600 + i + 1000 * seed_).to(at::kFloat);
+      at::Tensor b = Randn({kOut}, 700 + i + 1000 * seed_).to(at::kFloat);
       at::Tensor g = x.t().matmul(x);
       std::map<std::string, std::string> m =
           i < meta.size() ? meta[i]
@@ -718,27 +722,92 @@ TEST_F(RegMeanTest, MeanNormalisationWithoutNumExamplesIsRefused) {
   EXPECT_THAT(plan.status().message(), HasSubstr("num_examples"));
 }
 
-TEST_F(RegMeanTest, SingularGramsAreReportedWithTheTensorName) {
-  MakeModels({40, 25});
+TEST_F(RegMeanTest, SingularGramsAreReportedWithTheTensorNameForEverySeed) {
   // Two input features equal in every row of every model: the summed Gram
-  // is rank deficient with a non-zero diagonal, so alpha = 1 has no solution.
-  for (size_t i = 0; i < 2; ++i) {
-    at::Tensor x = xs_[i].clone();
-    x.select(1, 1).copy_(x.select(1, 0));
-    inputs_[i].gram = Write("dup" + std::to_string(i),
-                            {{"lin.weight", x.t().matmul(x).to(at::kFloat)}});
+  // is rank deficient with a non-zero diagonal, so alpha = 1 has no
+  // solution. A rounded Cholesky of it succeeded for some seeds (12 of 50
+  // once), with a tiny positive pivot and a "solution" of about 1e13.
+  for (seed_ = 0; seed_ < 50; ++seed_) {
+    SCOPED_TRACE(seed_);
+    inputs_.clear();
+    xs_.clear(), ws_.clear(), bs_.clear(), grams_.clear();
+    MakeModels({40, 25});
+    for (size_t i = 0; i < 2; ++i) {
+      at::Tensor x = xs_[i].clone();
+      x.select(1, 1).copy_(x.select(1, 0));
+      inputs_[i].gram = Write("dup" + std::to_string(i),
+                              {{"lin.weight", x.t().matmul(x).to(at::kFloat)}});
+    }
+    for (RegMeanSolve solve :
+         {RegMeanSolve::kFloat64, RegMeanSolve::kFloat32}) {
+      MergeOptions options;
+      options.method = MergeMethod::kRegMean;
+      options.alpha = 1.0;
+      options.regmean_solve = solve;
+      auto plan = PlanMerge(inputs_, options);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      absl::Status s =
+          ExecuteMerge(*plan, inputs_, options, Path("out"), nullptr, nullptr);
+      EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+      EXPECT_THAT(
+          s.message(),
+          HasSubstr("RegMean system for tensor \"lin.weight\" is singular"));
+    }
   }
+}
+
+TEST_F(RegMeanTest, AnIndefiniteNonSingularSystemIsSolvedByLu) {
+  gram_type_ = at::kDouble;
+  MakeModels({40, 25});
+  // Symmetric with a positive diagonal but a negative eigenvalue (not a Gram
+  // of real rows, yet a regular system): Cholesky fails, LU solves it.
+  for (size_t i = 0; i < 2; ++i) {
+    at::Tensor g = at::eye(in_, at::kDouble) * (2.0 + static_cast<double>(i));
+    g[0][1] = g[1][0] = 5.0 + static_cast<double>(i);
+    grams_[i] = g;
+    inputs_[i].gram = Write("indef" + std::to_string(i), {{"lin.weight", g}});
+  }
+  ASSERT_LT(at::linalg_eigvalsh(grams_[0] + grams_[1]).min().item<double>(), 0);
   MergeOptions options;
   options.method = MergeMethod::kRegMean;
   options.alpha = 1.0;
-  auto plan = PlanMerge(inputs_, options);
-  ASSERT_TRUE(plan.ok()) << plan.status();
-  absl::Status s =
-      ExecuteMerge(*plan, inputs_, options, Path("out"), nullptr, nullptr);
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(
-      s.message(),
-      HasSubstr("RegMean system for tensor \"lin.weight\" is singular"));
+  at::Tensor merged;
+  MergeWithSolve(options, RegMeanSolve::kFloat64, merged);
+  ASSERT_TRUE(merged.defined());
+  EXPECT_LE(RelErr(merged, Reference(1.0)), 1e-6);
+}
+
+TEST_F(RegMeanTest, NearSingularSystemsAreSolvedOrRefusedByTheirPivotRatio) {
+  // Diagonal Grams with one entry r times the others: pivot ratio r, against
+  // the threshold of n * DBL_EPSILON (8 features: 1.8e-15).
+  gram_type_ = at::kDouble;
+  for (const double r : {1e-13, 1e-17}) {
+    SCOPED_TRACE(r);
+    inputs_.clear();
+    xs_.clear(), ws_.clear(), bs_.clear(), grams_.clear();
+    MakeModels({40, 25});
+    for (size_t i = 0; i < 2; ++i) {
+      at::Tensor g = at::eye(in_, at::kDouble);
+      g[in_ - 1][in_ - 1] = r;
+      grams_[i] = g;
+      inputs_[i].gram = Write("near" + std::to_string(i), {{"lin.weight", g}});
+    }
+    MergeOptions options;
+    options.method = MergeMethod::kRegMean;
+    options.alpha = 1.0;
+    auto plan = PlanMerge(inputs_, options);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const absl::Status s =
+        ExecuteMerge(*plan, inputs_, options, Path("near"), nullptr, nullptr);
+    if (r > 8 * DBL_EPSILON) {
+      ASSERT_TRUE(s.ok()) << s;
+      EXPECT_LE(RelErr(Read(*Open(Path("near")), "lin.weight"), Reference(1.0)),
+                1e-6);
+    } else {
+      EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+      EXPECT_THAT(s.message(), HasSubstr("\"lin.weight\" is singular"));
+    }
+  }
 }
 
 TEST_F(RegMeanTest, FeaturesZeroInEveryModelTakeTheAverageAndTheRestIsSolved) {
