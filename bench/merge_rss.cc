@@ -43,6 +43,8 @@ struct Args {
   int runs = 3;
   // LibTorch intra-op threads; 0 keeps LibTorch's default.
   int threads = 0;
+  // The bound's allowance for the process itself (LibTorch, buffers), MiB.
+  double base_mib = 1024;
 };
 
 Args ParseArgs(int argc, char** argv) {
@@ -65,6 +67,8 @@ Args ParseArgs(int argc, char** argv) {
       args.queue_depth = std::atoi(value.c_str());
     } else if (flag == "--runs") {
       args.runs = std::max(1, std::atoi(value.c_str()));
+    } else if (flag == "--base-mib") {
+      args.base_mib = std::atof(value.c_str());
     } else if (flag == "--threads") {
       args.threads = std::max(0, std::atoi(value.c_str()));
     } else {
@@ -263,7 +267,7 @@ int main(int argc, char** argv) {
   const double seconds = median.seconds;
   const double inputs_per_model = args.method == "fisher" ? 2 : 1;
   const double bound_mib =
-      1024.0 + inputs_per_model * args.models * tensor_bytes / 1048576.0;
+      args.base_mib + inputs_per_model * args.models * tensor_bytes / 1048576.0;
   const double input_gib =
       inputs_per_model * args.models * tensors * tensor_bytes / 1073741824.0;
   const double memcpy_gib = MemcpyGibPerSecond();

@@ -13,6 +13,14 @@ git ls-files '*.cc' '*.h' '*.proto' | xargs clang-format --dry-run --Werror
 echo "== ctest"
 ctest --preset release -j2
 
+# 256 MiB for the process plus 3 tensors per input file: holding the 3 x 64
+# MiB of models (and Fishers) in memory at once would exceed it.
+echo "== merge memory bound (bench/merge_rss, 3 x 64 MiB; exits 3 over the bound)"
+for method in average fisher; do
+  build/bin/merge_rss --dir build/bench-small --models 3 --model-gib 0.0625 \
+    --tensor-mib 8 --method "$method" --runs 1 --base-mib 256
+done
+
 echo "== fuzz (short run)"
 bash scripts/fuzz.sh 30
 

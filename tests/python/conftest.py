@@ -50,6 +50,18 @@ def start_amalgamd(amalgamd_path, root, port=0, extra=()):
     return process, f"127.0.0.1:{port_file.read_text().split()[0]}"
 
 
+def start_with_tokens(amalgamd_path, root, organisations=("org-a",), extra=()):
+    """Starts amalgamd with a token file (mode 0600) giving organisation
+    ``org-x`` the token ``tok-x``; returns the process, its address and the
+    token file."""
+    tokens = root / "tokens"
+    tokens.write_text("".join(f"tok-{org[4:]} {org}\n" for org in organisations))
+    os.chmod(tokens, 0o600)
+    process, address = start_amalgamd(amalgamd_path, root,
+                                      extra=("--tokens", str(tokens), *extra))
+    return process, address, tokens
+
+
 def metrics_port(root):
     """The metrics port of the amalgamd started in ``root``."""
     return int((root / "port").read_text().split()[1])

@@ -12,17 +12,13 @@ import grpc
 import pytest
 
 import amalgam
-from conftest import metrics_port, start_amalgamd
+from conftest import metrics_port, start_amalgamd, start_with_tokens
 
 
 @pytest.fixture
 def fresh_server(tmp_path, amalgamd_path):
     """(address, root) of an amalgamd of the test's own, with a token file."""
-    tokens = tmp_path / "tokens"
-    tokens.write_text("tok-a org-a\n")
-    os.chmod(tokens, 0o600)
-    process, address = start_amalgamd(amalgamd_path, tmp_path,
-                                      extra=("--tokens", str(tokens)))
+    process, address, _ = start_with_tokens(amalgamd_path, tmp_path)
     yield address, tmp_path
     process.terminate()
     assert process.wait(timeout=30) == 0, "amalgamd did not exit 0 on SIGTERM"
@@ -113,11 +109,8 @@ def test_h3_quota_counts_artifacts_partial_uploads_and_job_outputs(tmp_path, ama
     import hashlib
     from amalgam.v1 import amalgam_pb2 as pb
     from amalgam.v1 import amalgam_pb2_grpc as pb_grpc
-    tokens = tmp_path / "tokens"
-    tokens.write_text("tok-a org-a\ntok-b org-b\n")
-    os.chmod(tokens, 0o600)
-    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
-        "--tokens", str(tokens), "--quota-bytes-per-org", "300000"))
+    process, address, _ = start_with_tokens(amalgamd_path, tmp_path, ("org-a", "org-b"),
+                                            ("--quota-bytes-per-org", "300000"))
     try:
         with amalgam.Client(address, token="tok-a") as a:
             first = a.upload_weights(weights(100000, 1))

@@ -4,7 +4,6 @@ results appear with SUCCEEDED and not before, non-finite results are not
 published, and another organisation's job neither leaks its id nor holds an
 artifact after its share is revoked."""
 
-import os
 import threading
 import time
 
@@ -13,18 +12,16 @@ import pytest
 import torch
 
 import amalgam
-from conftest import start_amalgamd
+from conftest import start_with_tokens
 
 
 @pytest.fixture
 def tenants(tmp_path, amalgamd_path):
     """(address, tokens) of an amalgamd with organisations org-a and org-b,
     one worker and a pause after each merged tensor."""
-    tokens = tmp_path / "tokens"
-    tokens.write_text("tok-a org-a\ntok-b org-b\n")
-    os.chmod(tokens, 0o600)
-    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=(
-        "--tokens", str(tokens), "--workers", "1", "--testing-step-delay", "200ms"))
+    process, address, _ = start_with_tokens(
+        amalgamd_path, tmp_path, ("org-a", "org-b"),
+        ("--workers", "1", "--testing-step-delay", "200ms"))
     yield address
     process.terminate()
     process.wait(timeout=30)
@@ -157,9 +154,8 @@ def test_a_catalog_of_the_first_schema_is_migrated_with_its_shares(tmp_path, ama
                    (record.id, i, record.SerializeToString()))
     db.commit()
     db.close()
-    tokens = tmp_path / "tokens"
-    tokens.write_text("tok-a org-a\ntok-b org-b\ntok-c org-c\n")
-    process, address = start_amalgamd(amalgamd_path, tmp_path, extra=("--tokens", str(tokens)))
+    process, address, _ = start_with_tokens(amalgamd_path, tmp_path,
+                                            ("org-a", "org-b", "org-c"))
     try:
         seen = {}
         for token in ("tok-a", "tok-b", "tok-c"):
