@@ -553,6 +553,43 @@ TEST_F(SafetensorsTest, RejectsRepeatedNamesGapsAndControlCharacters) {
   EXPECT_EQ(fine->tensors.size(), 3u);
 }
 
+TEST_F(SafetensorsTest, ATensorOver2GiBHasExactSpansAndOffsets) {
+  // A sparse file: 2.5 GiB of F32 zeros after a small tensor, then 4 bytes.
+  constexpr uint64_t kBig = (uint64_t{5} << 29);  // 2.5 GiB
+  const std::string header = absl::StrCat(
+      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)",
+      R"("big":{"dtype":"F32","shape":[)", kBig / 4, R"(],"data_offsets":[4,)",
+      4 + kBig, "]},", R"("z":{"dtype":"F32","shape":[1],"data_offsets":[)",
+      4 + kBig, ",", 8 + kBig, "]}}");
+  const std::string path = WriteRaw("big.safetensors", header);
+  const uint64_t data_start = 8 + header.size();
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(data_start + 8 + kBig)),
+            0);
+  {
+    // The last tensor's bytes, written past the hole.
+    std::fstream out(path, std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(static_cast<std::streamoff>(data_start + 4 + kBig));
+    const float value = 7.5f;
+    out.write(reinterpret_cast<const char*>(&value), 4);
+  }
+  auto reader = SafetensorsReader::Open(path);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  const TensorInfo* big = (*reader)->Find("big");
+  ASSERT_NE(big, nullptr);
+  EXPECT_EQ(big->nbytes, kBig);
+  EXPECT_EQ(big->numel, static_cast<int64_t>(kBig / 4));
+  EXPECT_EQ(big->file_offset, data_start + 4);
+  const auto span = (*reader)->Data(*big);
+  EXPECT_EQ(span.size(), kBig);
+  EXPECT_EQ(span[kBig - 1], 0);
+  const TensorInfo* z = (*reader)->Find("z");
+  ASSERT_NE(z, nullptr);
+  EXPECT_EQ(z->file_offset, data_start + 4 + kBig);
+  EXPECT_EQ(FromBytes<float>((*reader)->Data(*z)), std::vector<float>{7.5f});
+  EXPECT_EQ((*reader)->total_bytes(), 8 + kBig);
+  std::remove(path.c_str());
+}
+
 TEST_F(SafetensorsTest, NonexistentFileIsNotFound) {
   const std::string path = Path("nope.safetensors");
   EXPECT_TRUE(HasError(SafetensorsReader::Open(path).status(),
