@@ -475,15 +475,17 @@ TEST_F(DurabilityTest, DeadlinesAreHonoured) {
   StartServer();
   const std::string path = WriteLargeModel(dir_);
   const std::string content = ReadFile(path);
+  auto alice = Connect("alice-token");
   {
-    auto upload = OpenStream(path, "slow", std::chrono::milliseconds(500));
+    // The stream stays open, silent, past its deadline: no fixed sleep,
+    // Finish waits for the deadline. The chunk is held before it passes.
+    auto upload = OpenStream(path, "slow", std::chrono::seconds(3));
     upload->writer->Write(Chunk(content, 0, kMiB));
-    std::this_thread::sleep_for(std::chrono::seconds(1));
+    AwaitCommitted(alice.get(), "slow", kMiB);
     EXPECT_EQ(upload->writer->Finish().error_code(),
               grpc::StatusCode::DEADLINE_EXCEEDED);
   }
   // The server dropped the call but kept what it had, for a resume.
-  auto alice = Connect("alice-token");
   AwaitCommitted(alice.get(), "slow", kMiB);
   auto artifact = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
                                 nullptr, "slow");
@@ -575,10 +577,18 @@ TEST_F(DurabilityTest, UploadSizeAndQueueLengthAreLimited) {
     if (job.ok()) {
       accepted.push_back(job->id());
       if (accepted.size() == 1) {
-        // Wait until the first job left the queue.
-        while (alice->GetJob(job->id())->state() == v1::JOB_STATE_QUEUED) {
+        // Wait (with a deadline) until the first job left the queue.
+        const auto deadline =
+            std::chrono::steady_clock::now() + std::chrono::seconds(30);
+        absl::StatusOr<v1::Job> first;
+        while ((first = alice->GetJob(job->id())).ok() &&
+               first->state() == v1::JOB_STATE_QUEUED &&
+               std::chrono::steady_clock::now() < deadline) {
           std::this_thread::sleep_for(std::chrono::milliseconds(10));
         }
+        ASSERT_TRUE(first.ok()) << first.status();
+        ASSERT_NE(first->state(), v1::JOB_STATE_QUEUED)
+            << "the first job never started";
       }
     } else {
       full = job.status();

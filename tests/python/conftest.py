@@ -27,10 +27,16 @@ def cli_path():
     return _binary("AMALGAM_CLI", "amalgam")
 
 
-def start_amalgamd(amalgamd_path, root, port=0, extra=()):
+def start_amalgamd(amalgamd_path, root, port=0, extra=(), attempts=1):
     """Starts amalgamd on 127.0.0.1:``port`` (0: a free one) with its data in
     ``root/data`` and ``extra`` flags; returns the process and its address
-    once it serves."""
+    once it serves. With ``attempts`` > 1 a start that exits (a port still
+    held by a killed predecessor) is retried, 0.2 s apart."""
+    for _ in range(attempts - 1):
+        try:
+            return start_amalgamd(amalgamd_path, root, port, extra)
+        except pytest.fail.Exception:
+            time.sleep(0.2)
     port_file = root / "port"
     if port_file.exists():
         port_file.unlink()

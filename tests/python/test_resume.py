@@ -59,7 +59,9 @@ def test_upload_survives_a_server_killed_mid_stream(tmp_path, amalgamd_path, wei
                 time.sleep(0.01)
         process.kill()
         process.wait()
-        process, _ = start_amalgamd(amalgamd_path, tmp_path, port=port)
+        # Same address, so the client's retries find it; the port may be
+        # held for a moment after the kill.
+        process, _ = start_amalgamd(amalgamd_path, tmp_path, port=port, attempts=25)
         thread.join(timeout=60)
         assert "error" not in result, result.get("error")
         artifact = result["artifact"]
