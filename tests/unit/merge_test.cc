@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <stdlib.h>
 
 #include <atomic>
@@ -23,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/unit/tensor_files.h"
@@ -127,6 +129,38 @@ TEST_F(AverageTest, WeightedCoefficientsAreNormalisedToSumOne) {
     at::Tensor got = Read(**out, models[0][k].first);
     EXPECT_LE(RelErr(got, Reference(models, k, {1, 2, 3})), 1e-6)
         << models[0][k].first;
+  }
+}
+
+TEST_F(AverageTest,
+       AFusedPassOverManyChunksMatchesFloat64AndIsThreadIndependent) {
+  // [300, 257]: 77100 elements, many chunks and a ragged last one.
+  for (at::ScalarType type : {at::kFloat, at::kDouble}) {
+    SCOPED_TRACE(type);
+    inputs_.clear();
+    std::vector<Tensors> models;
+    for (int i = 0; i < 3; ++i) {
+      Tensors t = {{"big", Randn({300, 257}, 40 + i).to(type)}};
+      inputs_.push_back(Input(Write(absl::StrCat("big", i, ".safetensors"), t),
+                              1.0 + i, absl::StrCat("m", i)));
+      models.push_back(t);
+    }
+    MergeOptions options;
+    options.method = MergeMethod::kWeighted;
+    std::string bytes[2];
+    const int threads[2] = {1, 4};
+    const int before = at::get_num_threads();
+    for (int k = 0; k < 2; ++k) {
+      at::set_num_threads(threads[k]);
+      const std::string out = absl::StrCat("big-out", k, ".safetensors");
+      auto merged = Merge(inputs_, options, out);
+      ASSERT_TRUE(merged.ok()) << merged.status();
+      EXPECT_LE(RelErr(Read(**merged, "big"), Reference(models, 0, {1, 2, 3})),
+                type == at::kFloat ? 1e-6 : 1e-14);
+      bytes[k] = ReadFile(Path(out));
+    }
+    at::set_num_threads(before);
+    EXPECT_EQ(bytes[0], bytes[1]) << "1 and 4 intra-op threads differ";
   }
 }
 
@@ -248,6 +282,37 @@ class FisherTest : public MergeTest {
     return ref;
   }
 
+  // The float64 parts of the Fisher formula over some inputs.
+  struct Formula {
+    at::Tensor num, den, avg;
+  };
+
+  // Three inputs of F32 weights "w" of `shape` (seeds from `seed`) and the
+  // Fishers `fisher(i)` stored as `fisher_type`, with the formula's parts.
+  std::vector<MergeInput> FisherInputs(
+      const std::string& prefix, const std::vector<int64_t>& shape,
+      at::ScalarType fisher_type, uint64_t seed,
+      const std::function<at::Tensor(int)>& fisher, Formula* formula) {
+    std::vector<MergeInput> inputs;
+    formula->num = at::zeros(shape, at::kDouble);
+    formula->den = at::zeros(shape, at::kDouble);
+    formula->avg = at::zeros(shape, at::kDouble);
+    for (int i = 0; i < 3; ++i) {
+      const std::string id =
+          prefix + std::to_string(i) + at::toString(fisher_type);
+      at::Tensor w = Randn(shape, seed + i).to(at::kFloat);
+      at::Tensor f = fisher(i).to(fisher_type);
+      MergeInput input = Input(Write("w" + id, {{"w", w}}), coeffs_[i], id);
+      input.fisher = Write("f" + id, {{"w", f}}, {{"num_examples", "10"}});
+      inputs.push_back(input);
+      const double c = coeffs_[i] / 6.0;
+      formula->num += f.to(at::kDouble) * c * w.to(at::kDouble);
+      formula->den += f.to(at::kDouble) * c;
+      formula->avg += w.to(at::kDouble) * c;
+    }
+    return inputs;
+  }
+
   std::vector<double> coeffs_ = {1, 2, 3};
   std::vector<MergeInput> inputs_;
   std::vector<Tensors> weights_;
@@ -341,25 +406,18 @@ TEST_F(FisherTest, DenominatorBelowTheFloorUsesTheAverage) {
 TEST_F(FisherTest, LargeTensorsAndMixedDtypesMatchTheFloat64Formula) {
   const std::vector<int64_t> shape = {200, 300};
   for (at::ScalarType fisher_type : {at::kFloat, at::kDouble}) {
-    std::vector<MergeInput> inputs;
-    at::Tensor num = at::zeros(shape, at::kDouble);
-    at::Tensor den = at::zeros(shape, at::kDouble);
-    at::Tensor avg = at::zeros(shape, at::kDouble);
-    for (int i = 0; i < 3; ++i) {
-      const std::string id = std::to_string(i) + at::toString(fisher_type);
-      at::Tensor w = Randn(shape, 400 + i).to(at::kFloat);
-      at::Tensor f = Rand(shape, 500 + i) * 4;
-      f.select(0, 7).zero_();  // no information: the average
-      f = f.to(fisher_type);
-      MergeInput input = Input(Write("lw" + id, {{"w", w}}), coeffs_[i], id);
-      input.fisher = Write("lf" + id, {{"w", f}}, {{"num_examples", "10"}});
-      inputs.push_back(input);
-      const double c = coeffs_[i] / 6.0;
-      num += f.to(at::kDouble) * c * w.to(at::kDouble);
-      den += f.to(at::kDouble) * c;
-      avg += w.to(at::kDouble) * c;
-    }
-    at::Tensor expected = at::where(den.gt(0), num / den, avg);
+    Formula formula;
+    std::vector<MergeInput> inputs = FisherInputs(
+        "large", shape, fisher_type, 400,
+        [&](int i) {
+          at::Tensor f = Rand(shape, 500 + i) * 4;
+          f.select(0, 7).zero_();  // no information: the average
+          return f;
+        },
+        &formula);
+    const at::Tensor& avg = formula.avg;
+    at::Tensor expected =
+        at::where(formula.den.gt(0), formula.num / formula.den, avg);
     MergeOptions options;
     options.method = MergeMethod::kFisher;
     auto out = Merge(inputs, options,
@@ -368,6 +426,45 @@ TEST_F(FisherTest, LargeTensorsAndMixedDtypesMatchTheFloat64Formula) {
     at::Tensor got = Read(**out, "w");
     EXPECT_LE(RelErr(got, expected), 1e-5) << at::toString(fisher_type);
     EXPECT_LE(RelErr(got.select(0, 7), avg.select(0, 7)), 1e-6);
+  }
+}
+
+// The floor is relative to the largest denominator, never absolute: every
+// Fisher scaled by 1e-15 still merges by the formula, and rows at 1e-11 and
+// 1e-13 times the largest land on either side of the 1e-12 floor; on the
+// fused F32 path and on the general path (F64 Fisher beside F32 weights).
+TEST_F(FisherTest, TheFloorIsRelativeToTheLargestDenominator) {
+  const std::vector<int64_t> shape = {6, 5};
+  for (at::ScalarType fisher_type : {at::kFloat, at::kDouble}) {
+    SCOPED_TRACE(fisher_type);
+    Formula parts;
+    std::vector<MergeInput> inputs = FisherInputs(
+        "relative", shape, fisher_type, 600,
+        [&](int i) {
+          at::Tensor f = (Rand(shape, 700 + i) + 0.5) * 1e-15;
+          f[2] = 1e-11 * 1.5e-15;     // above the floor: Fisher-weighted
+          f[3] = 1e-13 * 1.5e-15;     // below it: the average
+          f[2][i] = 2e-11 * 1.5e-15;  // rows' Fisher differ between models
+          f[3][i] = 2e-13 * 1.5e-15;
+          return f;
+        },
+        &parts);
+    const at::Tensor& avg = parts.avg;
+    ASSERT_LT(parts.den.max().item<double>(), 1e-14) << "every Fisher is tiny";
+    MergeOptions options;
+    options.method = MergeMethod::kFisher;
+    auto out = Merge(inputs, options,
+                     std::string("relative") + at::toString(fisher_type));
+    ASSERT_TRUE(out.ok()) << out.status();
+    const at::Tensor got = Read(**out, "w");
+    const at::Tensor formula = parts.num / parts.den;
+    for (int64_t row : {0, 1, 2, 4, 5}) {
+      EXPECT_LE(RelErr(got[row], formula[row]), 1e-5) << "row " << row;
+    }
+    EXPECT_LE(RelErr(got[3], avg[3]), 1e-6) << "row 3 is below the floor";
+    // The two sides differ, so the test tells them apart.
+    EXPECT_GT(RelErr(formula[2], avg[2]), 1e-3);
+    EXPECT_GT(RelErr(formula[3], avg[3]), 1e-3);
   }
 }
 
