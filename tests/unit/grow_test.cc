@@ -98,7 +98,8 @@ TEST_F(GrowTest, SelfFusionKeepsTheFunction) {
   EXPECT_EQ(report["config"]["widths"], nlohmann::json({4, 12, 10, 3}));
 }
 
-TEST_F(GrowTest, NoiseFillsOnlyTheOffDiagonalBlocksAndIsReported) {
+TEST_F(GrowTest,
+       NoiseFillsBothOffDiagonalBlocksOnlyDeterministicallyAndIsReported) {
   const SafetensorsReader* a = Write("a", Mlp(4, 6, 5, 3, 40));
   const SafetensorsReader* b = Write("b", Mlp(4, 6, 5, 3, 50));
   GrowOptions options = Layout("mlp");
@@ -110,10 +111,61 @@ TEST_F(GrowTest, NoiseFillsOnlyTheOffDiagonalBlocksAndIsReported) {
   EXPECT_TRUE(
       at::equal(w.slice(0, 0, 5).slice(1, 0, 6), Read(*a, "net.2.weight")));
   EXPECT_TRUE(at::equal(w.slice(0, 5).slice(1, 6), Read(*b, "net.2.weight")));
-  const at::Tensor off = w.slice(0, 0, 5).slice(1, 6);
-  EXPECT_GT(off.abs().max().item<double>(), 0);
-  EXPECT_LT(off.std().item<double>(), 0.02);
+  // Both off-diagonal blocks hold noise, each its own.
+  const at::Tensor upper = w.slice(0, 0, 5).slice(1, 6);
+  const at::Tensor lower = w.slice(0, 5).slice(1, 0, 6);
+  for (const at::Tensor& block : {upper, lower}) {
+    EXPECT_GT(block.abs().min().item<double>(), 0) << "a zero in the noise";
+    EXPECT_LT(block.std().item<double>(), 0.02);
+  }
+  EXPECT_FALSE(at::equal(upper, lower));
   EXPECT_EQ(report["properties"]["output_is_mean_of_inputs"], false);
+  // Same inputs and options: the same bytes, noise included.
+  auto again = Grow(a, b, options, &report);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(ReadFile(Path("grown0")), ReadFile(Path("grown1")));
+}
+
+TEST_F(GrowTest, AOneLayerMlpAveragesItsOnlyLayer) {
+  // One Linear layer is both the first and the last: its outputs are the
+  // model's, so it takes the average (the `average` role), not a
+  // concatenation.
+  const Tensors one_a = {
+      {"net.0.weight", Dyadic(Randn({3, 4}, 90)).to(at::kFloat)},
+      {"net.0.bias", Dyadic(Randn({3}, 91)).to(at::kFloat)}};
+  const Tensors one_b = {
+      {"net.0.weight", Dyadic(Randn({3, 4}, 92)).to(at::kFloat)},
+      {"net.0.bias", Dyadic(Randn({3}, 93)).to(at::kFloat)}};
+  const SafetensorsReader* a = Write("one_a", one_a);
+  const SafetensorsReader* b = Write("one_b", one_b);
+  nlohmann::json report;
+  auto grown = Grow(a, b, Layout("mlp"), &report);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  EXPECT_EQ((*grown)->Find("net.0.weight")->shape,
+            (std::vector<int64_t>{3, 4}));
+  EXPECT_LE(RelErr(Read(**grown, "net.0.weight"),
+                   (Read(*a, "net.0.weight") + Read(*b, "net.0.weight")) / 2),
+            1e-12);
+  EXPECT_LE(RelErr(Read(**grown, "net.0.bias"),
+                   (Read(*a, "net.0.bias") + Read(*b, "net.0.bias")) / 2),
+            1e-12);
+}
+
+TEST_F(GrowTest, ModelsOfOtherNamesOrDtypesAreRefusedNamingTheTensor) {
+  const SafetensorsReader* a = Write("na", Mlp(4, 6, 5, 3, 94));
+  Tensors renamed = Mlp(4, 6, 5, 3, 95);
+  renamed[2].first = "net.3.weight";
+  const SafetensorsReader* b = Write("nb", renamed);
+  nlohmann::json report;
+  auto names = Grow(a, b, Layout("mlp"), &report);
+  EXPECT_EQ(names.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(names.status().message(),
+              HasSubstr("model B has no tensor \"net.2.weight\""));
+  Tensors doubled = Mlp(4, 6, 5, 3, 96);
+  for (auto& [name, t] : doubled) t = t.to(at::kDouble);
+  auto dtypes = Grow(a, Write("nd", doubled), Layout("mlp"), &report);
+  EXPECT_EQ(dtypes.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(dtypes.status().message(), HasSubstr("is F32 in A but F64 in B"));
 }
 
 TEST_F(GrowTest, MlpErrorsNameTheTensor) {
