@@ -12,6 +12,17 @@ git ls-files '*.cc' '*.h' '*.proto' | xargs clang-format --dry-run --Werror
 
 echo "== ctest"
 ctest --preset release -j2
+# ctest shows a passing test's output nowhere: say what pytest ran and skipped.
+/usr/bin/python3 - build/pytest-results.xml <<'PY'
+import sys, xml.etree.ElementTree as ET
+suite = ET.parse(sys.argv[1]).getroot().find("testsuite")
+skipped = [c.get("classname") + "::" + c.get("name") for c in suite.iter("testcase")
+           if c.find("skipped") is not None]
+print(f"pytest: {suite.get('tests')} tests, {suite.get('failures')} failed, "
+      f"{suite.get('errors')} errors, {len(skipped)} skipped")
+for name in skipped:
+    print(f"  skipped: {name}")
+PY
 
 # 256 MiB for the process plus 3 tensors per input file: holding the 3 x 64
 # MiB of models (and Fishers) in memory at once would exceed it.
