@@ -983,6 +983,12 @@ absl::Status ExecuteMerge(
   };
   if (options.method == MergeMethod::kRegMean) {
     metadata["amalgam.alpha"] = absl::StrCat(options.alpha);
+    // The solves' last bits depend on the BLAS kernels and thread count
+    // (elementwise methods' do not): say which made this result.
+    const BlasInfo blas = GetBlasInfo();
+    metadata["amalgam.device"] = device_name;
+    metadata["amalgam.blas_core"] = blas.core.empty() ? "-" : blas.core;
+    metadata["amalgam.intra_op_threads"] = absl::StrCat(at::get_num_threads());
   }
   AMALGAM_ASSIGN_OR_RETURN(
       std::unique_ptr<SafetensorsWriter> writer,

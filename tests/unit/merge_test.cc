@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/runtime.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/unit/tensor_files.h"
@@ -623,6 +624,27 @@ TEST_F(RegMeanTest, AlphaOneMatchesTheNormalEquations) {
   auto out = Merge(inputs_, options);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(1.0)), 1e-6);
+}
+
+TEST_F(RegMeanTest, TheResultRecordsTheBlasCoreThreadsAndDevice) {
+  MakeModels({40, 25});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  const int before = at::get_num_threads();
+  at::set_num_threads(1);
+  auto out = Merge(inputs_, options);
+  at::set_num_threads(before);
+  ASSERT_TRUE(out.ok()) << out.status();
+  const auto& metadata = (*out)->metadata();
+  const std::string core = GetBlasInfo().core;
+  EXPECT_EQ(metadata.at("amalgam.blas_core"), core.empty() ? "-" : core);
+  EXPECT_EQ(metadata.at("amalgam.intra_op_threads"), "1");
+  EXPECT_EQ(metadata.at("amalgam.device"), "cpu");
+  // Elementwise methods do not depend on them, and do not record them.
+  MergeOptions average;
+  auto plain = Merge(inputs_, average, "plain");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ((*plain)->metadata().count("amalgam.blas_core"), 0u);
 }
 
 TEST_F(RegMeanTest, Float64GramsAreReadNotWritten) {
