@@ -55,6 +55,9 @@ def test_a_sweep_killed_midway_reruns_to_exactly_its_results(tmp_path, amalgamd_
                         (t, name)
             assert torch.equal(models[0.0]["t0"], a_model["t0"])
             assert torch.equal(models[1.0]["t0"], b_model["t0"])
+            # The midpoint is the average merge, bit for bit (docs/architecture.md).
+            average = client.merge([a, b], "average").state_dict()
+            assert all(torch.equal(models[0.5][name], average[name]) for name in a_model)
 
             cancelled = client.sweep(a, b, steps=5, name="cancelled")
             wait_for_progress(cancelled, 12)
