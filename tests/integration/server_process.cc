@@ -37,10 +37,20 @@ bool ServerProcess::Start() {
   std::filesystem::create_directories(data_dir_);
   const std::string port_file = data_dir_ + ".port";
   std::filesystem::remove(port_file);
-  std::vector<std::string> args = {
-      binary_,   "--listen",         "127.0.0.1:0", "--data-dir",
-      data_dir_, "--port-file",      port_file,     "--device",
-      "cpu",     "--metrics-listen", "127.0.0.1:0"};
+  // The device the suite runs on: AMALGAM_TEST_DEVICE (a GPU machine sets
+  // "cuda"), by default the CPU.
+  const char* device = std::getenv("AMALGAM_TEST_DEVICE");
+  std::vector<std::string> args = {binary_,
+                                   "--listen",
+                                   "127.0.0.1:0",
+                                   "--data-dir",
+                                   data_dir_,
+                                   "--port-file",
+                                   port_file,
+                                   "--device",
+                                   device != nullptr ? device : "cpu",
+                                   "--metrics-listen",
+                                   "127.0.0.1:0"};
   args.insert(args.end(), extra_args_.begin(), extra_args_.end());
   // Everything the child needs is prepared before fork: the test process
   // has threads, so the child may only make async-signal-safe calls.

@@ -9,6 +9,29 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
+# The device the servers under test merge on: AMALGAM_TEST_DEVICE (a GPU
+# machine sets "cuda"), by default the CPU; and the name it resolves to.
+TEST_DEVICE = os.environ.get("AMALGAM_TEST_DEVICE", "cpu")
+RESOLVED_DEVICE = "cuda:0" if TEST_DEVICE == "cuda" else TEST_DEVICE
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``cuda`` skip without a CUDA device, and fail instead where
+    AMALGAM_REQUIRE_CUDA=1 (a GPU machine, where a skip would hide a LibTorch
+    without CUDA)."""
+    if item.get_closest_marker("cuda") is None:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("AMALGAM_REQUIRE_CUDA") == "1":
+        pytest.fail("AMALGAM_REQUIRE_CUDA=1 but CUDA is not available")
+    pytest.skip("CUDA not available")
+
 
 def _binary(env, default):
     path = pathlib.Path(os.environ.get(env, ROOT / "build" / "bin" / default))
@@ -43,7 +66,7 @@ def start_amalgamd(amalgamd_path, root, port=0, extra=(), attempts=1):
     log = open(root / "server.log", "ab")
     process = subprocess.Popen(
         [amalgamd_path, "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data"),
-         "--port-file", str(port_file), "--device", "cpu", "--metrics-listen", "127.0.0.1:0",
+         "--port-file", str(port_file), "--device", TEST_DEVICE, "--metrics-listen", "127.0.0.1:0",
          *extra],
         stdout=log, stderr=subprocess.STDOUT)
     log.close()

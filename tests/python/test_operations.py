@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import amalgam
-from conftest import metrics_port, start_amalgamd
+from conftest import RESOLVED_DEVICE, metrics_port, start_amalgamd
 
 HERE = __import__("pathlib").Path(__file__).resolve().parent
 HEALTH_PROTOS = HERE.parents[1] / "proto" / "grpc" / "health" / "v1"
@@ -100,9 +100,9 @@ def test_metrics_count_uploads_and_merges(tmp_path, amalgamd_path):
         assert sample(after, "amalgam_jobs_queued") == 0
         assert sample(after, "amalgam_uploads_in_progress") == 0
         assert sample(after, "amalgam_build_info", version="0.1.0") == 1
-        assert sample(after, "amalgam_device_info", device="cpu") == 1
-        used = sample(after, "amalgam_device_memory_bytes", device="cpu", kind="used")
-        total = sample(after, "amalgam_device_memory_bytes", device="cpu", kind="total")
+        assert sample(after, "amalgam_device_info", device=RESOLVED_DEVICE) == 1
+        used = sample(after, "amalgam_device_memory_bytes", device=RESOLVED_DEVICE, kind="used")
+        total = sample(after, "amalgam_device_memory_bytes", device=RESOLVED_DEVICE, kind="total")
         assert 1 << 20 < used < total
     finally:
         process.terminate()

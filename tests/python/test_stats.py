@@ -7,7 +7,7 @@ import torch
 from amalgam import stats
 from amalgam.stats import Statistics
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+cuda = pytest.mark.cuda
 
 
 class Conv1D(torch.nn.Module):

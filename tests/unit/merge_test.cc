@@ -469,6 +469,27 @@ TEST_F(FisherTest, TheFloorIsRelativeToTheLargestDenominator) {
   }
 }
 
+// The CUDA path (tensors loaded onto the device) against float64 on the CPU,
+// for F32 and F64 Fishers over many chunks.
+TEST_F(FisherTest, OnCudaLargeTensorsMatchTheFloat64Formula) {
+  AMALGAM_SKIP_WITHOUT_CUDA();
+  const std::vector<int64_t> shape = {300, 257};
+  for (at::ScalarType fisher_type : {at::kFloat, at::kDouble}) {
+    SCOPED_TRACE(fisher_type);
+    Formula formula;
+    std::vector<MergeInput> inputs = FisherInputs(
+        "cuda", shape, fisher_type, 800,
+        [&](int i) { return Rand(shape, 900 + i) * 4 + 0.01; }, &formula);
+    MergeOptions options;
+    options.method = MergeMethod::kFisher;
+    options.device = "cuda";
+    auto out =
+        Merge(inputs, options, std::string("cuda") + at::toString(fisher_type));
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_LE(RelErr(Read(**out, "w"), formula.num / formula.den), 1e-5);
+  }
+}
+
 TEST_F(FisherTest, FisherMissingForAModelIsRefused) {
   MakeModels({Rand({6, 5}, 1), Rand({6, 5}, 2), Rand({6, 5}, 3)});
   inputs_[1].fisher = nullptr;
@@ -1265,6 +1286,24 @@ TEST_F(ExecutionTest, AutoDeviceRunsTheMerge) {
   auto out = Merge(inputs_, options);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(0.9)), 1e-6);
+}
+
+// The CUDA path of RegMean (a float32 solve refined in float64) and of the
+// average, on a system large enough for the blocked factorisation, against
+// the float64 normal equations.
+TEST_F(ExecutionTest, OnCudaRegMeanMatchesTheNormalEquations) {
+  AMALGAM_SKIP_WITHOUT_CUDA();
+  in_ = 1101;
+  coeffs_ = {1, 2, 3};
+  MakeModels({1400, 1300, 1900});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.device = "cuda";
+  auto out = Merge(inputs_, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(0.9)), 1e-6);
+  EXPECT_LE(RelErr(Read(**out, "lin.bias"), AverageBias()), 1e-6);
+  EXPECT_EQ((*out)->metadata().at("amalgam.device"), "cuda:0");
 }
 
 }  // namespace

@@ -291,8 +291,9 @@ TEST_F(SafetensorsTest, ReaderSeesPythonValuesAndWriterMatchesPythonBytes) {
   EXPECT_EQ(f->shape, (std::vector<int64_t>{0, 3}));
   EXPECT_EQ(f->nbytes, 0u);
 
-  // The same tensors written by the C++ writer (in the Python library's
-  // order: sorted by name) give the same bytes.
+  // The same tensors written by the C++ writer in the fixture writer's order
+  // (sorted by name; Hugging Face's serializer would put them by descending
+  // dtype first) give the same bytes.
   std::vector<TensorSpec> specs;
   std::vector<Bytes> data;
   for (const TensorInfo& t : r.tensors()) {

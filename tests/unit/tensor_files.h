@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
 #include <stdlib.h>
 
 #include <cstdlib>
@@ -38,6 +39,25 @@ inline DType DTypeOf(at::ScalarType type) {
       return DType::kF32;
   }
 }
+
+// Whether AMALGAM_REQUIRE_CUDA=1: set on a GPU machine, where a CUDA test
+// that skips would hide a LibTorch built without CUDA.
+inline bool CudaRequired() {
+  const char* value = std::getenv("AMALGAM_REQUIRE_CUDA");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
+// Skips a CUDA test where no CUDA device is usable, or fails it where
+// AMALGAM_REQUIRE_CUDA=1.
+#define AMALGAM_SKIP_WITHOUT_CUDA()                                      \
+  do {                                                                   \
+    if (!at::hasCUDA()) {                                                \
+      if (::amalgam::core::testutil::CudaRequired()) {                   \
+        FAIL() << "AMALGAM_REQUIRE_CUDA=1 but no CUDA device is usable"; \
+      }                                                                  \
+      GTEST_SKIP() << "no CUDA device";                                  \
+    }                                                                    \
+  } while (false)
 
 inline at::Generator Gen(uint64_t seed) {
   return at::make_generator<at::CPUGeneratorImpl>(seed);

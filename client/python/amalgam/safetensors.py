@@ -1,8 +1,10 @@
 """Safetensors (de)serialisation of ``dict[str, torch.Tensor]`` in memory.
 
-Follows the Hugging Face format and conventions: an 8-byte little-endian header
-length, a compact JSON header (``__metadata__`` first, tensors sorted by name)
-padded with spaces to a multiple of 8 bytes, then the raw little-endian data.
+Follows the Hugging Face format: an 8-byte little-endian header length, a
+compact JSON header (``__metadata__`` first, tensors sorted by name) padded with
+spaces to a multiple of 8 bytes, then the raw little-endian data. (Hugging
+Face's own serializer orders tensors by descending dtype, then name: the same
+bytes for a file of one dtype, another valid order for mixed dtypes.)
 """
 
 from __future__ import annotations
