@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "client/cpp/client.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
@@ -516,13 +517,15 @@ TEST_F(DurabilityTest, DeleteIsRefusedWhileAJobReadsTheArtifact) {
 // A submission racing a delete of its input: either the job is queued and
 // the delete refused (or done only once the job finished), or the delete
 // wins and the submission is NOT_FOUND. An accepted job never loses its
-// input.
+// input. One side is given a head start that varies by round (-20 ms to
+// +20 ms), so both orderings happen, and the rounds near 0 race.
 TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
   // Jobs take a while, so the deletes race unfinished jobs.
   StartServer({"--testing-step-delay", "20ms"});
   WriteModel(dir_ + "/m.safetensors", 2, 4, [](int, int64_t) { return 1; });
   auto submitter = Connect("alice-token");
   auto deleter = Connect("alice-token");
+  const int kHeadStartMs[] = {-20, -5, -1, 0, 0, 1, 5, 20};
   int jobs = 0, deletes = 0;
   for (int round = 0; round < 40; ++round) {
     auto m =
@@ -532,8 +535,14 @@ TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
     v1::SubmitJobRequest request = Average(m->id(), m->id());
     v1::DeleteArtifactRequest remove;
     remove.set_id(m->id());
+    // > 0: the submission starts first by that much; < 0: the delete does.
+    const int head_start = kHeadStartMs[round % 8];
     absl::StatusOr<v1::DeleteArtifactResponse> deleted;
-    std::thread racer([&] { deleted = deleter->DeleteArtifact(remove); });
+    std::thread racer([&] {
+      if (head_start > 0) absl::SleepFor(absl::Milliseconds(head_start));
+      deleted = deleter->DeleteArtifact(remove);
+    });
+    if (head_start < 0) absl::SleepFor(absl::Milliseconds(-head_start));
     auto job = submitter->SubmitJob(request);
     racer.join();
     if (job.ok()) {
@@ -553,6 +562,8 @@ TEST_F(DurabilityTest, SubmitAndDeleteOfTheSameInputAreAtomic) {
     }
   }
   std::printf("jobs first: %d, deletes first: %d\n", jobs, deletes);
+  EXPECT_GT(jobs, 0) << "no submission won the race";
+  EXPECT_GT(deletes, 0) << "no delete won the race";
 }
 
 TEST_F(DurabilityTest, UploadSizeAndQueueLengthAreLimited) {

@@ -437,6 +437,15 @@ TEST_F(ServerTest, WatchReportsProgressUntilSucceeded) {
   ASSERT_FALSE(events.empty());
   EXPECT_EQ(events.back().job().state(), v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(events.back().job().progress().tensors_done(), 4);
+  // States in order, counters that never decrease (test_operations.py also
+  // sees the RUNNING events in between, with a step delay).
+  for (size_t i = 1; i < events.size(); ++i) {
+    const v1::Job& before = events[i - 1].job();
+    const v1::Job& now = events[i].job();
+    EXPECT_LE(before.state(), now.state()) << "event " << i;
+    EXPECT_LE(before.progress().tensors_done(), now.progress().tensors_done());
+    EXPECT_LE(before.progress().bytes_done(), now.progress().bytes_done());
+  }
   EXPECT_EQ(final_job->result_ids_size(), 1);
   auto listed = client_->ListJobs();
   ASSERT_TRUE(listed.ok());

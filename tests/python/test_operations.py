@@ -151,6 +151,44 @@ def test_with_tokens_reflection_is_not_served_and_health_stays_open(
         process.wait(timeout=30)
 
 
+JOB_STATES = amalgam.v1.amalgam_pb2
+
+
+def _recovered(root):
+    """The ``requeued=N`` of the last ``event=recover`` line in ``root``'s log."""
+    lines = [line for line in (root / "server.log").read_text().splitlines()
+             if "event=recover" in line]
+    assert lines, "the server logged no recovery"
+    return int(re.search(r"requeued=(\d+)", lines[-1]).group(1))
+
+
+def test_progress_is_reported_in_order_and_never_decreases(tmp_path, amalgamd_path):
+    process, address = start_amalgamd(amalgamd_path, tmp_path,
+                                      extra=["--testing-step-delay", "100ms"])
+    try:
+        with amalgam.Client(address) as client:
+            w = client.upload_weights({f"t{i}": torch.ones(4 + i) for i in range(6)}, name="w")
+            job = client.merge([w, w], "average")
+            events = list(job.events())
+        states = [e.state for e in events]
+        assert states == sorted(states), states  # QUEUED, RUNNING..., SUCCEEDED
+        assert states[-1] == JOB_STATES.JOB_STATE_SUCCEEDED
+        assert JOB_STATES.JOB_STATE_RUNNING in states
+        partial = [e.progress for e in events if e.state == JOB_STATES.JOB_STATE_RUNNING
+                   and 0 < e.progress.tensors_done < e.progress.tensors_total]
+        assert partial, "no RUNNING event with 0 < done < total"
+        assert all(0 < p.bytes_done < p.bytes_total for p in partial)
+        for field in ("tensors_done", "bytes_done"):
+            values = [getattr(e.progress, field) for e in events]
+            assert values == sorted(values), (field, values)
+        final = events[-1].progress
+        assert final.tensors_done == final.tensors_total == 6
+        assert final.bytes_done == final.bytes_total == sum(4 * (4 + i) for i in range(6))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_sigterm_drains_running_jobs(tmp_path, amalgamd_path, standard_stubs):
     health_pb2 = standard_stubs["health_pb2"]
     process, address = start_amalgamd(amalgamd_path, tmp_path,
@@ -159,8 +197,9 @@ def test_sigterm_drains_running_jobs(tmp_path, amalgamd_path, standard_stubs):
         with amalgam.Client(address) as client:
             w = client.upload_weights({f"t{i}": torch.ones(4) for i in range(6)}, name="w")
             job = client.merge([w, w], "average")
-            for snapshot in job.events():
-                if snapshot.state == amalgam.v1.amalgam_pb2.JOB_STATE_RUNNING:
+            events = job.events()
+            for snapshot in events:
+                if snapshot.state == JOB_STATES.JOB_STATE_RUNNING:
                     break
             process.send_signal(signal.SIGTERM)
             with grpc.insecure_channel(address) as channel:
@@ -176,11 +215,50 @@ def test_sigterm_drains_running_jobs(tmp_path, amalgamd_path, standard_stubs):
             with pytest.raises(amalgam.AmalgamError) as refused:
                 client.merge([w, w], "average")
             assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            # The stream opened before SIGTERM stays open through the drain,
+            # and the draining server itself reports the job's success.
+            rest = list(events)
+            assert rest and rest[-1].state == JOB_STATES.JOB_STATE_SUCCEEDED
+            assert rest[-1].progress.tensors_done == 6
+            result = list(rest[-1].result_ids)
         assert process.wait(timeout=30) == 0
-        # The running job finished during the drain: nothing to re-run.
+        # The job finished during the drain: the restart re-runs nothing.
         process, address = start_amalgamd(amalgamd_path, tmp_path)
+        assert _recovered(tmp_path) == 0
         with amalgam.Client(address) as client:
-            assert client.job(job.id).state == "succeeded"
+            after = client.job(job.id)
+            assert after.state == "succeeded"
+            assert list(after.job.result_ids) == result
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_job_longer_than_the_drain_timeout_is_rerun_after_restart(tmp_path, amalgamd_path):
+    # Six tensors, 2 s after each: a 12 s job against a 1 s drain.
+    process, address = start_amalgamd(
+        amalgamd_path, tmp_path, extra=["--testing-step-delay", "2s", "--drain-timeout", "1s"])
+    try:
+        with amalgam.Client(address) as client:
+            w = client.upload_weights(
+                {f"t{i}": torch.full((4,), float(i)) for i in range(6)}, name="w")
+            job = client.merge([w, w], "average")
+            for snapshot in job.events():
+                if snapshot.state == JOB_STATES.JOB_STATE_RUNNING:
+                    break
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 8, "the drain waited for the whole job"
+        process, address = start_amalgamd(amalgamd_path, tmp_path)
+        assert _recovered(tmp_path) == 1
+        with amalgam.Client(address) as client:
+            rerun = client.job(job.id).wait(timeout=60)
+            assert rerun.state == "succeeded"
+            merged = rerun.state_dict()
+        assert sorted(merged) == [f"t{i}" for i in range(6)]
+        for i in range(6):
+            assert torch.equal(merged[f"t{i}"], torch.full((4,), float(i)))
     finally:
         process.terminate()
         process.wait(timeout=30)
