@@ -1288,6 +1288,82 @@ TEST_F(ExecutionTest, AutoDeviceRunsTheMerge) {
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(0.9)), 1e-6);
 }
 
+// Merges in child processes of their own (merge_child) write the same bytes:
+// for the elementwise methods under 1, 2 and 4 intra-op threads, with and
+// without the write queue; for RegMean (whose last bits depend on the
+// thread count, which its metadata records) under one thread count, with
+// and without the write queue. The tensors are large enough to be split:
+// 77 100 elements, and a 1101-feature Gram.
+class ReproducibilityTest : public MergeTest {
+ protected:
+  void SetUp() override {
+    MergeTest::SetUp();
+    for (int i = 0; i < 3; ++i) {
+      const std::string id = std::to_string(i);
+      Tensors weights = {
+          {"a", Randn({300, 257}, 10 + i).to(at::kFloat)},
+          {"h", Randn({257, 300}, 20 + i).to(at::kHalf)},
+          {"lin.weight", Randn({6, 1101}, 30 + i).to(at::kFloat)},
+          {"lin.bias", Randn({6}, 40 + i).to(at::kFloat)}};
+      Tensors fisher;
+      for (const auto& [name, t] : weights) {
+        fisher.push_back(
+            {name, (Rand(t.sizes().vec(), 50 + i) + 0.01).to(t.scalar_type())});
+      }
+      const at::Tensor x = Randn({1500, 1101}, 60 + i);
+      Write("w" + id, weights);
+      Write("f" + id, fisher, {{"num_examples", "10"}});
+      Write("g" + id, {{"lin.weight", x.t().matmul(x).to(at::kFloat)}},
+            {{"num_examples", "1500"}});
+    }
+  }
+
+  // The bytes merge_child writes for `method` (statistics from files
+  // `statistics`0..2, none if empty) under `threads` and `queue_depth`.
+  std::string ChildMerge(const std::string& method,
+                         const std::string& statistics, int threads,
+                         int queue_depth) {
+    const std::string out =
+        Path(absl::StrCat(method, "-", threads, "-", queue_depth));
+    std::string command = absl::StrCat(AMALGAM_MERGE_CHILD, " ", method, " ",
+                                       out, " ", threads, " ", queue_depth);
+    for (int i = 0; i < 3; ++i) {
+      absl::StrAppend(&command, " ", Path(absl::StrCat("w", i)), ",", i + 1);
+      if (!statistics.empty()) {
+        absl::StrAppend(&command, ",", Path(absl::StrCat(statistics, i)));
+      }
+    }
+    EXPECT_EQ(std::system(command.c_str()), 0) << command;
+    const std::string bytes = ReadFile(out);
+    EXPECT_GT(bytes.size(), 300u * 257 * 4) << command;
+    return bytes;
+  }
+};
+
+TEST_F(ReproducibilityTest, ElementwiseMergesAreIdenticalAcrossProcesses) {
+  for (const auto& [method, statistics] :
+       {std::pair<std::string, std::string>{"weighted", ""},
+        std::pair<std::string, std::string>{"fisher", "f"}}) {
+    SCOPED_TRACE(method);
+    const std::string first = ChildMerge(method, statistics, 1, 2);
+    EXPECT_TRUE(first == ChildMerge(method, statistics, 1, 2));
+    EXPECT_TRUE(first == ChildMerge(method, statistics, 2, 0))
+        << "2 threads without the write queue differ";
+    EXPECT_TRUE(first == ChildMerge(method, statistics, 4, 2))
+        << "4 threads differ";
+  }
+}
+
+TEST_F(ReproducibilityTest, RegMeanIsIdenticalAcrossProcessesAtOneThreadCount) {
+  for (int threads : {1, 2}) {
+    SCOPED_TRACE(threads);
+    const std::string first = ChildMerge("regmean", "g", threads, 2);
+    EXPECT_TRUE(first == ChildMerge("regmean", "g", threads, 2));
+    EXPECT_TRUE(first == ChildMerge("regmean", "g", threads, 0))
+        << "without the write queue";
+  }
+}
+
 // The CUDA path of RegMean (a float32 solve refined in float64) and of the
 // average, on a system large enough for the blocked factorisation, against
 // the float64 normal equations.
