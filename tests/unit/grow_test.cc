@@ -2,11 +2,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -188,9 +190,11 @@ TEST_F(GrowTest, MlpErrorsNameTheTensor) {
   EXPECT_THAT(unknown.status().message(), HasSubstr("resnet"));
 }
 
+constexpr int64_t kPositions = 8;
+
 // A GPT-2-shaped model (Conv1D weights [in, out]) of width `d`.
 Tensors Gpt2(int64_t d, uint64_t seed) {
-  constexpr int64_t kVocab = 11, kPositions = 8;
+  constexpr int64_t kVocab = 11;
   Tensors t = {
       {"wte.weight", Randn({kVocab, d}, seed)},
       {"wpe.weight", Randn({kPositions, d}, seed + 1)},
@@ -218,12 +222,35 @@ Tensors Gpt2(int64_t d, uint64_t seed) {
   return t;
 }
 
+// The same model as GPT2LMHeadModel's state dict holds it: "transformer."
+// before every name but lm_head's, and each layer's attention buffers
+// (the causal mask `attn.bias`, [1, 1, positions, positions], and the scalar
+// `attn.masked_bias`), which no forward pass here reads.
+Tensors Gpt2HuggingFaceLayout(int64_t d, uint64_t seed) {
+  Tensors t;
+  for (auto& [name, tensor] : Gpt2(d, seed)) {
+    t.push_back(
+        {name == "lm_head.weight" ? name : "transformer." + name, tensor});
+  }
+  for (int l = 0; l < 2; ++l) {
+    const std::string p = absl::StrCat("transformer.h.", l, ".attn.");
+    t.push_back({p + "bias", at::ones({kPositions, kPositions}, at::kFloat)
+                                 .tril()
+                                 .view({1, 1, kPositions, kPositions})});
+    t.push_back({p + "masked_bias", at::full({}, -1e4, at::kFloat)});
+  }
+  return t;
+}
+
 // GPT-2 logits for token ids `ids` with `heads` heads (head size 4), in
-// float64; LayerNorm is identity unless `layer_norm`.
+// float64; LayerNorm is identity unless `layer_norm`. Every name but
+// lm_head's is read with `prefix` before it.
 at::Tensor Gpt2Forward(const SafetensorsReader& m, const at::Tensor& ids,
-                       int64_t heads, bool layer_norm) {
+                       int64_t heads, bool layer_norm,
+                       const std::string& prefix = "") {
   auto w = [&](const std::string& name) {
-    return TensorFilesTest::Read(m, name);
+    return TensorFilesTest::Read(
+        m, name == "lm_head.weight" ? name : prefix + name);
   };
   auto norm = [&](const at::Tensor& x, const std::string& p) {
     if (!layer_norm) return x;
@@ -288,6 +315,44 @@ TEST_F(GrowTest, Gpt2WithoutLayerNormComputesTheMeanOfItsParents) {
   EXPECT_GT(RelErr(Gpt2Forward(**grown, ids, 5, true), with_norm), 1e-3);
   EXPECT_EQ(report["properties"]["output_is_mean_of_inputs"], false);
   EXPECT_THAT(report["caveats"][0].get<std::string>(), HasSubstr("LayerNorm"));
+}
+
+// The built-in layout reads Hugging Face's names: the "transformer." prefix,
+// and the attention buffers copied from A byte for byte.
+TEST_F(GrowTest, Gpt2InTheHuggingFaceLayoutKeepsItsNamesAndCopiesItsBuffers) {
+  const SafetensorsReader* a =
+      Write("a", Gpt2HuggingFaceLayout(8, 100), {{"n_head", "2"}});
+  const SafetensorsReader* b =
+      Write("b", Gpt2HuggingFaceLayout(12, 200), {{"n_head", "3"}});
+  nlohmann::json report;
+  auto grown = Grow(a, b, Layout("gpt2"), &report);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  const SafetensorsReader& g = **grown;
+  ASSERT_EQ(g.tensors().size(), a->tensors().size());
+  for (const TensorInfo& t : a->tensors()) {
+    const TensorInfo* out = g.Find(t.name);
+    ASSERT_NE(out, nullptr) << t.name << " is missing from the grown model";
+    if (absl::EndsWith(t.name, ".attn.bias") ||
+        absl::EndsWith(t.name, ".attn.masked_bias")) {
+      EXPECT_EQ(out->shape, t.shape) << t.name;
+      EXPECT_TRUE(std::equal(g.Data(*out).begin(), g.Data(*out).end(),
+                             a->Data(t).begin(), a->Data(t).end()))
+          << t.name << " is not A's";
+    }
+  }
+  EXPECT_EQ(g.Find("transformer.h.1.attn.c_attn.weight")->shape,
+            (std::vector<int64_t>{20, 60}));
+  EXPECT_EQ(g.Find("transformer.h.0.attn.bias")->shape,
+            (std::vector<int64_t>{1, 1, kPositions, kPositions}));
+  EXPECT_EQ(report["config"]["n_embd"], 20);
+  EXPECT_EQ(report["config"]["n_head"], 5);
+
+  const at::Tensor ids = at::tensor({3, 1, 4, 1, 5, 9, 2}, at::kLong);
+  const std::string p = "transformer.";
+  const at::Tensor want =
+      (Gpt2Forward(*a, ids, 2, false, p) + Gpt2Forward(*b, ids, 3, false, p)) /
+      2;
+  EXPECT_LE(RelErr(Gpt2Forward(g, ids, 5, false, p), want), 1e-10);
 }
 
 // A BERT-shaped model (Hugging Face names, one layer) of width `d`.
