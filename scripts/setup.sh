@@ -8,7 +8,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libre2-dev libsqlite3-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev
+  libre2-dev libsqlite3-dev libpq-dev postgresql-15 nlohmann-json3-dev libcpp-httplib-dev libssl-dev
   clang-format clang libclang-rt-14-dev
   podman runc debootstrap uidmap prometheus
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-pytest

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every test: formatting, unit, integration (real
 # amalgamd over gRPC on loopback), end-to-end (the CLI against the server),
-# pytest, a short run of each libFuzzer target, and the container image built
+# pytest (integration and pytest a second time on a throwaway PostgreSQL), a short run of each libFuzzer target, and the container image built
 # and run with podman.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,14 @@ bash scripts/build.sh
 
 echo "== clang-format check"
 git ls-files '*.cc' '*.h' '*.proto' | xargs clang-format --dry-run --Werror
+
+# A throwaway PostgreSQL: the catalog tests run on it, and the integration and
+# Python suites run a second time with it as every server's catalog.
+pg_dir=$(mktemp -d /tmp/amalgam-pg.XXXXXX)
+chmod 755 "$pg_dir"
+trap 'bash scripts/postgres.sh stop "$pg_dir" || true; rm -rf "$pg_dir"' EXIT
+bash scripts/postgres.sh start "$pg_dir"
+export AMALGAM_TEST_POSTGRES="$pg_dir/sock" AMALGAM_REQUIRE_POSTGRES=1
 
 echo "== ctest"
 ctest --preset release -j2
@@ -23,6 +31,9 @@ print(f"pytest: {suite.get('tests')} tests, {suite.get('failures')} failed, "
 for name in skipped:
     print(f"  skipped: {name}")
 PY
+
+echo "== integration and Python suites on the PostgreSQL catalog"
+AMALGAM_TEST_CATALOG=postgres ctest --preset release -j2 -L 'integration|python'
 
 # 256 MiB for the process plus 3 tensors per input file: holding the 3 x 64
 # MiB of models (and Fishers) in memory at once would exceed it.

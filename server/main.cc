@@ -26,7 +26,10 @@
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "gRPC address host:port (port 0 picks a free port)");
 ABSL_FLAG(std::string, data_dir, "./var/amalgam",
-          "data directory: blobs and the SQLite catalog");
+          "data directory: blobs, uploads and the SQLite catalog");
+ABSL_FLAG(std::string, catalog, "sqlite",
+          "sqlite (catalog.db in --data-dir) or a libpq URI such as "
+          "postgresql://amalgam@/amalgam?host=/run/pg");
 ABSL_FLAG(std::string, device, "auto", "auto | cpu | cuda | cuda:N");
 ABSL_FLAG(int, workers, 1, "merge jobs that run at once");
 ABSL_FLAG(int, max_queued_jobs, 64, "jobs that may wait to run");
@@ -263,6 +266,7 @@ int main(int argc, char** argv) {
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.allow_plaintext_tokens = absl::GetFlag(FLAGS_allow_plaintext_tokens);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
+  options.catalog = absl::GetFlag(FLAGS_catalog);
   options.device = absl::GetFlag(FLAGS_device);
   options.workers = absl::GetFlag(FLAGS_workers);
   options.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);

@@ -121,7 +121,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
                              TokenStore::Load(options.tokens_file));
   }
   server->metrics_ = std::make_unique<Metrics>(device);
-  AMALGAM_ASSIGN_OR_RETURN(server->storage_, Storage::Open(options.data_dir));
+  AMALGAM_ASSIGN_OR_RETURN(server->storage_,
+                           Storage::Open(options.data_dir, options.catalog));
   server->executor_ =
       std::make_unique<Executor>(options.verify_threads, /*max_queued=*/256);
   JobManagerOptions job_options;
@@ -208,14 +209,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   }
   server->drain_timeout_ = options.drain_timeout;
   server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
-  Log(LogLevel::kInfo, LogFields("serving")
-                           .Add("listen", options.listen)
-                           .Add("port", server->port_)
-                           .Add("data_dir", options.data_dir)
-                           .Add("metrics_port", server->metrics_port())
-                           .Add("device", device)
-                           .Add("workers", options.workers)
-                           .Add("runtime", core::DescribeRuntime()));
+  Log(LogLevel::kInfo,
+      LogFields("serving")
+          .Add("listen", options.listen)
+          .Add("port", server->port_)
+          .Add("data_dir", options.data_dir)
+          .Add("catalog", options.catalog == "sqlite" ? "sqlite" : "postgresql")
+          .Add("metrics_port", server->metrics_port())
+          .Add("device", device)
+          .Add("workers", options.workers)
+          .Add("runtime", core::DescribeRuntime()));
   return server;
 }
 

@@ -34,6 +34,8 @@ struct ServerOptions {
   // (a mesh or ingress terminates TLS in front of amalgamd).
   bool allow_plaintext_tokens = false;
   std::string data_dir = "./var/amalgam";
+  // "sqlite" (catalog.db in data_dir) or a postgresql:// URI.
+  std::string catalog = "sqlite";
   // "auto", "cpu", "cuda" or "cuda:N".
   std::string device = "auto";
   // Jobs that run at once.

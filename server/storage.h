@@ -6,14 +6,12 @@
 #include <utility>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "amalgam/v1/amalgam.pb.h"
 #include "core/safetensors.h"
-
-struct sqlite3;
+#include "server/catalog.h"
 
 namespace amalgam::server {
 
@@ -29,18 +27,19 @@ struct PartialUpload {
   std::string artifact_id;
 };
 
-// The embedded storage of a data directory:
+// The storage of a data directory and its catalog:
 //   blobs/<sha256>   immutable artifact contents (content-addressed)
 //   tmp/             one-shot uploads and job outputs being written
 //   uploads/         bytes of resumable uploads in progress
-//   catalog.db       SQLite (WAL) catalog of artifacts, jobs and uploads
+//   catalog.db       the SQLite (WAL) catalog, unless it is in PostgreSQL
 // A blob is fsynced and renamed into place before its catalog row commits, so
 // a crash never leaves a visible artifact without its bytes. Thread-safe.
 class Storage {
  public:
-  // Creates the directory layout if missing. INTERNAL on I/O or SQLite errors.
+  // Creates the directory layout if missing and opens the catalog `catalog`
+  // (see OpenCatalog). INTERNAL on I/O or database errors.
   static absl::StatusOr<std::unique_ptr<Storage>> Open(
-      const std::string& data_dir);
+      const std::string& data_dir, const std::string& catalog = "sqlite");
   ~Storage();
 
   // A fresh path under tmp/ for a file being written (not created).
@@ -130,71 +129,28 @@ class Storage {
   const std::string& data_dir() const { return data_dir_; }
 
  private:
-  Storage(std::string data_dir, sqlite3* db);
+  Storage(std::string data_dir, std::unique_ptr<Catalog> catalog);
 
-  absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status PutRecord(const char* table, const std::string& id,
-                         const google::protobuf::Message& record)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The catalog row of artifact `id`: NOT_FOUND, DATA_LOSS if corrupt.
-  absl::StatusOr<v1::Artifact> ReadArtifact(const std::string& id)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves `temp_path` to the blob of `artifact.sha256()` (or drops it when
   // that content is stored already; `created` says which).
   absl::Status MoveToBlob(const std::string& temp_path,
-                          const v1::Artifact& artifact, bool* created)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Inserts the row of a new artifact under a fresh id (set in `artifact`).
-  absl::Status InsertArtifact(v1::Artifact* artifact)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // A plain insert: ALREADY_EXISTS, writing nothing, if `id` is taken.
-  absl::Status InsertRecord(const char* table, const std::string& id,
-                            const google::protobuf::Message& record)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::string> GetRecord(const char* table,
-                                        const std::string& id)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The records of `table` where the SQL condition `where` (with ?1 bound to
-  // `param`) holds, in creation order.
-  absl::StatusOr<std::vector<std::string>> ListRecords(
-      const char* table, const char* where = nullptr,
-      const std::string& param = "") ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The one integer a query returns (?1 bound to `param` if not empty).
-  absl::StatusOr<int64_t> QueryInt(const char* sql,
-                                   const std::string& param = "")
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Schema migrations, numbered by SQLite's user_version, each one
-  // transaction: 1 adds the indexed owner, sha256 and size columns of
-  // artifacts and the shares table.
-  absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Writes the indexed columns and share rows of `artifact` from its record.
-  absl::Status WriteArtifactColumns(const v1::Artifact& artifact)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Runs `body` in one transaction (BEGIN IMMEDIATE ... COMMIT), rolled
-  // back if it fails.
-  absl::Status InTransaction(const std::function<absl::Status()>& body)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                          const v1::Artifact& artifact, bool* created);
   // Drops upload rows without a file and files without a row (a crash
   // between the two writes).
-  absl::Status ReconcileUploads() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status DeleteUploadRow(const std::string& owner,
-                               const std::string& upload_id)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ReconcileUploads();
   std::string UploadPath(const std::string& owner,
                          const std::string& upload_id) const;
 
   const std::string data_dir_;
+  const std::unique_ptr<Catalog> catalog_;
+  // Held where a blob and the rows that reference it change together, and
+  // across an upload's staleness check and its removal.
   absl::Mutex mu_;
-  sqlite3* db_ ABSL_GUARDED_BY(mu_);
 };
 
 // The one rule of read access: true if `organization` owns `artifact` or it
 // was shared with it; for a non-owner, `shared_with` is cleared.
 bool ViewFor(const std::string& organization, v1::Artifact* artifact);
-
-// A random id with the given prefix, e.g. "art_3f9c0a7b21d4e5f6", from the
-// kernel's CSPRNG (getrandom).
-std::string NewId(const std::string& prefix);
 
 // fsyncs the file and its directory; INTERNAL on failure.
 absl::Status SyncFileAndDir(const std::string& path);

@@ -11,6 +11,8 @@
 #include <fstream>
 #include <thread>
 
+#include "tests/postgres_database.h"
+
 namespace amalgam::testing {
 
 std::string MakeTempDir(const std::string& prefix) {
@@ -51,6 +53,17 @@ bool ServerProcess::Start() {
                                    device != nullptr ? device : "cpu",
                                    "--metrics-listen",
                                    "127.0.0.1:0"};
+  // With AMALGAM_TEST_CATALOG=postgres, the catalog is a PostgreSQL database
+  // of this data directory's own (the same one after a restart).
+  const char* catalog_kind = std::getenv("AMALGAM_TEST_CATALOG");
+  const std::string catalog =
+      catalog_kind != nullptr && std::string(catalog_kind) == "postgres"
+          ? PostgresDatabaseFor(data_dir_)
+          : "";
+  if (!catalog.empty()) {
+    args.push_back("--catalog");
+    args.push_back(catalog);
+  }
   args.insert(args.end(), extra_args_.begin(), extra_args_.end());
   // Everything the child needs is prepared before fork: the test process
   // has threads, so the child may only make async-signal-safe calls.

@@ -1,5 +1,6 @@
 """Fixtures: a real amalgamd on a free loopback port, started for the session."""
 
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -13,6 +14,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # machine sets "cuda"), by default the CPU; and the name it resolves to.
 TEST_DEVICE = os.environ.get("AMALGAM_TEST_DEVICE", "cpu")
 RESOLVED_DEVICE = "cuda:0" if TEST_DEVICE == "cuda" else TEST_DEVICE
+
+
+# Tests that write catalog.db themselves run on the SQLite catalog only.
+sqlite_only = pytest.mark.skipif(os.environ.get("AMALGAM_TEST_CATALOG") == "postgres",
+                                 reason="edits the SQLite catalog.db directly")
+
+
+def _catalog_flags(root):
+    """With AMALGAM_TEST_CATALOG=postgres, a PostgreSQL database of ``root``'s
+    own on the test server (AMALGAM_TEST_POSTGRES, its socket directory)."""
+    if os.environ.get("AMALGAM_TEST_CATALOG") != "postgres":
+        return []
+    socket = os.environ["AMALGAM_TEST_POSTGRES"]
+    name = "p_" + hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    # template0 takes no connections, so concurrent creations do not
+    # collide; an existing database (a restart) is kept.
+    subprocess.run(["psql", "-q", "-h", socket, "-U", "amalgam", "-d", "amalgam", "-c",
+                    f"CREATE DATABASE {name} TEMPLATE template0"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return ["--catalog", f"postgresql://amalgam@/{name}?host={socket}"]
 
 
 def pytest_configure(config):
@@ -67,7 +88,7 @@ def start_amalgamd(amalgamd_path, root, port=0, extra=(), attempts=1):
     process = subprocess.Popen(
         [amalgamd_path, "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data"),
          "--port-file", str(port_file), "--device", TEST_DEVICE, "--metrics-listen", "127.0.0.1:0",
-         *extra],
+         *_catalog_flags(root), *extra],
         stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + 60

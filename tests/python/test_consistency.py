@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import amalgam
-from conftest import start_with_tokens
+from conftest import sqlite_only, start_with_tokens
 
 
 @pytest.fixture
@@ -129,6 +129,7 @@ def test_another_organisations_job_hides_its_id_and_yields_to_a_revoke(tenants):
         blocker.wait(timeout=60)
 
 
+@sqlite_only
 def test_a_catalog_of_the_first_schema_is_migrated_with_its_shares(tmp_path, amalgamd_path):
     """A catalog written before the indexed columns existed (user_version 0):
     opened, its artifacts keep their owners and grants."""

@@ -15,7 +15,7 @@ import pytest
 import amalgam
 from amalgam.v1 import amalgam_pb2 as pb
 from amalgam.v1 import amalgam_pb2_grpc as pb_grpc
-from conftest import metrics_port, start_amalgamd
+from conftest import metrics_port, sqlite_only, start_amalgamd
 from test_operations import sample, scrape
 
 
@@ -81,6 +81,7 @@ def test_a_bad_digest_discards_a_resumable_upload(server):
         assert all(a.name != "raw" for a in client.list_artifacts())
 
 
+@sqlite_only
 def test_restart_removes_orphan_upload_files_and_rows(own_server, amalgamd_path):
     process, address, root = own_server
     data = safetensors_bytes(1 << 10)

@@ -9,6 +9,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/postgres_database.h"
 
 namespace amalgam::server {
 namespace {
@@ -38,8 +39,32 @@ v1::Artifact Weights(const std::string& owner, const std::string& sha256) {
   return artifact;
 }
 
-TEST(StorageTest, AJobIdTakenAlreadyIsRefusedAndTheRowKept) {
-  auto storage = Storage::Open(FreshDir("jobs"));
+// Each test runs on the embedded catalog and on PostgreSQL.
+class StorageTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  // A storage in a fresh directory, with a fresh catalog of the kind tested.
+  absl::StatusOr<std::unique_ptr<Storage>> Open(const std::string& name) {
+    const std::string dir = FreshDir(name);
+    if (GetParam() == "sqlite") return Storage::Open(dir);
+    return Storage::Open(dir, testing::PostgresDatabaseFor(dir));
+  }
+
+  void SetUp() override {
+    if (GetParam() == "postgres" && testing::TestPostgresSocket().empty()) {
+      if (testing::PostgresRequired()) {
+        FAIL() << "AMALGAM_REQUIRE_POSTGRES=1 but AMALGAM_TEST_POSTGRES is "
+                  "not set";
+      }
+      GTEST_SKIP() << "no test PostgreSQL (AMALGAM_TEST_POSTGRES)";
+    }
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Catalogs, StorageTest,
+                         ::testing::Values("sqlite", "postgres"));
+
+TEST_P(StorageTest, AJobIdTakenAlreadyIsRefusedAndTheRowKept) {
+  auto storage = Open("jobs");
   ASSERT_TRUE(storage.ok()) << storage.status();
   v1::Job job;
   job.set_id("job_1");
@@ -51,9 +76,8 @@ TEST(StorageTest, AJobIdTakenAlreadyIsRefusedAndTheRowKept) {
   EXPECT_EQ((*storage)->GetJob("job_1")->owner(), "org-a");
 }
 
-TEST(StorageTest, ModifyingADeletedArtifactIsNotFoundAndDoesNotRecreateIt) {
-  const std::string dir = FreshDir("modify");
-  auto storage = Storage::Open(dir);
+TEST_P(StorageTest, ModifyingADeletedArtifactIsNotFoundAndDoesNotRecreateIt) {
+  auto storage = Open("modify");
   ASSERT_TRUE(storage.ok()) << storage.status();
   auto added = (*storage)->AddArtifact(
       WriteFile((*storage)->NewTempPath("t"), "bytes"), Weights("org-a", "ab"));
@@ -69,8 +93,8 @@ TEST(StorageTest, ModifyingADeletedArtifactIsNotFoundAndDoesNotRecreateIt) {
   EXPECT_TRUE((*storage)->ListArtifacts()->empty());
 }
 
-TEST(StorageTest, ListsByOrganisationFollowGrantsAndQuotasCountContentOnce) {
-  auto storage = Storage::Open(FreshDir("lists"));
+TEST_P(StorageTest, ListsByOrganisationFollowGrantsAndQuotasCountContentOnce) {
+  auto storage = Open("lists");
   ASSERT_TRUE(storage.ok()) << storage.status();
   Storage& s = **storage;
   auto a1 = s.AddArtifact(WriteFile(s.NewTempPath("t"), "bytes"),
@@ -97,8 +121,8 @@ TEST(StorageTest, ListsByOrganisationFollowGrantsAndQuotasCountContentOnce) {
   EXPECT_EQ(*s.Stats(), std::make_pair(int64_t{1}, int64_t{5}));
 }
 
-TEST(StorageTest, PublishedResultsAppearWithTheirJobOrNotAtAll) {
-  auto storage = Storage::Open(FreshDir("publish"));
+TEST_P(StorageTest, PublishedResultsAppearWithTheirJobOrNotAtAll) {
+  auto storage = Open("publish");
   ASSERT_TRUE(storage.ok()) << storage.status();
   Storage& s = **storage;
   v1::Job job;
@@ -121,6 +145,30 @@ TEST(StorageTest, PublishedResultsAppearWithTheirJobOrNotAtAll) {
   EXPECT_EQ(published->result_ids_size(), 2);
   EXPECT_EQ(s.GetJob("job_p")->state(), v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(s.ListArtifacts()->size(), 2u);
+}
+
+// One amalgamd per PostgreSQL catalog until cluster mode's job queue exists:
+// a second is refused; an unreachable server is UNAVAILABLE; an unknown
+// catalog kind INVALID_ARGUMENT.
+TEST_P(StorageTest, APostgresCatalogServesOneProcessAndNamesWhatFails) {
+  if (GetParam() != "postgres") GTEST_SKIP() << "PostgreSQL only";
+  const std::string dir = FreshDir("single");
+  const std::string uri = testing::PostgresDatabaseFor(dir);
+  auto first = Storage::Open(dir, uri);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = Storage::Open(dir + "-2", uri);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(second.status().message(), HasSubstr("another amalgamd"));
+  first->reset();
+  EXPECT_TRUE(Storage::Open(dir + "-3", uri).ok()) << "the lock went with it";
+
+  auto unreachable = Storage::Open(
+      dir + "-4", "postgresql://amalgam@/amalgam?host=/nonexistent-socket");
+  EXPECT_EQ(unreachable.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(unreachable.status().message(), HasSubstr("cannot connect"));
+  auto unknown = Storage::Open(dir + "-5", "mysql://x");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(unknown.status().message(), HasSubstr("mysql://x"));
 }
 
 }  // namespace

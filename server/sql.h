@@ -1,0 +1,85 @@
+#pragma once
+
+// A connection to the catalog's database as the catalog uses it: one
+// statement at a time, numbered parameters (?1, ?2, ...), rows of integers,
+// text and bytes. Two implementations: SQLite (the embedded default) and
+// PostgreSQL (libpq). Not thread-safe: the catalog serialises its calls.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace amalgam::server {
+
+// A statement parameter or a result column.
+struct SqlValue {
+  enum class Type { kNull, kInt, kText, kBytes };
+  Type type = Type::kNull;
+  int64_t number = 0;  // kInt
+  std::string text;    // kText and kBytes
+
+  static SqlValue Int(int64_t value);
+  static SqlValue Text(std::string value);
+  static SqlValue Bytes(std::string value);
+};
+
+using SqlRow = std::vector<SqlValue>;
+
+struct SqlResult {
+  std::vector<SqlRow> rows;
+  // Rows an INSERT, UPDATE or DELETE changed.
+  int64_t changed = 0;
+};
+
+class SqlConnection {
+ public:
+  virtual ~SqlConnection() = default;
+
+  // Runs one statement with ?N bound to params[N - 1]. Errors start with
+  // "catalog: " and map to codes: a unique-key violation ALREADY_EXISTS, a
+  // full disk RESOURCE_EXHAUSTED, an unreachable database UNAVAILABLE,
+  // anything else INTERNAL.
+  virtual absl::StatusOr<SqlResult> Run(
+      const std::string& sql, const std::vector<SqlValue>& params = {}) = 0;
+
+  // The statement that opens a transaction holding the write lock from the
+  // start, so that read-modify-write steps never interleave.
+  virtual const char* Begin() const = 0;
+  // Appended to a SELECT inside a transaction to lock the rows it reads
+  // ("" where Begin() locked the whole database).
+  virtual const char* ForUpdate() const = 0;
+  // The column type of serialised records.
+  virtual const char* BytesType() const = 0;
+  // The column definition, after the others, that orders rows by insertion
+  // ("" where the database has one built in), and that column's name.
+  virtual const char* InsertionColumn() const = 0;
+  virtual const char* InsertionOrder() const = 0;
+
+  // The schema version migrations have reached (0 for a new database).
+  virtual absl::StatusOr<int64_t> SchemaVersion() = 0;
+  // Inside the migration transaction: records `version`.
+  virtual absl::Status SetSchemaVersion(int64_t version) = 0;
+  // First statement of the migration transaction: waits for any other
+  // process migrating the same database.
+  virtual absl::Status LockForMigration() = 0;
+};
+
+// SQLite database file `path` (created if missing), in WAL mode with full
+// fsyncs.
+absl::StatusOr<std::unique_ptr<SqlConnection>> OpenSqlite(
+    const std::string& path);
+
+// A PostgreSQL database from a libpq connection URI. The connection is
+// re-established, with backoff, after it is lost; until then statements are
+// UNAVAILABLE. The process holds an advisory lock on the catalog for as long
+// as it is connected: a second amalgamd on the same database is refused
+// (several replicas on one catalog need the cluster-mode job queue, which is
+// not built yet).
+absl::StatusOr<std::unique_ptr<SqlConnection>> OpenPostgres(
+    const std::string& uri);
+
+}  // namespace amalgam::server
