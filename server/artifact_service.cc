@@ -300,9 +300,10 @@ class ArtifactServiceImpl::UploadReactor
     AMALGAM_ASSIGN_OR_RETURN(
         const int64_t stored,
         service_->storage_->OrgBytes(owner_, header_.upload_id()));
-    return CheckQuota(owner_,
-                      stored + service_->jobs_->PendingOutputBytes(owner_),
-                      header_.size_bytes(), options.quota_bytes_per_org, what);
+    AMALGAM_ASSIGN_OR_RETURN(const int64_t pending,
+                             service_->jobs_->PendingOutputBytes(owner_));
+    return CheckQuota(owner_, stored + pending, header_.size_bytes(),
+                      options.quota_bytes_per_org, what);
   }
 
   // The upload's file cannot be opened or written: RESOURCE_EXHAUSTED when

@@ -6,6 +6,7 @@
 
 #include <sys/random.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -34,9 +35,52 @@ std::string NewId(const std::string& prefix) {
   return absl::StrCat(prefix, "_", buffer);
 }
 
+std::vector<std::string> JobInputs(const v1::Job& job) {
+  std::vector<std::string> ids;
+  for (const std::string* id : {&job.sweep().a_id(), &job.sweep().b_id(),
+                                &job.grow().a_id(), &job.grow().b_id()}) {
+    if (!id->empty()) ids.push_back(*id);
+  }
+  for (const v1::MergeModel& model : job.merge().models()) {
+    for (const std::string* id :
+         {&model.weights_id(), &model.gram_id(), &model.fisher_id()}) {
+      if (!id->empty()) ids.push_back(*id);
+    }
+  }
+  return ids;
+}
+
 namespace {
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
+int64_t NowMillis() { return absl::ToUnixMillis(absl::Now()); }
+
+// Transaction locks ("amalgamM", "amalgamS" as integers): schema migrations,
+// and submissions (so that limits hold across processes).
+constexpr int64_t kMigrationLock = 0x616d616c67616d4d;
+constexpr int64_t kSubmitLock = 0x616d616c67616d53;
+
+// How long a job whose run ended without finishing waits before its next
+// attempt: 1 s, doubling per attempt, at most a minute.
+int64_t BackoffMillis(int64_t attempt) {
+  const int64_t doublings = std::clamp<int64_t>(attempt - 1, 0, 6);
+  return std::min<int64_t>(int64_t{1000} << doublings, 60000);
+}
+
+constexpr int64_t kQueued = v1::JOB_STATE_QUEUED;
+constexpr int64_t kRunning = v1::JOB_STATE_RUNNING;
+
+bool Final(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+absl::Status LostRun(const v1::Job& job) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "run ", job.attempt(), " of job ", job.id(),
+      " no longer holds it (its lease expired and another run took it over, "
+      "or it ended)"));
+}
 
 template <typename Message>
 absl::StatusOr<Message> Parse(const SqlValue& value, const std::string& what) {
@@ -73,8 +117,8 @@ class SqlCatalog : public Catalog {
                        "PRIMARY KEY (owner, id))")}) {
       AMALGAM_RETURN_IF_ERROR(Run(sql).status());
     }
-    return InTransaction([&]() -> absl::Status {
-      AMALGAM_RETURN_IF_ERROR(db_->LockForMigration());
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
       AMALGAM_ASSIGN_OR_RETURN(const int64_t version, db_->SchemaVersion());
       if (version >= 1) return absl::OkStatus();
       // 1: owner, content and size of each artifact as indexed columns, and
@@ -102,6 +146,41 @@ class SqlCatalog : public Catalog {
         AMALGAM_RETURN_IF_ERROR(WriteArtifactColumns(artifact));
       }
       return db_->SetSchemaVersion(1);
+    }));
+    return InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
+      AMALGAM_ASSIGN_OR_RETURN(const int64_t version, db_->SchemaVersion());
+      if (version >= 2) return absl::OkStatus();
+      // 2: the job queue. A job's state, owner and run (runner, attempt,
+      // lease, backoff, a requested cancel, the numeric configuration it
+      // runs with) as columns, and the artifacts each job reads.
+      for (const char* sql :
+           {"ALTER TABLE jobs ADD COLUMN state BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE jobs ADD COLUMN runner TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE jobs ADD COLUMN attempt BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN lease_until BIGINT NOT NULL "
+            "DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN not_before BIGINT NOT NULL "
+            "DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN cancel_requested BIGINT NOT NULL "
+            "DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN config TEXT NOT NULL DEFAULT ''",
+            "CREATE INDEX jobs_by_state ON jobs (state, not_before)",
+            "CREATE INDEX jobs_by_owner ON jobs (owner, state)",
+            "CREATE TABLE job_inputs (artifact_id TEXT NOT NULL, job_id "
+            "TEXT NOT NULL, PRIMARY KEY (artifact_id, job_id))"}) {
+        AMALGAM_RETURN_IF_ERROR(Run(sql).status());
+      }
+      AMALGAM_ASSIGN_OR_RETURN(SqlResult rows, Run("SELECT record FROM jobs"));
+      for (const SqlRow& row : rows.rows) {
+        AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
+        AMALGAM_RETURN_IF_ERROR(WriteJob(job, nullptr));
+        if (!Final(job.state())) {
+          AMALGAM_RETURN_IF_ERROR(WriteInputs(job.id(), JobInputs(job)));
+        }
+      }
+      return db_->SetSchemaVersion(2);
     });
   }
 
@@ -113,6 +192,17 @@ class SqlCatalog : public Catalog {
   absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id) override {
     absl::MutexLock lock(&mu_);
     return ReadArtifact(id, "");
+  }
+
+  absl::StatusOr<v1::Artifact> GetSettledArtifact(
+      const std::string& id) override {
+    absl::MutexLock lock(&mu_);
+    v1::Artifact artifact;
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_ASSIGN_OR_RETURN(artifact, ReadArtifact(id, db_->ForShare()));
+      return absl::OkStatus();
+    }));
+    return artifact;
   }
 
   absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts(
@@ -169,23 +259,48 @@ class SqlCatalog : public Catalog {
     return artifact;
   }
 
-  absl::StatusOr<bool> ContentHasOtherArtifacts(
-      const std::string& sha256, const std::string& id) override {
+  absl::Status DeleteArtifact(
+      const v1::Artifact& artifact,
+      const std::function<absl::Status(bool)>& remove_content) override {
     absl::MutexLock lock(&mu_);
-    AMALGAM_ASSIGN_OR_RETURN(
-        const int64_t others,
-        QueryInt("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?1 AND "
-                 "id != ?2",
-                 {SqlValue::Text(sha256), SqlValue::Text(id)}));
-    return others > 0;
-  }
-
-  absl::Status DeleteArtifact(const std::string& id) override {
-    absl::MutexLock lock(&mu_);
+    const SqlValue id = SqlValue::Text(artifact.id());
     return InTransaction([&]() -> absl::Status {
+      AMALGAM_ASSIGN_OR_RETURN(v1::Artifact current,
+                               ReadArtifact(artifact.id(), db_->ForUpdate()));
+      AMALGAM_ASSIGN_OR_RETURN(
+          SqlResult readers,
+          Run("SELECT j.id, j.owner FROM job_inputs i JOIN jobs j ON j.id = "
+              "i.job_id WHERE i.artifact_id = ?1 AND j.state IN (?2, ?3) "
+              "ORDER BY j.created_at",
+              {id, SqlValue::Int(kQueued), SqlValue::Int(kRunning)}));
+      for (const SqlRow& row : readers.rows) {
+        const std::string& job = row[0].text;
+        const std::string& owner = row[1].text;
+        const bool own = owner == current.owner();
+        // A job of an organisation the artifact is no longer shared with
+        // does not hold it: it fails when it starts (its inputs are opened
+        // again).
+        if (!own && std::find(current.shared_with().begin(),
+                              current.shared_with().end(),
+                              owner) == current.shared_with().end()) {
+          continue;
+        }
+        // Another organisation's job ids are not the owner's to see.
+        return absl::FailedPreconditionError(absl::StrCat(
+            "artifact ", current.id(), " is an input of ",
+            own ? absl::StrCat("queued or running job ", job)
+                : "a queued or running job of an organisation it is shared "
+                  "with; revoke the share to delete it anyway"));
+      }
+      AMALGAM_ASSIGN_OR_RETURN(
+          const int64_t others,
+          QueryInt("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?1 AND "
+                   "id != ?2",
+                   {SqlValue::Text(current.sha256()), id}));
+      AMALGAM_RETURN_IF_ERROR(remove_content(others > 0));
       for (const char* sql : {"DELETE FROM shares WHERE artifact_id = ?1",
                               "DELETE FROM artifacts WHERE id = ?1"}) {
-        AMALGAM_RETURN_IF_ERROR(Run(sql, {SqlValue::Text(id)}).status());
+        AMALGAM_RETURN_IF_ERROR(Run(sql, {id}).status());
       }
       return absl::OkStatus();
     });
@@ -223,7 +338,7 @@ class SqlCatalog : public Catalog {
         AMALGAM_RETURN_IF_ERROR(InsertArtifactLocked(&artifact));
         job.add_result_ids(artifact.id());
       }
-      return PutRecord("jobs", job.id(), job);
+      return WriteRun(job);
     }));
     return job;
   }
@@ -318,34 +433,222 @@ class SqlCatalog : public Catalog {
         Run("SELECT owner, id FROM uploads WHERE artifact_id = ''", {}));
   }
 
-  absl::Status AddJob(const v1::Job& job) override {
+  absl::Status SubmitJob(const v1::Job& job,
+                         const std::vector<std::string>& inputs,
+                         const JobLimits& limits) override {
     absl::MutexLock lock(&mu_);
-    return InsertRecord("jobs", job.id(), job);
+    return InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kSubmitLock));
+      // An input deleted since the job was validated: see DeleteArtifact,
+      // which holds the row until it is gone.
+      for (const std::string& input : inputs) {
+        AMALGAM_ASSIGN_OR_RETURN(
+            SqlResult found,
+            Run(absl::StrCat("SELECT 1 FROM artifacts WHERE id = ?1",
+                             db_->ForShare()),
+                {SqlValue::Text(input)}));
+        if (found.rows.empty()) return NotFound(input);
+      }
+      AMALGAM_ASSIGN_OR_RETURN(
+          const int64_t queued,
+          QueryInt("SELECT COUNT(*) FROM jobs WHERE state = ?1",
+                   {SqlValue::Int(kQueued)}));
+      if (queued >= limits.max_queued) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("the job queue is full (", limits.max_queued,
+                         " jobs); retry later"));
+      }
+      AMALGAM_ASSIGN_OR_RETURN(
+          const int64_t active,
+          QueryInt("SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state IN "
+                   "(?2, ?3)",
+                   {SqlValue::Text(job.owner()), SqlValue::Int(kQueued),
+                    SqlValue::Int(kRunning)}));
+      if (active >= limits.max_active_per_org) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "organisation ", job.owner(), " has ", active,
+            " queued or running jobs (the limit); retry when one finishes"));
+      }
+      AMALGAM_RETURN_IF_ERROR(InsertRecord("jobs", job.id(), job));
+      AMALGAM_RETURN_IF_ERROR(WriteJob(job, nullptr));
+      return WriteInputs(job.id(), inputs);
+    });
   }
 
-  absl::Status PutJob(const v1::Job& job) override {
+  absl::StatusOr<std::optional<v1::Job>> ClaimJob(const std::string& runner,
+                                                  const std::string& config,
+                                                  absl::Duration lease,
+                                                  int max_attempts) override {
     absl::MutexLock lock(&mu_);
-    return PutRecord("jobs", job.id(), job);
+    const int64_t now = NowMillis();
+    const int64_t lease_ms = absl::ToInt64Milliseconds(lease);
+    std::optional<v1::Job> claimed;
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      while (true) {
+        AMALGAM_ASSIGN_OR_RETURN(
+            SqlResult found,
+            Run(absl::StrCat(
+                    "SELECT record, attempt, state, cancel_requested FROM jobs "
+                    "WHERE state IN (?1, ?2) AND not_before <= ?3 AND (state "
+                    "= ?1 OR lease_until < ?3) AND (config = '' OR config = "
+                    "?4) ORDER BY created_at, ",
+                    db_->InsertionOrder(), " LIMIT 1", db_->SkipLocked()),
+                {SqlValue::Int(kQueued), SqlValue::Int(kRunning),
+                 SqlValue::Int(now), SqlValue::Text(config)}));
+        if (found.rows.empty()) return absl::OkStatus();
+        const SqlRow& row = found.rows[0];
+        AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
+        const int64_t attempt = row[1].number;
+        const bool expired = row[2].number == kRunning;
+        if (row[3].number != 0 || (expired && attempt >= max_attempts)) {
+          // Cancelled while its runner was gone, or its runners stopped too
+          // often: it ends here.
+          job.set_finished_at(Now());
+          if (row[3].number != 0) {
+            job.set_state(v1::JOB_STATE_CANCELLED);
+          } else {
+            job.set_state(v1::JOB_STATE_FAILED);
+            job.set_error_code(static_cast<int>(absl::StatusCode::kAborted));
+            job.set_error_message(absl::StrCat(
+                "the job's runner stopped (killed, or cut off from the "
+                "catalog) in each of ",
+                attempt, " attempts; it is not tried again (--max-attempts)"));
+          }
+          AMALGAM_RETURN_IF_ERROR(WriteJob(job, nullptr));
+          continue;
+        }
+        job.set_state(v1::JOB_STATE_RUNNING);
+        job.set_started_at(Now());
+        job.set_runner(runner);
+        job.set_attempt(attempt + 1);
+        job.set_error_code(0);
+        job.clear_error_message();
+        job.mutable_progress()->set_tensors_done(0);
+        job.mutable_progress()->set_bytes_done(0);
+        AMALGAM_RETURN_IF_ERROR(WriteJob(job, nullptr));
+        AMALGAM_RETURN_IF_ERROR(
+            Run("UPDATE jobs SET lease_until = ?2, not_before = ?3, config = "
+                "?4 WHERE id = ?1",
+                {SqlValue::Text(job.id()), SqlValue::Int(now + lease_ms),
+                 SqlValue::Int(now + lease_ms + BackoffMillis(attempt + 1)),
+                 SqlValue::Text(config)})
+                .status());
+        claimed = std::move(job);
+        return absl::OkStatus();
+      }
+    }));
+    return claimed;
+  }
+
+  absl::StatusOr<bool> RenewLease(const v1::Job& job,
+                                  absl::Duration lease) override {
+    absl::MutexLock lock(&mu_);
+    const int64_t until = NowMillis() + absl::ToInt64Milliseconds(lease);
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult renewed,
+        Run("UPDATE jobs SET lease_until = ?3, not_before = ?4 WHERE id = ?1 "
+            "AND attempt = ?2 AND state = ?5",
+            {SqlValue::Text(job.id()), SqlValue::Int(job.attempt()),
+             SqlValue::Int(until),
+             SqlValue::Int(until + BackoffMillis(job.attempt())),
+             SqlValue::Int(kRunning)}));
+    if (renewed.changed == 0) return LostRun(job);
+    AMALGAM_ASSIGN_OR_RETURN(
+        const int64_t cancel,
+        QueryInt("SELECT cancel_requested FROM jobs WHERE id = ?1",
+                 {SqlValue::Text(job.id())}));
+    return cancel != 0;
+  }
+
+  absl::Status UpdateRun(const v1::Job& job) override {
+    absl::MutexLock lock(&mu_);
+    return InTransaction([&] { return WriteRun(job); });
+  }
+
+  absl::Status ReleaseRun(const v1::Job& job) override {
+    absl::MutexLock lock(&mu_);
+    v1::Job queued = job;
+    queued.set_state(v1::JOB_STATE_QUEUED);
+    queued.mutable_progress()->set_tensors_done(0);
+    queued.mutable_progress()->set_bytes_done(0);
+    return InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(WriteRun(queued));
+      return Run("UPDATE jobs SET lease_until = 0, not_before = 0 WHERE id = "
+                 "?1",
+                 {SqlValue::Text(job.id())})
+          .status();
+    });
+  }
+
+  absl::StatusOr<v1::Job> CancelJob(const std::string& id,
+                                    const std::string& owner) override {
+    absl::MutexLock lock(&mu_);
+    v1::Job job;
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_ASSIGN_OR_RETURN(job, ReadJob(id, db_->ForUpdate()));
+      if (job.owner() != owner) return JobNotFound(id);
+      if (job.state() == v1::JOB_STATE_QUEUED) {
+        job.set_state(v1::JOB_STATE_CANCELLED);
+        job.set_finished_at(Now());
+        return WriteJob(job, nullptr);
+      }
+      if (job.state() != v1::JOB_STATE_RUNNING) return absl::OkStatus();
+      return Run("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1",
+                 {SqlValue::Text(id)})
+          .status();
+    }));
+    return job;
+  }
+
+  absl::StatusOr<std::vector<v1::Job>> RequeueRunsOf(const std::string& runner,
+                                                     bool every) override {
+    absl::MutexLock lock(&mu_);
+    std::vector<v1::Job> requeued;
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_ASSIGN_OR_RETURN(
+          SqlResult rows,
+          Run("SELECT record FROM jobs WHERE state = ?1 AND (runner = ?2 OR "
+              "?3 = 1)",
+              {SqlValue::Int(kRunning), SqlValue::Text(runner),
+               SqlValue::Int(every ? 1 : 0)}));
+      for (const SqlRow& row : rows.rows) {
+        AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
+        job.set_state(v1::JOB_STATE_QUEUED);
+        job.mutable_progress()->set_tensors_done(0);
+        job.mutable_progress()->set_bytes_done(0);
+        AMALGAM_RETURN_IF_ERROR(WriteJob(job, nullptr));
+        AMALGAM_RETURN_IF_ERROR(
+            Run("UPDATE jobs SET lease_until = 0, not_before = 0 WHERE id = "
+                "?1",
+                {SqlValue::Text(job.id())})
+                .status());
+        requeued.push_back(std::move(job));
+      }
+      return absl::OkStatus();
+    }));
+    return requeued;
+  }
+
+  absl::Status FailJob(const v1::Job& job) override {
+    absl::MutexLock lock(&mu_);
+    return InTransaction([&] { return WriteJob(job, nullptr); });
   }
 
   absl::StatusOr<v1::Job> GetJob(const std::string& id) override {
     absl::MutexLock lock(&mu_);
-    AMALGAM_ASSIGN_OR_RETURN(
-        SqlResult result,
-        Run("SELECT record FROM jobs WHERE id = ?1", {SqlValue::Text(id)}));
-    if (result.rows.empty()) {
-      return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
-    }
-    return Parse<v1::Job>(result.rows[0][0], id);
+    return ReadJob(id, "");
   }
 
-  absl::StatusOr<std::vector<v1::Job>> ListJobs() override {
+  absl::StatusOr<std::vector<v1::Job>> ListJobs(
+      const std::string& owner) override {
     absl::MutexLock lock(&mu_);
+    const std::string order =
+        absl::StrCat(" ORDER BY created_at, ", db_->InsertionOrder());
     AMALGAM_ASSIGN_OR_RETURN(
         SqlResult result,
-        Run(absl::StrCat("SELECT record FROM jobs ORDER BY created_at, ",
-                         db_->InsertionOrder()),
-            {}));
+        owner.empty() ? Run("SELECT record FROM jobs" + order)
+                      : Run("SELECT record FROM jobs WHERE owner = ?1" + order,
+                            {SqlValue::Text(owner)}));
     std::vector<v1::Job> jobs;
     for (const SqlRow& row : result.rows) {
       AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
@@ -354,9 +657,98 @@ class SqlCatalog : public Catalog {
     return jobs;
   }
 
+  absl::StatusOr<std::pair<int64_t, int64_t>> JobCounts() override {
+    absl::MutexLock lock(&mu_);
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult result,
+        Run("SELECT state, COUNT(*) FROM jobs WHERE state IN (?1, ?2) GROUP "
+            "BY state",
+            {SqlValue::Int(kQueued), SqlValue::Int(kRunning)}));
+    std::pair<int64_t, int64_t> counts{0, 0};
+    for (const SqlRow& row : result.rows) {
+      (row[0].number == kQueued ? counts.first : counts.second) = row[1].number;
+    }
+    return counts;
+  }
+
+  absl::StatusOr<int64_t> PendingOutputBytes(
+      const std::string& owner) override {
+    absl::MutexLock lock(&mu_);
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult result,
+        Run("SELECT record FROM jobs WHERE owner = ?1 AND state IN (?2, ?3)",
+            {SqlValue::Text(owner), SqlValue::Int(kQueued),
+             SqlValue::Int(kRunning)}));
+    int64_t bytes = 0;
+    for (const SqlRow& row : result.rows) {
+      AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
+      bytes += job.progress().bytes_total();
+    }
+    return bytes;
+  }
+
  private:
   static absl::Status NotFound(const std::string& id) {
     return absl::NotFoundError(absl::StrCat("artifact ", id, " not found"));
+  }
+  static absl::Status JobNotFound(const std::string& id) {
+    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  }
+
+  absl::StatusOr<v1::Job> ReadJob(const std::string& id,
+                                  const std::string& lock)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    AMALGAM_ASSIGN_OR_RETURN(SqlResult result,
+                             Run("SELECT record FROM jobs WHERE id = ?1" + lock,
+                                 {SqlValue::Text(id)}));
+    if (result.rows.empty()) return JobNotFound(id);
+    return Parse<v1::Job>(result.rows[0][0], id);
+  }
+
+  // Writes the job's record and columns; with `fence`, only if the run
+  // job.attempt() still holds it (RUNNING): else `*fence` is set false.
+  // A job that ended no longer holds its inputs.
+  absl::Status WriteJob(const v1::Job& job, bool* fence)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::string sql =
+        "UPDATE jobs SET record = ?2, state = ?3, owner = ?4, runner = ?5, "
+        "attempt = ?6 WHERE id = ?1";
+    std::vector<SqlValue> params = {
+        SqlValue::Text(job.id()),     SqlValue::Bytes(job.SerializeAsString()),
+        SqlValue::Int(job.state()),   SqlValue::Text(job.owner()),
+        SqlValue::Text(job.runner()), SqlValue::Int(job.attempt())};
+    if (fence != nullptr) {
+      sql += " AND attempt = ?6 AND state = ?7";
+      params.push_back(SqlValue::Int(kRunning));
+    }
+    AMALGAM_ASSIGN_OR_RETURN(SqlResult written, Run(sql, params));
+    if (fence != nullptr) *fence = written.changed > 0;
+    if (Final(job.state()) && (fence == nullptr || *fence)) {
+      return Run("DELETE FROM job_inputs WHERE job_id = ?1",
+                 {SqlValue::Text(job.id())})
+          .status();
+    }
+    return absl::OkStatus();
+  }
+
+  // WriteJob fenced: FAILED_PRECONDITION when the run lost the job.
+  absl::Status WriteRun(const v1::Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    bool held = false;
+    AMALGAM_RETURN_IF_ERROR(WriteJob(job, &held));
+    return held ? absl::OkStatus() : LostRun(job);
+  }
+
+  absl::Status WriteInputs(const std::string& job_id,
+                           const std::vector<std::string>& inputs)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const std::string& input : inputs) {
+      AMALGAM_RETURN_IF_ERROR(
+          Run("INSERT INTO job_inputs (artifact_id, job_id) VALUES (?1, ?2) "
+              "ON CONFLICT DO NOTHING",
+              {SqlValue::Text(input), SqlValue::Text(job_id)})
+              .status());
+    }
+    return absl::OkStatus();
   }
 
   absl::StatusOr<SqlResult> Run(const std::string& sql,
@@ -458,18 +850,6 @@ class SqlCatalog : public Catalog {
           absl::StrCat(table, " row ", id, " exists already"));
     }
     return status;
-  }
-
-  absl::Status PutRecord(const char* table, const std::string& id,
-                         const google::protobuf::Message& record)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return Run(absl::StrCat(
-                   "INSERT INTO ", table,
-                   " (id, created_at, record) VALUES (?1, ?2, ?3) ON CONFLICT "
-                   "(id) DO UPDATE SET record = excluded.record"),
-               {SqlValue::Text(id), SqlValue::Int(Now()),
-                SqlValue::Bytes(record.SerializeAsString())})
-        .status();
   }
 
   absl::Mutex mu_;

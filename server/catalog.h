@@ -7,12 +7,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "amalgam/v1/amalgam.pb.h"
 
 namespace amalgam::server {
@@ -27,6 +29,17 @@ struct UploadRow {
 // (owner, upload id).
 using UploadKey = std::pair<std::string, std::string>;
 
+// What bounds a submission, counted over the whole catalog.
+struct JobLimits {
+  // Jobs waiting to run.
+  int max_queued = 64;
+  // Queued plus running jobs of one organisation.
+  int max_active_per_org = 16;
+};
+
+// The artifacts a job reads.
+std::vector<std::string> JobInputs(const v1::Job& job);
+
 class Catalog {
  public:
   virtual ~Catalog() = default;
@@ -36,6 +49,10 @@ class Catalog {
   virtual absl::Status InsertArtifact(v1::Artifact* artifact) = 0;
   // NOT_FOUND naming the id; DATA_LOSS for a corrupt row.
   virtual absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id) = 0;
+  // As GetArtifact, once no transaction is changing the row: a delete in
+  // progress is waited for (and the artifact is then NOT_FOUND).
+  virtual absl::StatusOr<v1::Artifact> GetSettledArtifact(
+      const std::string& id) = 0;
   // Every artifact, or (`organization` set) those it owns or that are
   // shared with it, through indexed columns; in insertion order.
   virtual absl::StatusOr<std::vector<v1::Artifact>> ListArtifacts(
@@ -48,17 +65,23 @@ class Catalog {
   virtual absl::StatusOr<v1::Artifact> ModifyArtifact(
       const std::string& id,
       const std::function<absl::Status(v1::Artifact&)>& change) = 0;
-  // Whether an artifact other than `id` has content `sha256`.
-  virtual absl::StatusOr<bool> ContentHasOtherArtifacts(
-      const std::string& sha256, const std::string& id) = 0;
-  // Removes the artifact's row and its shares (nothing if it is gone).
-  virtual absl::Status DeleteArtifact(const std::string& id) = 0;
+  // Deletes the artifact unless a queued or running job reads it: then
+  // FAILED_PRECONDITION, naming the job to its owner. In one transaction
+  // that holds the artifact's row: `remove_content` (told whether another
+  // artifact has the same content) runs before the rows go, so that a
+  // submission never sees the row of a blob already removed. NOT_FOUND if
+  // it is gone.
+  virtual absl::Status DeleteArtifact(
+      const v1::Artifact& artifact,
+      const std::function<absl::Status(bool content_has_others)>&
+          remove_content) = 0;
   // Bytes `owner` holds: its artifacts' distinct contents and the declared
   // sizes of its unfinished uploads, except the upload `except_upload`.
   virtual absl::StatusOr<int64_t> OrgBytes(
       const std::string& owner, const std::string& except_upload) = 0;
   // Inserts each of `results` as InsertArtifact does, sets their ids as
-  // `job`'s result_ids and writes `job`, all or nothing. Returns the job.
+  // `job`'s result_ids and writes `job` (SUCCEEDED), all or nothing, fenced
+  // by the run's attempt. Returns the job.
   virtual absl::StatusOr<v1::Job> PublishResults(
       v1::Job job, std::vector<v1::Artifact>* results) = 0;
 
@@ -84,12 +107,58 @@ class Catalog {
   // Uploads not finished yet (they have a file).
   virtual absl::StatusOr<std::vector<UploadKey>> UnfinishedUploads() = 0;
 
-  // Inserts a new job's row; ALREADY_EXISTS if its id is taken.
-  virtual absl::Status AddJob(const v1::Job& job) = 0;
-  // Replaces an existing job's row (inserts it if missing).
-  virtual absl::Status PutJob(const v1::Job& job) = 0;
+  // Jobs. The catalog is the job queue: any process on it may claim a
+  // queued job, and holds it by a lease it renews; every write of a run is
+  // fenced by its attempt number, so a run that lost its lease can change
+  // nothing (FAILED_PRECONDITION).
+
+  // Queues `job` (QUEUED) reading the artifacts `inputs`, in one
+  // transaction that checks they all still exist (NOT_FOUND naming one that
+  // does not) and the limits (RESOURCE_EXHAUSTED naming the one reached).
+  // ALREADY_EXISTS if the job's id is taken.
+  virtual absl::Status SubmitJob(const v1::Job& job,
+                                 const std::vector<std::string>& inputs,
+                                 const JobLimits& limits) = 0;
+  // Claims the oldest job that is QUEUED, or RUNNING with a lease that
+  // expired (its runner stopped), past its backoff, and whose numeric
+  // configuration is unset or `config`: it becomes RUNNING by `runner`
+  // under the next attempt with a lease of `lease`, and records `config`.
+  // A job whose runners stopped `max_attempts` times fails instead. Returns
+  // the claimed job (its attempt set), or nullopt when there is none.
+  virtual absl::StatusOr<std::optional<v1::Job>> ClaimJob(
+      const std::string& runner, const std::string& config,
+      absl::Duration lease, int max_attempts) = 0;
+  // Renews the lease of the run `job.attempt()` of `job`; returns whether a
+  // cancel was requested.
+  virtual absl::StatusOr<bool> RenewLease(const v1::Job& job,
+                                          absl::Duration lease) = 0;
+  // Writes the record of a job being run (progress) or that the run ended
+  // (FAILED, CANCELLED), fenced by its attempt.
+  virtual absl::Status UpdateRun(const v1::Job& job) = 0;
+  // The run gives its job back (shutdown): QUEUED again, claimable at once.
+  virtual absl::Status ReleaseRun(const v1::Job& job) = 0;
+  // A QUEUED job becomes CANCELLED; a RUNNING one is marked, and its runner
+  // stops it at its next lease renewal. Returns the job; NOT_FOUND unless
+  // `owner` owns it. A finished job is returned unchanged.
+  virtual absl::StatusOr<v1::Job> CancelJob(const std::string& id,
+                                            const std::string& owner) = 0;
+  // At start: RUNNING jobs of `runner` (every RUNNING job when `every`, as
+  // where one process owns the catalog) become QUEUED again, with their
+  // progress cleared. Returns the jobs it requeued.
+  virtual absl::StatusOr<std::vector<v1::Job>> RequeueRunsOf(
+      const std::string& runner, bool every) = 0;
+  // Ends a job outside any run (its inputs no longer validate).
+  virtual absl::Status FailJob(const v1::Job& job) = 0;
+  // NOT_FOUND naming the id.
   virtual absl::StatusOr<v1::Job> GetJob(const std::string& id) = 0;
-  virtual absl::StatusOr<std::vector<v1::Job>> ListJobs() = 0;
+  // The jobs of `owner` (every job when empty), in submission order.
+  virtual absl::StatusOr<std::vector<v1::Job>> ListJobs(
+      const std::string& owner) = 0;
+  // Queued and running jobs.
+  virtual absl::StatusOr<std::pair<int64_t, int64_t>> JobCounts() = 0;
+  // Output bytes of `owner`'s queued and running jobs.
+  virtual absl::StatusOr<int64_t> PendingOutputBytes(
+      const std::string& owner) = 0;
 };
 
 // A random id with the given prefix, e.g. "art_3f9c0a7b21d4e5f6", from the

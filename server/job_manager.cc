@@ -23,22 +23,6 @@
 namespace amalgam::server {
 namespace {
 
-// The artifacts a job reads.
-std::vector<std::string> InputIds(const v1::Job& job) {
-  std::vector<std::string> ids;
-  for (const std::string* id : {&job.sweep().a_id(), &job.sweep().b_id(),
-                                &job.grow().a_id(), &job.grow().b_id()}) {
-    if (!id->empty()) ids.push_back(*id);
-  }
-  for (const v1::MergeModel& model : job.merge().models()) {
-    for (const std::string* id :
-         {&model.weights_id(), &model.gram_id(), &model.fisher_id()}) {
-      if (!id->empty()) ids.push_back(*id);
-    }
-  }
-  return ids;
-}
-
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
 
 // "merge", "grow" or "sweep".
@@ -94,12 +78,17 @@ struct JobManager::Prepared {
   core::GrowPlan grow_plan;
 };
 
-struct JobManager::Entry {
+// A job this process runs.
+struct JobManager::Running {
   v1::Job job;
   std::atomic<bool> cancelled{false};
   // Cancelled by a user (not by shutdown).
-  bool user_cancelled = false;
-  std::map<uint64_t, Listener> listeners;
+  std::atomic<bool> user_cancelled{false};
+  // Another process holds the job now: this run changes nothing more.
+  std::atomic<bool> lost{false};
+  // When progress was last written to the catalog.
+  absl::Time persisted = absl::InfinitePast();
+  absl::Time renewed = absl::Now();
 };
 
 JobManager::JobManager(Storage* storage, JobManagerOptions options)
@@ -107,48 +96,44 @@ JobManager::JobManager(Storage* storage, JobManagerOptions options)
   for (int i = 0; i < std::max(1, options_.workers); ++i) {
     workers_.emplace_back([this] { WorkerLoop(); });
   }
+  heartbeat_ = std::thread([this] { HeartbeatLoop(); });
 }
 
 JobManager::~JobManager() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
-    for (auto& [id, entry] : jobs_) entry->cancelled = true;
+    for (auto& [id, run] : running_) run->cancelled = true;
   }
   for (std::thread& worker : workers_) worker.join();
+  heartbeat_.join();
 }
 
 absl::Status JobManager::Recover() {
-  AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Job> jobs, storage_->ListJobs());
-  int requeued = 0;
-  for (v1::Job& job : jobs) {
-    bool requeue = false;
-    if (!IsFinal(job.state())) {
-      absl::StatusOr<std::unique_ptr<Prepared>> p = Prepare(job);
-      requeue = p.ok();
-      if (!p.ok()) {
-        job.set_state(v1::JOB_STATE_FAILED);
-        job.set_error_code(static_cast<int>(p.status().code()));
-        job.set_error_message(PublicMessage(absl::StrCat(
-            "after a restart the job's inputs no longer validate: ",
-            p.status().message())));
-        job.set_finished_at(Now());
-        AMALGAM_RETURN_IF_ERROR(storage_->PutJob(job));
-      }
+  AMALGAM_ASSIGN_OR_RETURN(
+      std::vector<v1::Job> requeued,
+      catalog()->RequeueRunsOf(options_.replica_name, options_.sole_process));
+  for (v1::Job& job : requeued) {
+    absl::StatusOr<std::unique_ptr<Prepared>> p = Prepare(job);
+    if (!p.ok()) {
+      job.set_state(v1::JOB_STATE_FAILED);
+      job.set_error_code(static_cast<int>(p.status().code()));
+      job.set_error_message(PublicMessage(
+          absl::StrCat("after a restart the job's inputs no longer validate: ",
+                       p.status().message())));
+      job.set_finished_at(Now());
+      AMALGAM_RETURN_IF_ERROR(catalog()->FailJob(job));
+      continue;
     }
-    // Results a crashed run stored before it died; the re-run makes them
-    // again.
-    if (requeue) DiscardResults(job.id());
-    absl::MutexLock lock(&mu_);
-    if (requeue) {
-      job.set_state(v1::JOB_STATE_QUEUED);
-      job.clear_progress();
-      ++requeued;
-    }
-    Add(job, requeue);
+    // Results a crashed run of an earlier version stored before it died;
+    // the re-run makes them again.
+    DiscardResults(job.id());
   }
-  Log(LogLevel::kInfo,
-      LogFields("recover").Add("jobs", jobs.size()).Add("requeued", requeued));
+  AMALGAM_ASSIGN_OR_RETURN(const auto counts, catalog()->JobCounts());
+  Log(LogLevel::kInfo, LogFields("recover")
+                           .Add("requeued", counts.first)
+                           .Add("running_elsewhere", counts.second)
+                           .Add("replica", options_.replica_name));
   return absl::OkStatus();
 }
 
@@ -164,9 +149,16 @@ absl::StatusOr<const core::SafetensorsReader*> JobManager::OpenInput(
         field, " is ", id, ", a ", v1::ArtifactKind_Name(artifact.kind()),
         " artifact; expected ", v1::ArtifactKind_Name(kind)));
   }
-  AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(artifact));
+  absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> reader =
+      storage_->OpenBlob(artifact);
+  if (!reader.ok()) {
+    // Its blob may have gone with a delete still in progress: then the
+    // artifact is not found (once the delete is done), not lost.
+    AMALGAM_RETURN_IF_ERROR(catalog()->GetSettledArtifact(id).status());
+    return reader.status();
+  }
   if (blob_path != nullptr) *blob_path = storage_->BlobPath(artifact);
-  prepared->readers.push_back(std::move(reader));
+  prepared->readers.push_back(*std::move(reader));
   return prepared->readers.back().get();
 }
 
@@ -348,246 +340,309 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
       absl::StrCat("a job writing ", output_bytes, " bytes");
   AMALGAM_RETURN_IF_ERROR(CheckFreeSpace(storage_->data_dir(), output_bytes,
                                          options_.disk_reserve_bytes, what));
-  int64_t stored = 0;  // read only when there is a quota to check
   if (options_.quota_bytes_per_org > 0) {
-    AMALGAM_ASSIGN_OR_RETURN(stored, storage_->OrgBytes(owner));
+    AMALGAM_ASSIGN_OR_RETURN(const int64_t stored, storage_->OrgBytes(owner));
+    AMALGAM_ASSIGN_OR_RETURN(const int64_t pending,
+                             catalog()->PendingOutputBytes(owner));
+    AMALGAM_RETURN_IF_ERROR(CheckQuota(owner, stored + pending, output_bytes,
+                                       options_.quota_bytes_per_org, what));
   }
-  absl::MutexLock lock(&mu_);
-  AMALGAM_RETURN_IF_ERROR(
-      CheckQuota(owner, stored + PendingOutputBytesLocked(owner), output_bytes,
-                 options_.quota_bytes_per_org, what));
-  if (draining_) {
-    return absl::UnavailableError(
-        "the server is shutting down; submit the job again when it is back");
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) {
+      return absl::UnavailableError(
+          "the server is shutting down; submit the job again when it is "
+          "back");
+    }
   }
-  // An input deleted since Prepare: see DeleteIfUnused.
-  for (const std::string& input : InputIds(job)) {
-    AMALGAM_RETURN_IF_ERROR(storage_->GetArtifact(input).status());
-  }
-  if (static_cast<int>(queue_.size()) >= options_.max_queued) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the job queue is full (", options_.max_queued, " jobs); retry later"));
-  }
-  int active = 0;
-  for (const auto& [id, other] : jobs_) {
-    if (other->job.owner() == owner && !IsFinal(other->job.state())) ++active;
-  }
-  if (active >= options_.max_active_per_org) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "organisation ", owner, " has ", active,
-        " queued or running jobs (the limit); retry when one finishes"));
-  }
+  JobLimits limits;
+  limits.max_queued = options_.max_queued;
+  limits.max_active_per_org = options_.max_active_per_org;
   // A colliding id is never overwritten: another is drawn.
   absl::Status inserted;
-  while (absl::IsAlreadyExists(inserted = storage_->AddJob(job))) {
+  while (absl::IsAlreadyExists(
+      inserted = catalog()->SubmitJob(job, JobInputs(job), limits))) {
     job.set_id(NewId("job"));
   }
   AMALGAM_RETURN_IF_ERROR(inserted);
-  Add(job, /*queue=*/true);
   Log(LogLevel::kInfo, LogFields("job_state")
                            .Add("job", job.id())
                            .Add("owner", owner)
                            .Add("state", "JOB_STATE_QUEUED"));
+  absl::MutexLock lock(&mu_);
+  wake_ = true;
   return job;
-}
-
-void JobManager::Add(const v1::Job& job, bool queue) {
-  auto entry = std::make_unique<Entry>();
-  entry->job = job;
-  if (queue) queue_.push_back(entry.get());
-  jobs_[job.id()] = std::move(entry);
-}
-
-absl::StatusOr<JobManager::Entry*> JobManager::Find(
-    const std::string& id, const std::string& organization) {
-  auto it = jobs_.find(id);
-  if (it == jobs_.end() || it->second->job.owner() != organization) {
-    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
-  }
-  return it->second.get();
 }
 
 absl::StatusOr<v1::Job> JobManager::Get(const std::string& id,
                                         const std::string& organization) {
+  // The catalog first: once it says a job ended, nothing here says
+  // otherwise (its results are listed from that moment).
+  AMALGAM_ASSIGN_OR_RETURN(v1::Job job, catalog()->GetJob(id));
+  if (job.owner() != organization) {
+    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  }
   absl::MutexLock lock(&mu_);
-  AMALGAM_ASSIGN_OR_RETURN(Entry * entry, Find(id, organization));
-  return entry->job;
+  auto it = running_.find(id);
+  if (job.state() == v1::JOB_STATE_RUNNING && it != running_.end()) {
+    return it->second->job;  // fresher progress than the catalog's
+  }
+  return job;
 }
 
 absl::Status JobManager::DeleteIfUnused(const v1::Artifact& artifact) {
-  // Under the lock that Submit holds while it checks its inputs and queues,
-  // so a job is either queued before (and the delete refused) or sees the
-  // artifact gone.
-  absl::MutexLock lock(&mu_);
-  for (const auto& [id, entry] : jobs_) {
-    if (IsFinal(entry->job.state())) continue;
-    const std::string& owner = entry->job.owner();
-    const bool own = owner == artifact.owner();
-    // A job of an organisation the artifact is no longer shared with does
-    // not hold it: it fails when it starts (its inputs are opened again).
-    if (!own &&
-        std::find(artifact.shared_with().begin(), artifact.shared_with().end(),
-                  owner) == artifact.shared_with().end()) {
-      continue;
-    }
-    for (const std::string& input : InputIds(entry->job)) {
-      if (input == artifact.id()) {
-        // Another organisation's job ids are not the owner's to see.
-        return absl::FailedPreconditionError(absl::StrCat(
-            "artifact ", artifact.id(), " is an input of ",
-            own ? absl::StrCat("queued or running job ", id)
-                : "a queued or running job of an organisation it is shared "
-                  "with; revoke the share to delete it anyway"));
-      }
-    }
-  }
+  // The catalog refuses it while a queued or running job reads it, in the
+  // transaction that deletes it, so a submission either comes before (and
+  // the delete is refused) or sees the artifact gone.
   return storage_->DeleteArtifact(artifact);
 }
 
 std::vector<v1::Job> JobManager::List(const std::string& organization) {
-  absl::MutexLock lock(&mu_);
-  std::vector<v1::Job> jobs;
-  for (const auto& [id, entry] : jobs_) {
-    if (entry->job.owner() == organization) jobs.push_back(entry->job);
+  absl::StatusOr<std::vector<v1::Job>> jobs = catalog()->ListJobs(organization);
+  if (!jobs.ok()) {
+    Log(LogLevel::kError,
+        LogFields("list_jobs_failed").Add("error", jobs.status().message()));
+    return {};
   }
-  std::sort(jobs.begin(), jobs.end(), [](const v1::Job& a, const v1::Job& b) {
-    return std::make_tuple(a.created_at(), a.id()) <
-           std::make_tuple(b.created_at(), b.id());
-  });
-  return jobs;
+  absl::MutexLock lock(&mu_);
+  for (v1::Job& job : *jobs) {
+    auto it = running_.find(job.id());
+    if (job.state() == v1::JOB_STATE_RUNNING && it != running_.end()) {
+      job = it->second->job;
+    }
+  }
+  return *std::move(jobs);
 }
 
 absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id,
                                            const std::string& organization) {
+  AMALGAM_ASSIGN_OR_RETURN(v1::Job job, catalog()->CancelJob(id, organization));
   absl::MutexLock lock(&mu_);
-  AMALGAM_ASSIGN_OR_RETURN(Entry * entry, Find(id, organization));
-  if (IsFinal(entry->job.state())) return entry->job;
-  entry->cancelled = true;
-  entry->user_cancelled = true;
-  if (entry->job.state() == v1::JOB_STATE_QUEUED) {
-    queue_.erase(std::remove(queue_.begin(), queue_.end(), entry),
-                 queue_.end());
-    Update(entry, [](v1::Job& job) {
-      job.set_state(v1::JOB_STATE_CANCELLED);
-      job.set_finished_at(Now());
-    });
+  auto it = running_.find(id);
+  if (it != running_.end()) {
+    // Run here: it stops now. Run elsewhere: at its runner's next renewal.
+    it->second->user_cancelled = true;
+    it->second->cancelled = true;
+    return it->second->job;
   }
-  return entry->job;
+  if (job.state() == v1::JOB_STATE_CANCELLED) {
+    Log(LogLevel::kInfo, LogFields("job_state")
+                             .Add("job", id)
+                             .Add("owner", organization)
+                             .Add("state", "JOB_STATE_CANCELLED"));
+    Notify(job);
+  }
+  return job;
 }
 
 absl::StatusOr<uint64_t> JobManager::Watch(const std::string& id,
                                            const std::string& organization,
                                            Listener listener) {
+  AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Get(id, organization));
   absl::MutexLock lock(&mu_);
-  AMALGAM_ASSIGN_OR_RETURN(Entry * entry, Find(id, organization));
+  auto it = running_.find(id);
+  if (it != running_.end()) job = it->second->job;
   const uint64_t token = next_token_++;
-  listener(entry->job);
-  entry->listeners.emplace(token, std::move(listener));
+  listener(job);
+  watchers_[id].emplace(token, std::move(listener));
+  announced_[id] = job.SerializeAsString();
   return token;
 }
 
 void JobManager::Unwatch(const std::string& id, uint64_t token) {
   absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(id);
-  if (it != jobs_.end()) it->second->listeners.erase(token);
+  auto it = watchers_.find(id);
+  if (it == watchers_.end()) return;
+  it->second.erase(token);
+  if (it->second.empty()) {
+    watchers_.erase(it);
+    announced_.erase(id);
+  }
 }
 
-void JobManager::Update(Entry* entry,
-                        const std::function<void(v1::Job&)>& change,
-                        bool persist) {
-  const v1::JobState before = entry->job.state();
-  change(entry->job);
-  if (entry->job.state() != before) {
-    absl::Status status =
-        persist ? storage_->PutJob(entry->job) : absl::OkStatus();
-    if (!status.ok()) {
-      Log(LogLevel::kError, LogFields("persist_failed")
-                                .Add("job", entry->job.id())
-                                .Add("error", status.message()));
+void JobManager::Notify(const v1::Job& job) {
+  auto it = watchers_.find(job.id());
+  if (it == watchers_.end()) return;
+  announced_[job.id()] = job.SerializeAsString();
+  for (auto& [token, listener] : it->second) listener(job);
+}
+
+bool JobManager::LostIf(Running* run, const absl::Status& status) {
+  if (!absl::IsFailedPrecondition(status)) return false;
+  run->lost = true;
+  run->cancelled = true;
+  Log(LogLevel::kWarning, LogFields("job_lost")
+                              .Add("job", run->job.id())
+                              .Add("attempt", run->job.attempt())
+                              .Add("error", status.message()));
+  return true;
+}
+
+void JobManager::HeartbeatLoop() {
+  const absl::Duration renew_every = options_.job_lease / 3;
+  while (true) {
+    std::vector<std::pair<Running*, v1::Job>> renew;
+    std::vector<std::string> remote;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.poll_interval);
+      if (stopping_) return;
+      const absl::Time now = absl::Now();
+      for (auto& [id, run] : running_) {
+        if (now - run->renewed >= renew_every) {
+          run->renewed = now;
+          renew.emplace_back(run.get(), run->job);
+        }
+      }
+      for (const auto& [id, listeners] : watchers_) {
+        if (running_.count(id) == 0) remote.push_back(id);
+      }
     }
-    LogFields fields("job_state");
-    fields.Add("job", entry->job.id())
-        .Add("owner", entry->job.owner())
-        .Add("state", v1::JobState_Name(entry->job.state()));
-    if (!entry->job.error_message().empty()) {
-      fields.Add("error", entry->job.error_message());
+    // Runs end only under the lock and only once their worker is done with
+    // them; a run being renewed here is still in running_ (the worker waits
+    // for no heartbeat, but erases under the lock after its last write,
+    // and the pointer is checked again below).
+    for (auto& [run, job] : renew) {
+      absl::StatusOr<bool> cancel =
+          catalog()->RenewLease(job, options_.job_lease);
+      absl::MutexLock lock(&mu_);
+      auto it = running_.find(job.id());
+      if (it == running_.end() || it->second.get() != run) continue;
+      if (!cancel.ok()) {
+        LostIf(run, cancel.status());
+      } else if (*cancel) {
+        run->user_cancelled = true;
+        run->cancelled = true;
+      }
     }
-    Log(LogLevel::kInfo, fields);
+    for (const std::string& id : remote) {
+      absl::StatusOr<v1::Job> job = catalog()->GetJob(id);
+      if (!job.ok()) continue;
+      absl::MutexLock lock(&mu_);
+      auto seen = announced_.find(id);
+      if (running_.count(id) == 0 && seen != announced_.end() &&
+          seen->second != job->SerializeAsString()) {
+        Notify(*job);
+      }
+    }
   }
-  for (auto& [token, listener] : entry->listeners) listener(entry->job);
 }
 
 void JobManager::WorkerLoop() {
   while (true) {
-    Entry* entry = nullptr;
     {
       absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](JobManager* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
-            return self->stopping_ ||
-                   (!self->draining_ && !self->queue_.empty());
-          },
-          this));
+      mu_.AwaitWithTimeout(
+          absl::Condition(
+              +[](JobManager* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
+                return self->stopping_ || (!self->draining_ && self->wake_);
+              },
+              this),
+          options_.poll_interval);
       if (stopping_) return;
-      ++running_;
-      entry = queue_.front();
-      queue_.erase(queue_.begin());
-      Update(entry, [](v1::Job& job) {
-        job.set_state(v1::JOB_STATE_RUNNING);
-        job.set_started_at(Now());
-      });
+      if (draining_) continue;
+      wake_ = false;
     }
-    Run(entry);
+    absl::StatusOr<std::optional<v1::Job>> claimed =
+        catalog()->ClaimJob(options_.replica_name, options_.numeric_config,
+                            options_.job_lease, options_.max_attempts);
+    if (!claimed.ok()) {
+      Log(LogLevel::kWarning,
+          LogFields("claim_failed").Add("error", claimed.status().message()));
+      continue;
+    }
+    if (!claimed->has_value()) continue;
+    auto run = std::make_unique<Running>();
+    run->job = **claimed;
+    Running* const raw = run.get();
+    bool give_back = false;
+    {
+      absl::MutexLock lock(&mu_);
+      // Several jobs may be waiting: the next worker looks at once.
+      wake_ = true;
+      give_back = stopping_ || draining_;
+      if (!give_back) {
+        running_[raw->job.id()] = std::move(run);
+        Notify(raw->job);
+      }
+    }
+    if (give_back) {
+      catalog()->ReleaseRun(raw->job).IgnoreError();
+      continue;
+    }
+    Log(LogLevel::kInfo, LogFields("job_state")
+                             .Add("job", raw->job.id())
+                             .Add("owner", raw->job.owner())
+                             .Add("state", "JOB_STATE_RUNNING")
+                             .Add("attempt", raw->job.attempt())
+                             .Add("runner", raw->job.runner()));
+    RunClaimed(raw);
   }
 }
 
-void JobManager::Run(Entry* entry) {
+void JobManager::RunClaimed(Running* run) {
   const absl::Time start = absl::Now();
   Outputs outputs;
-  absl::Status status = RunJob(entry, &outputs);
+  absl::Status status = RunJob(run, &outputs);
+  v1::Job job;
+  {
+    absl::MutexLock lock(&mu_);
+    job = run->job;
+  }
   absl::StatusOr<v1::Job> published;
-  if (status.ok()) {
-    // The results and SUCCEEDED become visible in one transaction, outside
-    // the lock (it moves and fsyncs files).
-    v1::Job done;
-    {
-      absl::MutexLock lock(&mu_);
-      done = entry->job;
-    }
+  if (status.ok() && !run->lost) {
+    // The results and SUCCEEDED become visible in one transaction, fenced
+    // by the run's attempt.
+    v1::Job done = job;
     done.set_state(v1::JOB_STATE_SUCCEEDED);
     done.set_finished_at(Now());
     // A copy: what the transaction does not move into the blob store is
     // removed with `outputs`.
     published = storage_->PublishResults(done, outputs.files);
     status = published.status();
+    if (LostIf(run, status)) published = status;
+  }
+  const bool shutdown = !run->user_cancelled && !run->lost &&
+                        status.code() == absl::StatusCode::kCancelled;
+  bool stopping = false;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping = stopping_;
+  }
+  if (run->lost) {
+    // Another process holds the job: nothing of this run is written.
+  } else if (stopping && shutdown) {
+    // Interrupted by shutdown: given back, so that another process (or
+    // this one, restarted) runs it at once.
+    catalog()->ReleaseRun(job).IgnoreError();
+  } else if (published.ok()) {
+    job = *published;
+  } else {
+    job.set_finished_at(Now());
+    if (status.code() == absl::StatusCode::kCancelled) {
+      job.set_state(v1::JOB_STATE_CANCELLED);
+    } else {
+      job.set_state(v1::JOB_STATE_FAILED);
+      job.set_error_code(static_cast<int>(status.code()));
+      job.set_error_message(PublicMessage(status.message()));
+    }
+    LostIf(run, catalog()->UpdateRun(job));
+  }
+  const bool ended = !run->lost && IsFinal(job.state());
+  if (ended) {
+    LogFields fields("job_state");
+    fields.Add("job", job.id())
+        .Add("owner", job.owner())
+        .Add("state", v1::JobState_Name(job.state()));
+    if (!job.error_message().empty()) fields.Add("error", job.error_message());
+    Log(LogLevel::kInfo, fields);
   }
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   absl::MutexLock lock(&mu_);
-  --running_;
-  if (stopping_ && !entry->user_cancelled &&
-      status.code() == absl::StatusCode::kCancelled) {
-    // Interrupted by shutdown: the catalog keeps it running, so the next
-    // start re-runs it.
-    return;
-  }
-  if (published.ok()) {
-    // Persisted by PublishResults already.
-    Update(
-        entry, [&](v1::Job& job) { job = *published; }, /*persist=*/false);
-  } else {
-    Update(entry, [&](v1::Job& job) {
-      job.set_finished_at(Now());
-      if (status.code() == absl::StatusCode::kCancelled) {
-        job.set_state(v1::JOB_STATE_CANCELLED);
-      } else {
-        job.set_state(v1::JOB_STATE_FAILED);
-        job.set_error_code(static_cast<int>(status.code()));
-        job.set_error_message(PublicMessage(status.message()));
-      }
-    });
-  }
+  running_.erase(job.id());  // `run` is gone from here on
+  if (!ended) return;
+  Notify(job);
   if (options_.metrics != nullptr) {
-    const v1::Job& job = entry->job;
     uint64_t output_bytes = 0;
     if (status.ok()) output_bytes = job.progress().bytes_total();
     options_.metrics->JobFinished(
@@ -602,43 +657,34 @@ void JobManager::Run(Entry* entry) {
   }
 }
 
-int64_t JobManager::PendingOutputBytesLocked(const std::string& owner) const {
-  int64_t bytes = 0;
-  for (const auto& [id, entry] : jobs_) {
-    if (entry->job.owner() == owner && !IsFinal(entry->job.state())) {
-      bytes += entry->job.progress().bytes_total();
-    }
-  }
-  return bytes;
-}
-
-int64_t JobManager::PendingOutputBytes(const std::string& owner) const {
-  absl::MutexLock lock(&mu_);
-  return PendingOutputBytesLocked(owner);
+absl::StatusOr<int64_t> JobManager::PendingOutputBytes(
+    const std::string& owner) const {
+  return catalog()->PendingOutputBytes(owner);
 }
 
 void JobManager::Drain(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   draining_ = true;
-  auto idle = [this]()
-                  ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_ == 0; };
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return running_.empty();
+  };
   mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
 }
 
 std::pair<int64_t, int64_t> JobManager::Counts() {
-  absl::MutexLock lock(&mu_);
-  return {static_cast<int64_t>(queue_.size()), running_};
+  absl::StatusOr<std::pair<int64_t, int64_t>> counts = catalog()->JobCounts();
+  return counts.ok() ? *counts : std::make_pair(int64_t{0}, int64_t{0});
 }
 
 JobManager::Outputs::~Outputs() {
   for (const auto& [path, artifact] : files) std::remove(path.c_str());
 }
 
-absl::Status JobManager::RunJob(Entry* entry, Outputs* outputs) {
+absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
   v1::Job job;
   {
     absl::MutexLock lock(&mu_);
-    job = entry->job;
+    job = run->job;
   }
   // Inputs are opened again here rather than kept open from submission, so
   // queued jobs hold no file descriptors or mappings.
@@ -646,17 +692,24 @@ absl::Status JobManager::RunJob(Entry* entry, Outputs* outputs) {
   const int64_t tensors = prepared->tensors_per_output;
   const int64_t bytes = static_cast<int64_t>(prepared->bytes_per_output);
   // Progress of output `k`, `done` tensors and `bytes_done` into it.
+  // Watchers here hear of every step; the catalog (for watchers elsewhere)
+  // at most four times a second.
   auto report = [&](int k, int64_t done, int64_t bytes_done) {
+    std::optional<v1::Job> persist;
     {
       absl::MutexLock lock(&mu_);
-      Update(entry, [&](v1::Job& job) {
-        v1::Progress* p = job.mutable_progress();
-        p->set_tensors_done(k * tensors + done);
-        p->set_tensors_total(tensors * prepared->outputs);
-        p->set_bytes_done(k * bytes + bytes_done);
-        p->set_bytes_total(bytes * prepared->outputs);
-      });
+      v1::Progress* p = run->job.mutable_progress();
+      p->set_tensors_done(k * tensors + done);
+      p->set_tensors_total(tensors * prepared->outputs);
+      p->set_bytes_done(k * bytes + bytes_done);
+      p->set_bytes_total(bytes * prepared->outputs);
+      Notify(run->job);
+      if (absl::Now() - run->persisted >= absl::Milliseconds(250)) {
+        run->persisted = absl::Now();
+        persist = run->job;
+      }
     }
+    if (persist.has_value()) LostIf(run, catalog()->UpdateRun(*persist));
     if (options_.testing_step_delay > absl::ZeroDuration()) {
       absl::SleepFor(options_.testing_step_delay);
     }
@@ -678,7 +731,7 @@ absl::Status JobManager::RunJob(Entry* entry, Outputs* outputs) {
           [&](int64_t done, int64_t bytes_done) {
             report(k, done, bytes_done);
           },
-          &entry->cancelled);
+          &run->cancelled);
     } else if (job.has_grow()) {
       name = job.grow().result_name().empty() ? absl::StrCat("grow-", job.id())
                                               : job.grow().result_name();
@@ -692,7 +745,7 @@ absl::Status JobManager::RunJob(Entry* entry, Outputs* outputs) {
             while (counted < done) bytes_done += grown[counted++].info.nbytes;
             report(k, done, static_cast<int64_t>(bytes_done));
           },
-          &entry->cancelled);
+          &run->cancelled);
     } else {
       name = job.merge().result_name().empty()
                  ? absl::StrCat("merge-", job.id())
@@ -703,7 +756,7 @@ absl::Status JobManager::RunJob(Entry* entry, Outputs* outputs) {
             report(k, progress.tensors_done,
                    static_cast<int64_t>(progress.bytes_done));
           },
-          &entry->cancelled);
+          &run->cancelled);
     }
     if (status.ok()) {
       absl::StatusOr<v1::Artifact> artifact =

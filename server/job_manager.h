@@ -52,11 +52,31 @@ struct JobManagerOptions {
   // Bytes kept free on the data volume: a job whose outputs would eat into
   // them is refused at submission.
   int64_t disk_reserve_bytes = 0;
+  // The name jobs run under (Job.runner): unique among the processes on one
+  // catalog, and the same after a restart where it can be.
+  std::string replica_name = "amalgamd";
+  // Whether this process is the catalog's only one (the embedded SQLite
+  // catalog): at start, every job left running was its own.
+  bool sole_process = true;
+  // A runner's hold on its job, renewed every third of it; a job whose
+  // runner stops renewing is taken over once it expires.
+  absl::Duration job_lease = absl::Seconds(30);
+  // Runs of a job whose runner stopped, after which it fails.
+  int max_attempts = 3;
+  // The numeric configuration (BLAS core, threads, device kind) that decides
+  // a result's last bits: a job runs under the one of its first run.
+  std::string numeric_config;
+  // How often an idle worker looks for a job in the catalog, and a watch of
+  // a job run by another process reads it.
+  absl::Duration poll_interval = absl::Milliseconds(200);
 };
 
-// Validates, queues, runs and tracks jobs on a pool of worker threads, off the
-// RPC threads. Every state change is persisted before it is announced; on
-// start-up Recover() re-queues jobs that were queued or running. Thread-safe.
+// Validates and queues jobs in the catalog, and runs them on a pool of worker
+// threads, off the RPC threads. The catalog is the queue: the workers of
+// every process on it claim jobs there and hold them by a lease (see
+// Catalog::ClaimJob), so any process can run, watch or cancel any job. Every
+// state change is persisted before it is announced. No lock is held across
+// catalog or file I/O. Thread-safe.
 class JobManager {
  public:
   using Listener = std::function<void(const v1::Job&)>;
@@ -69,10 +89,11 @@ class JobManager {
 
   // Output bytes of `owner`'s queued and running jobs (counted against its
   // quota until they are results).
-  int64_t PendingOutputBytes(const std::string& owner) const;
+  absl::StatusOr<int64_t> PendingOutputBytes(const std::string& owner) const;
 
-  // Loads the jobs of the catalog and re-queues the unfinished ones (failing
-  // those whose inputs no longer validate). Call once, before Submit.
+  // Re-queues the jobs this process was running when it stopped (every
+  // running job where it is the catalog's only process), failing those whose
+  // inputs no longer validate. Call once, before Submit.
   absl::Status Recover();
 
   // Validates the whole job (artifacts exist and are of the right kinds,
@@ -98,12 +119,14 @@ class JobManager {
   // still running afterwards are stopped by the destructor and re-run on the
   // next start.
   void Drain(absl::Duration timeout);
-  // Queued and running jobs now.
+  // Queued and running jobs now, in the catalog.
   std::pair<int64_t, int64_t> Counts();
 
-  // Calls `listener` with the job now and after every change until Unwatch.
-  // The listener runs under the manager's lock: it must not block or call
-  // back into the manager. Returns a token for Unwatch; NOT_FOUND.
+  // Calls `listener` with the job now and after every change until Unwatch
+  // (a job run by another process: as its catalog row changes, read every
+  // poll_interval). The listener runs under the manager's lock: it must not
+  // block or call back into the manager. Returns a token for Unwatch;
+  // NOT_FOUND.
   absl::StatusOr<uint64_t> Watch(const std::string& id,
                                  const std::string& organization,
                                  Listener listener);
@@ -111,10 +134,7 @@ class JobManager {
 
  private:
   struct Prepared;
-  struct Entry;
-
-  int64_t PendingOutputBytesLocked(const std::string& owner) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct Running;
 
   // Opens the inputs and plans the job: what Submit validates and Run runs.
   absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
@@ -127,14 +147,17 @@ class JobManager {
       const v1::Job& job, const std::string& id, v1::ArtifactKind kind,
       const std::string& field, Prepared* prepared,
       std::string* blob_path = nullptr);
-  // Tracks `job`, and queues it when `queue` is set.
-  void Add(const v1::Job& job, bool queue) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The entry of job `id` if `organization` owns it; NOT_FOUND otherwise.
-  absl::StatusOr<Entry*> Find(const std::string& id,
-                              const std::string& organization)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WorkerLoop();
-  void Run(Entry* entry);
+  // Renews the leases of this process's runs, and reads the jobs watched
+  // here that other processes run.
+  void HeartbeatLoop();
+  // Runs a claimed job to its end (or until it is lost or given back).
+  void RunClaimed(Running* run);
+  // Tells the watchers of job `job.id()` about it.
+  void Notify(const v1::Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Marks `run` lost (another process holds its job now) when `status`
+  // says so; true then.
+  bool LostIf(Running* run, const absl::Status& status);
   // The outputs of a job, written under tmp/ and described, not yet
   // visible; removes the files when destroyed (once published, they are
   // gone already).
@@ -146,7 +169,7 @@ class JobManager {
     ~Outputs();
   };
   // Writes the job's outputs into `outputs`.
-  absl::Status RunJob(Entry* entry, Outputs* outputs);
+  absl::Status RunJob(Running* run, Outputs* outputs);
   // One model of a sweep, (1 - t) A + t B; the endpoints are copies.
   static absl::Status WriteSweepStep(
       const Prepared& prepared, double t, const std::string& out_path,
@@ -160,23 +183,25 @@ class JobManager {
   // Deletes results that a job of an earlier version of amalgamd stored
   // before it was re-run (results are now published with SUCCEEDED).
   void DiscardResults(const std::string& job_id);
-  // Applies `change` to the job, persists it if the state changed, and tells
-  // the listeners.
-  // `persist` false: the caller wrote the new row itself.
-  void Update(Entry* entry, const std::function<void(v1::Job&)>& change,
-              bool persist = true) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-
   Storage* const storage_;
   const JobManagerOptions options_;
 
+  Catalog* catalog() const { return storage_->catalog(); }
+
   mutable absl::Mutex mu_;
-  std::map<std::string, std::unique_ptr<Entry>> jobs_ ABSL_GUARDED_BY(mu_);
-  std::vector<Entry*> queue_ ABSL_GUARDED_BY(mu_);  // FIFO
+  // The jobs this process runs.
+  std::map<std::string, std::unique_ptr<Running>> running_ ABSL_GUARDED_BY(mu_);
+  // Listeners by job id, and the last state each job was announced in.
+  std::map<std::string, std::map<uint64_t, Listener>> watchers_
+      ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string> announced_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
-  int64_t running_ ABSL_GUARDED_BY(mu_) = 0;
+  // A job was submitted here: a worker looks at once.
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_token_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<std::thread> workers_;
+  std::thread heartbeat_;
 };
 
 }  // namespace amalgam::server

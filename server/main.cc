@@ -30,6 +30,15 @@ ABSL_FLAG(std::string, data_dir, "./var/amalgam",
 ABSL_FLAG(std::string, catalog, "sqlite",
           "sqlite (catalog.db in --data-dir) or a libpq URI such as "
           "postgresql://amalgam@/amalgam?host=/run/pg");
+ABSL_FLAG(std::string, replica_name, "",
+          "the name this replica runs jobs under (Job.runner); default: "
+          "hostname-pid");
+ABSL_FLAG(absl::Duration, job_lease, absl::Seconds(30),
+          "a runner's hold on its job, renewed every third of it; another "
+          "replica takes over a job whose lease expired");
+ABSL_FLAG(int, max_attempts, 3,
+          "runs of a job whose runner stopped (killed, partitioned) before it "
+          "fails");
 ABSL_FLAG(std::string, device, "auto", "auto | cpu | cuda | cuda:N");
 ABSL_FLAG(int, workers, 1, "merge jobs that run at once");
 ABSL_FLAG(int, max_queued_jobs, 64, "jobs that may wait to run");
@@ -267,6 +276,9 @@ int main(int argc, char** argv) {
   options.allow_plaintext_tokens = absl::GetFlag(FLAGS_allow_plaintext_tokens);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.catalog = absl::GetFlag(FLAGS_catalog);
+  options.replica_name = absl::GetFlag(FLAGS_replica_name);
+  options.job_lease = absl::GetFlag(FLAGS_job_lease);
+  options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   options.device = absl::GetFlag(FLAGS_device);
   options.workers = absl::GetFlag(FLAGS_workers);
   options.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);

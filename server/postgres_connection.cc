@@ -21,11 +21,6 @@ namespace {
 // Type OIDs of the results the catalog reads (pg_type.h).
 constexpr Oid kBytea = 17, kInt8 = 20, kInt2 = 21, kInt4 = 23, kNumeric = 1700;
 
-// Key of the advisory lock a serving process holds, and of the one
-// migrations take ("amalgam1" and "amalgam2" as integers).
-constexpr int64_t kServeLock = 0x616d616c67616d31;
-constexpr int64_t kMigrationLock = 0x616d616c67616d32;
-
 // Owns a PGresult.
 struct Result {
   PGresult* result;
@@ -58,8 +53,7 @@ class PostgresConnection : public SqlConnection {
     if (conn_ != nullptr) PQfinish(conn_);
   }
 
-  // Connects and takes the serving lock; FAILED_PRECONDITION if another
-  // process holds it, UNAVAILABLE if the server cannot be reached.
+  // Connects; UNAVAILABLE if the server cannot be reached.
   absl::Status Connect() {
     if (conn_ != nullptr) PQfinish(conn_);
     conn_ = PQconnectdb(uri_.c_str());
@@ -69,23 +63,6 @@ class PostgresConnection : public SqlConnection {
                        "): ", Message()));
     }
     Result notices(PQexec(conn_, "SET client_min_messages = warning"));
-    const std::string key = std::to_string(kServeLock);
-    const char* values[] = {key.c_str()};
-    Result lock(PQexecParams(conn_, "SELECT pg_try_advisory_lock($1)", 1,
-                             nullptr, values, nullptr, nullptr, 0));
-    if (PQresultStatus(lock.result) != PGRES_TUPLES_OK) {
-      return absl::UnavailableError(
-          absl::StrCat("catalog: cannot lock the catalog: ", Message()));
-    }
-    if (std::string(PQgetvalue(lock.result, 0, 0)) != "t") {
-      PQfinish(conn_);
-      conn_ = nullptr;
-      return absl::FailedPreconditionError(absl::StrCat(
-          "catalog: another amalgamd serves the PostgreSQL catalog ",
-          Redacted(),
-          "; several replicas on one catalog need cluster mode, which is "
-          "not built yet"));
-    }
     return absl::OkStatus();
   }
 
@@ -188,11 +165,12 @@ class PostgresConnection : public SqlConnection {
   }
 
   // Released at the transaction's end.
-  absl::Status LockForMigration() override {
-    return Run("SELECT pg_advisory_xact_lock(?1)",
-               {SqlValue::Int(kMigrationLock)})
+  absl::Status TransactionLock(int64_t key) override {
+    return Run("SELECT pg_advisory_xact_lock(?1)", {SqlValue::Int(key)})
         .status();
   }
+  const char* ForShare() const override { return " FOR SHARE"; }
+  const char* SkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
 
  private:
   // Reconnects a lost connection, at most once per backoff interval

@@ -1,11 +1,13 @@
 #include "server/server.h"
 
+#include <ATen/Parallel.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/impl/server_builder_option.h>
 #include <grpcpp/impl/server_builder_plugin.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -93,11 +95,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
       options.max_downloads_per_org < 1 || options.max_models_per_job < 2 ||
       options.upload_expiry <= absl::ZeroDuration() ||
       options.quota_bytes_per_org < 0 || options.disk_reserve_bytes < 0 ||
-      options.testing_step_delay < absl::ZeroDuration()) {
+      options.testing_step_delay < absl::ZeroDuration() ||
+      options.job_lease < absl::Milliseconds(300) || options.max_attempts < 1) {
     return absl::InvalidArgumentError(
         "--workers, --max-queued-jobs, --verify-threads, --max-upload-bytes, "
-        "--max-jobs-per-org, --max-uploads-per-org, --max-downloads-per-org "
-        "and --upload-expiry must be positive, --max-models-per-job 2 or "
+        "--max-jobs-per-org, --max-uploads-per-org, --max-downloads-per-org, "
+        "--max-attempts and --upload-expiry must be positive, --job-lease "
+        "300ms or more, --max-models-per-job 2 or "
         "more; --quota-bytes-per-org and --disk-reserve-bytes not "
         "negative");
   }
@@ -136,6 +140,23 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   job_options.quota_bytes_per_org = options.quota_bytes_per_org;
   job_options.disk_reserve_bytes = options.disk_reserve_bytes;
   job_options.metrics = server->metrics_.get();
+  job_options.replica_name = options.replica_name;
+  if (job_options.replica_name.empty()) {
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    job_options.replica_name = absl::StrCat(host, "-", ::getpid());
+  }
+  job_options.sole_process = options.catalog == "sqlite";
+  job_options.job_lease = options.job_lease;
+  job_options.max_attempts = options.max_attempts;
+  {
+    // What decides a result's last bits; every run of a job shares it.
+    const core::BlasInfo blas = core::GetBlasInfo();
+    job_options.numeric_config =
+        absl::StrCat("blas=", blas.core.empty() ? "unknown" : blas.core,
+                     " threads=", at::get_num_threads(),
+                     " device=", device.substr(0, device.find(':')));
+  }
   server->jobs_ =
       std::make_unique<JobManager>(server->storage_.get(), job_options);
   AMALGAM_RETURN_IF_ERROR(server->jobs_->Recover());

@@ -36,6 +36,12 @@ struct ServerOptions {
   std::string data_dir = "./var/amalgam";
   // "sqlite" (catalog.db in data_dir) or a postgresql:// URI.
   std::string catalog = "sqlite";
+  // The name this process runs jobs under; empty: hostname and pid.
+  std::string replica_name;
+  // A runner's lease on its job, and the runs after which a job whose
+  // runners stopped fails.
+  absl::Duration job_lease = absl::Seconds(30);
+  int max_attempts = 3;
   // "auto", "cpu", "cuda" or "cuda:N".
   std::string device = "auto";
   // Jobs that run at once.

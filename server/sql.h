@@ -63,9 +63,14 @@ class SqlConnection {
   virtual absl::StatusOr<int64_t> SchemaVersion() = 0;
   // Inside the migration transaction: records `version`.
   virtual absl::Status SetSchemaVersion(int64_t version) = 0;
-  // First statement of the migration transaction: waits for any other
-  // process migrating the same database.
-  virtual absl::Status LockForMigration() = 0;
+  // Inside a transaction: waits until no other process's transaction holds
+  // the lock `key`, and holds it until this one ends (PostgreSQL's advisory
+  // locks; SQLite's Begin() has locked the whole database already).
+  virtual absl::Status TransactionLock(int64_t key) = 0;
+  // Appended to a SELECT inside a transaction: locks the rows it reads for
+  // sharing, or takes rows no other transaction holds and locks them.
+  virtual const char* ForShare() const = 0;
+  virtual const char* SkipLocked() const = 0;
 };
 
 // SQLite database file `path` (created if missing), in WAL mode with full
@@ -75,10 +80,7 @@ absl::StatusOr<std::unique_ptr<SqlConnection>> OpenSqlite(
 
 // A PostgreSQL database from a libpq connection URI. The connection is
 // re-established, with backoff, after it is lost; until then statements are
-// UNAVAILABLE. The process holds an advisory lock on the catalog for as long
-// as it is connected: a second amalgamd on the same database is refused
-// (several replicas on one catalog need the cluster-mode job queue, which is
-// not built yet).
+// UNAVAILABLE.
 absl::StatusOr<std::unique_ptr<SqlConnection>> OpenPostgres(
     const std::string& uri);
 

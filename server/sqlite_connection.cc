@@ -104,7 +104,9 @@ class SqliteConnection : public SqlConnection {
   }
 
   // BEGIN IMMEDIATE has taken the database's write lock already.
-  absl::Status LockForMigration() override { return absl::OkStatus(); }
+  absl::Status TransactionLock(int64_t) override { return absl::OkStatus(); }
+  const char* ForShare() const override { return ""; }
+  const char* SkipLocked() const override { return ""; }
 
  private:
   // RESOURCE_EXHAUSTED when the disk is full, ALREADY_EXISTS for a

@@ -172,19 +172,19 @@ absl::StatusOr<v1::Artifact> Storage::ModifyArtifact(
 
 absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
   absl::MutexLock lock(&mu_);
-  AMALGAM_ASSIGN_OR_RETURN(
-      const bool shared_blob,
-      catalog_->ContentHasOtherArtifacts(artifact.sha256(), artifact.id()));
   // The blob goes first: on a full disk the row's deletion needs room in
-  // the catalog's log, which the blob frees. Under the lock, so no upload
-  // of the same content registers against the blob in between. A crash in
-  // between leaves a row without its blob, which reads as DATA_LOSS and is
-  // deleted again.
-  if (!shared_blob) {
-    std::error_code error;
-    fs::remove(BlobPath(artifact), error);
-  }
-  return catalog_->DeleteArtifact(artifact.id());
+  // the catalog's log, which the blob frees. Under the lock and inside the
+  // catalog's transaction, so no upload or job of the same content
+  // registers against the blob in between. A crash in between leaves a row
+  // without its blob, which reads as DATA_LOSS and is deleted again.
+  return catalog_->DeleteArtifact(artifact,
+                                  [&](bool content_has_others) -> absl::Status {
+                                    if (!content_has_others) {
+                                      std::error_code error;
+                                      fs::remove(BlobPath(artifact), error);
+                                    }
+                                    return absl::OkStatus();
+                                  });
 }
 
 absl::StatusOr<int64_t> Storage::OrgBytes(const std::string& owner,
@@ -195,22 +195,6 @@ absl::StatusOr<int64_t> Storage::OrgBytes(const std::string& owner,
 absl::StatusOr<std::vector<v1::Artifact>> Storage::ListArtifacts(
     const std::string& organization) {
   return catalog_->ListArtifacts(organization);
-}
-
-absl::Status Storage::PutJob(const v1::Job& job) {
-  return catalog_->PutJob(job);
-}
-
-absl::Status Storage::AddJob(const v1::Job& job) {
-  return catalog_->AddJob(job);
-}
-
-absl::StatusOr<v1::Job> Storage::GetJob(const std::string& id) {
-  return catalog_->GetJob(id);
-}
-
-absl::StatusOr<std::vector<v1::Job>> Storage::ListJobs() {
-  return catalog_->ListJobs();
 }
 
 std::string Storage::UploadPath(const std::string& owner,

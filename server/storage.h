@@ -79,8 +79,10 @@ class Storage {
   absl::StatusOr<v1::Artifact> ModifyArtifact(
       const std::string& id,
       const std::function<absl::Status(v1::Artifact&)>& change);
-  // Removes the blob unless another artifact has the same content, then the
-  // catalog row (in that order, so that a full disk can be freed).
+  // Deletes the artifact unless a queued or running job reads it
+  // (FAILED_PRECONDITION naming the job to its owner): the blob, unless
+  // another artifact has the same content, then the catalog row (in that
+  // order, so that a full disk can be freed).
   absl::Status DeleteArtifact(const v1::Artifact& artifact);
   // Bytes `owner` holds: its artifacts' distinct blobs and the declared
   // sizes of its unfinished uploads, except the upload `except_upload`.
@@ -119,12 +121,8 @@ class Storage {
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> StaleUploads(
       int64_t cutoff_unix_seconds);
 
-  // Inserts a new job's row; ALREADY_EXISTS if its id is taken.
-  absl::Status AddJob(const v1::Job& job);
-  // Replaces an existing job's row (inserts it if missing).
-  absl::Status PutJob(const v1::Job& job);
-  absl::StatusOr<v1::Job> GetJob(const std::string& id);
-  absl::StatusOr<std::vector<v1::Job>> ListJobs();
+  // The catalog, for what involves no files (jobs, counts).
+  Catalog* catalog() const { return catalog_.get(); }
 
   const std::string& data_dir() const { return data_dir_; }
 

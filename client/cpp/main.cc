@@ -711,10 +711,14 @@ int RunJobs(Context& ctx, const Args& args) {
   auto response = ctx.client->ListJobs();
   if (!response.ok()) return Fail(response.status());
   std::vector<std::vector<std::string>> rows = {
-      {"ID", "KIND", "STATE", "PROGRESS", "CREATED", "RESULT"}};
+      {"ID", "KIND", "STATE", "PROGRESS", "RUNNER", "ATTEMPT", "CREATED",
+       "RESULT"}};
   for (const v1::Job& job : response->jobs()) {
     rows.push_back({job.id(), JobKind(job), StateName(job.state()),
-                    ProgressText(job.progress()), FormatTime(job.created_at()),
+                    ProgressText(job.progress()),
+                    job.runner().empty() ? "-" : job.runner(),
+                    job.attempt() > 0 ? std::to_string(job.attempt()) : "-",
+                    FormatTime(job.created_at()),
                     job.result_ids().empty()
                         ? "-"
                         : absl::StrJoin(job.result_ids(), ",")});

@@ -25,11 +25,16 @@ std::string MakeTempDir(const std::string& prefix) {
 }
 
 ServerProcess::ServerProcess(std::string binary, std::string data_dir,
-                             std::vector<std::string> extra_args)
+                             std::vector<std::string> extra_args,
+                             std::string replica)
     : binary_(std::move(binary)),
       data_dir_(std::move(data_dir)),
       extra_args_(std::move(extra_args)),
-      log_path_(data_dir_ + ".log") {}
+      replica_(replica.empty()
+                   ? std::filesystem::path(data_dir_).filename().string()
+                   : std::move(replica)),
+      log_path_(replica.empty() ? data_dir_ + ".log"
+                                : data_dir_ + "." + replica_ + ".log") {}
 
 ServerProcess::~ServerProcess() {
   if (pid_ > 0) Stop();
@@ -37,7 +42,8 @@ ServerProcess::~ServerProcess() {
 
 bool ServerProcess::Start() {
   std::filesystem::create_directories(data_dir_);
-  const std::string port_file = data_dir_ + ".port";
+  const std::string port_file =
+      log_path_.substr(0, log_path_.size() - 4) + ".port";
   std::filesystem::remove(port_file);
   // The device the suite runs on: AMALGAM_TEST_DEVICE (a GPU machine sets
   // "cuda"), by default the CPU.
@@ -52,7 +58,9 @@ bool ServerProcess::Start() {
                                    "--device",
                                    device != nullptr ? device : "cpu",
                                    "--metrics-listen",
-                                   "127.0.0.1:0"};
+                                   "127.0.0.1:0",
+                                   "--replica-name",
+                                   replica_};
   // With AMALGAM_TEST_CATALOG=postgres, the catalog is a PostgreSQL database
   // of this data directory's own (the same one after a restart).
   const char* catalog_kind = std::getenv("AMALGAM_TEST_CATALOG");

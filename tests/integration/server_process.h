@@ -12,9 +12,12 @@ namespace amalgam::testing {
 // appears. The destructor sends SIGTERM and reaps the process.
 class ServerProcess {
  public:
-  // `data_dir` is created if missing; `extra_args` are appended.
+  // `data_dir` is created if missing; `extra_args` are appended. `replica`
+  // names the process (--replica-name, and its port and log files), so that
+  // several may share one data directory; by default the directory's name.
   ServerProcess(std::string binary, std::string data_dir,
-                std::vector<std::string> extra_args = {});
+                std::vector<std::string> extra_args = {},
+                std::string replica = "");
   ~ServerProcess();
 
   // False if the server exited or did not serve within 60 s.
@@ -34,11 +37,13 @@ class ServerProcess {
   int metrics_port() const { return metrics_port_; }
   const std::string& data_dir() const { return data_dir_; }
   const std::string& log_path() const { return log_path_; }
+  const std::string& replica() const { return replica_; }
 
  private:
   const std::string binary_;
   const std::string data_dir_;
   const std::vector<std::string> extra_args_;
+  const std::string replica_;
   std::string log_path_;
   pid_t pid_ = -1;
   int port_ = 0;

@@ -88,7 +88,7 @@ def start_amalgamd(amalgamd_path, root, port=0, extra=(), attempts=1):
     process = subprocess.Popen(
         [amalgamd_path, "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data"),
          "--port-file", str(port_file), "--device", TEST_DEVICE, "--metrics-listen", "127.0.0.1:0",
-         *_catalog_flags(root), *extra],
+         "--replica-name", root.name, *_catalog_flags(root), *extra],
         stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + 60

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <string>
 
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/postgres_database.h"
@@ -28,6 +29,14 @@ std::string FreshDir(const std::string& name) {
 std::string WriteFile(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
   return path;
+}
+
+v1::Job Queued(const std::string& id, const std::string& owner) {
+  v1::Job job;
+  job.set_id(id);
+  job.set_owner(owner);
+  job.set_state(v1::JOB_STATE_QUEUED);
+  return job;
 }
 
 v1::Artifact Weights(const std::string& owner, const std::string& sha256) {
@@ -66,14 +75,14 @@ INSTANTIATE_TEST_SUITE_P(Catalogs, StorageTest,
 TEST_P(StorageTest, AJobIdTakenAlreadyIsRefusedAndTheRowKept) {
   auto storage = Open("jobs");
   ASSERT_TRUE(storage.ok()) << storage.status();
-  v1::Job job;
-  job.set_id("job_1");
-  job.set_owner("org-a");
-  ASSERT_TRUE((*storage)->AddJob(job).ok());
+  Catalog& catalog = *(*storage)->catalog();
+  const v1::Job job = Queued("job_1", "org-a");
+  ASSERT_TRUE(catalog.SubmitJob(job, {}, JobLimits()).ok());
   v1::Job other = job;
   other.set_owner("org-b");
-  EXPECT_EQ((*storage)->AddJob(other).code(), absl::StatusCode::kAlreadyExists);
-  EXPECT_EQ((*storage)->GetJob("job_1")->owner(), "org-a");
+  EXPECT_EQ(catalog.SubmitJob(other, {}, JobLimits()).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(catalog.GetJob("job_1")->owner(), "org-a");
 }
 
 TEST_P(StorageTest, ModifyingADeletedArtifactIsNotFoundAndDoesNotRecreateIt) {
@@ -125,11 +134,11 @@ TEST_P(StorageTest, PublishedResultsAppearWithTheirJobOrNotAtAll) {
   auto storage = Open("publish");
   ASSERT_TRUE(storage.ok()) << storage.status();
   Storage& s = **storage;
-  v1::Job job;
-  job.set_id("job_p");
-  job.set_owner("org-a");
-  job.set_state(v1::JOB_STATE_RUNNING);
-  ASSERT_TRUE(s.AddJob(job).ok());
+  ASSERT_TRUE(
+      s.catalog()->SubmitJob(Queued("job_p", "org-a"), {}, JobLimits()).ok());
+  auto claimed = s.catalog()->ClaimJob("r1", "c", absl::Seconds(30), 3);
+  ASSERT_TRUE(claimed.ok() && claimed->has_value()) << claimed.status();
+  v1::Job job = **claimed;
   job.set_state(v1::JOB_STATE_SUCCEEDED);
   // The second output's file is missing: nothing is published.
   auto failed = s.PublishResults(
@@ -137,30 +146,138 @@ TEST_P(StorageTest, PublishedResultsAppearWithTheirJobOrNotAtAll) {
             {s.NewTempPath("missing"), Weights("org-a", "r2")}});
   EXPECT_FALSE(failed.ok());
   EXPECT_TRUE(s.ListArtifacts()->empty());
-  EXPECT_EQ(s.GetJob("job_p")->state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(s.catalog()->GetJob("job_p")->state(), v1::JOB_STATE_RUNNING);
   auto published = s.PublishResults(
       job, {{WriteFile(s.NewTempPath("r"), "one"), Weights("org-a", "r1")},
             {WriteFile(s.NewTempPath("r"), "two"), Weights("org-a", "r2")}});
   ASSERT_TRUE(published.ok()) << published.status();
   EXPECT_EQ(published->result_ids_size(), 2);
-  EXPECT_EQ(s.GetJob("job_p")->state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(s.catalog()->GetJob("job_p")->state(), v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(s.ListArtifacts()->size(), 2u);
 }
 
-// One amalgamd per PostgreSQL catalog until cluster mode's job queue exists:
-// a second is refused; an unreachable server is UNAVAILABLE; an unknown
-// catalog kind INVALID_ARGUMENT.
-TEST_P(StorageTest, APostgresCatalogServesOneProcessAndNamesWhatFails) {
+// The queue: one claim per job, a lease that another runner takes over
+// once it expires (attempt 2), and every write of the first run fenced.
+TEST_P(StorageTest, AnExpiredRunIsTakenOverAndTheOldRunCanChangeNothing) {
+  auto storage = Open("lease");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  Storage& s = **storage;
+  Catalog& catalog = *s.catalog();
+  ASSERT_TRUE(
+      catalog.SubmitJob(Queued("job_l", "org-a"), {}, JobLimits()).ok());
+  auto first = catalog.ClaimJob("r1", "c", absl::Milliseconds(300), 3);
+  ASSERT_TRUE(first.ok() && first->has_value()) << first.status();
+  EXPECT_EQ((*first)->attempt(), 1);
+  EXPECT_EQ((*first)->runner(), "r1");
+  EXPECT_EQ((*first)->state(), v1::JOB_STATE_RUNNING);
+  auto none = catalog.ClaimJob("r2", "c", absl::Milliseconds(300), 3);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value()) << "claimed twice";
+  EXPECT_TRUE(catalog.RenewLease(**first, absl::Milliseconds(300)).ok());
+  // Past the lease and its backoff (1 s after attempt 1).
+  absl::SleepFor(absl::Milliseconds(1400));
+  auto wrong_config = catalog.ClaimJob("r3", "other", absl::Seconds(30), 3);
+  ASSERT_TRUE(wrong_config.ok());
+  EXPECT_FALSE(wrong_config->has_value())
+      << "a job runs under the numeric configuration of its first run";
+  auto second = catalog.ClaimJob("r2", "c", absl::Seconds(30), 3);
+  ASSERT_TRUE(second.ok() && second->has_value()) << second.status();
+  EXPECT_EQ((*second)->attempt(), 2);
+  EXPECT_EQ((*second)->runner(), "r2");
+
+  v1::Job stale = **first;
+  EXPECT_EQ(catalog.RenewLease(stale, absl::Seconds(30)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  stale.set_state(v1::JOB_STATE_FAILED);
+  EXPECT_EQ(catalog.UpdateRun(stale).code(),
+            absl::StatusCode::kFailedPrecondition);
+  stale.set_state(v1::JOB_STATE_SUCCEEDED);
+  auto published = s.PublishResults(
+      stale, {{WriteFile(s.NewTempPath("r"), "old"), Weights("org-a", "o")}});
+  EXPECT_EQ(published.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(s.ListArtifacts()->empty()) << "a fenced run published";
+  EXPECT_EQ(catalog.GetJob("job_l")->attempt(), 2);
+  EXPECT_EQ(catalog.GetJob("job_l")->state(), v1::JOB_STATE_RUNNING);
+}
+
+TEST_P(StorageTest, AJobWhoseRunnersKeepStoppingFailsAfterMaxAttempts) {
+  auto storage = Open("attempts");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  Catalog& catalog = *(*storage)->catalog();
+  ASSERT_TRUE(
+      catalog.SubmitJob(Queued("job_a", "org-a"), {}, JobLimits()).ok());
+  auto first = catalog.ClaimJob("r1", "c", absl::Milliseconds(300), 1);
+  ASSERT_TRUE(first.ok() && first->has_value());
+  absl::SleepFor(absl::Milliseconds(1400));
+  auto again = catalog.ClaimJob("r2", "c", absl::Milliseconds(300), 1);
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE(again->has_value());
+  auto job = catalog.GetJob("job_a");
+  EXPECT_EQ(job->state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job->error_code(), static_cast<int>(absl::StatusCode::kAborted));
+  EXPECT_THAT(job->error_message(), HasSubstr("--max-attempts"));
+}
+
+TEST_P(StorageTest, LimitsCancelsAndDeletesAreDecidedInTheCatalog) {
+  auto storage = Open("limits");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  Storage& s = **storage;
+  Catalog& catalog = *s.catalog();
+  auto input = s.AddArtifact(WriteFile(s.NewTempPath("t"), "bytes"),
+                             Weights("org-a", "in"));
+  ASSERT_TRUE(input.ok()) << input.status();
+  JobLimits limits;
+  limits.max_queued = 3;
+  limits.max_active_per_org = 2;
+  ASSERT_TRUE(
+      catalog.SubmitJob(Queued("j1", "org-a"), {input->id()}, limits).ok());
+  ASSERT_TRUE(catalog.SubmitJob(Queued("j2", "org-a"), {}, limits).ok());
+  absl::Status third = catalog.SubmitJob(Queued("j3", "org-a"), {}, limits);
+  EXPECT_EQ(third.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(third.message(), HasSubstr("org-a has 2"));
+  ASSERT_TRUE(catalog.SubmitJob(Queued("j4", "org-b"), {}, limits).ok());
+  absl::Status full = catalog.SubmitJob(Queued("j5", "org-c"), {}, limits);
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(full.message(), HasSubstr("queue is full"));
+  EXPECT_EQ(*catalog.JobCounts(), std::make_pair(int64_t{3}, int64_t{0}));
+  EXPECT_EQ(catalog.SubmitJob(Queued("j6", "org-a"), {"art_gone"}, JobLimits())
+                .code(),
+            absl::StatusCode::kNotFound);
+
+  // j1 reads the input: it cannot be deleted until j1 ends.
+  absl::Status refused = s.DeleteArtifact(*input);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.message(), HasSubstr("j1"));
+  EXPECT_TRUE(std::filesystem::exists(s.BlobPath(*input)));
+  auto cancelled = catalog.CancelJob("j1", "org-a");
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+  EXPECT_EQ(cancelled->state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(catalog.CancelJob("j2", "org-b").status().code(),
+            absl::StatusCode::kNotFound)
+      << "another organisation's job";
+  EXPECT_TRUE(s.DeleteArtifact(*input).ok());
+  EXPECT_FALSE(std::filesystem::exists(s.BlobPath(*input)));
+
+  // A running job's cancel reaches its runner at its next renewal.
+  auto run = catalog.ClaimJob("r1", "c", absl::Seconds(30), 3);
+  ASSERT_TRUE(run.ok() && run->has_value());
+  EXPECT_EQ((*run)->id(), "j2");
+  EXPECT_FALSE(*catalog.RenewLease(**run, absl::Seconds(30)));
+  ASSERT_TRUE(catalog.CancelJob("j2", "org-a").ok());
+  EXPECT_TRUE(*catalog.RenewLease(**run, absl::Seconds(30)));
+}
+
+// Several processes may open one PostgreSQL catalog; an unreachable server
+// is UNAVAILABLE; an unknown catalog kind INVALID_ARGUMENT.
+TEST_P(StorageTest, APostgresCatalogServesManyProcessesAndNamesWhatFails) {
   if (GetParam() != "postgres") GTEST_SKIP() << "PostgreSQL only";
   const std::string dir = FreshDir("single");
   const std::string uri = testing::PostgresDatabaseFor(dir);
   auto first = Storage::Open(dir, uri);
   ASSERT_TRUE(first.ok()) << first.status();
+  // A second process on the same catalog: a replica.
   auto second = Storage::Open(dir + "-2", uri);
-  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(second.status().message(), HasSubstr("another amalgamd"));
-  first->reset();
-  EXPECT_TRUE(Storage::Open(dir + "-3", uri).ok()) << "the lock went with it";
+  EXPECT_TRUE(second.ok()) << second.status();
 
   auto unreachable = Storage::Open(
       dir + "-4", "postgresql://amalgam@/amalgam?host=/nonexistent-socket");

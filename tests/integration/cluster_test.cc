@@ -1,0 +1,264 @@
+// Several amalgamd replicas on one PostgreSQL catalog and one data directory,
+// as a cluster runs them: real processes, real gRPC, a real PostgreSQL (the
+// throwaway one of scripts/test.sh, AMALGAM_TEST_POSTGRES).
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "client/cpp/client.h"
+#include "core/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/integration/server_process.h"
+#include "tests/postgres_database.h"
+
+namespace amalgam::testing {
+namespace {
+
+using ::testing::HasSubstr;
+namespace v1 = amalgam::v1;
+
+constexpr int64_t kIn = 48, kOut = 6;
+
+// F32 tensors, by name: shape and values.
+using Tensors =
+    std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>;
+
+void Write(const std::string& path, const Tensors& tensors) {
+  std::vector<core::TensorSpec> specs;
+  for (const auto& [name, t] : tensors) {
+    specs.push_back({name, core::DType::kF32, t.first});
+  }
+  auto writer =
+      core::SafetensorsWriter::Create(path, specs, {{"num_examples", "64"}});
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  for (const auto& [name, t] : tensors) {
+    ASSERT_TRUE((*writer)
+                    ->Append(absl::Span<const uint8_t>(
+                        reinterpret_cast<const uint8_t*>(t.second.data()),
+                        t.second.size() * sizeof(float)))
+                    .ok());
+  }
+  ASSERT_TRUE((*writer)->Finish().ok());
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (TestPostgresSocket().empty()) {
+      if (PostgresRequired()) {
+        FAIL() << "AMALGAM_REQUIRE_POSTGRES=1 but AMALGAM_TEST_POSTGRES is "
+                  "not set";
+      }
+      GTEST_SKIP() << "no test PostgreSQL (AMALGAM_TEST_POSTGRES)";
+    }
+    dir_ = MakeTempDir("cluster");
+    data_ = dir_ + "/data";
+    catalog_ = PostgresDatabaseFor(data_);
+    ASSERT_FALSE(catalog_.empty());
+  }
+
+  // Replica `i` of the cluster: the shared data directory and catalog.
+  ServerProcess* Replica(int i, std::vector<std::string> args = {}) {
+    args.insert(args.end(), {"--catalog", catalog_});
+    replicas_[i] = std::make_unique<ServerProcess>(AMALGAMD_PATH, data_, args,
+                                                   absl::StrCat("replica-", i));
+    EXPECT_TRUE(replicas_[i]->Start()) << replicas_[i]->log_path();
+    clients_[i] = Connect(*replicas_[i]);
+    return replicas_[i].get();
+  }
+
+  static std::unique_ptr<client::Client> Connect(const ServerProcess& server) {
+    client::ClientOptions options;
+    options.address = server.address();
+    auto client = client::Client::Create(options);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return client.ok() ? *std::move(client) : nullptr;
+  }
+
+  // Three models (weights and Grams) written to files, uploaded through
+  // `client`; the RegMean merge of them.
+  v1::SubmitJobRequest UploadRegMean(client::Client* client) {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal;
+    v1::SubmitJobRequest request;
+    request.mutable_merge()->set_method(v1::MERGE_METHOD_REGMEAN);
+    for (int m = 0; m < 3; ++m) {
+      Tensors weights;
+      for (int l = 0; l < 8; ++l) {
+        std::vector<float> w(kOut * kIn), b(kOut);
+        for (float& x : w) x = normal(rng);
+        for (float& x : b) x = normal(rng);
+        weights[absl::StrCat("l", l, ".weight")] = {{kOut, kIn}, w};
+        weights[absl::StrCat("l", l, ".bias")] = {{kOut}, b};
+      }
+      Tensors grams;
+      for (int l = 0; l < 8; ++l) {
+        std::vector<double> x(64 * kIn);
+        for (double& v : x) v = std::round(normal(rng) * 4);
+        std::vector<float> g(kIn * kIn);
+        for (int i = 0; i < kIn; ++i) {
+          for (int j = 0; j < kIn; ++j) {
+            double sum = 0;
+            for (int r = 0; r < 64; ++r) sum += x[r * kIn + i] * x[r * kIn + j];
+            g[i * kIn + j] = static_cast<float>(sum);
+          }
+        }
+        grams[absl::StrCat("l", l, ".weight")] = {{kIn, kIn}, g};
+      }
+      const std::string w_path = absl::StrCat(dir_, "/w", m);
+      const std::string g_path = absl::StrCat(dir_, "/g", m);
+      Write(w_path, weights);
+      Write(g_path, grams);
+      auto w = client->Upload(v1::ARTIFACT_KIND_WEIGHTS, w_path,
+                              absl::StrCat("w", m), "");
+      EXPECT_TRUE(w.ok()) << w.status();
+      if (!w.ok()) return request;
+      auto g = client->Upload(v1::ARTIFACT_KIND_GRAM, g_path,
+                              absl::StrCat("g", m), w->id());
+      EXPECT_TRUE(g.ok()) << g.status();
+      if (!g.ok()) return request;
+      v1::MergeModel* model = request.mutable_merge()->add_models();
+      model->set_weights_id(w->id());
+      model->set_gram_id(g->id());
+    }
+    return request;
+  }
+
+  // Waits until `id` runs with at least `tensors` done; returns it.
+  static v1::Job AwaitProgress(client::Client* client, const std::string& id,
+                               int64_t tensors) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    v1::Job job;
+    while (absl::Now() < deadline) {
+      auto got = client->GetJob(id);
+      if (got.ok()) job = *got;
+      if (job.state() == v1::JOB_STATE_RUNNING &&
+          job.progress().tensors_done() >= tensors) {
+        break;
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    return job;
+  }
+
+  // The replica index named by a job's runner.
+  static int RunnerIndex(const v1::Job& job) {
+    return job.runner().empty() ? -1 : job.runner().back() - '0';
+  }
+
+  std::string dir_, data_, catalog_;
+  std::unique_ptr<ServerProcess> replicas_[3];
+  std::unique_ptr<client::Client> clients_[3];
+};
+
+TEST_F(ClusterTest, AnyReplicaServesWhatAnotherStoredAndRan) {
+  for (int i = 0; i < 3; ++i) Replica(i);
+  v1::SubmitJobRequest request = UploadRegMean(clients_[0].get());
+  ASSERT_EQ(request.merge().models_size(), 3);
+  auto listed = clients_[1]->ListArtifacts();
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->artifacts_size(), 6) << "uploads through replica 0";
+
+  auto job = clients_[1]->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  std::vector<v1::JobEvent> events;
+  auto done = clients_[2]->WatchJob(
+      job->id(), [&](const v1::JobEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(done.ok()) << done.status();
+  ASSERT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error_message();
+  EXPECT_EQ(done->attempt(), 1);
+  EXPECT_THAT(done->runner(), HasSubstr("replica-"));
+  ASSERT_EQ(done->result_ids_size(), 1);
+  for (int i = 0; i < 3; ++i) {
+    const std::string out = absl::StrCat(dir_, "/result", i);
+    auto downloaded = clients_[i]->Download(done->result_ids(0), out);
+    EXPECT_TRUE(downloaded.ok())
+        << "replica " << i << ": " << downloaded.status();
+  }
+}
+
+// The replica running a RegMean merge is killed (kill -9) half-way: another
+// takes the job over once the lease expires, and the result is bit for bit
+// the one a single node computes.
+TEST_F(ClusterTest, AKilledRunnerIsReplacedAndTheResultIsTheSameBits) {
+  const std::vector<std::string> args = {"--testing-step-delay", "150ms",
+                                         "--job-lease", "1s"};
+  for (int i = 0; i < 3; ++i) Replica(i, args);
+  v1::SubmitJobRequest request = UploadRegMean(clients_[0].get());
+  ASSERT_EQ(request.merge().models_size(), 3);
+  auto job = clients_[1]->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const v1::Job running = AwaitProgress(clients_[1].get(), job->id(), 4);
+  ASSERT_EQ(running.state(), v1::JOB_STATE_RUNNING);
+  const int runner = RunnerIndex(running);
+  ASSERT_GE(runner, 0) << running.runner();
+  replicas_[runner]->Kill();
+  const int watcher = (runner + 1) % 3;
+  auto done = clients_[watcher]->WatchJob(job->id());
+  ASSERT_TRUE(done.ok()) << done.status();
+  ASSERT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error_message();
+  EXPECT_EQ(done->attempt(), 2);
+  EXPECT_NE(RunnerIndex(*done), runner);
+  auto cluster_result = clients_[watcher]->GetArtifact(done->result_ids(0));
+  ASSERT_TRUE(cluster_result.ok()) << cluster_result.status();
+
+  // The same job on one node with the embedded catalog.
+  ServerProcess single(AMALGAMD_PATH, dir_ + "/single");
+  ASSERT_TRUE(single.Start());
+  auto client = Connect(single);
+  v1::SubmitJobRequest again = UploadRegMean(client.get());
+  auto single_job = client->SubmitJob(again);
+  ASSERT_TRUE(single_job.ok()) << single_job.status();
+  auto single_done = client->WatchJob(single_job->id());
+  ASSERT_TRUE(single_done.ok() &&
+              single_done->state() == v1::JOB_STATE_SUCCEEDED);
+  auto single_result = client->GetArtifact(single_done->result_ids(0));
+  ASSERT_TRUE(single_result.ok());
+  EXPECT_EQ(cluster_result->sha256(), single_result->sha256());
+  EXPECT_EQ(cluster_result->metadata().at("amalgam.blas_core"),
+            single_result->metadata().at("amalgam.blas_core"));
+}
+
+TEST_F(ClusterTest, ACancelOnAReplicaThatDoesNotRunTheJobStopsIt) {
+  const std::vector<std::string> args = {"--testing-step-delay", "300ms",
+                                         "--job-lease", "1500ms"};
+  for (int i = 0; i < 3; ++i) Replica(i, args);
+  v1::SubmitJobRequest request = UploadRegMean(clients_[0].get());
+  auto job = clients_[0]->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const v1::Job running = AwaitProgress(clients_[0].get(), job->id(), 1);
+  const int runner = RunnerIndex(running);
+  ASSERT_GE(runner, 0);
+  const int other = (runner + 1) % 3;
+  const absl::Time cancelled_at = absl::Now();
+  ASSERT_TRUE(clients_[other]->CancelJob(job->id()).ok());
+  auto done = clients_[(runner + 2) % 3]->WatchJob(job->id());
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_EQ(done->state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_LT(absl::Now() - cancelled_at, absl::Seconds(4))
+      << "stopped within about one heartbeat (0.5 s) and a step";
+  EXPECT_EQ(done->result_ids_size(), 0);
+}
+
+TEST_F(ClusterTest, AnOrganisationAtItsJobLimitIsRefusedOnEveryReplica) {
+  const std::vector<std::string> args = {"--testing-step-delay", "300ms",
+                                         "--max-jobs-per-org", "1"};
+  for (int i = 0; i < 2; ++i) Replica(i, args);
+  v1::SubmitJobRequest request = UploadRegMean(clients_[0].get());
+  auto first = clients_[0]->SubmitJob(request);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = clients_[1]->SubmitJob(request);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(second.status().message(), HasSubstr("the limit"));
+  ASSERT_TRUE(clients_[1]->CancelJob(first->id()).ok());
+}
+
+}  // namespace
+}  // namespace amalgam::testing
