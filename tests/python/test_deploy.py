@@ -35,7 +35,19 @@ def test_dockerfile_is_multi_stage_non_root_with_a_health_check():
 def test_compose_file_parses_and_references_existing_files():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"amalgamd", "prometheus", "grafana"}
+    default = {name for name, s in services.items() if "profiles" not in s}
+    assert default == {"amalgamd", "prometheus", "grafana"}
+    # The cluster profile: PostgreSQL and two replicas on its catalog and one
+    # blob volume, each under its own replica name.
+    cluster = {name for name, s in services.items() if s.get("profiles") == ["cluster"]}
+    assert cluster == {"postgres", "amalgamd-1", "amalgamd-2"}
+    for name in ("amalgamd-1", "amalgamd-2"):
+        command = services[name]["command"]
+        catalog = command[command.index("--catalog") + 1]
+        assert catalog.startswith("postgresql://") and "@postgres:5432/" in catalog
+        assert command[command.index("--replica-name") + 1] == name
+        assert services[name]["volumes"][0].startswith("amalgam-cluster-blobs:")
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert (ROOT / services["amalgamd"]["build"] / "Dockerfile").exists()
     named = set(compose.get("volumes", {}))
     ignored = (ROOT / ".gitignore").read_text().split()
@@ -91,6 +103,41 @@ def test_kubernetes_manifests_have_the_required_fields():
     assert service["spec"]["selector"].items() <= labels.items()
     monitor = by_kind["ServiceMonitor"][0]
     assert monitor["spec"]["endpoints"][0]["port"] in port_names
+
+
+def test_the_cluster_manifests_run_replicas_on_one_catalog_and_blob_volume():
+    documents = [d for f in sorted((ROOT / "deploy/k8s/cluster").glob("*.yaml"))
+                 for d in yaml.safe_load_all(f.read_text()) if d]
+    by_kind = {}
+    for d in documents:
+        assert d["apiVersion"] and d["metadata"]["name"], d
+        by_kind.setdefault(d["kind"], []).append(d)
+    assert {"Deployment", "StatefulSet", "PersistentVolumeClaim", "PodDisruptionBudget",
+            "Service", "Secret"} <= set(by_kind)
+    deployment = by_kind["Deployment"][0]
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert "--catalog=$(CATALOG_URI)" in args and "--replica-name=$(POD_NAME)" in args
+    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    assert env["CATALOG_URI"]["secretKeyRef"]["name"] == "amalgamd-catalog"
+    assert env["POD_NAME"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+    claim = {v["name"]: v for v in pod["volumes"]}["blobs"]["persistentVolumeClaim"]
+    pvc = {p["metadata"]["name"]: p for p in by_kind["PersistentVolumeClaim"]}
+    assert pvc[claim["claimName"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pod["terminationGracePeriodSeconds"] > 45  # past --drain-timeout
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    budget = by_kind["PodDisruptionBudget"][0]["spec"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    assert 0 < budget["minAvailable"] < deployment["spec"]["replicas"]
+    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
+    assert services["amalgamd"]["spec"]["selector"].items() <= labels.items()
+    postgres = by_kind["StatefulSet"][0]
+    assert postgres["spec"]["template"]["spec"]["containers"][0]["image"].startswith("postgres:15")
+    assert "amalgam-postgres" in services
 
 
 def test_dashboard_queries_only_exported_metrics(client, session_server):
