@@ -2,14 +2,20 @@
 // as a cluster runs them: real processes, real gRPC, a real PostgreSQL (the
 // throwaway one of scripts/test.sh, AMALGAM_TEST_POSTGRES).
 
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "client/cpp/client.h"
 #include "core/safetensors.h"
@@ -258,6 +264,137 @@ TEST_F(ClusterTest, AnOrganisationAtItsJobLimitIsRefusedOnEveryReplica) {
   EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(second.status().message(), HasSubstr("the limit"));
   ASSERT_TRUE(clients_[1]->CancelJob(first->id()).ok());
+}
+
+// For 60 s a random replica is killed (kill -9) and restarted every 2 to 4 s
+// while two clients upload and merge through all of them and a third lists:
+// every acknowledged upload and job is intact at the end, and no listed
+// artifact ever lacks its complete blob.
+TEST_F(ClusterTest, ChaosLosesNothingAcknowledgedAndListsNothingPartial) {
+  const std::vector<std::string> args = {"--job-lease",          "1s",
+                                         "--max-attempts",       "20",
+                                         "--testing-step-delay", "20ms"};
+  for (int i = 0; i < 3; ++i) Replica(i, args);
+  absl::Mutex mu;
+  std::string addresses[3];
+  for (int i = 0; i < 3; ++i) addresses[i] = replicas_[i]->address();
+  auto connect = [&](std::mt19937& rng) {
+    client::ClientOptions options;
+    {
+      absl::MutexLock lock(&mu);
+      options.address = addresses[rng() % 3];
+    }
+    options.upload_retries = 1;
+    options.unary_deadline = absl::Seconds(10);
+    auto client = client::Client::Create(options);
+    return client.ok() ? *std::move(client) : nullptr;
+  };
+
+  std::atomic<bool> stop{false};
+  std::map<std::string, std::string> uploaded;  // id -> sha256, acknowledged
+  std::vector<std::string> jobs;                // acknowledged
+  std::atomic<int> partial_listed{0}, listings{0};
+  auto worker = [&](int seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal;
+    for (int n = 0; !stop; ++n) {
+      const std::string path = absl::StrCat(dir_, "/chaos-", seed, "-", n);
+      Tensors model;
+      std::vector<float> values(4096);
+      for (float& v : values) v = normal(rng);
+      model["w"] = {{64, 64}, values};
+      model["b"] = {{64},
+                    std::vector<float>(values.begin(), values.begin() + 64)};
+      Write(path, model);
+      auto client = connect(rng);
+      if (client == nullptr) continue;
+      auto artifact = client->Upload(v1::ARTIFACT_KIND_WEIGHTS, path,
+                                     absl::StrCat("c", seed, "-", n), "");
+      if (!artifact.ok()) continue;
+      std::string other;
+      {
+        absl::MutexLock lock(&mu);
+        uploaded[artifact->id()] = artifact->sha256();
+        other = std::next(uploaded.begin(), rng() % uploaded.size())->first;
+      }
+      v1::SubmitJobRequest request;
+      request.mutable_merge()->set_method(v1::MERGE_METHOD_AVERAGE);
+      request.mutable_merge()->add_models()->set_weights_id(artifact->id());
+      request.mutable_merge()->add_models()->set_weights_id(other);
+      auto submitter = connect(rng);
+      if (submitter == nullptr) continue;
+      auto job = submitter->SubmitJob(request);
+      if (job.ok()) {
+        absl::MutexLock lock(&mu);
+        jobs.push_back(job->id());
+      }
+    }
+  };
+  auto lister = [&] {
+    std::mt19937 rng(99);
+    while (!stop) {
+      auto client = connect(rng);
+      auto listed = client == nullptr ? absl::UnavailableError("no client")
+                                      : client->ListArtifacts();
+      if (!listed.ok()) continue;
+      ++listings;
+      for (const v1::Artifact& a : listed->artifacts()) {
+        std::error_code error;
+        const auto size = std::filesystem::file_size(
+            absl::StrCat(data_, "/blobs/", a.sha256()), error);
+        if (error || static_cast<int64_t>(size) != a.size_bytes()) {
+          ++partial_listed;
+        }
+      }
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+  };
+  std::thread threads[] = {std::thread(worker, 1), std::thread(worker, 2),
+                           std::thread(lister)};
+  std::mt19937 chaos(5);
+  int kills = 0;
+  const absl::Time end = absl::Now() + absl::Seconds(60);
+  while (absl::Now() < end) {
+    absl::SleepFor(absl::Milliseconds(2000 + chaos() % 2000));
+    const int victim = chaos() % 3;
+    replicas_[victim]->Kill();
+    ++kills;
+    ASSERT_TRUE(replicas_[victim]->Start()) << replicas_[victim]->log_path();
+    absl::MutexLock lock(&mu);
+    addresses[victim] = replicas_[victim]->address();
+  }
+  stop = true;
+  for (std::thread& t : threads) t.join();
+
+  std::map<std::string, std::string> stored;
+  std::vector<std::string> submitted;
+  {
+    absl::MutexLock lock(&mu);
+    stored = uploaded;
+    submitted = jobs;
+  }
+  std::printf("%d kills, %zu uploads and %zu jobs acknowledged, %d listings\n",
+              kills, stored.size(), submitted.size(), listings.load());
+  ASSERT_GT(stored.size(), 10u);
+  ASSERT_GT(submitted.size(), 5u);
+  EXPECT_EQ(partial_listed.load(), 0) << "a listed artifact lacked its blob";
+  auto client = Connect(*replicas_[0]);
+  for (const auto& [id, sha256] : stored) {
+    auto artifact = client->GetArtifact(id);
+    ASSERT_TRUE(artifact.ok()) << id << ": " << artifact.status();
+    EXPECT_EQ(artifact->sha256(), sha256);
+    auto downloaded = client->Download(id, dir_ + "/check");
+    ASSERT_TRUE(downloaded.ok()) << id << ": " << downloaded.status();
+    EXPECT_EQ(downloaded->sha256(), sha256);
+  }
+  for (const std::string& id : submitted) {
+    auto done = client->WatchJob(id);
+    ASSERT_TRUE(done.ok()) << id << ": " << done.status();
+    EXPECT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED)
+        << id << ": " << done->error_message();
+    ASSERT_EQ(done->result_ids_size(), 1) << id;
+    EXPECT_TRUE(client->GetArtifact(done->result_ids(0)).ok()) << id;
+  }
 }
 
 }  // namespace
