@@ -5,6 +5,7 @@
 #                                   "amalgam", database "amalgam":
 #                                   postgresql://amalgam@/amalgam?host=DIR/sock
 #   scripts/postgres.sh stop DIR    stops it (DIR is left for the caller)
+#   scripts/postgres.sh resume DIR  starts a stopped one again
 # As root the server runs as the "postgres" user (PostgreSQL refuses root).
 set -euo pipefail
 action=${1:?start or stop}
@@ -24,11 +25,15 @@ case "$action" in
       { cat "$dir/log" >&2; exit 1; }
     "${as_owner[@]}" "$bin/createdb" -h "$dir/sock" -U amalgam amalgam
     ;;
+  resume)
+    "${as_owner[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w start \
+      -o "-k $dir/sock -c listen_addresses='' -c fsync=off" >/dev/null
+    ;;
   stop)
     "${as_owner[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
     ;;
   *)
-    echo "usage: $0 start|stop DIR" >&2
+    echo "usage: $0 start|stop|resume DIR" >&2
     exit 2
     ;;
 esac

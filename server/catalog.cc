@@ -184,6 +184,11 @@ class SqlCatalog : public Catalog {
     });
   }
 
+  absl::Status Ping() override {
+    absl::MutexLock lock(&mu_);
+    return Run("SELECT 1").status();
+  }
+
   absl::Status InsertArtifact(v1::Artifact* artifact) override {
     absl::MutexLock lock(&mu_);
     return InTransaction([&] { return InsertArtifactLocked(artifact); });

@@ -44,6 +44,9 @@ class Catalog {
  public:
   virtual ~Catalog() = default;
 
+  // OK while the database answers; UNAVAILABLE while it does not.
+  virtual absl::Status Ping() = 0;
+
   // Inserts a new artifact under a fresh id and the current time, both set
   // in `artifact` (a colliding id is drawn again, never overwritten).
   virtual absl::Status InsertArtifact(v1::Artifact* artifact) = 0;

@@ -230,6 +230,20 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   }
   server->drain_timeout_ = options.drain_timeout;
   server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
+  server->catalog_check_ = std::thread([s = server.get()] {
+    bool reachable = true;
+    while (!s->stop_catalog_check_.WaitForNotificationWithTimeout(
+        absl::Seconds(1))) {
+      const absl::Status status = s->storage_->catalog()->Ping();
+      if (status.ok() == reachable) continue;
+      reachable = status.ok();
+      s->grpc_server_->GetHealthCheckService()->SetServingStatus(reachable);
+      Log(reachable ? LogLevel::kInfo : LogLevel::kError,
+          reachable ? LogFields("catalog_reachable")
+                    : LogFields("catalog_unreachable")
+                          .Add("error", status.message()));
+    }
+  });
   Log(LogLevel::kInfo,
       LogFields("serving")
           .Add("listen", options.listen)
@@ -254,6 +268,8 @@ absl::Status Server::ReloadTokens() {
 void Server::Shutdown() {
   if (grpc_server_ == nullptr || stopped_) return;
   stopped_ = true;
+  stop_catalog_check_.Notify();
+  if (catalog_check_.joinable()) catalog_check_.join();
   // Drain: health says NOT_SERVING (load balancers stop sending), no new job
   // starts, running ones get drain_timeout to finish.
   grpc_server_->GetHealthCheckService()->SetServingStatus(false);

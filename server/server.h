@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "server/artifact_service.h"
 #include "server/auth.h"
@@ -113,6 +115,10 @@ class Server {
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
   std::unique_ptr<MetricsServer> metrics_server_;
+  // Checks the catalog every second: health says NOT_SERVING while it is
+  // unreachable. Stopped (Notify, join) before the drain.
+  absl::Notification stop_catalog_check_;
+  std::thread catalog_check_;
 };
 
 }  // namespace amalgam::server

@@ -3,10 +3,13 @@ health service and server reflection (driven with stubs generated here from
 the standard protocols, not with the project's client), and graceful drain."""
 
 import importlib
+import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -15,7 +18,7 @@ import pytest
 import torch
 
 import amalgam
-from conftest import RESOLVED_DEVICE, metrics_port, start_amalgamd
+from conftest import RESOLVED_DEVICE, ROOT, metrics_port, start_amalgamd
 
 HERE = __import__("pathlib").Path(__file__).resolve().parent
 HEALTH_PROTOS = HERE.parents[1] / "proto" / "grpc" / "health" / "v1"
@@ -262,6 +265,50 @@ def test_a_job_longer_than_the_drain_timeout_is_rerun_after_restart(tmp_path, am
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_health_says_not_serving_while_the_catalog_is_unreachable(
+        amalgamd_path, standard_stubs):
+    health_pb2 = standard_stubs["health_pb2"]
+    # A PostgreSQL of this test's own, to stop and start again.
+    root = pathlib.Path(tempfile.mkdtemp(prefix="amalgam-health-"))
+    root.chmod(0o755)
+    postgres = ["bash", str(ROOT / "scripts" / "postgres.sh")]
+    subprocess.run(postgres + ["start", str(root / "pg")], check=True)
+    uri = f"postgresql://amalgam@/amalgam?host={root / 'pg' / 'sock'}"
+    process, address = start_amalgamd(amalgamd_path, root, extra=["--catalog", uri])
+
+    def health():
+        with grpc.insecure_channel(address) as channel:
+            stub = standard_stubs["health_pb2_grpc"].HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def await_health(want, seconds):
+        deadline = time.monotonic() + seconds
+        while health() != want:
+            assert time.monotonic() < deadline, f"health never became {want}"
+            time.sleep(0.1)
+
+    try:
+        with amalgam.Client(address) as client:
+            w = client.upload_weights({"w": torch.ones(3)}, name="kept")
+            assert health() == health_pb2.HealthCheckResponse.SERVING
+            subprocess.run(postgres + ["stop", str(root / "pg")], check=True)
+            await_health(health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+            with pytest.raises(amalgam.AmalgamError) as down:
+                client.list_artifacts()
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "catalog" in str(down.value)
+            subprocess.run(postgres + ["resume", str(root / "pg")], check=True)
+            # Reconnection backs off to at most 10 s between attempts.
+            await_health(health_pb2.HealthCheckResponse.SERVING, 30)
+            assert [a.id for a in client.list_artifacts()] == [w.id]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        subprocess.run(postgres + ["stop", str(root / "pg")], check=False,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_blas_core_flag_restarts_with_those_kernels_and_threads_flag_holds(
