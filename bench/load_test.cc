@@ -5,6 +5,10 @@
 // wrong, or an organisation could read the other's artifact.
 //
 //   load_test [--seconds 60] [--clients 32] [--dir DIR] [--amalgamd PATH]
+//             [--replicas 1] [--catalog sqlite|postgresql://...]
+//
+// With --replicas N the clients spread over N replicas on one data directory
+// and the --catalog (PostgreSQL for N > 1); client i talks to replica i % N.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -33,6 +37,9 @@ ABSL_FLAG(int, seconds, 60, "how long the clients run");
 ABSL_FLAG(int, clients, 32, "concurrent clients (alternating organisations)");
 ABSL_FLAG(std::string, dir, "build/load-test", "scratch directory");
 ABSL_FLAG(std::string, amalgamd, "build/bin/amalgamd", "server binary");
+ABSL_FLAG(int, replicas, 1, "replicas sharing the data directory and catalog");
+ABSL_FLAG(std::string, catalog, "sqlite",
+          "the replicas' --catalog (postgresql://... for more than one)");
 
 namespace {
 
@@ -184,6 +191,8 @@ void RunClient(int index, const std::string& address, const std::string& dir,
       out->ms["download"].push_back(Ms(start));
       out->bytes += chunk->size_bytes();
       if (*core::Sha256File(downloaded) != pick.sha256) ++ledger->corrupted;
+    } else if (absl::IsResourceExhausted(chunk.status())) {
+      ++ledger->limited;  // --max-downloads-per-org
     } else {
       ledger->Error(chunk.status().ToString());
     }
@@ -216,7 +225,11 @@ void RunClient(int index, const std::string& address, const std::string& dir,
       const std::string merged = scratch + "/merged.safetensors";
       auto result = client->Download(done->result_ids(0), merged);
       if (!result.ok()) {
-        ledger->Error(result.status().ToString());
+        if (absl::IsResourceExhausted(result.status())) {
+          ++ledger->limited;
+        } else {
+          ledger->Error(result.status().ToString());
+        }
         continue;
       }
       out->bytes += result->size_bytes();
@@ -283,14 +296,27 @@ int main(int argc, char** argv) {
       tokens << "token-" << org << " org-" << org << "\n";
     }
   }
-  amalgam::testing::ServerProcess server(
-      absl::GetFlag(FLAGS_amalgamd), dir + "/data",
-      {"--tokens", dir + "/tokens", "--workers", "2", "--log-level",
-       "warning"});
-  if (!server.Start()) {
-    std::fprintf(stderr, "amalgamd did not start; see %s\n",
-                 server.log_path().c_str());
+  const int replicas = absl::GetFlag(FLAGS_replicas);
+  const std::string catalog = absl::GetFlag(FLAGS_catalog);
+  if (replicas < 1 || (replicas > 1 && catalog == "sqlite")) {
+    std::fprintf(stderr, "--replicas > 1 needs a postgresql:// --catalog\n");
     return 2;
+  }
+  std::vector<std::unique_ptr<amalgam::testing::ServerProcess>> servers;
+  std::vector<std::string> addresses;
+  for (int r = 0; r < replicas; ++r) {
+    servers.push_back(std::make_unique<amalgam::testing::ServerProcess>(
+        absl::GetFlag(FLAGS_amalgamd), dir + "/data",
+        std::vector<std::string>{"--tokens", dir + "/tokens", "--workers", "2",
+                                 "--log-level", "warning", "--catalog",
+                                 catalog},
+        absl::StrCat("replica-", r)));
+    if (!servers.back()->Start()) {
+      std::fprintf(stderr, "amalgamd did not start; see %s\n",
+                   servers.back()->log_path().c_str());
+      return 2;
+    }
+    addresses.push_back(servers.back()->address());
   }
 
   Ledger ledger;
@@ -299,13 +325,13 @@ int main(int argc, char** argv) {
   const auto deadline = start + std::chrono::seconds(seconds);
   std::vector<std::thread> threads;
   for (int i = 0; i < clients; ++i) {
-    threads.emplace_back(RunClient, i, server.address(), dir, deadline, &ledger,
-                         &latencies[i]);
+    threads.emplace_back(RunClient, i, addresses[i % replicas], dir, deadline,
+                         &ledger, &latencies[i]);
   }
   for (std::thread& thread : threads) thread.join();
   const double elapsed =
       std::chrono::duration<double>(Clock::now() - start).count();
-  Audit(server.address(), dir, &ledger);
+  Audit(addresses[0], dir, &ledger);
 
   std::map<std::string, std::vector<double>> all;
   int64_t bytes = 0;
@@ -315,9 +341,11 @@ int main(int argc, char** argv) {
     }
     bytes += l.bytes;
   }
-  std::printf("%d clients, %d organisations, %.0f s; %zu artifacts stored\n\n",
-              clients, kOrgs, elapsed,
-              ledger.artifacts[0].size() + ledger.artifacts[1].size());
+  std::printf(
+      "%d clients, %d organisations, %d replica(s) on %s, %.0f s; %zu "
+      "artifacts stored\n\n",
+      clients, kOrgs, replicas, catalog == "sqlite" ? "SQLite" : "PostgreSQL",
+      elapsed, ledger.artifacts[0].size() + ledger.artifacts[1].size());
   std::printf("| operation | count | per second | p50 ms | p99 ms |\n");
   std::printf("|---|---|---|---|---|\n");
   for (const auto& [op, ms] : all) {

@@ -589,11 +589,13 @@ class ArtifactServiceImpl::DownloadReactor
 };
 
 ArtifactServiceImpl::ArtifactServiceImpl(Storage* storage, Executor* executor,
+                                         Executor* rpc_executor,
                                          JobManager* jobs,
                                          const TokenStore* tokens,
                                          ArtifactServiceOptions options)
     : storage_(storage),
       executor_(executor),
+      rpc_executor_(rpc_executor),
       jobs_(jobs),
       tokens_(tokens),
       options_(options),
@@ -637,8 +639,8 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::GetUpload(
     grpc::CallbackServerContext* context, const v1::GetUploadRequest* request,
     v1::UploadStatus* response) {
   return ServeUnary(
-      context, tokens_, response,
-      [&](const std::string& org) -> absl::StatusOr<v1::UploadStatus> {
+      context, tokens_, rpc_executor_, response,
+      [=](const std::string& org) -> absl::StatusOr<v1::UploadStatus> {
         if (request->upload_id().empty()) {
           return absl::InvalidArgumentError("upload_id is empty");
         }
@@ -669,8 +671,8 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::ListArtifacts(
     const v1::ListArtifactsRequest* request,
     v1::ListArtifactsResponse* response) {
   return ServeUnary(
-      context, tokens_, response,
-      [&](const std::string& org) -> absl::StatusOr<v1::ListArtifactsResponse> {
+      context, tokens_, rpc_executor_, response,
+      [=](const std::string& org) -> absl::StatusOr<v1::ListArtifactsResponse> {
         AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> artifacts,
                                  storage_->ListArtifacts(org));
         v1::ListArtifactsResponse list;
@@ -691,8 +693,8 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::GetArtifact(
     grpc::CallbackServerContext* context, const v1::GetArtifactRequest* request,
     v1::Artifact* response) {
   return ServeUnary(
-      context, tokens_, response,
-      [&](const std::string& org) -> absl::StatusOr<v1::Artifact> {
+      context, tokens_, rpc_executor_, response,
+      [=](const std::string& org) -> absl::StatusOr<v1::Artifact> {
         AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
                                  storage_->GetArtifactFor(request->id(), org));
         AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(artifact));
@@ -710,8 +712,8 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::DeleteArtifact(
     grpc::CallbackServerContext* context,
     const v1::DeleteArtifactRequest* request,
     v1::DeleteArtifactResponse* response) {
-  return ServeUnary(context, tokens_, response,
-                    [&](const std::string& org)
+  return ServeUnary(context, tokens_, rpc_executor_, response,
+                    [=](const std::string& org)
                         -> absl::StatusOr<v1::DeleteArtifactResponse> {
                       AMALGAM_ASSIGN_OR_RETURN(
                           v1::Artifact artifact,
@@ -729,8 +731,8 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::ShareArtifact(
     const v1::ShareArtifactRequest* request,
     v1::ShareArtifactResponse* response) {
   return ServeUnary(
-      context, tokens_, response,
-      [&](const std::string& org) -> absl::StatusOr<v1::ShareArtifactResponse> {
+      context, tokens_, rpc_executor_, response,
+      [=](const std::string& org) -> absl::StatusOr<v1::ShareArtifactResponse> {
         if (request->organization().empty()) {
           return absl::InvalidArgumentError("organization is empty");
         }

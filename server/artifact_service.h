@@ -46,7 +46,9 @@ struct ArtifactServiceOptions {
 class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
  public:
   // `tokens` may be null (no authentication: one local organisation).
-  ArtifactServiceImpl(Storage* storage, Executor* executor, JobManager* jobs,
+  // Unary calls run on `rpc_executor`.
+  ArtifactServiceImpl(Storage* storage, Executor* executor,
+                      Executor* rpc_executor, JobManager* jobs,
                       const TokenStore* tokens, ArtifactServiceOptions options);
   // Stops the expiry of abandoned uploads.
   ~ArtifactServiceImpl() override;
@@ -134,6 +136,7 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
 
   Storage* const storage_;
   Executor* const executor_;
+  Executor* const rpc_executor_;
   JobManager* const jobs_;
   const TokenStore* const tokens_;
   const ArtifactServiceOptions options_;

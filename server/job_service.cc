@@ -137,27 +137,28 @@ class JobServiceImpl::WatchReactor
 grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(
     grpc::CallbackServerContext* context, const v1::SubmitJobRequest* request,
     v1::Job* response) {
-  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
-    return jobs_->Submit(*request, org);
-  });
+  return ServeUnary(
+      context, tokens_, rpc_executor_, response,
+      [=](const std::string& org) { return jobs_->Submit(*request, org); });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::GetJob(
     grpc::CallbackServerContext* context, const v1::GetJobRequest* request,
     v1::Job* response) {
-  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
-    return jobs_->Get(request->id(), org);
-  });
+  return ServeUnary(
+      context, tokens_, rpc_executor_, response,
+      [=](const std::string& org) { return jobs_->Get(request->id(), org); });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(
     grpc::CallbackServerContext* context,
     const v1::ListJobsRequest* /*request*/, v1::ListJobsResponse* response) {
-  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
-    v1::ListJobsResponse list;
-    for (v1::Job& job : jobs_->List(org)) *list.add_jobs() = std::move(job);
-    return absl::StatusOr<v1::ListJobsResponse>(std::move(list));
-  });
+  return ServeUnary(
+      context, tokens_, rpc_executor_, response, [=](const std::string& org) {
+        v1::ListJobsResponse list;
+        for (v1::Job& job : jobs_->List(org)) *list.add_jobs() = std::move(job);
+        return absl::StatusOr<v1::ListJobsResponse>(std::move(list));
+      });
 }
 
 grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
@@ -175,9 +176,10 @@ grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
 grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(
     grpc::CallbackServerContext* context, const v1::CancelJobRequest* request,
     v1::Job* response) {
-  return ServeUnary(context, tokens_, response, [&](const std::string& org) {
-    return jobs_->Cancel(request->id(), org);
-  });
+  return ServeUnary(context, tokens_, rpc_executor_, response,
+                    [=](const std::string& org) {
+                      return jobs_->Cancel(request->id(), org);
+                    });
 }
 
 }  // namespace amalgam::server

@@ -2,6 +2,7 @@
 
 #include "amalgam/v1/amalgam.grpc.pb.h"
 #include "server/auth.h"
+#include "server/executor.h"
 #include "server/job_manager.h"
 
 namespace amalgam::server {
@@ -10,8 +11,10 @@ namespace amalgam::server {
 class JobServiceImpl final : public v1::JobService::CallbackService {
  public:
   // `tokens` may be null (no authentication: one local organisation).
-  JobServiceImpl(JobManager* jobs, const TokenStore* tokens)
-      : jobs_(jobs), tokens_(tokens) {}
+  // Unary calls run on `rpc_executor`.
+  JobServiceImpl(JobManager* jobs, const TokenStore* tokens,
+                 Executor* rpc_executor)
+      : jobs_(jobs), tokens_(tokens), rpc_executor_(rpc_executor) {}
 
   grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
                                       const v1::SubmitJobRequest* request,
@@ -34,6 +37,7 @@ class JobServiceImpl final : public v1::JobService::CallbackService {
 
   JobManager* const jobs_;
   const TokenStore* const tokens_;
+  Executor* const rpc_executor_;
 };
 
 }  // namespace amalgam::server

@@ -129,6 +129,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
                            Storage::Open(options.data_dir, options.catalog));
   server->executor_ =
       std::make_unique<Executor>(options.verify_threads, /*max_queued=*/256);
+  // Unary calls: catalog reads and writes (with their fsyncs), off the gRPC
+  // reaction threads.
+  server->rpc_executor_ =
+      std::make_unique<Executor>(/*threads=*/8, /*max_queued=*/4096);
   JobManagerOptions job_options;
   job_options.workers = options.workers;
   job_options.max_queued = options.max_queued_jobs;
@@ -170,10 +174,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   artifact_options.quota_bytes_per_org = options.quota_bytes_per_org;
   artifact_options.disk_reserve_bytes = options.disk_reserve_bytes;
   server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
-      server->storage_.get(), server->executor_.get(), server->jobs_.get(),
-      server->tokens_.get(), artifact_options);
+      server->storage_.get(), server->executor_.get(),
+      server->rpc_executor_.get(), server->jobs_.get(), server->tokens_.get(),
+      artifact_options);
   server->job_service_ = std::make_unique<JobServiceImpl>(
-      server->jobs_.get(), server->tokens_.get());
+      server->jobs_.get(), server->tokens_.get(), server->rpc_executor_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
