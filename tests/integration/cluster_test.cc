@@ -2,10 +2,12 @@
 // as a cluster runs them: real processes, real gRPC, a real PostgreSQL (the
 // throwaway one of scripts/test.sh, AMALGAM_TEST_POSTGRES).
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iterator>
 #include <map>
 #include <memory>
@@ -264,6 +266,62 @@ TEST_F(ClusterTest, AnOrganisationAtItsJobLimitIsRefusedOnEveryReplica) {
   EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(second.status().message(), HasSubstr("the limit"));
   ASSERT_TRUE(clients_[1]->CancelJob(first->id()).ok());
+}
+
+// An upload cut off by the death of its replica resumes through another:
+// the offset is in the catalog, the bytes on the shared volume.
+TEST_F(ClusterTest, AnUploadCutOffWithItsReplicaResumesThroughAnother) {
+  Replica(0);
+  Replica(1);
+  const std::string path = dir_ + "/large";
+  std::vector<float> values(1 << 20);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.5f * (i % 977);
+  Write(path, {{"a", {{1 << 20}, values}}, {"b", {{1 << 20}, values}}});
+  constexpr int64_t kMiB = 1 << 20;
+  {
+    client::ClientOptions options;
+    options.address = replicas_[0]->address();
+    options.upload_retries = 0;
+    auto cut_client = *client::Client::Create(options);
+    bool killed = false;
+    auto cut = cut_client->Upload(
+        v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+        [&](int64_t done, int64_t) {
+          if (done < 4 * kMiB || killed) return;
+          const absl::Time deadline = absl::Now() + absl::Seconds(30);
+          while (absl::Now() < deadline) {
+            auto held = clients_[1]->GetUpload("moved-1");
+            if (held.ok() && held->committed_bytes() >= kMiB) break;
+            absl::SleepFor(absl::Milliseconds(5));
+          }
+          replicas_[0]->Kill();
+          killed = true;
+        },
+        "moved-1");
+    ASSERT_TRUE(killed);
+    EXPECT_FALSE(cut.ok());
+  }
+  auto held = clients_[1]->GetUpload("moved-1");
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_GE(held->committed_bytes(), kMiB);
+  EXPECT_LT(held->committed_bytes(), held->size_bytes());
+  EXPECT_EQ(clients_[1]->ListArtifacts()->artifacts_size(), 0)
+      << "a partial upload is not an artifact";
+  int64_t first = -1;
+  auto artifact = clients_[1]->Upload(
+      v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+      [&](int64_t done, int64_t) {
+        if (first < 0) first = done;
+      },
+      "moved-1");
+  ASSERT_TRUE(artifact.ok()) << artifact.status();
+  EXPECT_GE(first, held->committed_bytes()) << "only the rest was sent";
+  auto downloaded = clients_[1]->Download(artifact->id(), dir_ + "/back");
+  ASSERT_TRUE(downloaded.ok()) << downloaded.status();
+  EXPECT_EQ(downloaded->sha256(), artifact->sha256());
+  std::ifstream a(path, std::ios::binary), b(dir_ + "/back", std::ios::binary);
+  EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(a), {},
+                         std::istreambuf_iterator<char>(b)));
 }
 
 // For 60 s a random replica is killed (kill -9) and restarted every 2 to 4 s
