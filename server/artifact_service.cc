@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -173,21 +174,30 @@ class ArtifactServiceImpl::UploadReactor
     StartRead(&request_);
   }
 
+  // The message is handled on the I/O executor (catalog calls, file
+  // writes), off the gRPC reaction thread; the next read starts from there.
+  // One message at a time, so the reactor's state needs no lock.
   void OnReadDone(bool ok) override {
-    if (!ok) {
-      Complete();
-      return;
+    const bool scheduled = service_->io_executor_->Schedule([this, ok] {
+      if (!ok) {
+        Complete();
+        return;
+      }
+      absl::Status status = Consume();
+      if (!status.ok()) {
+        Fail(status);
+        return;
+      }
+      if (answered_) {
+        Finish(grpc::Status::OK);
+        return;
+      }
+      StartRead(&request_);
+    });
+    if (!scheduled) {
+      Fail(absl::ResourceExhaustedError(
+          "the server has too many transfers in progress; retry later"));
     }
-    absl::Status status = Consume();
-    if (!status.ok()) {
-      Fail(status);
-      return;
-    }
-    if (answered_) {
-      Finish(grpc::Status::OK);
-      return;
-    }
-    StartRead(&request_);
   }
 
   void OnDone() override {
@@ -517,36 +527,44 @@ class ArtifactServiceImpl::UploadReactor
 class ArtifactServiceImpl::DownloadReactor
     : public grpc::ServerWriteReactor<v1::DownloadChunk> {
  public:
-  // Holds one of `org`'s download slots until done.
+  // Holds one of `org`'s download slots until done. The file is opened and
+  // read on `io`, off the gRPC reaction thread, one chunk ahead of the write
+  // in flight (so reading and sending overlap).
   DownloadReactor(const v1::Artifact& artifact, const std::string& path,
                   int64_t offset, int64_t chunk_bytes, Metrics* metrics,
-                  OrgSlots* slots, std::string org)
+                  OrgSlots* slots, std::string org, Executor* io)
       : slots_(slots),
         org_(std::move(org)),
         artifact_(artifact),
         offset_(offset),
         buffer_(chunk_bytes),
-        metrics_(metrics) {
-    file_ = std::fopen(path.c_str(), "rb");
-    if (file_ == nullptr) {
-      Finish(grpc::Status(
-          grpc::StatusCode::DATA_LOSS,
-          absl::StrCat("blob of artifact ", artifact.id(), " is missing")));
-      return;
+        metrics_(metrics),
+        io_(io) {
+    if (!io_->Schedule([this, path] {
+          file_ = std::fopen(path.c_str(), "rb");
+          if (file_ == nullptr) {
+            Ended(grpc::Status(grpc::StatusCode::DATA_LOSS,
+                               absl::StrCat("blob of artifact ", artifact_.id(),
+                                            " is missing")));
+          } else if (offset_ > 0 && std::fseek(file_, offset_, SEEK_SET) != 0) {
+            Ended(grpc::Status(grpc::StatusCode::INTERNAL, "cannot seek"));
+          } else {
+            Read();
+          }
+        })) {
+      Finish(Busy());
     }
-    if (offset_ > 0 && std::fseek(file_, offset_, SEEK_SET) != 0) {
-      Finish(grpc::Status(grpc::StatusCode::INTERNAL, "cannot seek"));
-      return;
-    }
-    SendNext();
   }
 
   void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "download cancelled"));
-      return;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok && !end_.has_value()) {
+        end_ = grpc::Status(grpc::StatusCode::CANCELLED, "download cancelled");
+      }
     }
-    SendNext();
+    Advance();
   }
 
   void OnDone() override {
@@ -556,46 +574,114 @@ class ArtifactServiceImpl::DownloadReactor
   }
 
  private:
-  void SendNext() {
+  static grpc::Status Busy() {
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        "the server has too many transfers in progress; retry later");
+  }
+
+  // On `io`: reads the next chunk into next_ (or notes the end).
+  void Read() {
     const size_t n = std::fread(buffer_.data(), 1, buffer_.size(), file_);
-    if (n == 0 && !first_) {
-      Finish(std::ferror(file_)
-                 ? grpc::Status(grpc::StatusCode::INTERNAL, "cannot read blob")
-                 : grpc::Status::OK);
+    {
+      absl::MutexLock lock(&mu_);
+      if (n == 0 && std::ferror(file_)) {
+        if (!end_.has_value()) {
+          end_ = grpc::Status(grpc::StatusCode::INTERNAL, "cannot read blob");
+        }
+      } else if (n == 0 && !first_) {
+        if (!end_.has_value()) end_ = grpc::Status::OK;
+      } else {
+        next_.Clear();
+        if (first_) {
+          next_.set_size_bytes(artifact_.size_bytes());
+          next_.set_sha256(artifact_.sha256());
+          first_ = false;
+        }
+        next_.set_offset(offset_);
+        next_.set_data(buffer_.data(), n);
+        offset_ += static_cast<int64_t>(n);
+        if (metrics_ != nullptr) metrics_->BytesSent(static_cast<int64_t>(n));
+      }
+      reading_ = false;
+    }
+    Advance();
+  }
+
+  // Where the file could not be opened: the end, with nothing read.
+  void Ended(grpc::Status status) {
+    {
+      absl::MutexLock lock(&mu_);
+      end_ = std::move(status);
+      reading_ = false;
+    }
+    Advance();
+  }
+
+  // Once neither a read nor a write is in flight: finishes at the end, or
+  // sends the chunk read and reads the one after it. gRPC is called outside
+  // the lock.
+  void Advance() {
+    bool finish = false, write = false;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || reading_ || finished_) return;
+      if (end_.has_value()) {
+        finished_ = finish = true;
+        status = *end_;
+      } else {
+        std::swap(current_, next_);
+        writing_ = reading_ = write = true;
+      }
+    }
+    if (finish) {
+      Finish(status);
       return;
     }
-    chunk_.Clear();
-    if (first_) {
-      chunk_.set_size_bytes(artifact_.size_bytes());
-      chunk_.set_sha256(artifact_.sha256());
-      first_ = false;
+    if (write) {
+      StartWrite(&current_);
+      if (!io_->Schedule([this] { Read(); })) {
+        {
+          absl::MutexLock lock(&mu_);
+          if (!end_.has_value()) end_ = Busy();
+          reading_ = false;
+        }
+        Advance();
+      }
     }
-    chunk_.set_offset(offset_);
-    chunk_.set_data(buffer_.data(), n);
-    offset_ += static_cast<int64_t>(n);
-    if (metrics_ != nullptr) metrics_->BytesSent(static_cast<int64_t>(n));
-    StartWrite(&chunk_);
   }
 
   OrgSlots* const slots_;
   const std::string org_;
   const v1::Artifact artifact_;
-  int64_t offset_;
   std::vector<char> buffer_;
   Metrics* const metrics_;
+  Executor* const io_;
   std::FILE* file_ = nullptr;
-  bool first_ = true;
-  v1::DownloadChunk chunk_;
+  absl::Mutex mu_;
+  int64_t offset_ ABSL_GUARDED_BY(mu_);
+  bool first_ ABSL_GUARDED_BY(mu_) = true;
+  // The first read is in flight from the start.
+  bool reading_ ABSL_GUARDED_BY(mu_) = true;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // How the call ends, once known (end of file, an error, a cancel).
+  std::optional<grpc::Status> end_ ABSL_GUARDED_BY(mu_);
+  v1::DownloadChunk current_;                    // being written
+  v1::DownloadChunk next_ ABSL_GUARDED_BY(mu_);  // read, not yet sent
 };
 
 ArtifactServiceImpl::ArtifactServiceImpl(Storage* storage, Executor* executor,
                                          Executor* rpc_executor,
+                                         Executor* io_executor,
                                          JobManager* jobs,
                                          const TokenStore* tokens,
                                          ArtifactServiceOptions options)
     : storage_(storage),
       executor_(executor),
       rpc_executor_(rpc_executor),
+      io_executor_(io_executor),
       jobs_(jobs),
       tokens_(tokens),
       options_(options),
@@ -794,7 +880,7 @@ grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
   }
   return new DownloadReactor(*artifact, storage_->BlobPath(*artifact),
                              request->offset(), options_.chunk_bytes,
-                             options_.metrics, &downloads_, org);
+                             options_.metrics, &downloads_, org, io_executor_);
 }
 
 }  // namespace amalgam::server

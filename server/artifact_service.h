@@ -46,10 +46,12 @@ struct ArtifactServiceOptions {
 class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
  public:
   // `tokens` may be null (no authentication: one local organisation).
-  // Unary calls run on `rpc_executor`.
+  // Unary calls run on `rpc_executor`, the reads and writes of upload and
+  // download streams on `io_executor`.
   ArtifactServiceImpl(Storage* storage, Executor* executor,
-                      Executor* rpc_executor, JobManager* jobs,
-                      const TokenStore* tokens, ArtifactServiceOptions options);
+                      Executor* rpc_executor, Executor* io_executor,
+                      JobManager* jobs, const TokenStore* tokens,
+                      ArtifactServiceOptions options);
   // Stops the expiry of abandoned uploads.
   ~ArtifactServiceImpl() override;
 
@@ -137,6 +139,7 @@ class ArtifactServiceImpl final : public v1::ArtifactService::CallbackService {
   Storage* const storage_;
   Executor* const executor_;
   Executor* const rpc_executor_;
+  Executor* const io_executor_;
   JobManager* const jobs_;
   const TokenStore* const tokens_;
   const ArtifactServiceOptions options_;

@@ -133,6 +133,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   // reaction threads.
   server->rpc_executor_ =
       std::make_unique<Executor>(/*threads=*/8, /*max_queued=*/4096);
+  // Upload and download streams' file I/O: one task per stream at a time.
+  server->io_executor_ =
+      std::make_unique<Executor>(/*threads=*/8, /*max_queued=*/4096);
   JobManagerOptions job_options;
   job_options.workers = options.workers;
   job_options.max_queued = options.max_queued_jobs;
@@ -175,8 +178,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   artifact_options.disk_reserve_bytes = options.disk_reserve_bytes;
   server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
       server->storage_.get(), server->executor_.get(),
-      server->rpc_executor_.get(), server->jobs_.get(), server->tokens_.get(),
-      artifact_options);
+      server->rpc_executor_.get(), server->io_executor_.get(),
+      server->jobs_.get(), server->tokens_.get(), artifact_options);
   server->job_service_ = std::make_unique<JobServiceImpl>(
       server->jobs_.get(), server->tokens_.get(), server->rpc_executor_.get());
 

@@ -111,6 +111,7 @@ class Server {
   std::unique_ptr<Storage> storage_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<Executor> rpc_executor_;
+  std::unique_ptr<Executor> io_executor_;
   std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<ArtifactServiceImpl> artifact_service_;
   std::unique_ptr<JobServiceImpl> job_service_;
