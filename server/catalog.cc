@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "core/status_macros.h"
+#include "server/catalog_pool.h"
 #include "server/sql.h"
 
 namespace amalgam::server {
@@ -54,6 +55,9 @@ namespace {
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
 int64_t NowMillis() { return absl::ToUnixMillis(absl::Now()); }
+
+// Connections to a PostgreSQL catalog per process.
+constexpr size_t kPostgresConnections = 8;
 
 // Transaction locks ("amalgamM", "amalgamS" as integers): schema migrations,
 // and submissions (so that limits hold across processes).
@@ -487,19 +491,28 @@ class SqlCatalog : public Catalog {
     absl::MutexLock lock(&mu_);
     const int64_t now = NowMillis();
     const int64_t lease_ms = absl::ToInt64Milliseconds(lease);
+    const std::string claimable =
+        "FROM jobs WHERE state IN (?1, ?2) AND not_before <= ?3 AND (state = "
+        "?1 OR lease_until < ?3) AND (config = '' OR config = ?4)";
+    const std::vector<SqlValue> params = {
+        SqlValue::Int(kQueued), SqlValue::Int(kRunning), SqlValue::Int(now),
+        SqlValue::Text(config)};
+    // A read first, outside any transaction: idle workers poll often, and
+    // on SQLite a transaction would take the write lock each time.
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult any,
+        Run(absl::StrCat("SELECT 1 ", claimable, " LIMIT 1"), params));
     std::optional<v1::Job> claimed;
+    if (any.rows.empty()) return claimed;
     AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
       while (true) {
         AMALGAM_ASSIGN_OR_RETURN(
             SqlResult found,
-            Run(absl::StrCat(
-                    "SELECT record, attempt, state, cancel_requested FROM jobs "
-                    "WHERE state IN (?1, ?2) AND not_before <= ?3 AND (state "
-                    "= ?1 OR lease_until < ?3) AND (config = '' OR config = "
-                    "?4) ORDER BY created_at, ",
-                    db_->InsertionOrder(), " LIMIT 1", db_->SkipLocked()),
-                {SqlValue::Int(kQueued), SqlValue::Int(kRunning),
-                 SqlValue::Int(now), SqlValue::Text(config)}));
+            Run(absl::StrCat("SELECT record, attempt, state, cancel_requested ",
+                             claimable, " ORDER BY created_at, ",
+                             db_->InsertionOrder(), " LIMIT 1",
+                             db_->SkipLocked()),
+                params));
         if (found.rows.empty()) return absl::OkStatus();
         const SqlRow& row = found.rows[0];
         AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
@@ -880,7 +893,18 @@ absl::StatusOr<std::unique_ptr<Catalog>> OpenCatalog(
   }
   auto catalog = std::make_unique<SqlCatalog>(std::move(db));
   AMALGAM_RETURN_IF_ERROR(catalog->Migrate());
-  return catalog;
+  if (uri == "sqlite") return catalog;
+  // PostgreSQL serves many connections at once: a pool of them, so that the
+  // RPC threads, workers and heartbeat of a replica do not wait on each
+  // other's round trips.
+  std::vector<std::unique_ptr<Catalog>> members;
+  members.push_back(std::move(catalog));
+  while (members.size() < kPostgresConnections) {
+    AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<SqlConnection> more,
+                             OpenPostgres(uri));
+    members.push_back(std::make_unique<SqlCatalog>(std::move(more)));
+  }
+  return PoolOf(std::move(members));
 }
 
 }  // namespace amalgam::server

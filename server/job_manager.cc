@@ -425,6 +425,12 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id,
     it->second->cancelled = true;
     return it->second->job;
   }
+  if (job.state() == v1::JOB_STATE_RUNNING &&
+      job.runner() == options_.replica_name) {
+    // Claimed here, its run not registered yet: it stops once it is.
+    cancelled_here_.insert(id);
+    return job;
+  }
   if (job.state() == v1::JOB_STATE_CANCELLED) {
     Log(LogLevel::kInfo, LogFields("job_state")
                              .Add("job", id)
@@ -562,6 +568,10 @@ void JobManager::WorkerLoop() {
       wake_ = true;
       give_back = stopping_ || draining_;
       if (!give_back) {
+        if (cancelled_here_.erase(raw->job.id()) > 0) {
+          raw->user_cancelled = true;
+          raw->cancelled = true;
+        }
         running_[raw->job.id()] = std::move(run);
         Notify(raw->job);
       }

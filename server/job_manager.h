@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -191,6 +192,8 @@ class JobManager {
   mutable absl::Mutex mu_;
   // The jobs this process runs.
   std::map<std::string, std::unique_ptr<Running>> running_ ABSL_GUARDED_BY(mu_);
+  // Jobs cancelled here between their claim and their run's start.
+  std::set<std::string> cancelled_here_ ABSL_GUARDED_BY(mu_);
   // Listeners by job id, and the last state each job was announced in.
   std::map<std::string, std::map<uint64_t, Listener>> watchers_
       ABSL_GUARDED_BY(mu_);

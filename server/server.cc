@@ -125,8 +125,26 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
                              TokenStore::Load(options.tokens_file));
   }
   server->metrics_ = std::make_unique<Metrics>(device);
+  std::string replica_name = options.replica_name;
+  // It names a directory under tmp/ and the jobs' runner.
+  if (!replica_name.empty() &&
+      (replica_name.size() > 128 || replica_name == "." ||
+       replica_name == ".." ||
+       replica_name.find_first_not_of("abcdefghijklmnopqrstuvwxyz"
+                                      "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                      "0123456789._-") != std::string::npos)) {
+    return absl::InvalidArgumentError(
+        "--replica-name must be 1 to 128 letters, digits, '.', '_' or '-'");
+  }
+  if (replica_name.empty()) {
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    replica_name = absl::StrCat(host, "-", ::getpid());
+  }
+  const bool sole_process = options.catalog == "sqlite";
   AMALGAM_ASSIGN_OR_RETURN(server->storage_,
-                           Storage::Open(options.data_dir, options.catalog));
+                           Storage::Open(options.data_dir, options.catalog,
+                                         sole_process ? "" : replica_name));
   server->executor_ =
       std::make_unique<Executor>(options.verify_threads, /*max_queued=*/256);
   // Unary calls: catalog reads and writes (with their fsyncs), off the gRPC
@@ -147,13 +165,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   job_options.quota_bytes_per_org = options.quota_bytes_per_org;
   job_options.disk_reserve_bytes = options.disk_reserve_bytes;
   job_options.metrics = server->metrics_.get();
-  job_options.replica_name = options.replica_name;
-  if (job_options.replica_name.empty()) {
-    char host[256] = {};
-    ::gethostname(host, sizeof(host) - 1);
-    job_options.replica_name = absl::StrCat(host, "-", ::getpid());
-  }
-  job_options.sole_process = options.catalog == "sqlite";
+  job_options.replica_name = replica_name;
+  job_options.sole_process = sole_process;
   job_options.job_lease = options.job_lease;
   job_options.max_attempts = options.max_attempts;
   {

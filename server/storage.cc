@@ -4,8 +4,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <set>
 
@@ -32,8 +34,23 @@ absl::Status SyncFileAndDir(const std::string& path) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// Files that another replica may be writing right now are younger than this:
+// a replica starting on a shared data directory leaves them alone.
+constexpr auto kForeignFileAge = std::chrono::hours(1);
+
+bool OlderThan(const fs::path& path, fs::file_time_type::duration age) {
+  std::error_code error;
+  const fs::file_time_type written = fs::last_write_time(path, error);
+  return !error && fs::file_time_type::clock::now() - written > age;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
-    const std::string& data_dir, const std::string& catalog) {
+    const std::string& data_dir, const std::string& catalog,
+    const std::string& replica) {
   std::error_code error;
   for (const char* sub : {"blobs", "tmp", "uploads"}) {
     fs::create_directories(fs::path(data_dir) / sub, error);
@@ -42,31 +59,57 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
                                               sub, ": ", error.message()));
     }
   }
-  // Files in tmp/ belong to uploads and jobs of an earlier run.
-  for (fs::directory_iterator it(fs::path(data_dir) / "tmp", error), end;
-       !error && it != end; it.increment(error)) {
+  // Files in tmp/ belong to uploads and jobs of an earlier run: all of them
+  // where this process is the data directory's only one; else those in its
+  // own tmp/<replica>/, and those of other replicas older than an hour.
+  const fs::path tmp = fs::path(data_dir) / "tmp";
+  const fs::path own = replica.empty() ? tmp : tmp / replica;
+  for (fs::directory_iterator it(tmp, error), end; !error && it != end;
+       it.increment(error)) {
     std::error_code ignored;
-    fs::remove_all(it->path(), ignored);
+    if (replica.empty() || it->path() == own) {
+      fs::remove_all(it->path(), ignored);
+    } else if (it->is_directory(ignored)) {
+      for (fs::directory_iterator file(it->path(), ignored), last;
+           !ignored && file != last; file.increment(ignored)) {
+        std::error_code skip;
+        if (OlderThan(file->path(), kForeignFileAge)) {
+          fs::remove_all(file->path(), skip);
+        }
+      }
+    }
   }
   if (error) {
     return absl::InternalError(
         absl::StrCat("cannot list ", data_dir, "/tmp: ", error.message()));
   }
+  fs::create_directories(own, error);
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot create ", own.string(), ": ", error.message()));
+  }
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Catalog> opened,
                            OpenCatalog(catalog, data_dir));
-  auto storage =
-      std::unique_ptr<Storage>(new Storage(data_dir, std::move(opened)));
-  AMALGAM_RETURN_IF_ERROR(storage->ReconcileUploads());
+  auto storage = std::unique_ptr<Storage>(
+      new Storage(data_dir, own.string(), std::move(opened)));
+  AMALGAM_RETURN_IF_ERROR(storage->ReconcileUploads(
+      replica.empty()
+          ? fs::file_time_type::duration::zero()
+          : std::chrono::duration_cast<fs::file_time_type::duration>(
+                kForeignFileAge)));
   return storage;
 }
 
-Storage::Storage(std::string data_dir, std::unique_ptr<Catalog> catalog)
-    : data_dir_(std::move(data_dir)), catalog_(std::move(catalog)) {}
+Storage::Storage(std::string data_dir, std::string tmp_dir,
+                 std::unique_ptr<Catalog> catalog)
+    : data_dir_(std::move(data_dir)),
+      tmp_dir_(std::move(tmp_dir)),
+      catalog_(std::move(catalog)) {}
 
 Storage::~Storage() = default;
 
 std::string Storage::NewTempPath(const std::string& prefix) {
-  return (fs::path(data_dir_) / "tmp" / NewId(prefix)).string();
+  return (fs::path(tmp_dir_) / NewId(prefix)).string();
 }
 
 std::string Storage::BlobPath(const v1::Artifact& artifact) const {
@@ -290,10 +333,19 @@ Storage::StaleUploads(int64_t cutoff_unix_seconds) {
   return catalog_->StaleUploads(cutoff_unix_seconds);
 }
 
-absl::Status Storage::ReconcileUploads() {
-  // Finished uploads have no file: only their artifact id is kept.
+absl::Status Storage::ReconcileUploads(
+    std::filesystem::file_time_type::duration settled) {
+  // Finished uploads have no file: only their artifact id is kept. With
+  // `settled`, rows touched and files written more recently than that may
+  // be another replica's upload being created: they are left alone.
+  const int64_t cutoff =
+      static_cast<int64_t>(std::time(nullptr)) -
+      std::chrono::duration_cast<std::chrono::seconds>(settled).count();
   AMALGAM_ASSIGN_OR_RETURN(std::vector<UploadKey> unfinished,
                            catalog_->UnfinishedUploads());
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<UploadKey> settled_rows,
+                           catalog_->StaleUploads(cutoff + 1));
+  const std::set<UploadKey> old_rows(settled_rows.begin(), settled_rows.end());
   std::vector<UploadKey> missing;
   std::set<std::string> paths;
   for (UploadKey& key : unfinished) {
@@ -301,15 +353,18 @@ absl::Status Storage::ReconcileUploads() {
     std::error_code error;
     if (fs::exists(path, error)) {
       paths.insert(std::move(path));
-    } else {
+    } else if (settled == settled.zero() || old_rows.count(key) > 0) {
       missing.push_back(std::move(key));
+    } else {
+      paths.insert(std::move(path));  // being created: its file comes next
     }
   }
   // Files first: they free room that a full disk needs for the row writes.
   std::error_code error;
   for (fs::directory_iterator it(fs::path(data_dir_) / "uploads", error), end;
        !error && it != end; it.increment(error)) {
-    if (paths.count(it->path().string()) == 0) {
+    if (paths.count(it->path().string()) == 0 &&
+        (settled == settled.zero() || OlderThan(it->path(), settled))) {
       std::error_code ignored;
       fs::remove_all(it->path(), ignored);
     }

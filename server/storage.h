@@ -1,5 +1,6 @@
 #pragma once
 
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
@@ -37,9 +38,13 @@ struct PartialUpload {
 class Storage {
  public:
   // Creates the directory layout if missing and opens the catalog `catalog`
-  // (see OpenCatalog). INTERNAL on I/O or database errors.
+  // (see OpenCatalog). `replica` empty: this process is the data
+  // directory's only one; else the name of one replica of several sharing
+  // it, which writes its temporary files under tmp/<replica>/ and leaves
+  // other replicas' recent files alone. INTERNAL on I/O or database errors.
   static absl::StatusOr<std::unique_ptr<Storage>> Open(
-      const std::string& data_dir, const std::string& catalog = "sqlite");
+      const std::string& data_dir, const std::string& catalog = "sqlite",
+      const std::string& replica = "");
   ~Storage();
 
   // A fresh path under tmp/ for a file being written (not created).
@@ -127,19 +132,23 @@ class Storage {
   const std::string& data_dir() const { return data_dir_; }
 
  private:
-  Storage(std::string data_dir, std::unique_ptr<Catalog> catalog);
+  Storage(std::string data_dir, std::string tmp_dir,
+          std::unique_ptr<Catalog> catalog);
 
   // Moves `temp_path` to the blob of `artifact.sha256()` (or drops it when
   // that content is stored already; `created` says which).
   absl::Status MoveToBlob(const std::string& temp_path,
                           const v1::Artifact& artifact, bool* created);
   // Drops upload rows without a file and files without a row (a crash
-  // between the two writes).
-  absl::Status ReconcileUploads();
+  // between the two writes), leaving those younger than `settled`.
+  absl::Status ReconcileUploads(
+      std::filesystem::file_time_type::duration settled);
   std::string UploadPath(const std::string& owner,
                          const std::string& upload_id) const;
 
   const std::string data_dir_;
+  // tmp/, or tmp/<replica>/ on a shared data directory.
+  const std::string tmp_dir_;
   const std::unique_ptr<Catalog> catalog_;
   // Held where a blob and the rows that reference it change together, and
   // across an upload's staleness check and its removal.

@@ -268,6 +268,28 @@ TEST_F(ClusterTest, AnOrganisationAtItsJobLimitIsRefusedOnEveryReplica) {
   ASSERT_TRUE(clients_[1]->CancelJob(first->id()).ok());
 }
 
+// A replica that starts on the shared data directory leaves the files that
+// another replica is writing alone (found by the chaos test: a start used to
+// clear all of tmp/, failing the other replica's job at its last rename).
+TEST_F(ClusterTest, AReplicaStartingLeavesAnotherReplicasFilesAlone) {
+  const std::vector<std::string> args = {"--testing-step-delay", "200ms"};
+  Replica(0, args);
+  Replica(1, args);
+  v1::SubmitJobRequest request = UploadRegMean(clients_[0].get());
+  auto job = clients_[0]->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const v1::Job running = AwaitProgress(clients_[0].get(), job->id(), 2);
+  const int runner = RunnerIndex(running);
+  ASSERT_GE(runner, 0) << running.runner();
+  const int other = 1 - runner;
+  replicas_[other]->Kill();
+  ASSERT_TRUE(replicas_[other]->Start());
+  auto done = clients_[runner]->WatchJob(job->id());
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error_message();
+  EXPECT_EQ(done->attempt(), 1);
+}
+
 // An upload cut off by the death of its replica resumes through another:
 // the offset is in the catalog, the bytes on the shared volume.
 TEST_F(ClusterTest, AnUploadCutOffWithItsReplicaResumesThroughAnother) {

@@ -119,9 +119,17 @@ TEST_F(JobManagerTest, AJobRunsToItsResultAndWatchersSeeEveryStateInOrder) {
   });
   ASSERT_TRUE(token.ok()) << token.status();
   const v1::Job done = AwaitFinal(job->id());
-  jobs_->Unwatch(job->id(), *token);
   ASSERT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED) << done.error_message();
   EXPECT_EQ(done.attempt(), 1);
+  // The catalog says SUCCEEDED first; the watcher hears of it right after.
+  auto heard_final = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return !seen.empty() && IsFinal(seen.back().state());
+  };
+  {
+    absl::MutexLock lock(&mu);
+    mu.AwaitWithTimeout(absl::Condition(&heard_final), absl::Seconds(10));
+  }
+  jobs_->Unwatch(job->id(), *token);
   absl::MutexLock lock(&mu);
   ASSERT_FALSE(seen.empty());
   for (size_t i = 1; i < seen.size(); ++i) {
