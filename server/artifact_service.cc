@@ -174,30 +174,24 @@ class ArtifactServiceImpl::UploadReactor
     StartRead(&request_);
   }
 
-  // The message is handled on the I/O executor (catalog calls, file
-  // writes), off the gRPC reaction thread; the next read starts from there.
-  // One message at a time, so the reactor's state needs no lock.
+  // Handled on the reaction thread: a chunk is one write into the page
+  // cache. (On the I/O executor, one hop per message, 64 KiB uploads under
+  // load ran at 0.63x; see bench/README.md.)
   void OnReadDone(bool ok) override {
-    const bool scheduled = service_->io_executor_->Schedule([this, ok] {
-      if (!ok) {
-        Complete();
-        return;
-      }
-      absl::Status status = Consume();
-      if (!status.ok()) {
-        Fail(status);
-        return;
-      }
-      if (answered_) {
-        Finish(grpc::Status::OK);
-        return;
-      }
-      StartRead(&request_);
-    });
-    if (!scheduled) {
-      Fail(absl::ResourceExhaustedError(
-          "the server has too many transfers in progress; retry later"));
+    if (!ok) {
+      Complete();
+      return;
     }
+    absl::Status status = Consume();
+    if (!status.ok()) {
+      Fail(status);
+      return;
+    }
+    if (answered_) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    StartRead(&request_);
   }
 
   void OnDone() override {
