@@ -36,6 +36,11 @@ std::string NewId(const std::string& prefix) {
   return absl::StrCat(prefix, "_", buffer);
 }
 
+bool IsFinal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
 std::vector<std::string> JobInputs(const v1::Job& job) {
   std::vector<std::string> ids;
   for (const std::string* id : {&job.sweep().a_id(), &job.sweep().b_id(),
@@ -74,11 +79,6 @@ int64_t BackoffMillis(int64_t attempt) {
 constexpr int64_t kQueued = v1::JOB_STATE_QUEUED;
 constexpr int64_t kRunning = v1::JOB_STATE_RUNNING;
 
-bool Final(v1::JobState state) {
-  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
-         state == v1::JOB_STATE_CANCELLED;
-}
-
 absl::Status LostRun(const v1::Job& job) {
   return absl::FailedPreconditionError(absl::StrCat(
       "run ", job.attempt(), " of job ", job.id(),
@@ -94,6 +94,19 @@ absl::StatusOr<Message> Parse(const SqlValue& value, const std::string& what) {
         absl::StrCat("catalog row of ", what, " is corrupt"));
   }
   return message;
+}
+
+// The records in the first column of every row of `result`.
+template <typename Message>
+absl::StatusOr<std::vector<Message>> ParseRecords(const SqlResult& result,
+                                                  const std::string& what) {
+  std::vector<Message> messages;
+  messages.reserve(result.rows.size());
+  for (const SqlRow& row : result.rows) {
+    AMALGAM_ASSIGN_OR_RETURN(Message message, Parse<Message>(row[0], what));
+    messages.push_back(std::move(message));
+  }
+  return messages;
 }
 
 class SqlCatalog : public Catalog {
@@ -144,9 +157,9 @@ class SqlCatalog : public Catalog {
       }
       AMALGAM_ASSIGN_OR_RETURN(SqlResult rows,
                                Run("SELECT record FROM artifacts"));
-      for (const SqlRow& row : rows.rows) {
-        AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
-                                 Parse<v1::Artifact>(row[0], "an artifact"));
+      AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> artifacts,
+                               ParseRecords<v1::Artifact>(rows, "an artifact"));
+      for (const v1::Artifact& artifact : artifacts) {
         AMALGAM_RETURN_IF_ERROR(WriteArtifactColumns(artifact));
       }
       return db_->SetSchemaVersion(1);
@@ -177,10 +190,11 @@ class SqlCatalog : public Catalog {
         AMALGAM_RETURN_IF_ERROR(Run(sql).status());
       }
       AMALGAM_ASSIGN_OR_RETURN(SqlResult rows, Run("SELECT record FROM jobs"));
-      for (const SqlRow& row : rows.rows) {
-        AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
+      AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Job> jobs,
+                               ParseRecords<v1::Job>(rows, "a job"));
+      for (const v1::Job& job : jobs) {
         AMALGAM_RETURN_IF_ERROR(WriteJob(job, nullptr));
-        if (!Final(job.state())) {
+        if (!IsFinal(job.state())) {
           AMALGAM_RETURN_IF_ERROR(WriteInputs(job.id(), JobInputs(job)));
         }
       }
@@ -227,13 +241,7 @@ class SqlCatalog : public Catalog {
                   "(SELECT artifact_id FROM shares WHERE organization = ?1)" +
                       order,
                   {SqlValue::Text(organization)}));
-    std::vector<v1::Artifact> artifacts;
-    for (const SqlRow& row : result.rows) {
-      AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
-                               Parse<v1::Artifact>(row[0], "an artifact"));
-      artifacts.push_back(std::move(artifact));
-    }
-    return artifacts;
+    return ParseRecords<v1::Artifact>(result, "an artifact");
   }
 
   absl::StatusOr<std::pair<int64_t, int64_t>> Stats() override {
@@ -586,16 +594,7 @@ class SqlCatalog : public Catalog {
   absl::Status ReleaseRun(const v1::Job& job) override {
     absl::MutexLock lock(&mu_);
     v1::Job queued = job;
-    queued.set_state(v1::JOB_STATE_QUEUED);
-    queued.mutable_progress()->set_tensors_done(0);
-    queued.mutable_progress()->set_bytes_done(0);
-    return InTransaction([&]() -> absl::Status {
-      AMALGAM_RETURN_IF_ERROR(WriteRun(queued));
-      return Run("UPDATE jobs SET lease_until = 0, not_before = 0 WHERE id = "
-                 "?1",
-                 {SqlValue::Text(job.id())})
-          .status();
-    });
+    return InTransaction([&] { return Requeue(&queued, /*fenced=*/true); });
   }
 
   absl::StatusOr<v1::Job> CancelJob(const std::string& id,
@@ -629,18 +628,9 @@ class SqlCatalog : public Catalog {
               "?3 = 1)",
               {SqlValue::Int(kRunning), SqlValue::Text(runner),
                SqlValue::Int(every ? 1 : 0)}));
-      for (const SqlRow& row : rows.rows) {
-        AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
-        job.set_state(v1::JOB_STATE_QUEUED);
-        job.mutable_progress()->set_tensors_done(0);
-        job.mutable_progress()->set_bytes_done(0);
-        AMALGAM_RETURN_IF_ERROR(WriteJob(job, nullptr));
-        AMALGAM_RETURN_IF_ERROR(
-            Run("UPDATE jobs SET lease_until = 0, not_before = 0 WHERE id = "
-                "?1",
-                {SqlValue::Text(job.id())})
-                .status());
-        requeued.push_back(std::move(job));
+      AMALGAM_ASSIGN_OR_RETURN(requeued, ParseRecords<v1::Job>(rows, "a job"));
+      for (v1::Job& job : requeued) {
+        AMALGAM_RETURN_IF_ERROR(Requeue(&job, /*fenced=*/false));
       }
       return absl::OkStatus();
     }));
@@ -667,12 +657,7 @@ class SqlCatalog : public Catalog {
         owner.empty() ? Run("SELECT record FROM jobs" + order)
                       : Run("SELECT record FROM jobs WHERE owner = ?1" + order,
                             {SqlValue::Text(owner)}));
-    std::vector<v1::Job> jobs;
-    for (const SqlRow& row : result.rows) {
-      AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
-      jobs.push_back(std::move(job));
-    }
-    return jobs;
+    return ParseRecords<v1::Job>(result, "a job");
   }
 
   absl::StatusOr<std::pair<int64_t, int64_t>> JobCounts() override {
@@ -697,11 +682,10 @@ class SqlCatalog : public Catalog {
         Run("SELECT record FROM jobs WHERE owner = ?1 AND state IN (?2, ?3)",
             {SqlValue::Text(owner), SqlValue::Int(kQueued),
              SqlValue::Int(kRunning)}));
+    AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Job> jobs,
+                             ParseRecords<v1::Job>(result, "a job"));
     int64_t bytes = 0;
-    for (const SqlRow& row : result.rows) {
-      AMALGAM_ASSIGN_OR_RETURN(v1::Job job, Parse<v1::Job>(row[0], "a job"));
-      bytes += job.progress().bytes_total();
-    }
+    for (const v1::Job& job : jobs) bytes += job.progress().bytes_total();
     return bytes;
   }
 
@@ -741,7 +725,7 @@ class SqlCatalog : public Catalog {
     }
     AMALGAM_ASSIGN_OR_RETURN(SqlResult written, Run(sql, params));
     if (fence != nullptr) *fence = written.changed > 0;
-    if (Final(job.state()) && (fence == nullptr || *fence)) {
+    if (IsFinal(job.state()) && (fence == nullptr || *fence)) {
       return Run("DELETE FROM job_inputs WHERE job_id = ?1",
                  {SqlValue::Text(job.id())})
           .status();
@@ -754,6 +738,19 @@ class SqlCatalog : public Catalog {
     bool held = false;
     AMALGAM_RETURN_IF_ERROR(WriteJob(job, &held));
     return held ? absl::OkStatus() : LostRun(job);
+  }
+
+  // Makes `job` QUEUED again, progress cleared and claimable at once
+  // (`fenced`: only if its run job.attempt() still holds it).
+  absl::Status Requeue(v1::Job* job, bool fenced)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    job->set_state(v1::JOB_STATE_QUEUED);
+    job->mutable_progress()->set_tensors_done(0);
+    job->mutable_progress()->set_bytes_done(0);
+    AMALGAM_RETURN_IF_ERROR(fenced ? WriteRun(*job) : WriteJob(*job, nullptr));
+    return Run("UPDATE jobs SET lease_until = 0, not_before = 0 WHERE id = ?1",
+               {SqlValue::Text(job->id())})
+        .status();
   }
 
   absl::Status WriteInputs(const std::string& job_id,

@@ -40,6 +40,9 @@ struct JobLimits {
 // The artifacts a job reads.
 std::vector<std::string> JobInputs(const v1::Job& job);
 
+// True for SUCCEEDED, FAILED and CANCELLED.
+bool IsFinal(v1::JobState state);
+
 class Catalog {
  public:
   virtual ~Catalog() = default;

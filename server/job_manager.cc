@@ -51,11 +51,6 @@ absl::StatusOr<core::MergeMethod> ToCoreMethod(v1::MergeMethod method) {
 
 }  // namespace
 
-bool IsFinal(v1::JobState state) {
-  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
-         state == v1::JOB_STATE_CANCELLED;
-}
-
 // Open inputs and the validated plan of a job.
 struct JobManager::Prepared {
   std::vector<std::unique_ptr<core::SafetensorsReader>> readers;

@@ -24,9 +24,6 @@
 
 namespace amalgam::server {
 
-// True for SUCCEEDED, FAILED and CANCELLED.
-bool IsFinal(v1::JobState state);
-
 struct JobManagerOptions {
   // Jobs run concurrently.
   int workers = 1;

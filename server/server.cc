@@ -20,6 +20,7 @@
 #include "core/status_macros.h"
 #include "server/grpc_status.h"
 #include "server/log.h"
+#include "server/upload_header.h"
 
 namespace amalgam::server {
 
@@ -127,14 +128,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   server->metrics_ = std::make_unique<Metrics>(device);
   std::string replica_name = options.replica_name;
   // It names a directory under tmp/ and the jobs' runner.
-  if (!replica_name.empty() &&
-      (replica_name.size() > 128 || replica_name == "." ||
-       replica_name == ".." ||
-       replica_name.find_first_not_of("abcdefghijklmnopqrstuvwxyz"
-                                      "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                      "0123456789._-") != std::string::npos)) {
+  AMALGAM_RETURN_IF_ERROR(
+      ValidateIdentifier(replica_name, "--replica-name", 128));
+  if (replica_name == "." || replica_name == "..") {
     return absl::InvalidArgumentError(
-        "--replica-name must be 1 to 128 letters, digits, '.', '_' or '-'");
+        "--replica-name may not be \".\" or \"..\"");
   }
   if (replica_name.empty()) {
     char host[256] = {};

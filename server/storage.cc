@@ -343,9 +343,12 @@ absl::Status Storage::ReconcileUploads(
       std::chrono::duration_cast<std::chrono::seconds>(settled).count();
   AMALGAM_ASSIGN_OR_RETURN(std::vector<UploadKey> unfinished,
                            catalog_->UnfinishedUploads());
-  AMALGAM_ASSIGN_OR_RETURN(std::vector<UploadKey> settled_rows,
-                           catalog_->StaleUploads(cutoff + 1));
-  const std::set<UploadKey> old_rows(settled_rows.begin(), settled_rows.end());
+  std::set<UploadKey> old_rows;
+  if (settled != settled.zero()) {
+    AMALGAM_ASSIGN_OR_RETURN(std::vector<UploadKey> settled_rows,
+                             catalog_->StaleUploads(cutoff + 1));
+    old_rows.insert(settled_rows.begin(), settled_rows.end());
+  }
   std::vector<UploadKey> missing;
   std::set<std::string> paths;
   for (UploadKey& key : unfinished) {

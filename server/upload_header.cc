@@ -58,17 +58,22 @@ absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
     return absl::InvalidArgumentError(
         "header.describes is for gram and fisher uploads only");
   }
-  const std::string& id = header.upload_id();
-  if (id.size() > kMaxUploadIdBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("header.upload_id has ", id.size(), " bytes; at most ",
-                     kMaxUploadIdBytes, " are allowed"));
+  return ValidateIdentifier(header.upload_id(), "header.upload_id",
+                            kMaxUploadIdBytes);
+}
+
+absl::Status ValidateIdentifier(const std::string& value,
+                                const std::string& field, size_t max_bytes) {
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " has ", value.size(),
+                                                   " bytes; at most ",
+                                                   max_bytes, " are allowed"));
   }
-  for (char c : id) {
+  for (char c : value) {
     if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '_' &&
         c != '-' && c != '.') {
-      return absl::InvalidArgumentError(
-          "header.upload_id may only hold letters, digits, '_', '-' and '.'");
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " may only hold letters, digits, '_', '-' and '.'"));
     }
   }
   return absl::OkStatus();

@@ -1,6 +1,8 @@
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "absl/status/status.h"
 #include "amalgam/v1/amalgam.pb.h"
@@ -25,5 +27,10 @@ absl::Status ValidateName(const std::string& name, const std::string& field);
 // size_bytes is over `max_upload_bytes`.
 absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
                                   int64_t max_upload_bytes);
+
+// At most `max_bytes` characters from [A-Za-z0-9_.-] (an upload id, a
+// replica name): INVALID_ARGUMENT naming `field` otherwise.
+absl::Status ValidateIdentifier(const std::string& value,
+                                const std::string& field, size_t max_bytes);
 
 }  // namespace amalgam::server
