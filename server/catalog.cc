@@ -68,6 +68,8 @@ constexpr size_t kPostgresConnections = 8;
 // and submissions (so that limits hold across processes).
 constexpr int64_t kMigrationLock = 0x616d616c67616d4d;
 constexpr int64_t kSubmitLock = 0x616d616c67616d53;
+// ("amalgamU"): openings of upload streams.
+constexpr int64_t kStreamLock = 0x616d616c67616d55;
 
 // How long a job whose run ended without finishing waits before its next
 // attempt: 1 s, doubling per attempt, at most a minute.
@@ -164,7 +166,7 @@ class SqlCatalog : public Catalog {
       }
       return db_->SetSchemaVersion(1);
     }));
-    return InTransaction([&]() -> absl::Status {
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
       AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
       AMALGAM_ASSIGN_OR_RETURN(const int64_t version, db_->SchemaVersion());
       if (version >= 2) return absl::OkStatus();
@@ -199,6 +201,38 @@ class SqlCatalog : public Catalog {
         }
       }
       return db_->SetSchemaVersion(2);
+    }));
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
+      AMALGAM_ASSIGN_OR_RETURN(const int64_t version, db_->SchemaVersion());
+      if (version >= 3) return absl::OkStatus();
+      // 3: the housekeeping lease (one row).
+      for (const char* sql :
+           {"CREATE TABLE housekeeping (id BIGINT PRIMARY KEY, holder TEXT "
+            "NOT NULL, lease_until BIGINT NOT NULL)",
+            "INSERT INTO housekeeping (id, holder, lease_until) VALUES (1, "
+            "'', 0)"}) {
+        AMALGAM_RETURN_IF_ERROR(Run(sql).status());
+      }
+      return db_->SetSchemaVersion(3);
+    }));
+    // The leases of open upload streams: not versioned, since nothing in
+    // them outlives the streams (see SqlConnection::EphemeralTable).
+    return InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
+      for (const std::string& sql :
+           {absl::StrCat("CREATE ", db_->EphemeralTable(),
+                         " TABLE IF NOT EXISTS upload_streams (id TEXT "
+                         "PRIMARY KEY, owner TEXT NOT NULL, upload_id TEXT "
+                         "NOT NULL, holder TEXT NOT NULL, lease_until BIGINT "
+                         "NOT NULL, stop BIGINT NOT NULL DEFAULT 0)"),
+            std::string("CREATE INDEX IF NOT EXISTS upload_streams_by_owner "
+                        "ON upload_streams (owner, upload_id)"),
+            std::string("CREATE INDEX IF NOT EXISTS upload_streams_by_holder "
+                        "ON upload_streams (holder)")}) {
+        AMALGAM_RETURN_IF_ERROR(Run(sql).status());
+      }
+      return absl::OkStatus();
     });
   }
 
@@ -207,9 +241,10 @@ class SqlCatalog : public Catalog {
     return Run("SELECT 1").status();
   }
 
-  absl::Status InsertArtifact(v1::Artifact* artifact) override {
+  absl::Status InsertArtifact(v1::Artifact* artifact,
+                              const PlaceContent& place) override {
     absl::MutexLock lock(&mu_);
-    return InTransaction([&] { return InsertArtifactLocked(artifact); });
+    return InTransaction([&] { return InsertArtifactLocked(artifact, place); });
   }
 
   absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id) override {
@@ -282,6 +317,7 @@ class SqlCatalog : public Catalog {
     absl::MutexLock lock(&mu_);
     const SqlValue id = SqlValue::Text(artifact.id());
     return InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(ContentLock(artifact.sha256()));
       AMALGAM_ASSIGN_OR_RETURN(v1::Artifact current,
                                ReadArtifact(artifact.id(), db_->ForUpdate()));
       AMALGAM_ASSIGN_OR_RETURN(
@@ -346,18 +382,139 @@ class SqlCatalog : public Catalog {
     return bytes;
   }
 
-  absl::StatusOr<v1::Job> PublishResults(
-      v1::Job job, std::vector<v1::Artifact>* results) override {
+  absl::StatusOr<v1::Job> PublishResults(v1::Job job,
+                                         std::vector<v1::Artifact>* results,
+                                         const PlaceContent& place) override {
     absl::MutexLock lock(&mu_);
     AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
       job.clear_result_ids();
       for (v1::Artifact& artifact : *results) {
-        AMALGAM_RETURN_IF_ERROR(InsertArtifactLocked(&artifact));
+        AMALGAM_RETURN_IF_ERROR(InsertArtifactLocked(&artifact, place));
         job.add_result_ids(artifact.id());
       }
       return WriteRun(job);
     }));
     return job;
+  }
+
+  absl::StatusOr<bool> RemoveUnreferencedContent(
+      const std::string& sha256,
+      const std::function<absl::Status()>& remove) override {
+    absl::MutexLock lock(&mu_);
+    bool removed = false;
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(ContentLock(sha256));
+      AMALGAM_ASSIGN_OR_RETURN(
+          const int64_t references,
+          QueryInt("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?1",
+                   {SqlValue::Text(sha256)}));
+      if (references > 0) return absl::OkStatus();
+      AMALGAM_RETURN_IF_ERROR(remove());
+      removed = true;
+      return absl::OkStatus();
+    }));
+    return removed;
+  }
+
+  absl::Status OpenStream(const std::string& stream, const std::string& owner,
+                          const std::string& upload_id,
+                          const std::string& holder, absl::Duration lease,
+                          int max_per_org) override {
+    absl::MutexLock lock(&mu_);
+    const int64_t now = NowMillis();
+    const SqlValue org = SqlValue::Text(owner);
+    std::optional<SqlRow> taken;  // (holder, lease_until) of another stream
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kStreamLock));
+      AMALGAM_RETURN_IF_ERROR(
+          Run("DELETE FROM upload_streams WHERE lease_until < ?1",
+              {SqlValue::Int(now)})
+              .status());
+      if (!upload_id.empty()) {
+        AMALGAM_ASSIGN_OR_RETURN(
+            SqlResult other,
+            Run("SELECT holder, lease_until FROM upload_streams WHERE owner = "
+                "?1 AND upload_id = ?2",
+                {org, SqlValue::Text(upload_id)}));
+        if (!other.rows.empty()) {
+          taken = other.rows[0];
+          // Committed, so that the other stream's holder sees the request.
+          return Run("UPDATE upload_streams SET stop = 1 WHERE owner = ?1 AND "
+                     "upload_id = ?2",
+                     {org, SqlValue::Text(upload_id)})
+              .status();
+        }
+      }
+      AMALGAM_ASSIGN_OR_RETURN(
+          const int64_t open,
+          QueryInt("SELECT COUNT(*) FROM upload_streams WHERE owner = ?1",
+                   {org}));
+      if (open >= max_per_org) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("organisation ", owner, " already has ", open,
+                         " uploads in progress (the limit); retry later"));
+      }
+      return Run("INSERT INTO upload_streams (id, owner, upload_id, holder, "
+                 "lease_until) VALUES (?1, ?2, ?3, ?4, ?5)",
+                 {SqlValue::Text(stream), org, SqlValue::Text(upload_id),
+                  SqlValue::Text(holder),
+                  SqlValue::Int(now + absl::ToInt64Milliseconds(lease))})
+          .status();
+    }));
+    if (taken.has_value()) {
+      const int64_t left_ms = std::max<int64_t>(0, (*taken)[1].number - now);
+      return absl::AbortedError(absl::StrCat(
+          "upload ", upload_id, " is being received on another stream (by ",
+          (*taken)[0].text,
+          "); that stream is asked to stop, and its hold ends within ",
+          (left_ms + 999) / 1000, " s if its replica is gone; retry"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CloseStream(const std::string& stream) override {
+    absl::MutexLock lock(&mu_);
+    return Run("DELETE FROM upload_streams WHERE id = ?1",
+               {SqlValue::Text(stream)})
+        .status();
+  }
+
+  absl::Status CloseStreamsOf(const std::string& holder) override {
+    absl::MutexLock lock(&mu_);
+    return Run("DELETE FROM upload_streams WHERE holder = ?1",
+               {SqlValue::Text(holder)})
+        .status();
+  }
+
+  absl::StatusOr<std::vector<std::string>> RenewStreams(
+      const std::string& holder, absl::Duration lease) override {
+    absl::MutexLock lock(&mu_);
+    const SqlValue by = SqlValue::Text(holder);
+    AMALGAM_RETURN_IF_ERROR(
+        Run("UPDATE upload_streams SET lease_until = ?2 WHERE holder = ?1",
+            {by, SqlValue::Int(NowMillis() + absl::ToInt64Milliseconds(lease))})
+            .status());
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult asked,
+        Run("SELECT id FROM upload_streams WHERE holder = ?1 AND stop = 1",
+            {by}));
+    std::vector<std::string> stop;
+    for (const SqlRow& row : asked.rows) stop.push_back(row[0].text);
+    return stop;
+  }
+
+  absl::StatusOr<bool> TryHousekeeping(const std::string& holder,
+                                       absl::Duration lease) override {
+    absl::MutexLock lock(&mu_);
+    const int64_t now = NowMillis();
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult taken,
+        Run("UPDATE housekeeping SET holder = ?1, lease_until = ?2 WHERE id "
+            "= 1 AND (holder = ?1 OR lease_until < ?3)",
+            {SqlValue::Text(holder),
+             SqlValue::Int(now + absl::ToInt64Milliseconds(lease)),
+             SqlValue::Int(now)}));
+    return taken.changed > 0;
   }
 
   absl::StatusOr<UploadRow> FindUpload(const std::string& owner,
@@ -725,6 +882,10 @@ class SqlCatalog : public Catalog {
     }
     AMALGAM_ASSIGN_OR_RETURN(SqlResult written, Run(sql, params));
     if (fence != nullptr) *fence = written.changed > 0;
+    if (written.changed > 0 && *db_->NotifyJob() != '\0') {
+      AMALGAM_RETURN_IF_ERROR(
+          Run(db_->NotifyJob(), {SqlValue::Text(job.id())}).status());
+    }
     if (IsFinal(job.state()) && (fence == nullptr || *fence)) {
       return Run("DELETE FROM job_inputs WHERE job_id = ?1",
                  {SqlValue::Text(job.id())})
@@ -814,8 +975,26 @@ class SqlCatalog : public Catalog {
     return Parse<v1::Artifact>(result.rows[0][0], id);
   }
 
-  absl::Status InsertArtifactLocked(v1::Artifact* artifact)
+  // Inside a transaction: holds the content lock of `sha256` until it ends
+  // (see Catalog). Keyed by the first 60 bits of the digest; two contents
+  // sharing a key only wait for each other.
+  absl::Status ContentLock(const std::string& sha256)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    int64_t key = 0;
+    for (const char c : sha256.substr(0, 15)) {
+      const int digit = c >= '0' && c <= '9'   ? c - '0'
+                        : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                               : 0;
+      key = (key << 4) | digit;
+    }
+    return db_->TransactionLock(key);
+  }
+
+  absl::Status InsertArtifactLocked(v1::Artifact* artifact,
+                                    const PlaceContent& place)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    AMALGAM_RETURN_IF_ERROR(ContentLock(artifact->sha256()));
+    AMALGAM_RETURN_IF_ERROR(place(*artifact));
     artifact->set_created_at(Now());
     artifact->clear_tensors();
     absl::Status inserted;

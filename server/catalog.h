@@ -43,6 +43,10 @@ std::vector<std::string> JobInputs(const v1::Job& job);
 // True for SUCCEEDED, FAILED and CANCELLED.
 bool IsFinal(v1::JobState state);
 
+// Puts an artifact's content in place (a blob), inside the transaction that
+// inserts its row.
+using PlaceContent = std::function<absl::Status(const v1::Artifact&)>;
+
 class Catalog {
  public:
   virtual ~Catalog() = default;
@@ -50,9 +54,19 @@ class Catalog {
   // OK while the database answers; UNAVAILABLE while it does not.
   virtual absl::Status Ping() = 0;
 
+  // Content locks. The transactions that put a blob in place with the row
+  // that references it (InsertArtifact, PublishResults) and those that
+  // remove a blob no row references (DeleteArtifact,
+  // RemoveUnreferencedContent) hold a lock on its sha256, across every
+  // process on the catalog: a blob is never removed while a row that
+  // references it is being committed.
+
   // Inserts a new artifact under a fresh id and the current time, both set
   // in `artifact` (a colliding id is drawn again, never overwritten).
-  virtual absl::Status InsertArtifact(v1::Artifact* artifact) = 0;
+  // `place` runs first, under the content lock; its error is returned and
+  // nothing is inserted.
+  virtual absl::Status InsertArtifact(v1::Artifact* artifact,
+                                      const PlaceContent& place) = 0;
   // NOT_FOUND naming the id; DATA_LOSS for a corrupt row.
   virtual absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id) = 0;
   // As GetArtifact, once no transaction is changing the row: a delete in
@@ -85,11 +99,24 @@ class Catalog {
   // sizes of its unfinished uploads, except the upload `except_upload`.
   virtual absl::StatusOr<int64_t> OrgBytes(
       const std::string& owner, const std::string& except_upload) = 0;
-  // Inserts each of `results` as InsertArtifact does, sets their ids as
-  // `job`'s result_ids and writes `job` (SUCCEEDED), all or nothing, fenced
-  // by the run's attempt. Returns the job.
+  // Inserts each of `results` as InsertArtifact does (`place` for each),
+  // sets their ids as `job`'s result_ids and writes `job` (SUCCEEDED), all
+  // or nothing, fenced by the run's attempt. Returns the job.
   virtual absl::StatusOr<v1::Job> PublishResults(
-      v1::Job job, std::vector<v1::Artifact>* results) = 0;
+      v1::Job job, std::vector<v1::Artifact>* results,
+      const PlaceContent& place) = 0;
+  // Under the content lock of `sha256`: runs `remove` if no artifact has
+  // that content. Returns whether it ran.
+  virtual absl::StatusOr<bool> RemoveUnreferencedContent(
+      const std::string& sha256,
+      const std::function<absl::Status()>& remove) = 0;
+
+  // Housekeeping (expiry of uploads, removal of unreferenced blobs) runs in
+  // one process at a time: the one holding the housekeeping lease. Takes or
+  // renews it for `holder` for `lease`; false while another holder's lease
+  // runs.
+  virtual absl::StatusOr<bool> TryHousekeeping(const std::string& holder,
+                                               absl::Duration lease) = 0;
 
   // Resumable uploads, keyed by (owner, upload id). NOT_FOUND when none.
   virtual absl::StatusOr<UploadRow> FindUpload(
@@ -112,6 +139,29 @@ class Catalog {
       int64_t cutoff_unix_seconds) = 0;
   // Uploads not finished yet (they have a file).
   virtual absl::StatusOr<std::vector<UploadKey>> UnfinishedUploads() = 0;
+
+  // Upload streams open, across every process on the catalog: each holds a
+  // row under a lease that its process renews (RenewStreams), so that the
+  // per-organisation limit holds cluster-wide and one upload id is received
+  // by one stream at a time. A stream whose process stopped renewing is
+  // gone once its lease runs out.
+
+  // Opens stream `stream` of `owner`, held by `holder`, receiving the
+  // resumable upload `upload_id` ("" for a one-shot upload): RESOURCE_
+  // EXHAUSTED, naming the organisation, when it has `max_per_org` open;
+  // ABORTED when another stream receives `upload_id`, which is asked to
+  // stop (its holder cancels it at its next renewal).
+  virtual absl::Status OpenStream(const std::string& stream,
+                                  const std::string& owner,
+                                  const std::string& upload_id,
+                                  const std::string& holder,
+                                  absl::Duration lease, int max_per_org) = 0;
+  virtual absl::Status CloseStream(const std::string& stream) = 0;
+  // At start: the streams of an earlier run under the same name are gone.
+  virtual absl::Status CloseStreamsOf(const std::string& holder) = 0;
+  // Renews the leases of `holder`'s streams; returns those asked to stop.
+  virtual absl::StatusOr<std::vector<std::string>> RenewStreams(
+      const std::string& holder, absl::Duration lease) = 0;
 
   // Jobs. The catalog is the job queue: any process on it may claim a
   // queued job, and holds it by a lease it renews; every write of a run is

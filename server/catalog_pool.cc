@@ -19,9 +19,10 @@ class CatalogPool : public Catalog {
     return member->Ping();
   }
 
-  absl::Status InsertArtifact(v1::Artifact* artifact) override {
+  absl::Status InsertArtifact(v1::Artifact* artifact,
+                              const PlaceContent& place) override {
     Lease member(this);
-    return member->InsertArtifact(artifact);
+    return member->InsertArtifact(artifact, place);
   }
 
   absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id) override {
@@ -67,10 +68,49 @@ class CatalogPool : public Catalog {
     return member->OrgBytes(owner, except_upload);
   }
 
-  absl::StatusOr<v1::Job> PublishResults(
-      v1::Job job, std::vector<v1::Artifact>* results) override {
+  absl::StatusOr<v1::Job> PublishResults(v1::Job job,
+                                         std::vector<v1::Artifact>* results,
+                                         const PlaceContent& place) override {
     Lease member(this);
-    return member->PublishResults(std::move(job), results);
+    return member->PublishResults(std::move(job), results, place);
+  }
+
+  absl::StatusOr<bool> RemoveUnreferencedContent(
+      const std::string& sha256,
+      const std::function<absl::Status()>& remove) override {
+    Lease member(this);
+    return member->RemoveUnreferencedContent(sha256, remove);
+  }
+
+  absl::Status OpenStream(const std::string& stream, const std::string& owner,
+                          const std::string& upload_id,
+                          const std::string& holder, absl::Duration lease,
+                          int max_per_org) override {
+    Lease member(this);
+    return member->OpenStream(stream, owner, upload_id, holder, lease,
+                              max_per_org);
+  }
+
+  absl::Status CloseStream(const std::string& stream) override {
+    Lease member(this);
+    return member->CloseStream(stream);
+  }
+
+  absl::Status CloseStreamsOf(const std::string& holder) override {
+    Lease member(this);
+    return member->CloseStreamsOf(holder);
+  }
+
+  absl::StatusOr<std::vector<std::string>> RenewStreams(
+      const std::string& holder, absl::Duration lease) override {
+    Lease member(this);
+    return member->RenewStreams(holder, lease);
+  }
+
+  absl::StatusOr<bool> TryHousekeeping(const std::string& holder,
+                                       absl::Duration lease) override {
+    Lease member(this);
+    return member->TryHousekeeping(holder, lease);
   }
 
   absl::StatusOr<UploadRow> FindUpload(const std::string& owner,

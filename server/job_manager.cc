@@ -92,6 +92,9 @@ JobManager::JobManager(Storage* storage, JobManagerOptions options)
     workers_.emplace_back([this] { WorkerLoop(); });
   }
   heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  if (options_.job_changes != nullptr) {
+    listener_ = std::thread([this] { ListenLoop(); });
+  }
 }
 
 JobManager::~JobManager() {
@@ -102,6 +105,7 @@ JobManager::~JobManager() {
   }
   for (std::thread& worker : workers_) worker.join();
   heartbeat_.join();
+  if (listener_.joinable()) listener_.join();
 }
 
 absl::Status JobManager::Recover() {
@@ -479,8 +483,48 @@ bool JobManager::LostIf(Running* run, const absl::Status& status) {
   return true;
 }
 
+void JobManager::ListenLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+    }
+    // Bounded, so that a stop is seen.
+    absl::StatusOr<std::vector<std::string>> changed =
+        options_.job_changes->Wait(absl::Milliseconds(500));
+    listening_ = changed.ok();
+    if (!changed.ok() || changed->empty()) continue;
+    std::vector<std::string> remote;
+    {
+      absl::MutexLock lock(&mu_);
+      wake_ = true;
+      for (const std::string& id : *changed) {
+        if (watchers_.count(id) > 0 && running_.count(id) == 0 &&
+            std::find(remote.begin(), remote.end(), id) == remote.end()) {
+          remote.push_back(id);
+        }
+      }
+    }
+    ReadRemote(remote);
+  }
+}
+
+void JobManager::ReadRemote(const std::vector<std::string>& ids) {
+  for (const std::string& id : ids) {
+    absl::StatusOr<v1::Job> job = catalog()->GetJob(id);
+    if (!job.ok()) continue;
+    absl::MutexLock lock(&mu_);
+    auto seen = announced_.find(id);
+    if (running_.count(id) == 0 && seen != announced_.end() &&
+        seen->second != job->SerializeAsString()) {
+      Notify(*job);
+    }
+  }
+}
+
 void JobManager::HeartbeatLoop() {
   const absl::Duration renew_every = options_.job_lease / 3;
+  absl::Time polled = absl::InfinitePast();
   while (true) {
     std::vector<std::pair<Running*, v1::Job>> renew;
     std::vector<std::string> remote;
@@ -495,8 +539,13 @@ void JobManager::HeartbeatLoop() {
           renew.emplace_back(run.get(), run->job);
         }
       }
-      for (const auto& [id, listeners] : watchers_) {
-        if (running_.count(id) == 0) remote.push_back(id);
+      // Polled as well while listening (a notification can be missed
+      // across a reconnection), but seldom.
+      if (!listening_ || now - polled >= options_.poll_interval * 10) {
+        polled = now;
+        for (const auto& [id, listeners] : watchers_) {
+          if (running_.count(id) == 0) remote.push_back(id);
+        }
       }
     }
     // Runs end only under the lock and only once their worker is done with
@@ -516,16 +565,7 @@ void JobManager::HeartbeatLoop() {
         run->cancelled = true;
       }
     }
-    for (const std::string& id : remote) {
-      absl::StatusOr<v1::Job> job = catalog()->GetJob(id);
-      if (!job.ok()) continue;
-      absl::MutexLock lock(&mu_);
-      auto seen = announced_.find(id);
-      if (running_.count(id) == 0 && seen != announced_.end() &&
-          seen->second != job->SerializeAsString()) {
-        Notify(*job);
-      }
-    }
+    ReadRemote(remote);
   }
 }
 

@@ -20,6 +20,7 @@
 #include "core/grow.h"
 #include "core/merge.h"
 #include "server/metrics.h"
+#include "server/sql.h"
 #include "server/storage.h"
 
 namespace amalgam::server {
@@ -65,8 +66,13 @@ struct JobManagerOptions {
   // a result's last bits: a job runs under the one of its first run.
   std::string numeric_config;
   // How often an idle worker looks for a job in the catalog, and a watch of
-  // a job run by another process reads it.
+  // a job run by another process reads it (while `job_changes` is not
+  // listening; every 10 intervals while it is).
   absl::Duration poll_interval = absl::Milliseconds(200);
+  // Changes of jobs made by other processes on the catalog (null: none
+  // tell, as with the embedded catalog): they wake idle workers and the
+  // watches of those jobs at once.
+  JobChanges* job_changes = nullptr;
 };
 
 // Validates and queues jobs in the catalog, and runs them on a pool of worker
@@ -151,6 +157,11 @@ class JobManager {
   void HeartbeatLoop();
   // Runs a claimed job to its end (or until it is lost or given back).
   void RunClaimed(Running* run);
+  // Wakes workers and watches on the changes options_.job_changes tells of.
+  void ListenLoop();
+  // Reads the jobs `ids` that another process runs and tells their watchers
+  // here of any change.
+  void ReadRemote(const std::vector<std::string>& ids);
   // Tells the watchers of job `job.id()` about it.
   void Notify(const v1::Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks `run` lost (another process holds its job now) when `status`
@@ -200,8 +211,11 @@ class JobManager {
   // A job was submitted here: a worker looks at once.
   bool wake_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_token_ ABSL_GUARDED_BY(mu_) = 1;
+  // Whether options_.job_changes is listening now.
+  std::atomic<bool> listening_{false};
   std::vector<std::thread> workers_;
   std::thread heartbeat_;
+  std::thread listener_;
 };
 
 }  // namespace amalgam::server

@@ -34,8 +34,9 @@ ABSL_FLAG(std::string, replica_name, "",
           "the name this replica runs jobs under (Job.runner); default: "
           "hostname-pid");
 ABSL_FLAG(absl::Duration, job_lease, absl::Seconds(30),
-          "a runner's hold on its job, renewed every third of it; another "
-          "replica takes over a job whose lease expired");
+          "a replica's hold on the jobs it runs and the upload streams it "
+          "receives, renewed every third of it; another replica takes over "
+          "a job, or resumes an upload, whose lease expired");
 ABSL_FLAG(int, max_attempts, 3,
           "runs of a job whose runner stopped (killed, partitioned) before it "
           "fails");

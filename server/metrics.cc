@@ -8,6 +8,7 @@
 #include <chrono>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <set>
 #include <utility>
 
@@ -212,46 +213,59 @@ std::pair<int64_t, int64_t> DeviceMemory(const std::string& device) {
           static_cast<int64_t>(total_bytes)};
 }
 
-Metrics::Metrics(const std::string& device)
+Metrics::Metrics(const std::string& device, const std::string& replica)
     : registry_(std::make_shared<prometheus::Registry>()), device_(device) {
   prometheus::Registry& r = *registry_;
+  // What this process alone counts carries the replica's name; what the
+  // catalog counts (queue, stored artifacts) is the same on every replica.
+  std::map<std::string, std::string> own;
+  if (!replica.empty()) own["replica"] = replica;
   rpcs_ = &BuildCounter()
                .Name("amalgam_rpcs_total")
+               .Labels(own)
                .Help("RPCs handled, by method and status code")
                .Register(r);
   rpc_seconds_ = &BuildHistogram()
                       .Name("amalgam_rpc_duration_seconds")
+                      .Labels(own)
                       .Help("RPC latency, by method")
                       .Register(r);
   jobs_ = &BuildCounter()
                .Name("amalgam_jobs_total")
+               .Labels(own)
                .Help("Jobs finished, by kind, method and final state")
                .Register(r);
   job_seconds_ = &BuildHistogram()
                       .Name("amalgam_job_duration_seconds")
+                      .Labels(own)
                       .Help("Time from start to end of finished jobs")
                       .Register(r);
   job_output_bytes_ = &BuildCounter()
                            .Name("amalgam_job_output_bytes_total")
+                           .Labels(own)
                            .Help("Bytes written by succeeded jobs")
                            .Register(r);
   job_throughput_ =
       &BuildGauge()
            .Name("amalgam_merge_throughput_bytes_per_second")
+           .Labels(own)
            .Help("Output bytes per second of the last succeeded job")
            .Register(r);
   received_ = &BuildCounter()
                    .Name("amalgam_received_bytes_total")
+                   .Labels(own)
                    .Help("Artifact bytes received by uploads")
                    .Register(r)
                    .Add({});
   sent_ = &BuildCounter()
                .Name("amalgam_sent_bytes_total")
+               .Labels(own)
                .Help("Artifact bytes sent by downloads")
                .Register(r)
                .Add({});
   uploads_in_progress_ = &BuildGauge()
                               .Name("amalgam_uploads_in_progress")
+                              .Labels(own)
                               .Help("Upload streams open now")
                               .Register(r)
                               .Add({});
@@ -277,6 +291,7 @@ Metrics::Metrics(const std::string& device)
                        .Add({});
   auto& device_memory = BuildGauge()
                             .Name("amalgam_device_memory_bytes")
+                            .Labels(own)
                             .Help(
                                 "Memory of the device jobs run on: used "
                                 "(cpu: this process's resident set) and "
@@ -286,6 +301,7 @@ Metrics::Metrics(const std::string& device)
   device_total_ = &device_memory.Add({{"device", device}, {"kind", "total"}});
   BuildGauge()
       .Name("amalgam_device_info")
+      .Labels(own)
       .Help("The device jobs run on (value 1)")
       .Register(r)
       .Add({{"device", device}})
@@ -302,6 +318,7 @@ Metrics::Metrics(const std::string& device)
   const core::RuntimeInfo runtime = core::GetRuntimeInfo();
   BuildGauge()
       .Name("amalgam_build_info")
+      .Labels(own)
       .Help("Version and runtime libraries (value 1)")
       .Register(r)
       .Add({{"version", AMALGAM_VERSION},
@@ -311,6 +328,7 @@ Metrics::Metrics(const std::string& device)
       .Set(1);
   BuildGauge()
       .Name("amalgam_blas_info")
+      .Labels(own)
       .Help("The BLAS library and the OpenBLAS kernels (core) in use (value 1)")
       .Register(r)
       .Add({{"library", runtime.blas.library}, {"core", runtime.blas.core}})

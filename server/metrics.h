@@ -29,8 +29,10 @@ class TokenStore;
 // counters, base units (`_seconds`, `_bytes`). Thread-safe.
 class Metrics {
  public:
-  // `device` is the resolved device ("cpu", "cuda:0").
-  explicit Metrics(const std::string& device);
+  // `device` is the resolved device ("cpu", "cuda:0"). `replica`, where
+  // several processes share a catalog: the `replica` label of the metrics
+  // that differ per process (none where it is empty).
+  explicit Metrics(const std::string& device, const std::string& replica = "");
 
   // One finished RPC (from the interceptor).
   void RpcDone(const std::string& method, const std::string& code,

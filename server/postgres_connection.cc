@@ -2,16 +2,20 @@
 // bytes, which go binary; results come as text, bytea unescaped.
 
 #include <libpq-fe.h>
+#include <poll.h>
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
 #include "core/status_macros.h"
 #include "server/sql.h"
 
@@ -171,6 +175,10 @@ class PostgresConnection : public SqlConnection {
   }
   const char* ForShare() const override { return " FOR SHARE"; }
   const char* SkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
+  const char* EphemeralTable() const override { return "UNLOGGED"; }
+  const char* NotifyJob() const override {
+    return "SELECT pg_notify('amalgam_jobs', ?1)";
+  }
 
  private:
   // Reconnects a lost connection, at most once per backoff interval
@@ -238,7 +246,88 @@ class PostgresConnection : public SqlConnection {
   std::string last_error_;
 };
 
+// LISTEN amalgam_jobs on a connection of its own, waited on with poll(2).
+class PostgresJobChanges : public JobChanges {
+ public:
+  explicit PostgresJobChanges(std::string uri) : uri_(std::move(uri)) {}
+  ~PostgresJobChanges() override {
+    if (conn_ != nullptr) PQfinish(conn_);
+  }
+
+  absl::Status Connect() {
+    if (conn_ != nullptr) PQfinish(conn_);
+    conn_ = PQconnectdb(uri_.c_str());
+    if (PQstatus(conn_) == CONNECTION_OK) {
+      Result listen(PQexec(conn_, "LISTEN amalgam_jobs"));
+      if (PQresultStatus(listen.result) == PGRES_COMMAND_OK) {
+        backoff_ = absl::Milliseconds(100);
+        return absl::OkStatus();
+      }
+    }
+    const std::string error = PQerrorMessage(conn_);
+    PQfinish(conn_);
+    conn_ = nullptr;
+    next_attempt_ = absl::Now() + backoff_;
+    backoff_ = std::min(backoff_ * 2, absl::Seconds(10));
+    return absl::UnavailableError(
+        absl::StrCat("catalog: cannot listen for job changes: ", error));
+  }
+
+  absl::StatusOr<std::vector<std::string>> Wait(
+      absl::Duration timeout) override {
+    if (conn_ == nullptr) {
+      const absl::Time now = absl::Now();
+      if (now < next_attempt_) {
+        absl::SleepFor(std::min(timeout, next_attempt_ - now));
+        return absl::UnavailableError(
+            "catalog: not listening for job changes (reconnecting)");
+      }
+      AMALGAM_RETURN_IF_ERROR(Connect());
+    }
+    std::vector<std::string> changed = Drain();
+    if (!changed.empty()) return changed;
+    pollfd socket = {PQsocket(conn_), POLLIN, 0};
+    const int ready = ::poll(
+        &socket, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+    if (ready < 0 && errno != EINTR) {
+      return absl::InternalError(
+          absl::StrCat("catalog: poll: ", std::strerror(errno)));
+    }
+    if (PQconsumeInput(conn_) == 0 || PQstatus(conn_) != CONNECTION_OK) {
+      const std::string error = PQerrorMessage(conn_);
+      PQfinish(conn_);
+      conn_ = nullptr;
+      next_attempt_ = absl::Now();
+      return absl::UnavailableError(
+          absl::StrCat("catalog: lost the job-change listener: ", error));
+    }
+    return Drain();
+  }
+
+ private:
+  std::vector<std::string> Drain() {
+    std::vector<std::string> changed;
+    while (PGnotify* notify = PQnotifies(conn_)) {
+      changed.emplace_back(notify->extra);
+      PQfreemem(notify);
+    }
+    return changed;
+  }
+
+  const std::string uri_;
+  PGconn* conn_ = nullptr;
+  absl::Time next_attempt_ = absl::InfinitePast();
+  absl::Duration backoff_ = absl::Milliseconds(100);
+};
+
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<JobChanges>> ListenForJobChanges(
+    const std::string& uri) {
+  auto changes = std::make_unique<PostgresJobChanges>(uri);
+  AMALGAM_RETURN_IF_ERROR(changes->Connect());
+  return changes;
+}
 
 absl::StatusOr<std::unique_ptr<SqlConnection>> OpenPostgres(
     const std::string& uri) {

@@ -125,7 +125,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
     AMALGAM_ASSIGN_OR_RETURN(server->tokens_,
                              TokenStore::Load(options.tokens_file));
   }
-  server->metrics_ = std::make_unique<Metrics>(device);
   std::string replica_name = options.replica_name;
   // It names a directory under tmp/ and the jobs' runner.
   AMALGAM_RETURN_IF_ERROR(
@@ -140,6 +139,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
     replica_name = absl::StrCat(host, "-", ::getpid());
   }
   const bool sole_process = options.catalog == "sqlite";
+  server->metrics_ =
+      std::make_unique<Metrics>(device, sole_process ? "" : replica_name);
   AMALGAM_ASSIGN_OR_RETURN(server->storage_,
                            Storage::Open(options.data_dir, options.catalog,
                                          sole_process ? "" : replica_name));
@@ -149,10 +150,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
   // reaction threads.
   server->rpc_executor_ =
       std::make_unique<Executor>(/*threads=*/8, /*max_queued=*/4096);
-  // Upload and download streams' file I/O: one task per stream at a time.
+  // Download streams' file reads: one task per stream at a time.
   server->io_executor_ =
       std::make_unique<Executor>(/*threads=*/8, /*max_queued=*/4096);
+  if (!sole_process) {
+    AMALGAM_ASSIGN_OR_RETURN(server->job_changes_,
+                             ListenForJobChanges(options.catalog));
+  }
   JobManagerOptions job_options;
+  job_options.job_changes = server->job_changes_.get();
   job_options.workers = options.workers;
   job_options.max_queued = options.max_queued_jobs;
   job_options.max_active_per_org = options.max_jobs_per_org;
@@ -179,16 +185,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(
       std::make_unique<JobManager>(server->storage_.get(), job_options);
   AMALGAM_RETURN_IF_ERROR(server->jobs_->Recover());
 
+  UploadOptions upload_options;
+  upload_options.max_upload_bytes = options.max_upload_bytes;
+  upload_options.max_uploads_per_org = options.max_uploads_per_org;
+  upload_options.upload_expiry = options.upload_expiry;
+  upload_options.quota_bytes_per_org = options.quota_bytes_per_org;
+  upload_options.disk_reserve_bytes = options.disk_reserve_bytes;
+  upload_options.metrics = server->metrics_.get();
+  upload_options.holder = replica_name;
+  // The lease a replica holds its upload streams by is its jobs' lease.
+  upload_options.stream_lease = options.job_lease;
+  server->uploads_ =
+      std::make_unique<UploadManager>(server->storage_.get(), upload_options);
+  HousekeepingOptions housekeeping;
+  housekeeping.holder = replica_name;
+  housekeeping.period = std::clamp(options.upload_expiry / 4,
+                                   absl::Milliseconds(250), absl::Minutes(1));
+  server->housekeeper_ = std::make_unique<Housekeeper>(
+      server->storage_.get(), server->uploads_.get(), housekeeping);
   ArtifactServiceOptions artifact_options;
-  artifact_options.max_upload_bytes = options.max_upload_bytes;
-  artifact_options.max_uploads_per_org = options.max_uploads_per_org;
   artifact_options.max_downloads_per_org = options.max_downloads_per_org;
-  artifact_options.upload_expiry = options.upload_expiry;
   artifact_options.metrics = server->metrics_.get();
-  artifact_options.quota_bytes_per_org = options.quota_bytes_per_org;
-  artifact_options.disk_reserve_bytes = options.disk_reserve_bytes;
   server->artifact_service_ = std::make_unique<ArtifactServiceImpl>(
-      server->storage_.get(), server->executor_.get(),
+      server->storage_.get(), server->uploads_.get(), server->executor_.get(),
       server->rpc_executor_.get(), server->io_executor_.get(),
       server->jobs_.get(), server->tokens_.get(), artifact_options);
   server->job_service_ = std::make_unique<JobServiceImpl>(
@@ -297,8 +316,12 @@ void Server::Shutdown() {
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::seconds(5));
   grpc_server_->Wait();
+  // Runs what the streams left queued (upload sessions closing) while the
+  // upload manager is still there.
+  io_executor_.reset();
   // The metrics server's scrape callback reads the job manager: stop it first.
   metrics_server_.reset();
+  housekeeper_.reset();
   jobs_.reset();
   Log(LogLevel::kInfo, LogFields("stopped"));
 }

@@ -13,6 +13,7 @@
 #include "server/artifact_service.h"
 #include "server/auth.h"
 #include "server/executor.h"
+#include "server/housekeeping.h"
 #include "server/job_manager.h"
 #include "server/job_service.h"
 #include "server/metrics.h"
@@ -112,7 +113,12 @@ class Server {
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<Executor> rpc_executor_;
   std::unique_ptr<Executor> io_executor_;
+  // Notifications of other replicas' job changes (PostgreSQL catalogs).
+  std::unique_ptr<JobChanges> job_changes_;
   std::unique_ptr<JobManager> jobs_;
+  std::unique_ptr<UploadManager> uploads_;
+  // Expiry of uploads and collection of blobs; stopped with the jobs.
+  std::unique_ptr<Housekeeper> housekeeper_;
   std::unique_ptr<ArtifactServiceImpl> artifact_service_;
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<grpc::Server> grpc_server_;

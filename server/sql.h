@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 
 namespace amalgam::server {
 
@@ -71,7 +72,32 @@ class SqlConnection {
   // sharing, or takes rows no other transaction holds and locks them.
   virtual const char* ForShare() const = 0;
   virtual const char* SkipLocked() const = 0;
+  // The kind of table for rows that need not survive a crash (leases of
+  // open streams): SQLite's TEMP (this connection's, in memory), where one
+  // process owns the database; PostgreSQL's UNLOGGED, shared by every
+  // process on it.
+  virtual const char* EphemeralTable() const = 0;
+  // The statement that tells listeners (ListenForJobChanges) at commit that
+  // job ?1 changed; "" where no other process listens (SQLite).
+  virtual const char* NotifyJob() const = 0;
 };
+
+// Notifications, from every process on a PostgreSQL catalog, that a job
+// changed (PostgreSQL's LISTEN/NOTIFY, on a connection of its own).
+class JobChanges {
+ public:
+  virtual ~JobChanges() = default;
+  // Waits up to `timeout`; returns the ids of the jobs changed meanwhile
+  // (empty at the timeout). UNAVAILABLE while the connection is lost: it is
+  // re-established with backoff and listens again, and changes in between
+  // are missed, so callers poll as well.
+  virtual absl::StatusOr<std::vector<std::string>> Wait(
+      absl::Duration timeout) = 0;
+};
+
+// Listens on the PostgreSQL database `uri` (UNAVAILABLE if unreachable).
+absl::StatusOr<std::unique_ptr<JobChanges>> ListenForJobChanges(
+    const std::string& uri);
 
 // SQLite database file `path` (created if missing), in WAL mode with full
 // fsyncs.

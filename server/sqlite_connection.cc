@@ -107,6 +107,8 @@ class SqliteConnection : public SqlConnection {
   absl::Status TransactionLock(int64_t) override { return absl::OkStatus(); }
   const char* ForShare() const override { return ""; }
   const char* SkipLocked() const override { return ""; }
+  const char* EphemeralTable() const override { return "TEMP"; }
+  const char* NotifyJob() const override { return ""; }
 
  private:
   // RESOURCE_EXHAUSTED when the disk is full, ALREADY_EXISTS for a
@@ -144,6 +146,9 @@ absl::StatusOr<std::unique_ptr<SqlConnection>> OpenSqlite(
       connection->Run("PRAGMA journal_mode=WAL", {}).status());
   AMALGAM_RETURN_IF_ERROR(
       connection->Run("PRAGMA synchronous=FULL", {}).status());
+  // TEMP tables (EphemeralTable) in memory: nothing of theirs is synced.
+  AMALGAM_RETURN_IF_ERROR(
+      connection->Run("PRAGMA temp_store=MEMORY", {}).status());
   return connection;
 }
 

@@ -1,8 +1,5 @@
 #include "server/storage.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -18,21 +15,6 @@
 namespace amalgam::server {
 
 namespace fs = std::filesystem;
-
-absl::Status SyncFileAndDir(const std::string& path) {
-  for (const std::string& target :
-       {path, fs::path(path).parent_path().string()}) {
-    const int fd = ::open(target.c_str(), O_RDONLY);
-    if (fd < 0 || ::fsync(fd) != 0) {
-      const std::string error = std::strerror(errno);
-      if (fd >= 0) ::close(fd);
-      return absl::InternalError(
-          absl::StrCat("cannot fsync ", target, ": ", error));
-    }
-    ::close(fd);
-  }
-  return absl::OkStatus();
-}
 
 namespace {
 
@@ -52,7 +34,7 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
     const std::string& data_dir, const std::string& catalog,
     const std::string& replica) {
   std::error_code error;
-  for (const char* sub : {"blobs", "tmp", "uploads"}) {
+  for (const char* sub : {"tmp", "uploads"}) {
     fs::create_directories(fs::path(data_dir) / sub, error);
     if (error) {
       return absl::InternalError(absl::StrCat("cannot create ", data_dir, "/",
@@ -88,10 +70,13 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
     return absl::InternalError(
         absl::StrCat("cannot create ", own.string(), ": ", error.message()));
   }
+  AMALGAM_ASSIGN_OR_RETURN(
+      BlobStore blobs,
+      BlobStore::Open((fs::path(data_dir) / "blobs").string()));
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Catalog> opened,
                            OpenCatalog(catalog, data_dir));
   auto storage = std::unique_ptr<Storage>(
-      new Storage(data_dir, own.string(), std::move(opened)));
+      new Storage(data_dir, own.string(), std::move(blobs), std::move(opened)));
   AMALGAM_RETURN_IF_ERROR(storage->ReconcileUploads(
       replica.empty()
           ? fs::file_time_type::duration::zero()
@@ -100,10 +85,11 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
   return storage;
 }
 
-Storage::Storage(std::string data_dir, std::string tmp_dir,
+Storage::Storage(std::string data_dir, std::string tmp_dir, BlobStore blobs,
                  std::unique_ptr<Catalog> catalog)
     : data_dir_(std::move(data_dir)),
       tmp_dir_(std::move(tmp_dir)),
+      blobs_(std::move(blobs)),
       catalog_(std::move(catalog)) {}
 
 Storage::~Storage() = default;
@@ -113,59 +99,61 @@ std::string Storage::NewTempPath(const std::string& prefix) {
 }
 
 std::string Storage::BlobPath(const v1::Artifact& artifact) const {
-  return (fs::path(data_dir_) / "blobs" / artifact.sha256()).string();
-}
-
-absl::Status Storage::MoveToBlob(const std::string& temp_path,
-                                 const v1::Artifact& artifact, bool* created) {
-  const std::string blob = BlobPath(artifact);
-  std::error_code error;
-  *created = false;
-  if (fs::exists(blob, error)) {
-    // Same content already stored: blobs are content-addressed.
-    fs::remove(temp_path, error);
-    return absl::OkStatus();
-  }
-  fs::rename(temp_path, blob, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat(
-        "cannot move a new file into the blob store: ", error.message()));
-  }
-  *created = true;
-  return SyncFileAndDir(blob);
+  return blobs_.PathOf(artifact.sha256());
 }
 
 absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
                                                   v1::Artifact artifact) {
-  // The blob and its row change together under the lock, so DeleteArtifact
-  // never removes a blob that a new row is about to reference.
-  absl::MutexLock lock(&mu_);
-  bool created = false;
-  AMALGAM_RETURN_IF_ERROR(MoveToBlob(temp_path, artifact, &created));
-  AMALGAM_RETURN_IF_ERROR(catalog_->InsertArtifact(&artifact));
+  // The blob is put in place inside the transaction that inserts its row,
+  // under the catalog's content lock: no delete or collection of the same
+  // content, on any replica, comes in between.
+  AMALGAM_RETURN_IF_ERROR(
+      catalog_->InsertArtifact(&artifact, [&](const v1::Artifact& placed) {
+        bool created = false;
+        return blobs_.Put(temp_path, placed.sha256(), &created);
+      }));
   return artifact;
 }
 
 absl::StatusOr<v1::Job> Storage::PublishResults(
     v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results) {
-  absl::MutexLock lock(&mu_);
   std::vector<std::string> created_blobs;
   std::vector<v1::Artifact> artifacts;
-  absl::StatusOr<v1::Job> published = [&]() -> absl::StatusOr<v1::Job> {
-    for (auto& [temp_path, artifact] : results) {
-      bool created = false;
-      AMALGAM_RETURN_IF_ERROR(MoveToBlob(temp_path, artifact, &created));
-      if (created) created_blobs.push_back(BlobPath(artifact));
-      artifacts.push_back(artifact);
-    }
-    return catalog_->PublishResults(std::move(job), &artifacts);
-  }();
+  for (auto& result : results) artifacts.push_back(result.second);
+  size_t next = 0;
+  absl::StatusOr<v1::Job> published = catalog_->PublishResults(
+      std::move(job), &artifacts, [&](const v1::Artifact& placed) {
+        bool created = false;
+        AMALGAM_RETURN_IF_ERROR(
+            blobs_.Put(results[next++].first, placed.sha256(), &created));
+        if (created) created_blobs.push_back(placed.sha256());
+        return absl::OkStatus();
+      });
   if (!published.ok()) {
-    // Blobs this call brought in are referenced by no committed row.
-    std::error_code error;
-    for (const std::string& blob : created_blobs) fs::remove(blob, error);
+    // Blobs this call brought in are referenced by no committed row (and
+    // the collection of unreferenced blobs would find them later).
+    for (const std::string& sha256 : created_blobs) {
+      catalog_
+          ->RemoveUnreferencedContent(sha256,
+                                      [&] { return blobs_.Remove(sha256); })
+          .IgnoreError();
+    }
   }
   return published;
+}
+
+absl::StatusOr<int64_t> Storage::CollectGarbage(
+    std::filesystem::file_time_type::duration age) {
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> candidates,
+                           blobs_.OlderThan(age));
+  int64_t removed = 0;
+  for (const std::string& sha256 : candidates) {
+    AMALGAM_ASSIGN_OR_RETURN(
+        const bool gone, catalog_->RemoveUnreferencedContent(
+                             sha256, [&] { return blobs_.Remove(sha256); }));
+    removed += gone ? 1 : 0;
+  }
+  return removed;
 }
 
 absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> Storage::OpenBlob(
@@ -214,19 +202,17 @@ absl::StatusOr<v1::Artifact> Storage::ModifyArtifact(
 }
 
 absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
-  absl::MutexLock lock(&mu_);
   // The blob goes first: on a full disk the row's deletion needs room in
-  // the catalog's log, which the blob frees. Under the lock and inside the
-  // catalog's transaction, so no upload or job of the same content
-  // registers against the blob in between. A crash in between leaves a row
-  // without its blob, which reads as DATA_LOSS and is deleted again.
+  // the catalog's log, which the blob frees. Inside the catalog's
+  // transaction, under its content lock, so no upload or job of the same
+  // content registers against the blob in between. A crash in between
+  // leaves a row without its blob, which reads as DATA_LOSS and is deleted
+  // again.
   return catalog_->DeleteArtifact(artifact,
                                   [&](bool content_has_others) -> absl::Status {
-                                    if (!content_has_others) {
-                                      std::error_code error;
-                                      fs::remove(BlobPath(artifact), error);
-                                    }
-                                    return absl::OkStatus();
+                                    if (content_has_others)
+                                      return absl::OkStatus();
+                                    return blobs_.Remove(artifact.sha256());
                                   });
 }
 

@@ -12,6 +12,7 @@
 #include "absl/synchronization/mutex.h"
 #include "amalgam/v1/amalgam.pb.h"
 #include "core/safetensors.h"
+#include "server/blob_store.h"
 #include "server/catalog.h"
 
 namespace amalgam::server {
@@ -63,6 +64,12 @@ class Storage {
   // catalogued and the job's row is unchanged. Returns the job as written.
   absl::StatusOr<v1::Job> PublishResults(
       v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results);
+
+  // Removes blobs written more than `age` ago that no artifact references
+  // (left by a crash between a blob's placement and its row's commit, or a
+  // failed publication). Returns how many it removed.
+  absl::StatusOr<int64_t> CollectGarbage(
+      std::filesystem::file_time_type::duration age);
 
   // NOT_FOUND naming the id when there is no such artifact.
   absl::StatusOr<v1::Artifact> GetArtifact(const std::string& id);
@@ -132,13 +139,9 @@ class Storage {
   const std::string& data_dir() const { return data_dir_; }
 
  private:
-  Storage(std::string data_dir, std::string tmp_dir,
+  Storage(std::string data_dir, std::string tmp_dir, BlobStore blobs,
           std::unique_ptr<Catalog> catalog);
 
-  // Moves `temp_path` to the blob of `artifact.sha256()` (or drops it when
-  // that content is stored already; `created` says which).
-  absl::Status MoveToBlob(const std::string& temp_path,
-                          const v1::Artifact& artifact, bool* created);
   // Drops upload rows without a file and files without a row (a crash
   // between the two writes), leaving those younger than `settled`.
   absl::Status ReconcileUploads(
@@ -149,17 +152,15 @@ class Storage {
   const std::string data_dir_;
   // tmp/, or tmp/<replica>/ on a shared data directory.
   const std::string tmp_dir_;
+  const BlobStore blobs_;
   const std::unique_ptr<Catalog> catalog_;
-  // Held where a blob and the rows that reference it change together, and
-  // across an upload's staleness check and its removal.
+  // Held across an upload's staleness check and its removal, and where an
+  // upload's row and file change together.
   absl::Mutex mu_;
 };
 
 // The one rule of read access: true if `organization` owns `artifact` or it
 // was shared with it; for a non-owner, `shared_with` is cleared.
 bool ViewFor(const std::string& organization, v1::Artifact* artifact);
-
-// fsyncs the file and its directory; INTERNAL on failure.
-absl::Status SyncFileAndDir(const std::string& path);
 
 }  // namespace amalgam::server

@@ -24,6 +24,19 @@ inline bool PostgresRequired() {
   return value != nullptr && std::string(value) == "1";
 }
 
+// In a test (or its SetUp): skips it without a test PostgreSQL, or fails it
+// where AMALGAM_REQUIRE_POSTGRES=1.
+#define AMALGAM_SKIP_WITHOUT_POSTGRES()                                      \
+  do {                                                                       \
+    if (::amalgam::testing::TestPostgresSocket().empty()) {                  \
+      if (::amalgam::testing::PostgresRequired()) {                          \
+        FAIL() << "AMALGAM_REQUIRE_POSTGRES=1 but AMALGAM_TEST_POSTGRES is " \
+                  "not set";                                                 \
+      }                                                                      \
+      GTEST_SKIP() << "no test PostgreSQL (AMALGAM_TEST_POSTGRES)";          \
+    }                                                                        \
+  } while (false)
+
 // Creates the database for `key` (the same key gives the same database, so a
 // restarted server finds its catalog) and returns its URI; "" without a test
 // PostgreSQL or if it cannot be created.

@@ -179,4 +179,5 @@ def test_a_catalog_of_the_first_schema_is_migrated_with_its_shares(tmp_path, ama
         process.terminate()
         process.wait(timeout=30)
     version = sqlite3.connect(data / "catalog.db").execute("PRAGMA user_version").fetchone()[0]
-    assert version == 2  # 1: artifact columns and shares; 2: the job queue
+    # 1: artifact columns and shares; 2: the job queue; 3: the housekeeping lease
+    assert version == 3

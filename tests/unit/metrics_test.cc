@@ -71,5 +71,24 @@ TEST(MetricsTest, BlasLibraryAndCoreAreExported) {
   EXPECT_THAT(Metrics("cpu").Serialize(), HasSubstr("amalgam_blas_info{"));
 }
 
+TEST(MetricsTest, OnlyWhatDiffersPerReplicaCarriesItsName) {
+  Metrics metrics("cpu", "replica-7");
+  metrics.RpcDone("/amalgam.v1.JobService/ListJobs", "OK", 0.01);
+  metrics.SetQueue(3, 1);
+  const std::string text = metrics.Serialize();
+  EXPECT_THAT(text,
+              HasSubstr("amalgam_rpcs_total{replica=\"replica-7\",code=\"OK\","
+                        "method=\"/amalgam.v1.JobService/ListJobs\"} 1"));
+  EXPECT_THAT(
+      text, HasSubstr("amalgam_uploads_in_progress{replica=\"replica-7\"} 0"));
+  EXPECT_THAT(text, HasSubstr("amalgam_received_bytes_total{replica="));
+  // Counted in the catalog: the same on every replica.
+  EXPECT_THAT(text, HasSubstr("amalgam_jobs_queued 3"));
+  EXPECT_THAT(text, HasSubstr("amalgam_jobs_running 1"));
+  EXPECT_THAT(text, HasSubstr("amalgam_stored_bytes 0"));
+  // A single process has no replica label.
+  EXPECT_THAT(Metrics("cpu").Serialize(), Not(HasSubstr("replica=")));
+}
+
 }  // namespace
 }  // namespace amalgam::server

@@ -1,15 +1,20 @@
-// The embedded catalog: inserts never overwrite, changes never resurrect,
-// and results appear with their job in one transaction.
+// The catalogs (embedded and PostgreSQL) with the blob store: inserts never
+// overwrite, changes never resurrect, results appear with their job in one
+// transaction, and no referenced blob is ever collected.
 #include "server/storage.h"
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/sql.h"
 #include "tests/postgres_database.h"
 
 namespace amalgam::server {
@@ -53,19 +58,20 @@ class StorageTest : public ::testing::TestWithParam<std::string> {
  protected:
   // A storage in a fresh directory, with a fresh catalog of the kind tested.
   absl::StatusOr<std::unique_ptr<Storage>> Open(const std::string& name) {
-    const std::string dir = FreshDir(name);
-    if (GetParam() == "sqlite") return Storage::Open(dir);
-    return Storage::Open(dir, testing::PostgresDatabaseFor(dir));
+    dir_ = FreshDir(name);
+    return Storage::Open(dir_, CatalogUri());
   }
 
+  // The catalog of the storage Open made.
+  std::string CatalogUri() const {
+    return GetParam() == "sqlite" ? "sqlite"
+                                  : testing::PostgresDatabaseFor(dir_);
+  }
+
+  std::string dir_;
+
   void SetUp() override {
-    if (GetParam() == "postgres" && testing::TestPostgresSocket().empty()) {
-      if (testing::PostgresRequired()) {
-        FAIL() << "AMALGAM_REQUIRE_POSTGRES=1 but AMALGAM_TEST_POSTGRES is "
-                  "not set";
-      }
-      GTEST_SKIP() << "no test PostgreSQL (AMALGAM_TEST_POSTGRES)";
-    }
+    if (GetParam() == "postgres") AMALGAM_SKIP_WITHOUT_POSTGRES();
   }
 };
 
@@ -269,6 +275,121 @@ TEST_P(StorageTest, LimitsCancelsAndDeletesAreDecidedInTheCatalog) {
 
 // Several processes may open one PostgreSQL catalog; an unreachable server
 // is UNAVAILABLE; an unknown catalog kind INVALID_ARGUMENT.
+TEST_P(StorageTest, UnreferencedBlobsAreCollectedAndReferencedOnesKept) {
+  auto storage = Open("collect");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  Storage& s = **storage;
+  auto kept = s.AddArtifact(WriteFile(s.NewTempPath("t"), "bytes"),
+                            Weights("org-a", "aaaa"));
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  // What a crash between a blob's placement and its row's commit leaves.
+  const std::string stray = dir_ + "/blobs/bbbb";
+  WriteFile(stray, "stray");
+  // Young blobs are left for a later pass.
+  auto none = s.CollectGarbage(std::chrono::hours(1));
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(*none, 0);
+  EXPECT_TRUE(std::filesystem::exists(stray));
+  auto removed = s.CollectGarbage(std::chrono::seconds(-1));
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(*removed, 1);
+  EXPECT_FALSE(std::filesystem::exists(stray));
+  std::ifstream blob(s.BlobPath(*kept), std::ios::binary);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(blob), {}), "bytes")
+      << "the referenced blob is intact";
+}
+
+TEST_P(StorageTest, ABlobIsNotCollectedWhileTheRowReferencingItCommits) {
+  auto storage = Open("content-lock");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  // Another process on the same catalog (a replica).
+  auto other = OpenCatalog(CatalogUri(), dir_);
+  ASSERT_TRUE(other.ok()) << other.status();
+  Catalog& catalog = *(*storage)->catalog();
+  const std::string blob = dir_ + "/blobs/cccc";
+  absl::Notification placed;
+  v1::Artifact artifact = Weights("org-a", "cccc");
+  std::thread insert([&] {
+    EXPECT_TRUE(catalog
+                    .InsertArtifact(&artifact,
+                                    [&](const v1::Artifact&) {
+                                      WriteFile(blob, "bytes");
+                                      placed.Notify();
+                                      // The row commits well after.
+                                      absl::SleepFor(absl::Milliseconds(300));
+                                      return absl::OkStatus();
+                                    })
+                    .ok());
+  });
+  placed.WaitForNotification();
+  // The blob is on disk and no committed row names it yet: without the
+  // content lock the collector would remove it.
+  bool ran = false;
+  auto removed = (*other)->RemoveUnreferencedContent("cccc", [&] {
+    ran = true;
+    std::filesystem::remove(blob);
+    return absl::OkStatus();
+  });
+  insert.join();
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_FALSE(*removed);
+  EXPECT_FALSE(ran);
+  EXPECT_TRUE(std::filesystem::exists(blob));
+  EXPECT_TRUE(catalog.GetArtifact(artifact.id()).ok());
+}
+
+TEST_P(StorageTest, OneProcessAtATimeHoldsTheHousekeepingLease) {
+  auto storage = Open("housekeeping");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  auto other = OpenCatalog(CatalogUri(), dir_);
+  ASSERT_TRUE(other.ok()) << other.status();
+  Catalog& mine = *(*storage)->catalog();
+  const absl::Duration lease = absl::Milliseconds(400);
+  EXPECT_TRUE(*mine.TryHousekeeping("replica-1", lease));
+  EXPECT_FALSE(*(*other)->TryHousekeeping("replica-2", lease));
+  EXPECT_TRUE(*mine.TryHousekeeping("replica-1", lease)) << "renewed";
+  absl::SleepFor(lease + absl::Milliseconds(100));
+  EXPECT_TRUE(*(*other)->TryHousekeeping("replica-2", lease))
+      << "an expired lease is taken over";
+  EXPECT_FALSE(*mine.TryHousekeeping("replica-1", lease));
+}
+
+TEST_P(StorageTest, OtherProcessesHearOfEveryJobChange) {
+  if (GetParam() != "postgres") GTEST_SKIP() << "PostgreSQL only";
+  auto storage = Open("notify");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  auto changes = ListenForJobChanges(CatalogUri());
+  ASSERT_TRUE(changes.ok()) << changes.status();
+  // Collects what is heard within `wait`.
+  auto heard = [&](absl::Duration wait) {
+    std::vector<std::string> ids;
+    const absl::Time until = absl::Now() + wait;
+    while (absl::Now() < until) {
+      auto some = (*changes)->Wait(until - absl::Now());
+      EXPECT_TRUE(some.ok()) << some.status();
+      if (some.ok()) ids.insert(ids.end(), some->begin(), some->end());
+    }
+    return ids;
+  };
+  EXPECT_TRUE(heard(absl::Milliseconds(200)).empty()) << "nothing changed";
+  Catalog& catalog = *(*storage)->catalog();
+  ASSERT_TRUE(
+      catalog.SubmitJob(Queued("job_heard", "org-a"), {}, JobLimits()).ok());
+  EXPECT_THAT(heard(absl::Milliseconds(500)), ::testing::Contains("job_heard"));
+  auto claimed = catalog.ClaimJob("replica-1", "", absl::Seconds(30), 3);
+  ASSERT_TRUE(claimed.ok() && claimed->has_value());
+  v1::Job progress = **claimed;
+  progress.mutable_progress()->set_tensors_done(1);
+  ASSERT_TRUE(catalog.UpdateRun(progress).ok());
+  EXPECT_THAT(heard(absl::Milliseconds(500)), ::testing::Contains("job_heard"))
+      << "the claim and the progress";
+  // A write that the fence refuses changes nothing and tells nothing.
+  v1::Job stale = progress;
+  stale.set_attempt(progress.attempt() + 5);
+  EXPECT_FALSE(catalog.UpdateRun(stale).ok());
+  EXPECT_TRUE(heard(absl::Milliseconds(300)).empty());
+}
+
 TEST_P(StorageTest, APostgresCatalogServesManyProcessesAndNamesWhatFails) {
   if (GetParam() != "postgres") GTEST_SKIP() << "PostgreSQL only";
   const std::string dir = FreshDir("single");

@@ -1,0 +1,93 @@
+#include "server/blob_store.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace amalgam::server {
+
+namespace fs = std::filesystem;
+
+absl::Status SyncFileAndDir(const std::string& path) {
+  for (const std::string& target :
+       {path, fs::path(path).parent_path().string()}) {
+    const int fd = ::open(target.c_str(), O_RDONLY);
+    if (fd < 0 || ::fsync(fd) != 0) {
+      const std::string error = std::strerror(errno);
+      if (fd >= 0) ::close(fd);
+      return absl::InternalError(
+          absl::StrCat("cannot fsync ", target, ": ", error));
+    }
+    ::close(fd);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<BlobStore> BlobStore::Open(const std::string& directory) {
+  std::error_code error;
+  fs::create_directories(directory, error);
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot create ", directory, ": ", error.message()));
+  }
+  return BlobStore(directory);
+}
+
+std::string BlobStore::PathOf(const std::string& sha256) const {
+  return (fs::path(directory_) / sha256).string();
+}
+
+absl::Status BlobStore::Put(const std::string& temp_path,
+                            const std::string& sha256, bool* created) const {
+  const std::string blob = PathOf(sha256);
+  std::error_code error;
+  *created = false;
+  if (fs::exists(blob, error)) {
+    fs::remove(temp_path, error);
+    return absl::OkStatus();
+  }
+  fs::rename(temp_path, blob, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("cannot move a new file into blob ",
+                                            sha256, ": ", error.message()));
+  }
+  *created = true;
+  return SyncFileAndDir(blob);
+}
+
+absl::Status BlobStore::Remove(const std::string& sha256) const {
+  std::error_code error;
+  fs::remove(PathOf(sha256), error);
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot remove blob ", sha256, ": ", error.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::string>> BlobStore::OlderThan(
+    fs::file_time_type::duration age) const {
+  std::vector<std::string> names;
+  std::error_code error;
+  const fs::file_time_type now = fs::file_time_type::clock::now();
+  for (fs::directory_iterator it(directory_, error), end; !error && it != end;
+       it.increment(error)) {
+    std::error_code skip;
+    const fs::file_time_type written = it->last_write_time(skip);
+    if (!skip && now - written > age) {
+      names.push_back(it->path().filename().string());
+    }
+  }
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot list ", directory_, ": ", error.message()));
+  }
+  return names;
+}
+
+}  // namespace amalgam::server

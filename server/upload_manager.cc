@@ -1,0 +1,452 @@
+#include "server/upload_manager.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/safetensors.h"
+#include "core/statistics.h"
+#include "core/status_macros.h"
+#include "server/log.h"
+#include "server/space.h"
+#include "server/upload_header.h"
+
+namespace amalgam::server {
+namespace {
+
+// What the catalog keeps of an upload, and every list, scrape and response
+// carries: bounded, so that one organisation's artifact cannot slow
+// another's calls or overflow a response.
+constexpr int64_t kMaxHeaderBytes = int64_t{4} << 20;
+constexpr int64_t kMaxMetadataBytes = int64_t{64} << 10;
+
+// INVALID_ARGUMENT if the safetensors header at the start of `path` or its
+// __metadata__ is larger than the catalog keeps.
+absl::Status CheckHeaderSizes(const std::string& path,
+                              const core::SafetensorsReader& reader) {
+  uint8_t length[8] = {};
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  const bool read = file != nullptr && std::fread(length, 1, 8, file) == 8;
+  if (file != nullptr) std::fclose(file);
+  if (!read) return absl::InternalError("cannot read the upload's header");
+  uint64_t header_bytes = 0;
+  for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | length[i];
+  if (header_bytes > static_cast<uint64_t>(kMaxHeaderBytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the safetensors header is ", header_bytes,
+                     " bytes; at most ", kMaxHeaderBytes, " are accepted"));
+  }
+  int64_t metadata_bytes = 0;
+  for (const auto& [key, value] : reader.metadata()) {
+    metadata_bytes += static_cast<int64_t>(key.size() + value.size());
+  }
+  if (metadata_bytes > kMaxMetadataBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("__metadata__ holds ", metadata_bytes,
+                     " bytes of keys and values; at most ", kMaxMetadataBytes,
+                     " are accepted"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateContent(const v1::Artifact& artifact,
+                             const core::SafetensorsReader& reader,
+                             const core::SafetensorsReader* described) {
+  switch (artifact.kind()) {
+    case v1::ARTIFACT_KIND_WEIGHTS:
+      return core::ValidateWeights(reader);
+    case v1::ARTIFACT_KIND_GRAM:
+      return core::ValidateGram(reader, described);
+    case v1::ARTIFACT_KIND_FISHER:
+      return core::ValidateFisher(reader, described);
+    default:
+      return absl::InvalidArgumentError("unknown artifact kind");
+  }
+}
+
+// The upload's file cannot be opened or written: RESOURCE_EXHAUSTED when
+// the disk is full. Names no server path.
+absl::Status WriteError(int error) {
+  const std::string message =
+      absl::StrCat("cannot store the upload's bytes: ", std::strerror(error));
+  if (error == ENOSPC || error == EDQUOT) {
+    return absl::ResourceExhaustedError(message);
+  }
+  return absl::InternalError(message);
+}
+
+}  // namespace
+
+UploadManager::UploadManager(Storage* storage, UploadOptions options)
+    : storage_(storage), options_(std::move(options)) {
+  // A restarted replica's earlier streams died with it: their uploads can
+  // be resumed at once, not only once their leases run out.
+  absl::Status closed = storage_->catalog()->CloseStreamsOf(options_.holder);
+  if (!closed.ok()) {
+    Log(LogLevel::kWarning,
+        LogFields("upload_streams_not_closed").Add("error", closed.message()));
+  }
+  renewer_ = std::thread([this] { RenewLoop(); });
+}
+
+UploadManager::~UploadManager() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  renewer_.join();
+}
+
+absl::StatusOr<std::unique_ptr<UploadManager::Session>> UploadManager::Begin(
+    const std::string& owner, const v1::UploadHeader& header,
+    std::function<void()> cancel_other) {
+  AMALGAM_RETURN_IF_ERROR(
+      ValidateUploadHeader(header, options_.max_upload_bytes));
+  const UploadKey key(owner, header.upload_id());
+  if (!header.upload_id().empty()) {
+    // A stream of this process on the same id is cancelled at once (a
+    // stream on another replica, by the catalog's OpenStream below).
+    absl::MutexLock lock(&mu_);
+    bool cancelled = false;
+    for (const auto& [id, active] : active_) {
+      if (active.upload != key) continue;
+      active.cancel();
+      cancelled = true;
+    }
+    if (cancelled) {
+      return absl::AbortedError(
+          absl::StrCat("upload ", header.upload_id(),
+                       " was being received on another stream; that stream "
+                       "is cancelled, retry"));
+    }
+  }
+  const std::string stream = NewId("stream");
+  AMALGAM_RETURN_IF_ERROR(storage_->catalog()->OpenStream(
+      stream, owner, header.upload_id(), options_.holder, options_.stream_lease,
+      options_.max_uploads_per_org));
+  {
+    absl::MutexLock lock(&mu_);
+    active_[stream] = Active{key, std::move(cancel_other)};
+  }
+  // From here the session owns the stream (its destructor closes it).
+  std::unique_ptr<Session> session(new Session(this, owner, header));
+  session->stream_ = stream;
+  if (options_.metrics != nullptr) options_.metrics->UploadStarted();
+  if (!header.describes().empty()) {
+    AMALGAM_ASSIGN_OR_RETURN(
+        v1::Artifact described,
+        storage_->GetArtifactFor(header.describes(), owner));
+    if (described.kind() != v1::ARTIFACT_KIND_WEIGHTS) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.describes names ", header.describes(),
+                       ", which is not a weights artifact"));
+    }
+    session->described_ = std::move(described);
+  }
+  if (header.upload_id().empty()) {
+    AMALGAM_RETURN_IF_ERROR(Admit(owner, header, /*held=*/0));
+    session->path_ = storage_->NewTempPath("upload");
+    session->file_ = std::fopen(session->path_.c_str(), "wb");
+  } else {
+    AMALGAM_RETURN_IF_ERROR(session->OpenResumable());
+    if (session->finished_.has_value()) return session;
+    session->file_ = std::fopen(session->path_.c_str(), "ab");
+  }
+  if (session->file_ == nullptr) return WriteError(errno);
+  // Unbuffered: what the file holds is what GetUpload reports, also after
+  // the process is killed.
+  std::setvbuf(session->file_, nullptr, _IONBF, 0);
+  return session;
+}
+
+absl::StatusOr<v1::UploadStatus> UploadManager::Status(
+    const std::string& owner, const std::string& upload_id) {
+  if (upload_id.empty()) {
+    return absl::InvalidArgumentError("upload_id is empty");
+  }
+  AMALGAM_ASSIGN_OR_RETURN(PartialUpload upload,
+                           storage_->FindUpload(owner, upload_id));
+  v1::UploadStatus status;
+  status.set_upload_id(upload_id);
+  status.set_committed_bytes(upload.committed_bytes);
+  status.set_size_bytes(upload.header.size_bytes());
+  status.set_artifact_id(upload.artifact_id);
+  return status;
+}
+
+absl::StatusOr<int> UploadManager::ExpireStale() {
+  const int64_t cutoff =
+      absl::ToUnixSeconds(absl::Now() - options_.upload_expiry);
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<UploadKey> stale,
+                           storage_->StaleUploads(cutoff));
+  int removed = 0;
+  for (const UploadKey& key : stale) {
+    // Under the lock, so that no stream of this process starts on it
+    // between the check and the removal.
+    absl::MutexLock lock(&mu_);
+    bool receiving = false;
+    for (const auto& [id, active] : active_) {
+      receiving = receiving || active.upload == key;
+    }
+    if (receiving) continue;
+    AMALGAM_ASSIGN_OR_RETURN(
+        const bool gone,
+        storage_->RemoveStaleUpload(key.first, key.second, cutoff));
+    if (!gone) continue;
+    ++removed;
+    Log(LogLevel::kInfo, LogFields("upload_expired")
+                             .Add("upload", key.second)
+                             .Add("owner", key.first));
+  }
+  return removed;
+}
+
+absl::Status UploadManager::Admit(const std::string& owner,
+                                  const v1::UploadHeader& header,
+                                  int64_t held) {
+  const std::string what =
+      absl::StrCat("an upload of ", header.size_bytes(), " bytes");
+  AMALGAM_RETURN_IF_ERROR(CheckFreeSpace(storage_->data_dir(),
+                                         header.size_bytes() - held,
+                                         options_.disk_reserve_bytes, what));
+  if (options_.quota_bytes_per_org <= 0) return absl::OkStatus();
+  AMALGAM_ASSIGN_OR_RETURN(const int64_t stored,
+                           storage_->OrgBytes(owner, header.upload_id()));
+  AMALGAM_ASSIGN_OR_RETURN(const int64_t pending,
+                           storage_->catalog()->PendingOutputBytes(owner));
+  return CheckQuota(owner, stored + pending, header.size_bytes(),
+                    options_.quota_bytes_per_org, what);
+}
+
+void UploadManager::Release(const std::string& stream) {
+  storage_->catalog()->CloseStream(stream).IgnoreError();  // else it expires
+  absl::MutexLock lock(&mu_);
+  active_.erase(stream);
+  if (options_.metrics != nullptr) options_.metrics->UploadEnded();
+}
+
+void UploadManager::RenewLoop() {
+  const absl::Duration period = std::clamp(
+      std::min(options_.stream_lease / 3, options_.upload_expiry / 4),
+      absl::Milliseconds(100), absl::Seconds(10));
+  absl::Time renewed = absl::Now();
+  absl::MutexLock lock(&mu_);
+  while (!mu_.AwaitWithTimeout(absl::Condition(&stopping_), period)) {
+    std::vector<UploadKey> receiving;
+    for (const auto& [id, active] : active_) {
+      if (!active.upload.second.empty()) receiving.push_back(active.upload);
+    }
+    mu_.Unlock();
+    absl::StatusOr<std::vector<std::string>> stop =
+        storage_->catalog()->RenewStreams(options_.holder,
+                                          options_.stream_lease);
+    for (const UploadKey& upload : receiving) {
+      storage_->TouchUpload(upload.first, upload.second).IgnoreError();
+    }
+    mu_.Lock();
+    if (stop.ok()) {
+      renewed = absl::Now();
+      for (const std::string& id : *stop) {
+        auto it = active_.find(id);
+        if (it != active_.end()) it->second.cancel();
+      }
+    } else if (absl::Now() - renewed > options_.stream_lease * 2 / 3) {
+      Log(LogLevel::kWarning, LogFields("upload_streams_cancelled")
+                                  .Add("streams", active_.size())
+                                  .Add("error", stop.status().message()));
+      for (const auto& [id, active] : active_) active.cancel();
+    }
+  }
+}
+
+UploadManager::Session::Session(UploadManager* manager, std::string owner,
+                                v1::UploadHeader header)
+    : manager_(manager), owner_(std::move(owner)), header_(std::move(header)) {}
+
+UploadManager::Session::~Session() {
+  CloseFile();
+  Storage* storage = manager_->storage_;
+  if (resumable_) {
+    // Restarts the expiry clock; a no-op once the upload is gone.
+    storage->TouchUpload(owner_, header_.upload_id()).IgnoreError();
+  } else if (!path_.empty()) {
+    std::remove(path_.c_str());
+  }
+  if (!stream_.empty()) manager_->Release(stream_);
+}
+
+void UploadManager::Session::Disarm() {
+  absl::MutexLock lock(&manager_->mu_);
+  auto it = manager_->active_.find(stream_);
+  if (it != manager_->active_.end()) it->second.cancel = [] {};
+}
+
+absl::Status UploadManager::Session::OpenResumable() {
+  Storage* storage = manager_->storage_;
+  absl::StatusOr<PartialUpload> upload =
+      storage->FindUpload(owner_, header_.upload_id());
+  if (absl::IsNotFound(upload.status())) {
+    AMALGAM_RETURN_IF_ERROR(manager_->Admit(owner_, header_, /*held=*/0));
+    upload = storage->CreateUpload(owner_, header_);
+  } else if (upload.ok() && upload->artifact_id.empty()) {
+    AMALGAM_RETURN_IF_ERROR(
+        manager_->Admit(owner_, header_, upload->committed_bytes));
+  }
+  if (!upload.ok()) return upload.status();
+  if (upload->header.SerializeAsString() != header_.SerializeAsString()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "upload ", header_.upload_id(),
+        " was started with a different header (kind, name, size_bytes, "
+        "sha256 or describes); use a new upload_id"));
+  }
+  if (!upload->artifact_id.empty()) {
+    // Finished before: the client lost the response. Answer with the
+    // artifact it made, unless that was deleted since (then start over).
+    absl::StatusOr<v1::Artifact> made =
+        storage->GetArtifactFor(upload->artifact_id, owner_);
+    if (made.ok()) {
+      finished_ = *std::move(made);
+      return absl::OkStatus();
+    }
+    AMALGAM_ASSIGN_OR_RETURN(upload, storage->CreateUpload(owner_, header_));
+  }
+  resumable_ = true;
+  path_ = upload->path;
+  if (upload->committed_bytes > header_.size_bytes()) {
+    storage->RemoveUpload(owner_, header_.upload_id()).IgnoreError();
+    return absl::DataLossError(absl::StrCat("upload ", header_.upload_id(),
+                                            " holds more bytes than declared; ",
+                                            "it was discarded, start again"));
+  }
+  received_ = upload->committed_bytes;
+  // The hash of the bytes already held is computed at Complete.
+  resumed_ = received_ > 0;
+  return absl::OkStatus();
+}
+
+absl::Status UploadManager::Session::Append(v1::UploadChunk* chunk) {
+  if (chunk->offset() != received_) {
+    std::string message =
+        absl::StrCat("chunk offset ", chunk->offset(), " but the server holds ",
+                     received_, " bytes of this upload; send from there");
+    // Resumable: the client asks GetUpload again and retries.
+    return resumable_ ? absl::AbortedError(message)
+                      : absl::FailedPreconditionError(message);
+  }
+  const int64_t size = static_cast<int64_t>(chunk->data().size());
+  if (received_ + size > header_.size_bytes()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("upload sends more than the declared size_bytes ",
+                     header_.size_bytes()));
+  }
+  if (std::fwrite(chunk->data().data(), 1, chunk->data().size(), file_) !=
+      chunk->data().size()) {
+    return WriteError(errno);
+  }
+  // Hashed on the hasher's thread while the next message is read.
+  if (!resumed_) hash_.Update(std::move(*chunk->mutable_data()));
+  received_ += size;
+  if (Metrics* metrics = manager_->options_.metrics) {
+    metrics->BytesReceived(size);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status UploadManager::Session::EndOfStream() {
+  if (received_ != header_.size_bytes()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "upload ended after ", received_, " of ", header_.size_bytes(),
+        " declared bytes",
+        resumable_ ? absl::StrCat("; resume upload ", header_.upload_id(),
+                                  " from offset ", received_)
+                   : ""));
+  }
+  if (!CloseFile()) {
+    return absl::InternalError("cannot flush the upload's bytes");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::Artifact> UploadManager::Session::Complete() {
+  Storage* storage = manager_->storage_;
+  absl::StatusOr<v1::Artifact> artifact = Verify();
+  // The artifact is made (or the bytes are bad) whatever these answer; a
+  // failure only leaves the upload's row to expiry, so it is logged.
+  absl::Status bookkeeping;
+  if (resumable_ && artifact.ok()) {
+    bookkeeping =
+        storage->CompleteUpload(owner_, header_.upload_id(), artifact->id());
+  } else if (resumable_ && bad_content_) {
+    bookkeeping = storage->RemoveUpload(owner_, header_.upload_id());
+  }
+  if (!bookkeeping.ok()) {
+    Log(LogLevel::kError, LogFields("upload_bookkeeping_failed")
+                              .Add("upload", header_.upload_id())
+                              .Add("owner", owner_)
+                              .Add("error", bookkeeping.message()));
+  }
+  return artifact;
+}
+
+absl::StatusOr<v1::Artifact> UploadManager::Session::Verify() {
+  Storage* storage = manager_->storage_;
+  std::string sha256;
+  if (resumed_) {
+    AMALGAM_ASSIGN_OR_RETURN(sha256, core::Sha256File(path_));
+  } else {
+    sha256 = hash_.HexDigest();
+  }
+  if (sha256 != header_.sha256()) {
+    bad_content_ = true;
+    return absl::DataLossError(
+        absl::StrCat("upload \"", header_.name(), "\" has sha256 ", sha256,
+                     " but the header declared ", header_.sha256()));
+  }
+  AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(path_));
+  absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> reader =
+      core::SafetensorsReader::Open(path_);
+  if (!reader.ok()) {
+    bad_content_ = true;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "upload \"", header_.name(),
+        "\" is not a valid safetensors file: ", reader.status().message()));
+  }
+  std::unique_ptr<core::SafetensorsReader> described;
+  if (described_.has_value()) {
+    AMALGAM_ASSIGN_OR_RETURN(described, storage->OpenBlob(*described_));
+  }
+  v1::Artifact artifact;
+  artifact.set_kind(header_.kind());
+  artifact.set_owner(owner_);
+  artifact.set_name(header_.name());
+  artifact.set_size_bytes(header_.size_bytes());
+  artifact.set_sha256(sha256);
+  artifact.set_describes(header_.describes());
+  absl::Status valid = CheckHeaderSizes(path_, **reader);
+  if (valid.ok()) valid = ValidateContent(artifact, **reader, described.get());
+  if (!valid.ok()) {
+    bad_content_ =
+        absl::IsInvalidArgument(valid) || absl::IsFailedPrecondition(valid);
+    return valid;
+  }
+  artifact.set_tensor_count(static_cast<int64_t>((*reader)->tensors().size()));
+  for (const auto& [key, value] : (*reader)->metadata()) {
+    (*artifact.mutable_metadata())[key] = value;
+  }
+  reader->reset();
+  AMALGAM_ASSIGN_OR_RETURN(artifact, storage->AddArtifact(path_, artifact));
+  path_.clear();  // moved into the blob store
+  return artifact;
+}
+
+bool UploadManager::Session::CloseFile() {
+  if (file_ == nullptr) return true;
+  const bool ok = std::fflush(file_) == 0;
+  std::fclose(file_);
+  file_ = nullptr;
+  return ok;
+}
+
+}  // namespace amalgam::server
