@@ -56,8 +56,125 @@ const char* MethodName(MergeMethod method) {
       return "fisher";
     case MergeMethod::kRegMean:
       return "regmean";
+    case MergeMethod::kTaskArithmetic:
+      return "task_arithmetic";
+    case MergeMethod::kTies:
+      return "ties";
+    case MergeMethod::kDareLinear:
+      return "dare_linear";
+    case MergeMethod::kDareTies:
+      return "dare_ties";
+    case MergeMethod::kSlerp:
+      return "slerp";
+    case MergeMethod::kModelStock:
+      return "model_stock";
   }
   return "unknown";
+}
+
+bool UsesLambda(MergeMethod m) {
+  return m == MergeMethod::kTaskArithmetic || m == MergeMethod::kTies ||
+         m == MergeMethod::kDareLinear || m == MergeMethod::kDareTies;
+}
+bool UsesDensity(MergeMethod m) {
+  return m == MergeMethod::kTies || m == MergeMethod::kDareLinear ||
+         m == MergeMethod::kDareTies;
+}
+bool IsDare(MergeMethod m) {
+  return m == MergeMethod::kDareLinear || m == MergeMethod::kDareTies;
+}
+bool UsesNormalize(MergeMethod m) {
+  return m == MergeMethod::kTies || m == MergeMethod::kDareTies;
+}
+
+// The task-vector methods' models, base and parameters. INVALID_ARGUMENT
+// naming what is wrong: a parameter the method does not use (or one out of
+// its range), a missing base, too few or too many models.
+absl::Status CheckTaskVectorOptions(const std::vector<MergeInput>& inputs,
+                                    const MergeOptions& options) {
+  const MergeMethod m = options.method;
+  const TaskVectorOptions& task = options.task;
+  const std::string method = MethodName(m);
+  auto unused = [&](const char* what) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " is not a parameter of ", method));
+  };
+  if (!IsTaskVectorMethod(m)) {
+    if (options.base.weights != nullptr) return unused("a base model");
+    if (task.lambda || task.density || task.seed || task.t ||
+        task.no_normalize || task.rescale) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "lambda, density, seed, t, no_normalize and rescale are parameters "
+          "of the task-vector methods, not of ",
+          method));
+    }
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (inputs[i].density != 0) return unused("a model's density");
+    }
+    return absl::OkStatus();
+  }
+  const bool has_base = options.base.weights != nullptr;
+  const size_t n = inputs.size();
+  if (m == MergeMethod::kSlerp) {
+    if (!(n == 2 && !has_base) && !(n == 1 && has_base)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "slerp interpolates two models, or a model and the base; got ", n,
+          " model(s)", has_base ? " and a base" : ""));
+    }
+    if (!task.t.has_value()) {
+      return absl::InvalidArgumentError("slerp needs t, in [0, 1]");
+    }
+    if (!(*task.t >= 0 && *task.t <= 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("t must be in [0, 1], got ", *task.t));
+    }
+  } else {
+    if (!has_base) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(method,
+                       " needs a base model (the task vectors are the "
+                       "models' differences to it)"));
+    }
+    const size_t least = m == MergeMethod::kModelStock ? 2 : 1;
+    if (n < least) {
+      return absl::InvalidArgumentError(absl::StrCat(method, " needs at least ",
+                                                     least,
+                                                     " model(s) besides "
+                                                     "the base, got ",
+                                                     n));
+    }
+    if (task.t) return unused("t");
+  }
+  if (task.lambda && !UsesLambda(m)) return unused("lambda");
+  if (task.lambda && !std::isfinite(*task.lambda)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lambda must be finite, got ", *task.lambda));
+  }
+  if (task.seed && !IsDare(m)) return unused("seed");
+  if (task.rescale && !IsDare(m)) return unused("rescale");
+  if (task.no_normalize && !UsesNormalize(m)) return unused("no_normalize");
+  auto check_density = [&](double d, const std::string& what) -> absl::Status {
+    if (!UsesDensity(m)) return unused(what.c_str());
+    if (!(d > 0 && d <= 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " must be in (0, 1], got ", d));
+    }
+    return absl::OkStatus();
+  };
+  if (task.density) {
+    AMALGAM_RETURN_IF_ERROR(check_density(*task.density, "density"));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (inputs[i].density != 0) {
+      AMALGAM_RETURN_IF_ERROR(check_density(
+          inputs[i].density,
+          absl::StrCat("the density of model ", ModelName(inputs, i))));
+    }
+    if (inputs[i].coefficient != 0 && !UsesLambda(m)) {
+      return unused("a model's weight");
+    }
+  }
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------------------
@@ -97,7 +214,9 @@ absl::StatusOr<GramInfo> ReadGramMetadata(const std::vector<MergeInput>& inputs,
 
 absl::Status CheckOptions(const std::vector<MergeInput>& inputs,
                           const MergeOptions& options) {
-  if (inputs.size() < 2) {
+  AMALGAM_RETURN_IF_ERROR(CheckTaskVectorOptions(inputs, options));
+  if (inputs.empty() ||
+      (inputs.size() < 2 && !IsTaskVectorMethod(options.method))) {
     return absl::InvalidArgumentError(
         absl::StrCat("a merge needs at least two models, got ", inputs.size()));
   }
@@ -161,6 +280,49 @@ absl::Status CheckSameTensor(const std::vector<MergeInput>& inputs, size_t i,
         "tensor \"", ref.name, "\" has shape ", ShapeString(ref.shape),
         " in model ", ModelName(inputs, 0), " but ", ShapeString(other.shape),
         " in model ", ModelName(inputs, i)));
+  }
+  return absl::OkStatus();
+}
+
+// Task vectors: every merged tensor computed with the base's (same dtype and
+// shape), the weights as given (0 meaning 1) and each model's density.
+absl::Status PlanTaskVectors(const std::vector<MergeInput>& inputs,
+                             const MergeOptions& options,
+                             std::vector<PlannedTensor>& merged,
+                             MergePlan& plan) {
+  plan.coefficients.clear();
+  plan.densities.clear();
+  for (const MergeInput& input : inputs) {
+    plan.coefficients.push_back(input.coefficient == 0 ? 1.0
+                                                       : input.coefficient);
+    plan.densities.push_back(input.density != 0
+                                 ? input.density
+                                 : options.task.density.value_or(0.2));
+  }
+  const SafetensorsReader* base = options.base.weights;
+  const std::string label =
+      options.base.label.empty() ? "base" : options.base.label;
+  for (PlannedTensor& t : merged) {
+    t.rule = TensorRule::kTaskVector;
+    if (base == nullptr) continue;  // slerp of two models
+    const TensorInfo* own = base->Find(t.info.name);
+    if (own == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "tensor \"", t.info.name, "\" is in model ", ModelName(inputs, 0),
+          " but missing from the base model ", label));
+    }
+    if (own->dtype != t.info.dtype) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "tensor \"", t.info.name, "\" has dtype ", DTypeName(t.info.dtype),
+          " in model ", ModelName(inputs, 0), " but ", DTypeName(own->dtype),
+          " in the base model ", label));
+    }
+    if (own->shape != t.info.shape) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "tensor \"", t.info.name, "\" has shape ", ShapeString(t.info.shape),
+          " in model ", ModelName(inputs, 0), " but ", ShapeString(own->shape),
+          " in the base model ", label));
+    }
   }
   return absl::OkStatus();
 }
@@ -807,6 +969,60 @@ absl::StatusOr<at::Tensor> MergeRegMean(
   return x.t();
 }
 
+// One tensor of a task-vector method, in float64 on the CPU (so that the
+// result does not depend on the device or thread count).
+absl::StatusOr<at::Tensor> MergeTaskVectors(
+    const ExecContext& ctx, const PlannedTensor& t,
+    const std::vector<const TensorInfo*>& weights) {
+  const auto& inputs = *ctx.inputs;
+  const MergeOptions& options = *ctx.options;
+  const MergePlan& plan = *ctx.plan;
+  std::vector<at::Tensor> models;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    models.push_back(Load(*inputs[i].weights, *weights[i], at::kDouble,
+                          at::Device(at::kCPU)));
+  }
+  at::Tensor base;
+  if (options.base.weights != nullptr) {
+    AMALGAM_ASSIGN_OR_RETURN(
+        const TensorInfo* info,
+        FindPlanned(*options.base.weights, t.info.name, "the weights",
+                    options.base.label.empty() ? "base" : options.base.label));
+    if (info->dtype != t.info.dtype || info->shape != t.info.shape) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor \"", t.info.name,
+                       "\" of the base model no longer matches the plan"));
+    }
+    base =
+        Load(*options.base.weights, *info, at::kDouble, at::Device(at::kCPU));
+  }
+  const TaskVectorOptions& task = options.task;
+  const double lambda = task.lambda.value_or(1.0);
+  const bool normalize = !task.no_normalize;
+  return GuardTorch(t.info.name, [&]() -> absl::StatusOr<at::Tensor> {
+    switch (options.method) {
+      case MergeMethod::kTaskArithmetic:
+        return TaskArithmetic(base, models, plan.coefficients, lambda);
+      case MergeMethod::kTies:
+        return Ties(base, models, plan.coefficients, plan.densities, lambda,
+                    normalize);
+      case MergeMethod::kDareLinear:
+      case MergeMethod::kDareTies:
+        return Dare(base, models, plan.coefficients, plan.densities, lambda,
+                    options.method == MergeMethod::kDareTies, normalize,
+                    task.rescale.value_or(DareRescale::kInverseDensity),
+                    task.seed.value_or(0), t.info.name);
+      case MergeMethod::kSlerp:
+        return base.defined() ? Slerp(base, models[0], *task.t)
+                              : Slerp(models[0], models[1], *task.t);
+      case MergeMethod::kModelStock:
+        return ModelStock(base, models);
+      default:
+        return absl::InternalError("not a task-vector method");
+    }
+  });
+}
+
 absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
                                     const PlannedTensor& t) {
   const auto& inputs = *ctx.inputs;
@@ -843,6 +1059,10 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
   const at::ScalarType compute =
       t.info.dtype == DType::kF64 ? at::kDouble : at::kFloat;
   at::Tensor merged;
+  if (t.rule == TensorRule::kTaskVector) {
+    AMALGAM_ASSIGN_OR_RETURN(merged, MergeTaskVectors(ctx, t, weights));
+    return merged.to(ScalarTypeOf(t.info.dtype)).contiguous();
+  }
   switch (t.rule) {
     case TensorRule::kAverage:
       merged = MergeAverage(ctx, weights, compute);
@@ -856,7 +1076,8 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
       break;
     }
     case TensorRule::kCopy:
-      return absl::InternalError("kCopy is not computed");
+    case TensorRule::kTaskVector:
+      return absl::InternalError("not computed here");
   }
   // Written as raw row-major bytes: contiguous whatever layout the merge
   // produced (to() alone may hand back a transposed view unchanged).
@@ -864,6 +1085,20 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
 }
 
 }  // namespace
+
+bool IsTaskVectorMethod(MergeMethod method) {
+  switch (method) {
+    case MergeMethod::kTaskArithmetic:
+    case MergeMethod::kTies:
+    case MergeMethod::kDareLinear:
+    case MergeMethod::kDareTies:
+    case MergeMethod::kSlerp:
+    case MergeMethod::kModelStock:
+      return true;
+    default:
+      return false;
+  }
+}
 
 absl::StatusOr<MergePlan> PlanMerge(const std::vector<MergeInput>& inputs,
                                     const MergeOptions& options) {
@@ -918,7 +1153,9 @@ absl::StatusOr<MergePlan> PlanMerge(const std::vector<MergeInput>& inputs,
     }
   }
 
-  if (options.method == MergeMethod::kFisher) {
+  if (IsTaskVectorMethod(options.method)) {
+    AMALGAM_RETURN_IF_ERROR(PlanTaskVectors(inputs, options, merged, plan));
+  } else if (options.method == MergeMethod::kFisher) {
     AMALGAM_RETURN_IF_ERROR(PlanFisher(inputs, merged));
   } else if (options.method == MergeMethod::kRegMean) {
     AMALGAM_RETURN_IF_ERROR(
@@ -981,6 +1218,34 @@ absl::Status ExecuteMerge(
       {"amalgam.method", MethodName(options.method)},
       {"amalgam.models", absl::StrCat(inputs.size())},
   };
+  if (IsTaskVectorMethod(options.method)) {
+    // Every parameter the result depends on.
+    const TaskVectorOptions& task = options.task;
+    if (options.base.weights != nullptr) {
+      metadata["amalgam.base"] = options.base.label;
+    }
+    if (UsesLambda(options.method)) {
+      metadata["amalgam.lambda"] = absl::StrCat(task.lambda.value_or(1.0));
+      metadata["amalgam.weights"] = absl::StrJoin(plan.coefficients, ",");
+    }
+    if (UsesDensity(options.method)) {
+      metadata["amalgam.densities"] = absl::StrJoin(plan.densities, ",");
+    }
+    if (UsesNormalize(options.method)) {
+      metadata["amalgam.normalize"] = task.no_normalize ? "false" : "true";
+    }
+    if (IsDare(options.method)) {
+      metadata["amalgam.seed"] = absl::StrCat(task.seed.value_or(0));
+      metadata["amalgam.rescale"] =
+          task.rescale.value_or(DareRescale::kInverseDensity) ==
+                  DareRescale::kL1
+              ? "l1"
+              : "inverse-density";
+    }
+    if (options.method == MergeMethod::kSlerp) {
+      metadata["amalgam.t"] = absl::StrCat(*options.task.t);
+    }
+  }
   if (options.method == MergeMethod::kRegMean) {
     metadata["amalgam.alpha"] = absl::StrCat(options.alpha);
     // The solves' last bits depend on the BLAS kernels and thread count
@@ -1003,16 +1268,19 @@ absl::Status ExecuteMerge(
   state.bytes_total = plan.output_bytes;
   // Releases tensor `name` of every input from the resident set: streaming.
   // Calls `method` (Release or Prefetch) for tensor `name` of every file.
-  auto for_every_file =
-      [&inputs](const std::string& name,
-                void (SafetensorsReader::*method)(absl::string_view) const) {
-        for (const MergeInput& input : inputs) {
-          for (const SafetensorsReader* reader :
-               {input.weights, input.gram, input.fisher}) {
-            if (reader != nullptr) (reader->*method)(name);
-          }
-        }
-      };
+  auto for_every_file = [&inputs, &options](const std::string& name,
+                                            void (SafetensorsReader::*method)(
+                                                absl::string_view) const) {
+    for (const MergeInput& input : inputs) {
+      for (const SafetensorsReader* reader :
+           {input.weights, input.gram, input.fisher}) {
+        if (reader != nullptr) (reader->*method)(name);
+      }
+    }
+    if (options.base.weights != nullptr) {
+      (options.base.weights->*method)(name);
+    }
+  };
   auto release = [&](const std::string& name) {
     for_every_file(name, &SafetensorsReader::Release);
   };

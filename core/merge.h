@@ -4,16 +4,33 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/safetensors.h"
+#include "core/task_vectors.h"
 
 namespace amalgam::core {
 
-enum class MergeMethod { kAverage, kWeighted, kFisher, kRegMean };
+enum class MergeMethod {
+  kAverage,
+  kWeighted,
+  kFisher,
+  kRegMean,
+  // The task-vector family (core/task_vectors.h), relative to a base model.
+  kTaskArithmetic,
+  kTies,
+  kDareLinear,
+  kDareTies,
+  kSlerp,
+  kModelStock,
+};
+
+// Whether `method` merges task vectors (differences to a base model).
+bool IsTaskVectorMethod(MergeMethod method);
 
 // How Gram matrices enter a RegMean merge.
 enum class GramNormalization {
@@ -31,8 +48,11 @@ struct MergeInput {
   const SafetensorsReader* gram = nullptr;
   // Required for kFisher: diagonal Fisher, same names and shapes as weights.
   const SafetensorsReader* fisher = nullptr;
-  // Relative weight (>= 0); all zero means equal weights. Normalised to sum 1.
+  // Relative weight (>= 0); all zero means equal weights. Normalised to sum 1
+  // (task-vector methods: used as given, 0 meaning 1).
   double coefficient = 0.0;
+  // TIES and DARE: this model's density in (0, 1]; 0 means the merge's.
+  double density = 0.0;
   // How error messages name this model (an artifact id, a file name).
   std::string label;
 };
@@ -45,8 +65,23 @@ enum class RegMeanSolve {
   kFloat64,  // float64 Cholesky, then LU
 };
 
+// Parameters of the task-vector methods; unset ones take their defaults,
+// and a set one that the method does not use is refused.
+struct TaskVectorOptions {
+  std::optional<double> lambda;        // scale of the merged task vector; 1
+  std::optional<double> density;       // ties, dare_*: in (0, 1]; 0.2
+  std::optional<uint64_t> seed;        // dare_*: 0
+  std::optional<double> t;             // slerp (required): in [0, 1]
+  bool no_normalize = false;           // ties, dare_ties: no disjoint mean
+  std::optional<DareRescale> rescale;  // dare_*: inverse density
+};
+
 struct MergeOptions {
   MergeMethod method = MergeMethod::kAverage;
+  // The base model of the task-vector methods (required, except for slerp of
+  // two models); its `weights` and `label` are used.
+  MergeInput base;
+  TaskVectorOptions task;
   // RegMean non-diagonal scaling in [0, 1].
   double alpha = 0.9;
   // RE2 full-match patterns of tensor names left out of the merge.
@@ -67,10 +102,11 @@ struct MergeOptions {
 
 // How one output tensor is produced.
 enum class TensorRule {
-  kAverage,  // sum c_i W_i (also used for average/weighted)
-  kFisher,   // sum c_i F_i W_i / sum c_i F_i
-  kRegMean,  // closed-form solve from the Grams
-  kCopy,     // excluded tensor copied from one model
+  kAverage,     // sum c_i W_i (also used for average/weighted)
+  kFisher,      // sum c_i F_i W_i / sum c_i F_i
+  kRegMean,     // closed-form solve from the Grams
+  kCopy,        // excluded tensor copied from one model
+  kTaskVector,  // one of the task-vector methods, with the base's tensor
 };
 
 struct PlannedTensor {
@@ -83,7 +119,10 @@ struct PlannedTensor {
 // normalised coefficients.
 struct MergePlan {
   std::vector<PlannedTensor> tensors;
+  // Normalised (task-vector methods: the weights w_i as given).
   std::vector<double> coefficients;
+  // Task-vector methods: per model density (ties, dare_*).
+  std::vector<double> densities;
   // Per model: scale applied to its Grams (1 or 1/num_examples).
   std::vector<double> gram_scale;
   uint64_t output_bytes = 0;

@@ -166,7 +166,16 @@ ROWS = (["Pretrained init (reference)"]
         + [f"Individual model {a + 1}" for a in range(N_AGENTS)]
         + ["Avg. of individual models", "Simple average", "Fisher"]
         + [f"RegMean (alpha={a})" for a in ALPHAS]
+        + ["Task arithmetic (lambda=0.5)", "TIES (density=0.2)",
+           "DARE-TIES (density=0.5)", "Model Stock"]
         + ["Ensemble (logit average)", "Multi-task (all data)"])
+# The task-vector merges: relative to the shared initialisation (the base).
+TASK_VECTOR_ROWS = {
+    "Task arithmetic (lambda=0.5)": ("task_arithmetic", dict(lambda_=0.5)),
+    "TIES (density=0.2)": ("ties", dict(density=0.2)),
+    "DARE-TIES (density=0.5)": ("dare_ties", dict(density=0.5, seed=0)),
+    "Model Stock": ("model_stock", {}),
+}
 
 
 def run_seed(client: amalgam.Client, seed: int, info: Dict) -> Dict[str, float]:
@@ -231,6 +240,10 @@ def run_seed(client: amalgam.Client, seed: int, info: Dict) -> Dict[str, float]:
         acc[row] = evaluate_merge(row, "regmean", grams=grams, alpha=alpha)
         raw = evaluate_merge(row + " raw Grams", "regmean", grams=raw_grams, alpha=alpha)
         info.setdefault("raw", []).append((acc[row], raw))
+
+    base = client.upload_weights(init_state, name=f"seed{seed}-init")
+    for row, (method, parameters) in TASK_VECTOR_ROWS.items():
+        acc[row] = evaluate_merge(row, method, base=base, **parameters)
 
     acc["Ensemble (logit average)"] = accuracy(
         torch.stack([logits_of(m, Xte) for m in models]).mean(0), Yte)
@@ -341,6 +354,17 @@ def observations(results: Dict[str, List[float]]) -> str:
                 "merges."
                 if all(x < y for x, y in zip(regs, regs[1:])) else
                 f"By alpha: {by_alpha}."))
+    tv = sorted(((r, m[r]) for r in TASK_VECTOR_ROWS), key=lambda t: -t[1])
+    best_tv, best_tv_acc = tv[0]
+    s.append("Of the task-vector merges (relative to the weak shared initialisation, with "
+             "untuned defaults) " + ", ".join(f"{r} {v:.1f}%" for r, v in tv) + "; the best, "
+             f"{best_tv}, is {abs(best_tv_acc - m[best_reg]):.1f} points "
+             + ("above" if best_tv_acc > m[best_reg] else "below") + f" {best_reg} and "
+             f"{abs(best_tv_acc - simple):.1f} points "
+             + ("above" if best_tv_acc > simple else "below") + " simple averaging"
+             + (". They use no statistics, so unlike RegMean and Fisher they cannot weigh "
+                "directions by the agents' data." if best_tv_acc < m[best_reg] else
+                ", without any statistics of the agents' data."))
     gap_ens = m[best_reg] - ens
     s.append(f"The logit ensemble ({ens:.1f}%) runs all three models at inference and is "
              + ("level with" if abs(gap_ens) < 0.05 else
@@ -407,6 +431,8 @@ def write_plot(results: Dict[str, List[float]], path: pathlib.Path, seeds: int) 
             colors.append("tab:red")
         elif r in ("Simple average", "Fisher"):
             colors.append("tab:blue")
+        elif r in TASK_VECTOR_ROWS:
+            colors.append("tab:green")
         elif r.startswith(("Ensemble", "Multi-task", "Pretrained")):
             colors.append("tab:gray")
         else:
@@ -484,7 +510,10 @@ def write_markdown(results: Dict[str, List[float]], info: Dict, path: pathlib.Pa
         + raw_gram_note(info, len(results["Fisher"])),
         "- **Merges** (server side, equal coefficients): `average`, `fisher`, `regmean` with "
         "alpha ∈ {" + ", ".join(str(a) for a in ALPHAS) + "} (alpha scales the Grams' "
-        "off-diagonal entries; 1.0 is plain RegMean, the paper uses 0.9 for transformers).",
+        "off-diagonal entries; 1.0 is plain RegMean, the paper uses 0.9 for transformers); "
+        "and the task-vector merges relative to the shared initialisation as the base "
+        "model, weights 1: `task_arithmetic` (lambda 0.5), `ties` (density 0.2, lambda 1), "
+        "`dare_ties` (density 0.5, seed 0, lambda 1) and `model_stock`, none of them tuned.",
         "- **References**: the accuracy of each individual model and their mean (the "
         "paper's *Avg.* column), the logit ensemble (average the three models' logits, "
         "then argmax — three forward passes, no merging) and the multi-task model.",

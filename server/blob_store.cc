@@ -45,16 +45,12 @@ std::string BlobStore::PathOf(const std::string& sha256) const {
 absl::Status BlobStore::Put(const std::string& temp_path,
                             const std::string& sha256, bool* created) const {
   const std::string blob = PathOf(sha256);
-  std::error_code error;
   *created = false;
-  if (fs::exists(blob, error)) {
-    fs::remove(temp_path, error);
-    return absl::OkStatus();
-  }
-  fs::rename(temp_path, blob, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat("cannot move a new file into blob ",
-                                            sha256, ": ", error.message()));
+  if (::link(temp_path.c_str(), blob.c_str()) != 0) {
+    if (errno == EEXIST) return absl::OkStatus();
+    return absl::InternalError(
+        absl::StrCat("cannot put a new file in place as blob ", sha256, ": ",
+                     std::strerror(errno)));
   }
   *created = true;
   return SyncFileAndDir(blob);

@@ -25,10 +25,13 @@ class BlobStore {
   // The path of the blob of `sha256` (which may not exist).
   std::string PathOf(const std::string& sha256) const;
 
-  // Moves the complete file `temp_path` into place as the blob of `sha256`.
-  // Where that blob exists already (the same content stored before) the
-  // file is removed instead. `created` says which; INTERNAL naming the
-  // blob on I/O errors.
+  // Puts the complete file `temp_path` in place as the blob of `sha256` (a
+  // hard link, so the file stays where it is for the caller to remove), and
+  // syncs it and the directory; a no-op where the blob exists already (the
+  // same content stored before). `created` says which; INTERNAL naming the
+  // blob on I/O errors. Cheap when the blob exists: callers put a blob once
+  // before the transaction that references it, and again inside it (under
+  // its content lock) in case a delete removed it in between.
   absl::Status Put(const std::string& temp_path, const std::string& sha256,
                    bool* created) const;
 

@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <iterator>
+#include <map>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -43,8 +45,9 @@ bool IsFinal(v1::JobState state) {
 
 std::vector<std::string> JobInputs(const v1::Job& job) {
   std::vector<std::string> ids;
-  for (const std::string* id : {&job.sweep().a_id(), &job.sweep().b_id(),
-                                &job.grow().a_id(), &job.grow().b_id()}) {
+  for (const std::string* id :
+       {&job.sweep().a_id(), &job.sweep().b_id(), &job.grow().a_id(),
+        &job.grow().b_id(), &job.merge().base_id()}) {
     if (!id->empty()) ids.push_back(*id);
   }
   for (const v1::MergeModel& model : job.merge().models()) {
@@ -87,6 +90,89 @@ absl::Status LostRun(const v1::Job& job) {
       " no longer holds it (its lease expired and another run took it over, "
       "or it ended)"));
 }
+
+absl::Status StreamTaken(const std::string& upload_id,
+                         const std::string& holder, int64_t left_ms) {
+  return absl::AbortedError(absl::StrCat(
+      "upload ", upload_id, " is being received on another stream (by ", holder,
+      "); that stream is asked to stop, and its hold ends within ",
+      (std::max<int64_t>(0, left_ms) + 999) / 1000,
+      " s if its replica is gone; retry"));
+}
+
+absl::Status TooManyStreams(const std::string& owner, int64_t open) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("organisation ", owner, " already has ", open,
+                   " uploads in progress (the limit); retry later"));
+}
+
+// The stream leases of Catalog::OpenStream in memory, for a database that one
+// process owns: the same rules as the shared table, without its writes.
+class StreamLeases {
+ public:
+  absl::Status Open(const std::string& stream, const std::string& owner,
+                    const std::string& upload_id, const std::string& holder,
+                    absl::Duration lease, int max_per_org) {
+    absl::MutexLock lock(&mu_);
+    const int64_t now = NowMillis();
+    int64_t open = 0;
+    for (auto it = streams_.begin(); it != streams_.end();) {
+      if (it->second.until < now) {
+        it = streams_.erase(it);
+        continue;
+      }
+      Lease& other = it->second;
+      if (other.owner == owner) {
+        if (!upload_id.empty() && other.upload_id == upload_id) {
+          other.stop = true;
+          return StreamTaken(upload_id, other.holder, other.until - now);
+        }
+        ++open;
+      }
+      ++it;
+    }
+    if (open >= max_per_org) return TooManyStreams(owner, open);
+    streams_[stream] = Lease{owner, upload_id, holder,
+                             now + absl::ToInt64Milliseconds(lease), false};
+    return absl::OkStatus();
+  }
+
+  absl::Status Close(const std::string& stream) {
+    absl::MutexLock lock(&mu_);
+    streams_.erase(stream);
+    return absl::OkStatus();
+  }
+
+  absl::Status CloseAllOf(const std::string& holder) {
+    absl::MutexLock lock(&mu_);
+    for (auto it = streams_.begin(); it != streams_.end();) {
+      it = it->second.holder == holder ? streams_.erase(it) : std::next(it);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<std::string>> Renew(const std::string& holder,
+                                                 absl::Duration lease) {
+    absl::MutexLock lock(&mu_);
+    const int64_t until = NowMillis() + absl::ToInt64Milliseconds(lease);
+    std::vector<std::string> stop;
+    for (auto& [id, held] : streams_) {
+      if (held.holder != holder) continue;
+      held.until = until;
+      if (held.stop) stop.push_back(id);
+    }
+    return stop;
+  }
+
+ private:
+  struct Lease {
+    std::string owner, upload_id, holder;
+    int64_t until;
+    bool stop;
+  };
+  absl::Mutex mu_;
+  std::map<std::string, Lease> streams_ ABSL_GUARDED_BY(mu_);
+};
 
 template <typename Message>
 absl::StatusOr<Message> Parse(const SqlValue& value, const std::string& what) {
@@ -216,20 +302,22 @@ class SqlCatalog : public Catalog {
       }
       return db_->SetSchemaVersion(3);
     }));
-    // The leases of open upload streams: not versioned, since nothing in
-    // them outlives the streams (see SqlConnection::EphemeralTable).
+    // The leases of open upload streams, shared by the processes on the
+    // catalog: not versioned, since nothing in them outlives the streams
+    // (and not crash-safe: UNLOGGED). Where one process owns the database,
+    // they stay in its memory (`local_streams_`).
+    if (!db_->Shared()) return absl::OkStatus();
     return InTransaction([&]() -> absl::Status {
       AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
-      for (const std::string& sql :
-           {absl::StrCat("CREATE ", db_->EphemeralTable(),
-                         " TABLE IF NOT EXISTS upload_streams (id TEXT "
-                         "PRIMARY KEY, owner TEXT NOT NULL, upload_id TEXT "
-                         "NOT NULL, holder TEXT NOT NULL, lease_until BIGINT "
-                         "NOT NULL, stop BIGINT NOT NULL DEFAULT 0)"),
-            std::string("CREATE INDEX IF NOT EXISTS upload_streams_by_owner "
-                        "ON upload_streams (owner, upload_id)"),
-            std::string("CREATE INDEX IF NOT EXISTS upload_streams_by_holder "
-                        "ON upload_streams (holder)")}) {
+      for (const char* sql :
+           {"CREATE UNLOGGED TABLE IF NOT EXISTS upload_streams (id TEXT "
+            "PRIMARY KEY, owner TEXT NOT NULL, upload_id TEXT NOT NULL, "
+            "holder TEXT NOT NULL, lease_until BIGINT NOT NULL, stop BIGINT "
+            "NOT NULL DEFAULT 0)",
+            "CREATE INDEX IF NOT EXISTS upload_streams_by_owner ON "
+            "upload_streams (owner, upload_id)",
+            "CREATE INDEX IF NOT EXISTS upload_streams_by_holder ON "
+            "upload_streams (holder)"}) {
         AMALGAM_RETURN_IF_ERROR(Run(sql).status());
       }
       return absl::OkStatus();
@@ -420,6 +508,10 @@ class SqlCatalog : public Catalog {
                           const std::string& upload_id,
                           const std::string& holder, absl::Duration lease,
                           int max_per_org) override {
+    if (!shared_) {
+      return local_streams_.Open(stream, owner, upload_id, holder, lease,
+                                 max_per_org);
+    }
     absl::MutexLock lock(&mu_);
     const int64_t now = NowMillis();
     const SqlValue org = SqlValue::Text(owner);
@@ -449,11 +541,7 @@ class SqlCatalog : public Catalog {
           const int64_t open,
           QueryInt("SELECT COUNT(*) FROM upload_streams WHERE owner = ?1",
                    {org}));
-      if (open >= max_per_org) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("organisation ", owner, " already has ", open,
-                         " uploads in progress (the limit); retry later"));
-      }
+      if (open >= max_per_org) return TooManyStreams(owner, open);
       return Run("INSERT INTO upload_streams (id, owner, upload_id, holder, "
                  "lease_until) VALUES (?1, ?2, ?3, ?4, ?5)",
                  {SqlValue::Text(stream), org, SqlValue::Text(upload_id),
@@ -462,17 +550,13 @@ class SqlCatalog : public Catalog {
           .status();
     }));
     if (taken.has_value()) {
-      const int64_t left_ms = std::max<int64_t>(0, (*taken)[1].number - now);
-      return absl::AbortedError(absl::StrCat(
-          "upload ", upload_id, " is being received on another stream (by ",
-          (*taken)[0].text,
-          "); that stream is asked to stop, and its hold ends within ",
-          (left_ms + 999) / 1000, " s if its replica is gone; retry"));
+      return StreamTaken(upload_id, (*taken)[0].text, (*taken)[1].number - now);
     }
     return absl::OkStatus();
   }
 
   absl::Status CloseStream(const std::string& stream) override {
+    if (!shared_) return local_streams_.Close(stream);
     absl::MutexLock lock(&mu_);
     return Run("DELETE FROM upload_streams WHERE id = ?1",
                {SqlValue::Text(stream)})
@@ -480,6 +564,7 @@ class SqlCatalog : public Catalog {
   }
 
   absl::Status CloseStreamsOf(const std::string& holder) override {
+    if (!shared_) return local_streams_.CloseAllOf(holder);
     absl::MutexLock lock(&mu_);
     return Run("DELETE FROM upload_streams WHERE holder = ?1",
                {SqlValue::Text(holder)})
@@ -488,6 +573,7 @@ class SqlCatalog : public Catalog {
 
   absl::StatusOr<std::vector<std::string>> RenewStreams(
       const std::string& holder, absl::Duration lease) override {
+    if (!shared_) return local_streams_.Renew(holder, lease);
     absl::MutexLock lock(&mu_);
     const SqlValue by = SqlValue::Text(holder);
     AMALGAM_RETURN_IF_ERROR(
@@ -1048,6 +1134,9 @@ class SqlCatalog : public Catalog {
 
   absl::Mutex mu_;
   const std::unique_ptr<SqlConnection> db_ ABSL_PT_GUARDED_BY(mu_);
+  const bool shared_ = db_->Shared();
+  // The stream leases where this process owns the database.
+  StreamLeases local_streams_;
 };
 
 }  // namespace

@@ -43,9 +43,22 @@ absl::StatusOr<core::MergeMethod> ToCoreMethod(v1::MergeMethod method) {
       return core::MergeMethod::kFisher;
     case v1::MERGE_METHOD_REGMEAN:
       return core::MergeMethod::kRegMean;
+    case v1::MERGE_METHOD_TASK_ARITHMETIC:
+      return core::MergeMethod::kTaskArithmetic;
+    case v1::MERGE_METHOD_TIES:
+      return core::MergeMethod::kTies;
+    case v1::MERGE_METHOD_DARE_LINEAR:
+      return core::MergeMethod::kDareLinear;
+    case v1::MERGE_METHOD_DARE_TIES:
+      return core::MergeMethod::kDareTies;
+    case v1::MERGE_METHOD_SLERP:
+      return core::MergeMethod::kSlerp;
+    case v1::MERGE_METHOD_MODEL_STOCK:
+      return core::MergeMethod::kModelStock;
     default:
       return absl::InvalidArgumentError(
-          "merge.method must be one of average, weighted, fisher, regmean");
+          "merge.method must be one of average, weighted, fisher, regmean, "
+          "task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock");
   }
 }
 
@@ -247,6 +260,41 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
   const v1::MergeSpec& spec = job.merge();
   core::MergeOptions& options = prepared->options;
   AMALGAM_ASSIGN_OR_RETURN(options.method, ToCoreMethod(spec.method()));
+  if (core::IsTaskVectorMethod(options.method)) {
+    // Parameters of the statistics-based methods are refused, not ignored.
+    if (spec.has_alpha() || spec.has_fisher_floor() ||
+        spec.gram_normalization() != v1::GRAM_NORMALIZATION_AS_UPLOADED) {
+      return absl::InvalidArgumentError(
+          "alpha, fisher_floor and gram_normalization are not parameters of "
+          "the task-vector methods");
+    }
+    for (int i = 0; i < spec.models_size(); ++i) {
+      if (!spec.models(i).gram_id().empty() ||
+          !spec.models(i).fisher_id().empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("merge.models[", i,
+                         "] has statistics; the task-vector methods use none"));
+      }
+    }
+  }
+  core::TaskVectorOptions& task = options.task;
+  if (spec.has_lambda()) task.lambda = spec.lambda();
+  if (spec.has_density()) task.density = spec.density();
+  if (spec.has_seed()) task.seed = spec.seed();
+  if (spec.has_t()) task.t = spec.t();
+  task.no_normalize = spec.no_normalize();
+  if (spec.rescale() != v1::DARE_RESCALE_UNSPECIFIED) {
+    task.rescale = spec.rescale() == v1::DARE_RESCALE_L1
+                       ? core::DareRescale::kL1
+                       : core::DareRescale::kInverseDensity;
+  }
+  if (!spec.base_id().empty()) {
+    options.base.label = spec.base_id();
+    AMALGAM_ASSIGN_OR_RETURN(
+        options.base.weights,
+        OpenInput(job, spec.base_id(), v1::ARTIFACT_KIND_WEIGHTS,
+                  "merge.base_id", prepared));
+  }
   if (spec.has_alpha()) options.alpha = spec.alpha();
   if (spec.has_fisher_floor()) options.fisher_floor = spec.fisher_floor();
   options.exclude.assign(spec.exclude().begin(), spec.exclude().end());
@@ -271,6 +319,7 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
     core::MergeInput input;
     input.label = model.weights_id();
     input.coefficient = model.coefficient();
+    input.density = model.density();
     AMALGAM_ASSIGN_OR_RETURN(
         input.weights,
         OpenInput(job, model.weights_id(), v1::ARTIFACT_KIND_WEIGHTS,

@@ -175,7 +175,7 @@ class PostgresConnection : public SqlConnection {
   }
   const char* ForShare() const override { return " FOR SHARE"; }
   const char* SkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
-  const char* EphemeralTable() const override { return "UNLOGGED"; }
+  bool Shared() const override { return true; }
   const char* NotifyJob() const override {
     return "SELECT pg_notify('amalgam_jobs', ?1)";
   }

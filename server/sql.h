@@ -72,11 +72,10 @@ class SqlConnection {
   // sharing, or takes rows no other transaction holds and locks them.
   virtual const char* ForShare() const = 0;
   virtual const char* SkipLocked() const = 0;
-  // The kind of table for rows that need not survive a crash (leases of
-  // open streams): SQLite's TEMP (this connection's, in memory), where one
-  // process owns the database; PostgreSQL's UNLOGGED, shared by every
-  // process on it.
-  virtual const char* EphemeralTable() const = 0;
+  // Whether other processes use the database too (PostgreSQL), or this
+  // process owns it (SQLite): then what need not survive a crash (leases of
+  // open streams) stays in this process's memory.
+  virtual bool Shared() const = 0;
   // The statement that tells listeners (ListenForJobChanges) at commit that
   // job ?1 changed; "" where no other process listens (SQLite).
   virtual const char* NotifyJob() const = 0;

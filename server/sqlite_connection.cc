@@ -107,7 +107,7 @@ class SqliteConnection : public SqlConnection {
   absl::Status TransactionLock(int64_t) override { return absl::OkStatus(); }
   const char* ForShare() const override { return ""; }
   const char* SkipLocked() const override { return ""; }
-  const char* EphemeralTable() const override { return "TEMP"; }
+  bool Shared() const override { return false; }
   const char* NotifyJob() const override { return ""; }
 
  private:
@@ -146,9 +146,6 @@ absl::StatusOr<std::unique_ptr<SqlConnection>> OpenSqlite(
       connection->Run("PRAGMA journal_mode=WAL", {}).status());
   AMALGAM_RETURN_IF_ERROR(
       connection->Run("PRAGMA synchronous=FULL", {}).status());
-  // TEMP tables (EphemeralTable) in memory: nothing of theirs is synced.
-  AMALGAM_RETURN_IF_ERROR(
-      connection->Run("PRAGMA temp_store=MEMORY", {}).status());
   return connection;
 }
 

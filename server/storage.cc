@@ -104,42 +104,75 @@ std::string Storage::BlobPath(const v1::Artifact& artifact) const {
 
 absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
                                                   v1::Artifact artifact) {
-  // The blob is put in place inside the transaction that inserts its row,
-  // under the catalog's content lock: no delete or collection of the same
-  // content, on any replica, comes in between.
-  AMALGAM_RETURN_IF_ERROR(
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> created,
+                           PlaceBlobs({{temp_path, artifact}}));
+  // Put in place again inside the transaction that inserts the row, under
+  // the catalog's content lock (a no-op unless a delete or collection of
+  // the same content, on any replica, removed it meanwhile).
+  absl::Status inserted =
       catalog_->InsertArtifact(&artifact, [&](const v1::Artifact& placed) {
-        bool created = false;
-        return blobs_.Put(temp_path, placed.sha256(), &created);
-      }));
+        bool again = false;
+        return blobs_.Put(temp_path, placed.sha256(), &again);
+      });
+  FinishPlacing(inserted.ok(), {temp_path}, created);
+  AMALGAM_RETURN_IF_ERROR(inserted);
   return artifact;
 }
 
 absl::StatusOr<v1::Job> Storage::PublishResults(
     v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results) {
-  std::vector<std::string> created_blobs;
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> created,
+                           PlaceBlobs(results));
   std::vector<v1::Artifact> artifacts;
-  for (auto& result : results) artifacts.push_back(result.second);
+  std::vector<std::string> temps;
+  for (auto& [temp, artifact] : results) {
+    artifacts.push_back(artifact);
+    temps.push_back(temp);
+  }
   size_t next = 0;
   absl::StatusOr<v1::Job> published = catalog_->PublishResults(
       std::move(job), &artifacts, [&](const v1::Artifact& placed) {
-        bool created = false;
-        AMALGAM_RETURN_IF_ERROR(
-            blobs_.Put(results[next++].first, placed.sha256(), &created));
-        if (created) created_blobs.push_back(placed.sha256());
-        return absl::OkStatus();
+        bool again = false;
+        return blobs_.Put(temps[next++], placed.sha256(), &again);
       });
-  if (!published.ok()) {
-    // Blobs this call brought in are referenced by no committed row (and
-    // the collection of unreferenced blobs would find them later).
-    for (const std::string& sha256 : created_blobs) {
-      catalog_
-          ->RemoveUnreferencedContent(sha256,
-                                      [&] { return blobs_.Remove(sha256); })
-          .IgnoreError();
+  FinishPlacing(published.ok(), temps, created);
+  return published;
+}
+
+absl::StatusOr<std::vector<std::string>> Storage::PlaceBlobs(
+    const std::vector<std::pair<std::string, v1::Artifact>>& files) {
+  // The slow part (the syncs of file and directory) before any catalog
+  // lock is taken.
+  std::vector<std::string> created;
+  for (const auto& [temp, artifact] : files) {
+    bool made = false;
+    absl::Status placed = blobs_.Put(temp, artifact.sha256(), &made);
+    if (made) created.push_back(artifact.sha256());
+    if (!placed.ok()) {
+      FinishPlacing(false, {}, created);
+      return placed;
     }
   }
-  return published;
+  return created;
+}
+
+void Storage::FinishPlacing(bool committed,
+                            const std::vector<std::string>& temps,
+                            const std::vector<std::string>& created) {
+  if (committed) {
+    // The blobs hold the bytes now.
+    std::error_code ignored;
+    for (const std::string& temp : temps) fs::remove(temp, ignored);
+    return;
+  }
+  // Blobs this call brought in that no committed row references (else the
+  // collection of unreferenced blobs finds them later).
+  for (const std::string& sha256 : created) {
+    catalog_
+        ->RemoveUnreferencedContent(sha256,
+                                    [&] { return blobs_.Remove(sha256); })
+        .IgnoreError();
+  }
 }
 
 absl::StatusOr<int64_t> Storage::CollectGarbage(

@@ -53,7 +53,7 @@ class Storage {
 
   // Moves the complete, fsynced file at `temp_path` into the blob store under
   // `artifact.sha256()` and commits the catalog row. Assigns the id and
-  // creation time; returns the stored artifact.
+  // creation time; returns the stored artifact. On error the file stays.
   absl::StatusOr<v1::Artifact> AddArtifact(const std::string& temp_path,
                                            v1::Artifact artifact);
 
@@ -142,6 +142,14 @@ class Storage {
   Storage(std::string data_dir, std::string tmp_dir, BlobStore blobs,
           std::unique_ptr<Catalog> catalog);
 
+  // Puts each file's blob in place before its transaction; returns the
+  // blobs it created.
+  absl::StatusOr<std::vector<std::string>> PlaceBlobs(
+      const std::vector<std::pair<std::string, v1::Artifact>>& files);
+  // After the transaction: removes the temporary files if it `committed`,
+  // else the blobs `created` (the files stay with the caller).
+  void FinishPlacing(bool committed, const std::vector<std::string>& temps,
+                     const std::vector<std::string>& created);
   // Drops upload rows without a file and files without a row (a crash
   // between the two writes), leaving those younger than `settled`.
   absl::Status ReconcileUploads(

@@ -277,12 +277,6 @@ UploadManager::Session::~Session() {
   if (!stream_.empty()) manager_->Release(stream_);
 }
 
-void UploadManager::Session::Disarm() {
-  absl::MutexLock lock(&manager_->mu_);
-  auto it = manager_->active_.find(stream_);
-  if (it != manager_->active_.end()) it->second.cancel = [] {};
-}
-
 absl::Status UploadManager::Session::OpenResumable() {
   Storage* storage = manager_->storage_;
   absl::StatusOr<PartialUpload> upload =

@@ -123,10 +123,6 @@ class UploadManager::Session {
   const std::optional<v1::Artifact>& finished() const { return finished_; }
   // Bytes the server holds of this upload.
   int64_t received() const { return received_; }
-  // From now on a cancel of this stream (another stream claiming its upload
-  // id) is a no-op: for when the stream's call has ended but the session
-  // lives on to close.
-  void Disarm();
 
   // Appends a chunk (one write into the page cache; cheap enough for a
   // reaction thread). Its data is moved out. FAILED_PRECONDITION (ABORTED

@@ -14,6 +14,7 @@
 #include <iterator>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -21,12 +22,14 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/cpp/client.h"
@@ -195,19 +198,14 @@ std::string StateName(v1::JobState state) {
   }
 }
 
+// "regmean" for MERGE_METHOD_REGMEAN, and so on.
 std::string MethodName(v1::MergeMethod method) {
-  switch (method) {
-    case v1::MERGE_METHOD_AVERAGE:
-      return "average";
-    case v1::MERGE_METHOD_WEIGHTED:
-      return "weighted";
-    case v1::MERGE_METHOD_FISHER:
-      return "fisher";
-    case v1::MERGE_METHOD_REGMEAN:
-      return "regmean";
-    default:
-      return "?";
+  if (method == v1::MERGE_METHOD_UNSPECIFIED ||
+      !v1::MergeMethod_IsValid(method)) {
+    return "?";
   }
+  return absl::AsciiStrToLower(
+      absl::StripPrefix(v1::MergeMethod_Name(method), "MERGE_METHOD_"));
 }
 
 std::string JobKind(const v1::Job& job) {
@@ -453,28 +451,51 @@ int RunShow(Context& ctx, const Args& args) {
   return 0;
 }
 
-// Parses "ID" or "ID:COEFF" into `model`.
+// Parses "ID", "ID:W" or "ID:W:D" (W may be empty: "ID::D") into `model`.
 absl::Status ParseModel(const std::string& text, v1::MergeModel* model) {
-  const size_t colon = text.rfind(':');
-  if (colon == std::string::npos) {
-    model->set_weights_id(text);
-  } else {
-    double coefficient;
-    const std::string number = text.substr(colon + 1);
-    if (!absl::SimpleAtod(number, &coefficient) ||
-        !std::isfinite(coefficient) || coefficient <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("bad coefficient '", number, "' in --model ", text,
-                       " (want a positive number)"));
-    }
-    model->set_weights_id(text.substr(0, colon));
-    model->set_coefficient(coefficient);
+  const std::vector<std::string> parts = absl::StrSplit(text, ':');
+  if (parts.size() > 3) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("too many ':' in --model ", text, " (want ID[:W[:D]])"));
   }
+  model->set_weights_id(parts[0]);
   if (model->weights_id().empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("empty id in --model ", text));
   }
+  if (parts.size() > 1 && !parts[1].empty()) {
+    double coefficient;
+    if (!absl::SimpleAtod(parts[1], &coefficient) ||
+        !std::isfinite(coefficient) || coefficient <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad weight '", parts[1], "' in --model ", text,
+                       " (want a positive number)"));
+    }
+    model->set_coefficient(coefficient);
+  }
+  if (parts.size() > 2) {
+    double density;
+    if (!absl::SimpleAtod(parts[2], &density) || !(density > 0) ||
+        density > 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad density '", parts[2], "' in --model ", text,
+                       " (want a number in (0, 1])"));
+    }
+    model->set_density(density);
+  }
   return absl::OkStatus();
+}
+
+// The value of flag `flag` as a finite number, if given.
+absl::StatusOr<std::optional<double>> NumberFlag(const Args& args,
+                                                 const std::string& flag) {
+  if (!args.Has(flag)) return std::nullopt;
+  double value;
+  if (!absl::SimpleAtod(args.Value(flag), &value) || !std::isfinite(value)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad ", flag, " '", args.Value(flag), "'"));
+  }
+  return value;
 }
 
 // Submits the job, prints its id (the last line scripts capture) and follows
@@ -512,18 +533,45 @@ int RunMerge(Context& ctx, const Args& args) {
   v1::SubmitJobRequest request;
   v1::MergeSpec* spec = request.mutable_merge();
   const std::string method = args.Value("--method");
-  if (method == "average") {
-    spec->set_method(v1::MERGE_METHOD_AVERAGE);
-  } else if (method == "weighted") {
-    spec->set_method(v1::MERGE_METHOD_WEIGHTED);
-  } else if (method == "fisher") {
-    spec->set_method(v1::MERGE_METHOD_FISHER);
-  } else if (method == "regmean") {
-    spec->set_method(v1::MERGE_METHOD_REGMEAN);
-  } else if (method.empty()) {
-    return UsageError("merge", "merge needs --method");
-  } else {
+  v1::MergeMethod parsed;
+  if (method.empty()) return UsageError("merge", "merge needs --method");
+  if (!v1::MergeMethod_Parse("MERGE_METHOD_" + absl::AsciiStrToUpper(method),
+                             &parsed) ||
+      parsed == v1::MERGE_METHOD_UNSPECIFIED || method != MethodName(parsed)) {
     return UsageError("merge", absl::StrCat("unknown method '", method, "'"));
+  }
+  spec->set_method(parsed);
+  // The task-vector methods' parameters; the server refuses those the
+  // method does not use.
+  spec->set_base_id(args.Value("--base"));
+  for (const char* flag : {"--lambda", "--density", "--t"}) {
+    absl::StatusOr<std::optional<double>> value = NumberFlag(args, flag);
+    if (!value.ok()) return UsageError("merge", value.status().message());
+    if (!value->has_value()) continue;
+    if (std::string(flag) == "--lambda") spec->set_lambda(**value);
+    if (std::string(flag) == "--density") spec->set_density(**value);
+    if (std::string(flag) == "--t") spec->set_t(**value);
+  }
+  if (args.Has("--seed")) {
+    uint64_t seed;
+    if (!absl::SimpleAtoi(args.Value("--seed"), &seed)) {
+      return UsageError("merge",
+                        absl::StrCat("bad --seed '", args.Value("--seed"),
+                                     "' (want an integer >= 0)"));
+    }
+    spec->set_seed(seed);
+  }
+  spec->set_no_normalize(args.Has("--no-normalize"));
+  if (args.Has("--rescale")) {
+    const std::string rescale = args.Value("--rescale");
+    if (rescale == "inverse-density") {
+      spec->set_rescale(v1::DARE_RESCALE_INVERSE_DENSITY);
+    } else if (rescale == "l1") {
+      spec->set_rescale(v1::DARE_RESCALE_L1);
+    } else {
+      return UsageError("merge", absl::StrCat("unknown --rescale '", rescale,
+                                              "' (inverse-density or l1)"));
+    }
   }
   const std::vector<std::string> models = args.Values("--model");
   const std::vector<std::string> grams = args.Values("--gram");
@@ -833,17 +881,24 @@ const std::vector<Command>& Commands() {
        RunShare,
        {{"--with"}, {"--revoke"}, {}}},
       {"merge",
-       "--method average|weighted|fisher|regmean --model ID[:COEFF]...\n"
+       "--method average|weighted|fisher|regmean|task_arithmetic|ties|\n"
+       "dare_linear|dare_ties|slerp|model_stock --model ID[:W[:D]]...\n"
        "[--gram ID]... [--fisher ID]... [--alpha A] [--exclude REGEX]...\n"
        "[--take-excluded-from K] [--gram-normalization as-uploaded|mean]\n"
+       "[--base ID] [--lambda L] [--density D] [--seed S] [--t T]\n"
+       "[--no-normalize] [--rescale inverse-density|l1]\n"
        "[--name N] [--watch] [--out FILE]",
        "submit a merge job; prints the job id. The i-th --gram and\n"
-       "--fisher belong to the i-th --model. --watch waits for the\n"
-       "job; --out waits and downloads the result to FILE",
+       "--fisher belong to the i-th --model. The task-vector methods\n"
+       "merge the models' differences to --base (slerp: two models, or\n"
+       "one and --base); W weights a model, D is its density (ties,\n"
+       "dare_*). --watch waits for the job; --out waits and downloads\n"
+       "the result to FILE",
        RunMerge,
        {{"--method", "--model", "--gram", "--fisher", "--alpha", "--exclude",
-         "--take-excluded-from", "--gram-normalization", "--name", "--out"},
-        {"--watch"},
+         "--take-excluded-from", "--gram-normalization", "--name", "--out",
+         "--base", "--lambda", "--density", "--seed", "--t", "--rescale"},
+        {"--watch", "--no-normalize"},
         {"--model", "--gram", "--fisher", "--exclude"}}},
       {"grow",
        "--a ID [--b ID] --layout mlp|bert|gpt2|rules [--rules FILE]\n"

@@ -30,6 +30,16 @@ _METHODS = {
     "weighted": pb.MERGE_METHOD_WEIGHTED,
     "fisher": pb.MERGE_METHOD_FISHER,
     "regmean": pb.MERGE_METHOD_REGMEAN,
+    "task_arithmetic": pb.MERGE_METHOD_TASK_ARITHMETIC,
+    "ties": pb.MERGE_METHOD_TIES,
+    "dare_linear": pb.MERGE_METHOD_DARE_LINEAR,
+    "dare_ties": pb.MERGE_METHOD_DARE_TIES,
+    "slerp": pb.MERGE_METHOD_SLERP,
+    "model_stock": pb.MERGE_METHOD_MODEL_STOCK,
+}
+_RESCALE = {
+    "inverse-density": pb.DARE_RESCALE_INVERSE_DENSITY,
+    "l1": pb.DARE_RESCALE_L1,
 }
 _GRAM_NORMALIZATION = {
     "as_uploaded": pb.GRAM_NORMALIZATION_AS_UPLOADED,
@@ -447,22 +457,47 @@ class Client:
               alpha: Optional[float] = None, exclude: Iterable[str] = (),
               take_excluded_from: Optional[int] = None,
               gram_normalization: str = "as_uploaded",
-              name: Optional[str] = None) -> Job:
+              name: Optional[str] = None,
+              base: Optional[ArtifactRef] = None,
+              weights: Optional[Sequence[float]] = None,
+              lambda_: Optional[float] = None,
+              density: Optional[float] = None,
+              densities: Optional[Sequence[float]] = None,
+              seed: Optional[int] = None, t: Optional[float] = None,
+              normalize: bool = True, rescale: Optional[str] = None) -> Job:
         """Submits a merge of the weights ``models`` (ids or artifacts).
 
         ``grams`` / ``fishers`` give each model's statistics (same order) for
         ``regmean`` / ``fisher``; ``coefficients`` weight the models;
         ``exclude`` lists regexes of tensors left out, copied from model
-        ``take_excluded_from`` (1-based) when given. The job is validated in
-        full before it is queued: a bad job raises here.
+        ``take_excluded_from`` (1-based) when given.
+
+        The task-vector methods (``task_arithmetic``, ``ties``,
+        ``dare_linear``, ``dare_ties``, ``slerp``, ``model_stock``) merge the
+        models' differences to ``base``: ``weights`` (or ``coefficients``)
+        weight them as given, ``lambda_`` scales the result, ``density`` (or
+        per model ``densities``) is the share TIES and DARE keep, ``seed``
+        DARE's mask, ``t`` slerp's position, ``normalize=False`` TIES's sum
+        instead of its mean, ``rescale`` DARE's ``inverse-density`` or
+        ``l1``. The server refuses parameters a method does not use.
+
+        The job is validated in full before it is queued: a bad job raises
+        here.
         """
         if method not in _METHODS:
             raise ValueError(f"method must be one of {sorted(_METHODS)}")
         if gram_normalization not in _GRAM_NORMALIZATION:
             raise ValueError(f"gram_normalization must be one of {sorted(_GRAM_NORMALIZATION)}")
+        if weights is not None and coefficients is not None:
+            raise ValueError("give weights or coefficients, not both")
+        if rescale is not None and rescale not in _RESCALE:
+            raise ValueError(f"rescale must be one of {sorted(_RESCALE)}")
+        coefficients = weights if weights is not None else coefficients
         spec = pb.MergeSpec(method=_METHODS[method], exclude=list(exclude),
                             gram_normalization=_GRAM_NORMALIZATION[gram_normalization],
-                            result_name=name or "")
+                            result_name=name or "", base_id=_ref(base),
+                            no_normalize=not normalize,
+                            rescale=_RESCALE[rescale] if rescale else 0)
         for i, model in enumerate(models):
             entry = spec.models.add(weights_id=_ref(model))
             if grams is not None:
@@ -471,6 +506,16 @@ class Client:
                 entry.fisher_id = _ref(fishers[i])
             if coefficients is not None:
                 entry.coefficient = float(coefficients[i])
+            if densities is not None:
+                entry.density = float(densities[i])
+        if lambda_ is not None:
+            setattr(spec, "lambda", float(lambda_))  # a Python keyword
+        if density is not None:
+            spec.density = float(density)
+        if seed is not None:
+            spec.seed = int(seed)
+        if t is not None:
+            spec.t = float(t)
         if alpha is not None:
             spec.alpha = float(alpha)
         if take_excluded_from is not None:
