@@ -10,6 +10,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "core/merge.h"
 #include "core/safetensors.h"
@@ -338,6 +339,47 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
   return absl::OkStatus();
 }
 
+absl::Status JobManager::ResolveLinkedStatistics(const std::string& owner,
+                                                 v1::MergeSpec* spec) {
+  const bool regmean = spec->method() == v1::MERGE_METHOD_REGMEAN;
+  if (!regmean && spec->method() != v1::MERGE_METHOD_FISHER) {
+    return absl::OkStatus();
+  }
+  const v1::ArtifactKind kind =
+      regmean ? v1::ARTIFACT_KIND_GRAM : v1::ARTIFACT_KIND_FISHER;
+  const char* field = regmean ? "gram_id" : "fisher_id";
+  bool unnamed = false;
+  for (const v1::MergeModel& model : spec->models()) {
+    unnamed =
+        unnamed || (regmean ? model.gram_id() : model.fisher_id()).empty();
+  }
+  if (!unnamed) return absl::OkStatus();
+  AMALGAM_ASSIGN_OR_RETURN(std::vector<v1::Artifact> visible,
+                           storage_->ListArtifacts(owner));
+  for (int i = 0; i < spec->models_size(); ++i) {
+    v1::MergeModel* model = spec->mutable_models(i);
+    std::string* id =
+        regmean ? model->mutable_gram_id() : model->mutable_fisher_id();
+    if (!id->empty()) continue;  // explicit ids win
+    std::vector<std::string> linked;
+    for (const v1::Artifact& artifact : visible) {
+      if (artifact.kind() == kind &&
+          artifact.describes() == model->weights_id()) {
+        linked.push_back(artifact.id());
+      }
+    }
+    if (linked.size() > 1) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "model ", model->weights_id(), " has ", linked.size(), " ",
+          regmean ? "Gram" : "Fisher", " artifacts uploaded for it (",
+          absl::StrJoin(linked, ", "), "); name one in merge.models[", i, "].",
+          field));
+    }
+    if (linked.size() == 1) *id = linked[0];
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
                                            const std::string& owner) {
   v1::Job job;
@@ -369,6 +411,11 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
         "the merge names ", job.merge().models_size(),
         " models; this server merges at most ", options_.max_models_per_job,
         " in one job (--max-models-per-job)"));
+  }
+  if (job.has_merge()) {
+    // Recorded in the job: the statistics it reads are its inputs.
+    AMALGAM_RETURN_IF_ERROR(
+        ResolveLinkedStatistics(owner, job.mutable_merge()));
   }
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
   job.mutable_progress()->set_tensors_total(prepared->tensors_per_output *

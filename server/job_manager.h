@@ -140,6 +140,12 @@ class JobManager {
   struct Prepared;
   struct Running;
 
+  // Fills in, for a RegMean (Fisher) merge, the gram_id (fisher_id) of each
+  // model that names none: the one statistics artifact of that kind,
+  // visible to `owner`, that describes the model. FAILED_PRECONDITION
+  // listing them where there are several; left empty where there is none.
+  absl::Status ResolveLinkedStatistics(const std::string& owner,
+                                       v1::MergeSpec* spec);
   // Opens the inputs and plans the job: what Submit validates and Run runs.
   absl::StatusOr<std::unique_ptr<Prepared>> Prepare(const v1::Job& job);
   absl::Status PrepareMerge(const v1::Job& job, Prepared* prepared);

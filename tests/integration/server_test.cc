@@ -590,11 +590,20 @@ TEST_F(ServerBadInputTest, GramOfWrongSizeForItsWeightIsFailedPrecondition) {
 }
 
 TEST_F(ServerBadInputTest, RegMeanWithoutGramForAModelIsFailedPrecondition) {
+  // Weights (model 2's, one value changed: another content, another id)
+  // that no Gram was uploaded for. (A model whose gram_id is empty uses the
+  // Gram uploaded for it, if there is one.)
+  Model other = models_[2];
+  other["fc1.bias"].values[0] += 1;
+  WriteModel(*dir_ + "/no-gram.safetensors", other);
+  const std::string unlinked =
+      Upload(v1::ARTIFACT_KIND_WEIGHTS, *dir_ + "/no-gram.safetensors");
   v1::MergeSpec spec = Spec(v1::MERGE_METHOD_REGMEAN);
+  spec.mutable_models(2)->set_weights_id(unlinked);
   spec.mutable_models(2)->clear_gram_id();
   auto merged = Merge(spec);
   EXPECT_EQ(merged.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(merged.status().message(), HasSubstr(weight_ids_[2]));
+  EXPECT_THAT(merged.status().message(), HasSubstr(unlinked));
 }
 
 TEST_F(ServerBadInputTest, ShapeMismatchNamesTensorAndBothShapes) {
