@@ -221,9 +221,11 @@ absl::Status UploadManager::Admit(const std::string& owner,
 }
 
 void UploadManager::Release(const std::string& stream) {
-  storage_->catalog()->CloseStream(stream).IgnoreError();  // else it expires
+  const absl::Status closed = storage_->catalog()->CloseStream(stream);
   absl::MutexLock lock(&mu_);
   active_.erase(stream);
+  // Else renewed with the others until closed: closed again at each renewal.
+  if (!closed.ok()) unclosed_.push_back(stream);
   if (options_.metrics != nullptr) options_.metrics->UploadEnded();
 }
 
@@ -238,7 +240,12 @@ void UploadManager::RenewLoop() {
     for (const auto& [id, active] : active_) {
       if (!active.upload.second.empty()) receiving.push_back(active.upload);
     }
+    std::vector<std::string> unclosed = std::move(unclosed_);
+    unclosed_.clear();
     mu_.Unlock();
+    for (std::string& stream : unclosed) {
+      if (storage_->catalog()->CloseStream(stream).ok()) stream.clear();
+    }
     absl::StatusOr<std::vector<std::string>> stop =
         storage_->catalog()->RenewStreams(options_.holder,
                                           options_.stream_lease);
@@ -246,6 +253,9 @@ void UploadManager::RenewLoop() {
       storage_->TouchUpload(upload.first, upload.second).IgnoreError();
     }
     mu_.Lock();
+    for (std::string& stream : unclosed) {
+      if (!stream.empty()) unclosed_.push_back(std::move(stream));
+    }
     if (stop.ok()) {
       renewed = absl::Now();
       for (const std::string& id : *stop) {

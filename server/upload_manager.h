@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -105,6 +106,9 @@ class UploadManager {
   absl::Mutex mu_;
   // This process's open streams, by stream id.
   std::map<std::string, Active> active_ ABSL_GUARDED_BY(mu_);
+  // Streams ended whose catalog rows could not be closed (catalog down):
+  // closed again at each renewal, which would otherwise keep them.
+  std::vector<std::string> unclosed_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread renewer_;
 };

@@ -142,6 +142,12 @@ is_id "$job" || fail "merge printed '$job' as its last line, not a job id"
 [ ! -e "$TMP/regmean.safetensors.tmp" ] || fail "merge --out left its temporary file"
 check "$TMP/regmean.safetensors" regmean
 
+step "merge regmean naming no grams: the ones uploaded for the models"
+cli_ok merge --method regmean --model "${W[0]}" --model "${W[1]}" --model "${W[2]}" \
+  --out "$TMP/regmean-linked.safetensors" >/dev/null
+cmp -s "$TMP/regmean.safetensors" "$TMP/regmean-linked.safetensors" ||
+  fail "regmean with the linked grams differs from the one naming them"
+
 step "merge average --watch, then watch + download"
 avg_job=$(cli_ok merge --method average --model "${W[0]}" --model "${W[1]}" \
   --model "${W[2]}" --watch)
@@ -176,8 +182,12 @@ cli merge --method average --model "${W[0]}" --model no-such-artifact
 expect_error NOT_FOUND "merge with an unknown model"
 cli merge --method average --model "${W[0]}"
 expect_error INVALID_ARGUMENT "merge of one model"
-cli merge --method regmean --model "${W[0]}" --model "${W[1]}"
-expect_error "(INVALID_ARGUMENT|FAILED_PRECONDITION)" "regmean without grams"
+# Weights of the same shapes that no Gram was uploaded for.
+"$PYTHON" "$ROOT/scripts/make_demo_models.py" "$TMP/other" --count 1 --seed 8 >/dev/null
+other=$(cli_ok upload weights "$TMP/other/model_0.safetensors")
+cli merge --method regmean --model "${W[0]}" --model "$other"
+expect_error FAILED_PRECONDITION "regmean of a model without grams"
+grep -q "$other" "$TMP/err" || fail "the refusal does not name the model without grams"
 [ ! -s "$TMP/out" ] || fail "a refused merge printed '$(cat "$TMP/out")' on stdout"
 
 step "usage errors exit 2"
