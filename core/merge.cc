@@ -267,19 +267,21 @@ std::vector<double> NormalizeCoefficients(
 }
 
 // Checks that tensor `name` of model `i` has the dtype and shape of model 0.
-absl::Status CheckSameTensor(const std::vector<MergeInput>& inputs, size_t i,
-                             const TensorInfo& ref, const TensorInfo& other) {
+// FAILED_PRECONDITION unless `other` (in `other_where`, e.g. "model m1")
+// has the dtype and shape of `ref` (in `ref_where`).
+absl::Status CheckSameTensor(const TensorInfo& ref,
+                             const std::string& ref_where,
+                             const TensorInfo& other,
+                             const std::string& other_where) {
   if (ref.dtype != other.dtype) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "tensor \"", ref.name, "\" has dtype ", DTypeName(ref.dtype),
-        " in model ", ModelName(inputs, 0), " but ", DTypeName(other.dtype),
-        " in model ", ModelName(inputs, i)));
+        "tensor \"", ref.name, "\" has dtype ", DTypeName(ref.dtype), " in ",
+        ref_where, " but ", DTypeName(other.dtype), " in ", other_where));
   }
   if (ref.shape != other.shape) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "tensor \"", ref.name, "\" has shape ", ShapeString(ref.shape),
-        " in model ", ModelName(inputs, 0), " but ", ShapeString(other.shape),
-        " in model ", ModelName(inputs, i)));
+        "tensor \"", ref.name, "\" has shape ", ShapeString(ref.shape), " in ",
+        ref_where, " but ", ShapeString(other.shape), " in ", other_where));
   }
   return absl::OkStatus();
 }
@@ -311,18 +313,9 @@ absl::Status PlanTaskVectors(const std::vector<MergeInput>& inputs,
           "tensor \"", t.info.name, "\" is in model ", ModelName(inputs, 0),
           " but missing from the base model ", label));
     }
-    if (own->dtype != t.info.dtype) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "tensor \"", t.info.name, "\" has dtype ", DTypeName(t.info.dtype),
-          " in model ", ModelName(inputs, 0), " but ", DTypeName(own->dtype),
-          " in the base model ", label));
-    }
-    if (own->shape != t.info.shape) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "tensor \"", t.info.name, "\" has shape ", ShapeString(t.info.shape),
-          " in model ", ModelName(inputs, 0), " but ", ShapeString(own->shape),
-          " in the base model ", label));
-    }
+    AMALGAM_RETURN_IF_ERROR(CheckSameTensor(t.info,
+                                            "model " + ModelName(inputs, 0),
+                                            *own, "the base model " + label));
   }
   return absl::OkStatus();
 }
@@ -1136,7 +1129,9 @@ absl::StatusOr<MergePlan> PlanMerge(const std::vector<MergeInput>& inputs,
             "tensor \"", ref.name, "\" is in model ", ModelName(inputs, 0),
             " but missing from model ", ModelName(inputs, i)));
       }
-      AMALGAM_RETURN_IF_ERROR(CheckSameTensor(inputs, i, ref, *other));
+      AMALGAM_RETURN_IF_ERROR(
+          CheckSameTensor(ref, "model " + ModelName(inputs, 0), *other,
+                          "model " + ModelName(inputs, i)));
     }
     PlannedTensor t;
     t.info = ref;

@@ -138,15 +138,15 @@ bool Keeps(uint64_t key, int64_t element, double density) {
   return u < density;
 }
 
-double SumOfSquares(const double* x, int64_t n) {
-  double sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += x[j] * x[j];
-  return sum;
-}
-
 double Dot(const double* x, const double* y, int64_t n) {
   double sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+
+double L1Norm(const double* x, int64_t n) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += std::fabs(x[j]);
   return sum;
 }
 
@@ -186,13 +186,7 @@ at::Tensor Dare(const at::Tensor& base, const std::vector<at::Tensor>& models,
     const int64_t n = deltas[i].numel();
     const double density = densities[i];
     const uint64_t key = StreamKey(seed, tensor_name, static_cast<int>(i));
-    const double l1_before =
-        rescale == DareRescale::kL1 ? [&] {
-          double sum = 0;
-          for (int64_t j = 0; j < n; ++j) sum += std::fabs(d[j]);
-          return sum;
-        }()
-                                    : 0.0;
+    const double l1_before = rescale == DareRescale::kL1 ? L1Norm(d, n) : 0.0;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         if (!Keeps(key, j, density)) {
@@ -203,8 +197,7 @@ at::Tensor Dare(const at::Tensor& base, const std::vector<at::Tensor>& models,
       }
     });
     if (rescale == DareRescale::kL1) {
-      double l1_after = 0;
-      for (int64_t j = 0; j < n; ++j) l1_after += std::fabs(d[j]);
+      const double l1_after = L1Norm(d, n);
       if (l1_after > 0) {
         const double factor = l1_before / l1_after;
         at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
@@ -225,8 +218,8 @@ at::Tensor Slerp(const at::Tensor& a, const at::Tensor& b, double t) {
   const int64_t n = x.numel();
   const double* xp = x.data_ptr<double>();
   const double* yp = y.data_ptr<double>();
-  double nx = std::sqrt(SumOfSquares(xp, n));
-  double ny = std::sqrt(SumOfSquares(yp, n));
+  double nx = std::sqrt(Dot(xp, xp, n));
+  double ny = std::sqrt(Dot(yp, yp, n));
   // u = v / ‖v‖, without the division where ‖v‖ ≤ 1e-8.
   if (nx <= 1e-8) nx = 1;
   if (ny <= 1e-8) ny = 1;
@@ -257,7 +250,8 @@ at::Tensor ModelStock(const at::Tensor& base,
   const int64_t n = deltas[0].numel();
   std::vector<double> norms;
   for (const at::Tensor& d : deltas) {
-    norms.push_back(std::sqrt(SumOfSquares(d.data_ptr<double>(), n)));
+    const double* p = d.data_ptr<double>();
+    norms.push_back(std::sqrt(Dot(p, p, n)));
   }
   double cosines = 0;
   int pairs = 0;

@@ -28,6 +28,12 @@ absl::Status SyncFileAndDir(const std::string& path) {
   return absl::OkStatus();
 }
 
+bool FileOlderThan(const fs::path& path, fs::file_time_type::duration age) {
+  std::error_code error;
+  const fs::file_time_type written = fs::last_write_time(path, error);
+  return !error && fs::file_time_type::clock::now() - written > age;
+}
+
 absl::StatusOr<BlobStore> BlobStore::Open(const std::string& directory) {
   std::error_code error;
   fs::create_directories(directory, error);
@@ -70,12 +76,9 @@ absl::StatusOr<std::vector<std::string>> BlobStore::OlderThan(
     fs::file_time_type::duration age) const {
   std::vector<std::string> names;
   std::error_code error;
-  const fs::file_time_type now = fs::file_time_type::clock::now();
   for (fs::directory_iterator it(directory_, error), end; !error && it != end;
        it.increment(error)) {
-    std::error_code skip;
-    const fs::file_time_type written = it->last_write_time(skip);
-    if (!skip && now - written > age) {
+    if (FileOlderThan(it->path(), age)) {
       names.push_back(it->path().filename().string());
     }
   }

@@ -49,6 +49,11 @@ class BlobStore {
   std::string directory_;
 };
 
+// Whether the file at `path` was last written more than `age` ago (false
+// if it cannot be read).
+bool FileOlderThan(const std::filesystem::path& path,
+                   std::filesystem::file_time_type::duration age);
+
 // fsyncs the file and its directory; INTERNAL on failure.
 absl::Status SyncFileAndDir(const std::string& path);
 

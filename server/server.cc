@@ -316,9 +316,6 @@ void Server::Shutdown() {
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::seconds(5));
   grpc_server_->Wait();
-  // Runs what the streams left queued (upload sessions closing) while the
-  // upload manager is still there.
-  io_executor_.reset();
   // The metrics server's scrape callback reads the job manager: stop it first.
   metrics_server_.reset();
   housekeeper_.reset();

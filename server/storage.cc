@@ -22,12 +22,6 @@ namespace {
 // a replica starting on a shared data directory leaves them alone.
 constexpr auto kForeignFileAge = std::chrono::hours(1);
 
-bool OlderThan(const fs::path& path, fs::file_time_type::duration age) {
-  std::error_code error;
-  const fs::file_time_type written = fs::last_write_time(path, error);
-  return !error && fs::file_time_type::clock::now() - written > age;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
@@ -55,7 +49,7 @@ absl::StatusOr<std::unique_ptr<Storage>> Storage::Open(
       for (fs::directory_iterator file(it->path(), ignored), last;
            !ignored && file != last; file.increment(ignored)) {
         std::error_code skip;
-        if (OlderThan(file->path(), kForeignFileAge)) {
+        if (FileOlderThan(file->path(), kForeignFileAge)) {
           fs::remove_all(file->path(), skip);
         }
       }
@@ -386,7 +380,7 @@ absl::Status Storage::ReconcileUploads(
   for (fs::directory_iterator it(fs::path(data_dir_) / "uploads", error), end;
        !error && it != end; it.increment(error)) {
     if (paths.count(it->path().string()) == 0 &&
-        (settled == settled.zero() || OlderThan(it->path(), settled))) {
+        (settled == settled.zero() || FileOlderThan(it->path(), settled))) {
       std::error_code ignored;
       fs::remove_all(it->path(), ignored);
     }

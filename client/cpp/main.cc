@@ -541,16 +541,19 @@ int RunMerge(Context& ctx, const Args& args) {
     return UsageError("merge", absl::StrCat("unknown method '", method, "'"));
   }
   spec->set_method(parsed);
-  // The task-vector methods' parameters; the server refuses those the
-  // method does not use.
+  // Parameters of the methods (alpha RegMean's, the rest the task-vector
+  // methods'); the server refuses those the method does not use.
   spec->set_base_id(args.Value("--base"));
-  for (const char* flag : {"--lambda", "--density", "--t"}) {
+  using Setter = void (v1::MergeSpec::*)(double);
+  const std::pair<const char*, Setter> numbers[] = {
+      {"--alpha", &v1::MergeSpec::set_alpha},
+      {"--lambda", &v1::MergeSpec::set_lambda},
+      {"--density", &v1::MergeSpec::set_density},
+      {"--t", &v1::MergeSpec::set_t}};
+  for (const auto& [flag, set] : numbers) {
     absl::StatusOr<std::optional<double>> value = NumberFlag(args, flag);
     if (!value.ok()) return UsageError("merge", value.status().message());
-    if (!value->has_value()) continue;
-    if (std::string(flag) == "--lambda") spec->set_lambda(**value);
-    if (std::string(flag) == "--density") spec->set_density(**value);
-    if (std::string(flag) == "--t") spec->set_t(**value);
+    if (value->has_value()) (spec->*set)(**value);
   }
   if (args.Has("--seed")) {
     uint64_t seed;
@@ -589,15 +592,6 @@ int RunMerge(Context& ctx, const Args& args) {
     }
     if (i < grams.size()) model->set_gram_id(grams[i]);
     if (i < fishers.size()) model->set_fisher_id(fishers[i]);
-  }
-  if (args.Has("--alpha")) {
-    double alpha;
-    if (!absl::SimpleAtod(args.Value("--alpha"), &alpha) ||
-        !std::isfinite(alpha)) {
-      return UsageError(
-          "merge", absl::StrCat("bad --alpha '", args.Value("--alpha"), "'"));
-    }
-    spec->set_alpha(alpha);
   }
   for (const std::string& pattern : args.Values("--exclude")) {
     spec->add_exclude(pattern);
