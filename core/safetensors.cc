@@ -19,7 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "core/model_files.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -38,8 +40,6 @@ constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
 constexpr uint64_t kMaxIndexBytes = uint64_t{100} << 20;
 // Buffer of the writer's FILE*.
 constexpr size_t kWriteBufferBytes = size_t{4} << 20;
-constexpr char kIndexFileName[] = "model.safetensors.index.json";
-constexpr char kSingleFileName[] = "model.safetensors";
 constexpr char kIndexSuffix[] = ".index.json";
 
 std::string ErrnoText(int error) { return std::strerror(error); }
@@ -589,10 +589,54 @@ absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::Open(
                                               " nor ", kSingleFileName));
     }
   }
+  const std::string dir = DirName(file);
+  return OpenFile(
+      file, EndsWith(file, kIndexSuffix),
+      [&dir](const std::string& shard) { return JoinPath(dir, shard); });
+}
 
+absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::OpenModel(
+    const std::map<std::string, std::string>& files) {
+  std::vector<std::string> names;
+  for (const auto& entry : files) names.push_back(entry.first);
+  AMALGAM_ASSIGN_OR_RETURN(const ModelLayout layout, CheckModelFiles(names));
+  std::set<std::string> unclaimed;
+  if (layout.entry == kIndexFileName) {
+    unclaimed.insert(layout.tensor_files.begin(), layout.tensor_files.end());
+  }
+  absl::Status missing;
+  absl::StatusOr<std::unique_ptr<SafetensorsReader>> reader = OpenFile(
+      files.at(layout.entry), layout.entry == kIndexFileName,
+      [&](const std::string& shard) -> absl::StatusOr<std::string> {
+        auto it = files.find(shard);
+        if (it == files.end()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              kIndexFileName, " names shard ", Quoted(Printable(shard)),
+              ", which is not among the model's files"));
+        }
+        unclaimed.erase(shard);
+        return it->second;
+      });
+  if (reader.ok() && !unclaimed.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("file ", Quoted(*unclaimed.begin()),
+                     " is not a shard that ", kIndexFileName, " names"));
+  }
+  if (reader.ok()) return reader;
+  // Messages name the model's files, not where they are stored.
+  std::string message(reader.status().message());
+  for (const auto& [name, path] : files) {
+    message = absl::StrReplaceAll(message, {{path, name}});
+  }
+  return absl::Status(reader.status().code(), message);
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::OpenFile(
+    const std::string& file, bool is_index, const ShardPath& shard_path) {
+  const std::string& path = file;
   auto reader = absl::WrapUnique(new SafetensorsReader());
   try {
-    if (!EndsWith(file, kIndexSuffix)) {
+    if (!is_index) {
       SafetensorsHeader header;
       AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Mapping> mapping,
                                Mapping::Open(file, &header));
@@ -601,14 +645,14 @@ absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::Open(
       reader->metadata_ = std::move(header.metadata);
     } else {
       AMALGAM_ASSIGN_OR_RETURN(ShardIndex index, ReadShardIndex(file));
-      const std::string dir = DirName(file);
       // Open every shard first: a missing or broken shard is the error to
       // report before any disagreement with the weight_map.
       std::vector<SafetensorsHeader> headers(index.shards.size());
       for (size_t i = 0; i < index.shards.size(); ++i) {
-        AMALGAM_ASSIGN_OR_RETURN(
-            std::unique_ptr<Mapping> mapping,
-            Mapping::Open(JoinPath(dir, index.shards[i]), &headers[i]));
+        AMALGAM_ASSIGN_OR_RETURN(const std::string shard,
+                                 shard_path(index.shards[i]));
+        AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Mapping> mapping,
+                                 Mapping::Open(shard, &headers[i]));
         reader->files_.push_back(std::move(mapping));
       }
       // Tensor name -> shard that holds it.

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -69,6 +70,14 @@ class SafetensorsReader {
   // where one is at fault, the tensor).
   static absl::StatusOr<std::unique_ptr<SafetensorsReader>> Open(
       const std::string& path);
+  // Opens a model directory whose files are stored apart: `files` maps each
+  // file name of the directory to where its bytes are. The names must pass
+  // CheckModelFiles; every shard the index names must be among them, and
+  // every .safetensors file must be a shard it names. INVALID_ARGUMENT
+  // otherwise, and for what Open refuses; messages name the files, not the
+  // paths.
+  static absl::StatusOr<std::unique_ptr<SafetensorsReader>> OpenModel(
+      const std::map<std::string, std::string>& files);
 
   ~SafetensorsReader();
   SafetensorsReader(const SafetensorsReader&) = delete;
@@ -98,7 +107,14 @@ class SafetensorsReader {
 
  private:
   struct Mapping;
+  // Where the bytes of a shard (named as in the index) are.
+  using ShardPath =
+      std::function<absl::StatusOr<std::string>(const std::string& shard)>;
   SafetensorsReader() = default;
+  // Opens `file`: a .safetensors file, or (`is_index`) an index whose shards
+  // are found by `shard_path`.
+  static absl::StatusOr<std::unique_ptr<SafetensorsReader>> OpenFile(
+      const std::string& file, bool is_index, const ShardPath& shard_path);
 
   std::vector<std::unique_ptr<Mapping>> files_;
   std::vector<TensorInfo> tensors_;

@@ -5,8 +5,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "core/safetensors.h"
@@ -30,6 +34,34 @@ v1::DType ToProtoDType(core::DType dtype) {
       return v1::DTYPE_F64;
   }
   return v1::DTYPE_UNSPECIFIED;
+}
+
+// The file of `artifact` a download of `name` sends: that file (NOT_FOUND
+// naming the files there are), or, for an empty name, the one .safetensors
+// file (FAILED_PRECONDITION where the model is sharded).
+absl::StatusOr<v1::ModelFile> FileToSend(const v1::Artifact& artifact,
+                                         const std::string& name) {
+  const std::vector<v1::ModelFile> files = ArtifactFiles(artifact);
+  std::vector<std::string> names;
+  std::vector<const v1::ModelFile*> tensors;
+  for (const v1::ModelFile& file : files) {
+    if (!name.empty() && file.name() == name) return file;
+    names.push_back(file.name());
+    if (absl::EndsWith(file.name(), ".safetensors")) tensors.push_back(&file);
+  }
+  if (!name.empty()) {
+    return absl::NotFoundError(absl::StrCat(
+        "artifact ", artifact.id(), " has no file \"", absl::CHexEscape(name),
+        "\"; its files: ", absl::StrJoin(names, ", ")));
+  }
+  if (tensors.size() != 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "artifact ", artifact.id(), " is a model in ", tensors.size(),
+        " shards; download its files one by one (DownloadRequest.file), as "
+        "`amalgam download ",
+        artifact.id(), " --out DIR` does"));
+  }
+  return *tensors.front();
 }
 
 }  // namespace
@@ -185,12 +217,14 @@ class ArtifactServiceImpl::DownloadReactor
   // Holds one of `org`'s download slots until done. The file is opened and
   // read on `io`, off the gRPC reaction thread, one chunk ahead of the write
   // in flight (so reading and sending overlap).
-  DownloadReactor(const v1::Artifact& artifact, const std::string& path,
-                  int64_t offset, int64_t chunk_bytes, Metrics* metrics,
-                  OrgSlots* slots, std::string org, Executor* io)
+  DownloadReactor(std::string artifact_id, v1::ModelFile file,
+                  const std::string& path, int64_t offset, int64_t chunk_bytes,
+                  Metrics* metrics, OrgSlots* slots, std::string org,
+                  Executor* io)
       : slots_(slots),
         org_(std::move(org)),
-        artifact_(artifact),
+        artifact_id_(std::move(artifact_id)),
+        file_info_(std::move(file)),
         offset_(offset),
         buffer_(chunk_bytes),
         metrics_(metrics),
@@ -198,9 +232,10 @@ class ArtifactServiceImpl::DownloadReactor
     if (!io_->Schedule([this, path] {
           file_ = std::fopen(path.c_str(), "rb");
           if (file_ == nullptr) {
-            Ended(grpc::Status(grpc::StatusCode::DATA_LOSS,
-                               absl::StrCat("blob of artifact ", artifact_.id(),
-                                            " is missing")));
+            Ended(grpc::Status(
+                grpc::StatusCode::DATA_LOSS,
+                absl::StrCat("file ", file_info_.name(), " of artifact ",
+                             artifact_id_, " is missing")));
           } else if (offset_ > 0 && std::fseek(file_, offset_, SEEK_SET) != 0) {
             Ended(grpc::Status(grpc::StatusCode::INTERNAL, "cannot seek"));
           } else {
@@ -249,8 +284,8 @@ class ArtifactServiceImpl::DownloadReactor
       } else {
         next_.Clear();
         if (first_) {
-          next_.set_size_bytes(artifact_.size_bytes());
-          next_.set_sha256(artifact_.sha256());
+          next_.set_size_bytes(file_info_.size_bytes());
+          next_.set_sha256(file_info_.sha256());
           first_ = false;
         }
         next_.set_offset(offset_);
@@ -309,7 +344,8 @@ class ArtifactServiceImpl::DownloadReactor
 
   OrgSlots* const slots_;
   const std::string org_;
-  const v1::Artifact artifact_;
+  const std::string artifact_id_;
+  const v1::ModelFile file_info_;
   std::vector<char> buffer_;
   Metrics* const metrics_;
   Executor* const io_;
@@ -393,6 +429,13 @@ grpc::ServerUnaryReactor* ArtifactServiceImpl::GetArtifact(
         AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
                                  storage_->GetArtifactFor(request->id(), org));
         AMALGAM_ASSIGN_OR_RETURN(auto reader, storage_->OpenBlob(artifact));
+        // Artifacts stored before models had files are described the same.
+        if (artifact.files().empty()) {
+          for (const v1::ModelFile& file : ArtifactFiles(artifact)) {
+            *artifact.add_files() = file;
+          }
+        }
+        DescribeTensors(*reader, &artifact);
         for (const core::TensorInfo& tensor : reader->tensors()) {
           v1::TensorInfo* info = artifact.add_tensors();
           info->set_name(tensor.name);
@@ -469,16 +512,18 @@ absl::StatusOr<v1::Artifact> ArtifactServiceImpl::OwnedArtifact(
 grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
     grpc::CallbackServerContext* context, const v1::DownloadRequest* request) {
   std::string org;
+  v1::ModelFile file;
   absl::StatusOr<v1::Artifact> artifact =
       [&]() -> absl::StatusOr<v1::Artifact> {
     AMALGAM_ASSIGN_OR_RETURN(org, Authenticate(*context, tokens_));
     AMALGAM_ASSIGN_OR_RETURN(
         v1::Artifact found,
         storage_->GetArtifactFor(request->artifact_id(), org));
-    if (request->offset() < 0 || request->offset() > found.size_bytes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("offset ", request->offset(), " is outside artifact ",
-                       found.id(), " of ", found.size_bytes(), " bytes"));
+    AMALGAM_ASSIGN_OR_RETURN(file, FileToSend(found, request->file()));
+    if (request->offset() < 0 || request->offset() > file.size_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "offset ", request->offset(), " is outside file ", file.name(),
+          " of artifact ", found.id(), " (", file.size_bytes(), " bytes)"));
     }
     AMALGAM_RETURN_IF_ERROR(downloads_.Acquire(org));
     return found;
@@ -487,7 +532,8 @@ grpc::ServerWriteReactor<v1::DownloadChunk>* ArtifactServiceImpl::Download(
     return new FailedReactor<grpc::ServerWriteReactor<v1::DownloadChunk>>(
         artifact.status());
   }
-  return new DownloadReactor(*artifact, storage_->BlobPath(*artifact),
+  return new DownloadReactor(artifact->id(), file,
+                             storage_->BlobPath(file.sha256()),
                              request->offset(), options_.chunk_bytes,
                              options_.metrics, &downloads_, org, io_executor_);
 }

@@ -12,11 +12,13 @@
 #include <filesystem>
 #include <iterator>
 #include <map>
+#include <set>
 #include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "core/model_files.h"
 #include "core/status_macros.h"
 #include "server/catalog_pool.h"
 #include "server/sql.h"
@@ -43,6 +45,17 @@ bool IsFinal(v1::JobState state) {
          state == v1::JOB_STATE_CANCELLED;
 }
 
+std::vector<v1::ModelFile> ArtifactFiles(const v1::Artifact& artifact) {
+  if (artifact.files_size() > 0) {
+    return {artifact.files().begin(), artifact.files().end()};
+  }
+  v1::ModelFile file;
+  file.set_name(core::kSingleFileName);
+  file.set_size_bytes(artifact.size_bytes());
+  file.set_sha256(artifact.sha256());
+  return {file};
+}
+
 std::vector<std::string> JobInputs(const v1::Job& job) {
   std::vector<std::string> ids;
   for (const std::string* id :
@@ -60,6 +73,15 @@ std::vector<std::string> JobInputs(const v1::Job& job) {
 }
 
 namespace {
+
+// The distinct contents (sha256) of an artifact's files, sorted.
+std::vector<std::string> Contents(const v1::Artifact& artifact) {
+  std::set<std::string> contents;
+  for (const v1::ModelFile& file : ArtifactFiles(artifact)) {
+    contents.insert(file.sha256());
+  }
+  return {contents.begin(), contents.end()};
+}
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
 int64_t NowMillis() { return absl::ToUnixMillis(absl::Now()); }
@@ -302,6 +324,24 @@ class SqlCatalog : public Catalog {
       }
       return db_->SetSchemaVersion(3);
     }));
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
+      AMALGAM_ASSIGN_OR_RETURN(const int64_t version, db_->SchemaVersion());
+      if (version >= 4) return absl::OkStatus();
+      // 4: the contents (blobs) of each artifact as rows, since a model
+      // directory has several; until now each artifact had one.
+      for (const char* sql :
+           {"CREATE TABLE artifact_contents (artifact_id TEXT NOT NULL, "
+            "sha256 TEXT NOT NULL, size_bytes BIGINT NOT NULL, PRIMARY KEY "
+            "(artifact_id, sha256))",
+            "CREATE INDEX artifact_contents_by_sha256 ON artifact_contents "
+            "(sha256)",
+            "INSERT INTO artifact_contents (artifact_id, sha256, size_bytes) "
+            "SELECT id, sha256, size_bytes FROM artifacts"}) {
+        AMALGAM_RETURN_IF_ERROR(Run(sql).status());
+      }
+      return db_->SetSchemaVersion(4);
+    }));
     // The leases of open upload streams, shared by the processes on the
     // catalog: not versioned, since nothing in them outlives the streams
     // (and not crash-safe: UNLOGGED). Where one process owns the database,
@@ -374,7 +414,7 @@ class SqlCatalog : public Catalog {
     AMALGAM_ASSIGN_OR_RETURN(
         const int64_t bytes,
         QueryInt("SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size_bytes) "
-                 "AS size FROM artifacts GROUP BY sha256) AS contents",
+                 "AS size FROM artifact_contents GROUP BY sha256) AS contents",
                  {}));
     return std::make_pair(count, bytes);
   }
@@ -401,11 +441,12 @@ class SqlCatalog : public Catalog {
 
   absl::Status DeleteArtifact(
       const v1::Artifact& artifact,
-      const std::function<absl::Status(bool)>& remove_content) override {
+      const std::function<absl::Status(const std::vector<std::string>&)>&
+          remove_content) override {
     absl::MutexLock lock(&mu_);
     const SqlValue id = SqlValue::Text(artifact.id());
     return InTransaction([&]() -> absl::Status {
-      AMALGAM_RETURN_IF_ERROR(ContentLock(artifact.sha256()));
+      AMALGAM_RETURN_IF_ERROR(ContentLocks({artifact}));
       AMALGAM_ASSIGN_OR_RETURN(v1::Artifact current,
                                ReadArtifact(artifact.id(), db_->ForUpdate()));
       AMALGAM_ASSIGN_OR_RETURN(
@@ -433,14 +474,20 @@ class SqlCatalog : public Catalog {
                 : "a queued or running job of an organisation it is shared "
                   "with; revoke the share to delete it anyway"));
       }
-      AMALGAM_ASSIGN_OR_RETURN(
-          const int64_t others,
-          QueryInt("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?1 AND "
-                   "id != ?2",
-                   {SqlValue::Text(current.sha256()), id}));
-      AMALGAM_RETURN_IF_ERROR(remove_content(others > 0));
-      for (const char* sql : {"DELETE FROM shares WHERE artifact_id = ?1",
-                              "DELETE FROM artifacts WHERE id = ?1"}) {
+      std::vector<std::string> sole;
+      for (const std::string& sha256 : Contents(current)) {
+        AMALGAM_ASSIGN_OR_RETURN(
+            const int64_t others,
+            QueryInt("SELECT COUNT(*) FROM artifact_contents WHERE sha256 = "
+                     "?1 AND artifact_id != ?2",
+                     {SqlValue::Text(sha256), id}));
+        if (others == 0) sole.push_back(sha256);
+      }
+      AMALGAM_RETURN_IF_ERROR(remove_content(sole));
+      for (const char* sql :
+           {"DELETE FROM shares WHERE artifact_id = ?1",
+            "DELETE FROM artifact_contents WHERE artifact_id = ?1",
+            "DELETE FROM artifacts WHERE id = ?1"}) {
         AMALGAM_RETURN_IF_ERROR(Run(sql, {id}).status());
       }
       return absl::OkStatus();
@@ -452,9 +499,10 @@ class SqlCatalog : public Catalog {
     absl::MutexLock lock(&mu_);
     AMALGAM_ASSIGN_OR_RETURN(
         int64_t bytes,
-        QueryInt("SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size_bytes) "
-                 "AS size FROM artifacts WHERE owner = ?1 GROUP BY sha256) AS "
-                 "contents",
+        QueryInt("SELECT COALESCE(SUM(size), 0) FROM (SELECT "
+                 "MAX(c.size_bytes) AS size FROM artifact_contents c JOIN "
+                 "artifacts a ON a.id = c.artifact_id WHERE a.owner = ?1 "
+                 "GROUP BY c.sha256) AS contents",
                  {SqlValue::Text(owner)}));
     AMALGAM_ASSIGN_OR_RETURN(
         SqlResult uploads,
@@ -475,6 +523,7 @@ class SqlCatalog : public Catalog {
                                          const PlaceContent& place) override {
     absl::MutexLock lock(&mu_);
     AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(ContentLocks(*results));
       job.clear_result_ids();
       for (v1::Artifact& artifact : *results) {
         AMALGAM_RETURN_IF_ERROR(InsertArtifactLocked(&artifact, place));
@@ -494,7 +543,7 @@ class SqlCatalog : public Catalog {
       AMALGAM_RETURN_IF_ERROR(ContentLock(sha256));
       AMALGAM_ASSIGN_OR_RETURN(
           const int64_t references,
-          QueryInt("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?1",
+          QueryInt("SELECT COUNT(*) FROM artifact_contents WHERE sha256 = ?1",
                    {SqlValue::Text(sha256)}));
       if (references > 0) return absl::OkStatus();
       AMALGAM_RETURN_IF_ERROR(remove());
@@ -1061,11 +1110,33 @@ class SqlCatalog : public Catalog {
     return Parse<v1::Artifact>(result.rows[0][0], id);
   }
 
+  // Inside a transaction: holds the content locks of every file of
+  // `artifacts`, taken in one order (of their keys) so that two
+  // transactions never wait for each other's.
+  absl::Status ContentLocks(const std::vector<v1::Artifact>& artifacts)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::set<int64_t> keys;
+    for (const v1::Artifact& artifact : artifacts) {
+      for (const std::string& sha256 : Contents(artifact)) {
+        keys.insert(ContentKey(sha256));
+      }
+    }
+    for (const int64_t key : keys) {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(key));
+    }
+    return absl::OkStatus();
+  }
+
   // Inside a transaction: holds the content lock of `sha256` until it ends
-  // (see Catalog). Keyed by the first 60 bits of the digest; two contents
-  // sharing a key only wait for each other.
+  // (see Catalog).
   absl::Status ContentLock(const std::string& sha256)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return db_->TransactionLock(ContentKey(sha256));
+  }
+
+  // A content lock's key: the first 60 bits of the digest; two contents
+  // sharing a key only wait for each other.
+  static int64_t ContentKey(const std::string& sha256) {
     int64_t key = 0;
     for (const char c : sha256.substr(0, 15)) {
       const int digit = c >= '0' && c <= '9'   ? c - '0'
@@ -1073,13 +1144,13 @@ class SqlCatalog : public Catalog {
                                                : 0;
       key = (key << 4) | digit;
     }
-    return db_->TransactionLock(key);
+    return key;
   }
 
   absl::Status InsertArtifactLocked(v1::Artifact* artifact,
                                     const PlaceContent& place)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    AMALGAM_RETURN_IF_ERROR(ContentLock(artifact->sha256()));
+    AMALGAM_RETURN_IF_ERROR(ContentLocks({*artifact}));
     AMALGAM_RETURN_IF_ERROR(place(*artifact));
     artifact->set_created_at(Now());
     artifact->clear_tensors();
@@ -1089,7 +1160,22 @@ class SqlCatalog : public Catalog {
       inserted = InsertRecord("artifacts", artifact->id(), *artifact);
     } while (absl::IsAlreadyExists(inserted));
     AMALGAM_RETURN_IF_ERROR(inserted);
+    AMALGAM_RETURN_IF_ERROR(WriteArtifactContents(*artifact));
     return WriteArtifactColumns(*artifact);
+  }
+
+  // Writes the content rows of a new artifact: one per distinct blob.
+  absl::Status WriteArtifactContents(const v1::Artifact& artifact)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const v1::ModelFile& file : ArtifactFiles(artifact)) {
+      AMALGAM_RETURN_IF_ERROR(
+          Run("INSERT INTO artifact_contents (artifact_id, sha256, "
+              "size_bytes) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+              {SqlValue::Text(artifact.id()), SqlValue::Text(file.sha256()),
+               SqlValue::Int(file.size_bytes())})
+              .status());
+    }
+    return absl::OkStatus();
   }
 
   // Writes the indexed columns and share rows of `artifact` from its record.

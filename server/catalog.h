@@ -37,6 +37,10 @@ struct JobLimits {
   int max_active_per_org = 16;
 };
 
+// The files of an artifact: its `files`, or, for an artifact stored before
+// models had files, one model.safetensors holding its content.
+std::vector<v1::ModelFile> ArtifactFiles(const v1::Artifact& artifact);
+
 // The artifacts a job reads.
 std::vector<std::string> JobInputs(const v1::Job& job);
 
@@ -87,14 +91,14 @@ class Catalog {
       const std::function<absl::Status(v1::Artifact&)>& change) = 0;
   // Deletes the artifact unless a queued or running job reads it: then
   // FAILED_PRECONDITION, naming the job to its owner. In one transaction
-  // that holds the artifact's row: `remove_content` (told whether another
-  // artifact has the same content) runs before the rows go, so that a
-  // submission never sees the row of a blob already removed. NOT_FOUND if
+  // that holds the artifact's row: `remove_content` (told the contents of
+  // its files that no other artifact has) runs before the rows go, so that
+  // a submission never sees the row of a blob already removed. NOT_FOUND if
   // it is gone.
   virtual absl::Status DeleteArtifact(
       const v1::Artifact& artifact,
-      const std::function<absl::Status(bool content_has_others)>&
-          remove_content) = 0;
+      const std::function<absl::Status(
+          const std::vector<std::string>& sole_contents)>& remove_content) = 0;
   // Bytes `owner` holds: its artifacts' distinct contents and the declared
   // sizes of its unfinished uploads, except the upload `except_upload`.
   virtual absl::StatusOr<int64_t> OrgBytes(

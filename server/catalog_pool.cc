@@ -56,7 +56,7 @@ class CatalogPool : public Catalog {
 
   absl::Status DeleteArtifact(
       const v1::Artifact& artifact,
-      const std::function<absl::Status(bool content_has_others)>&
+      const std::function<absl::Status(const std::vector<std::string>&)>&
           remove_content) override {
     Lease member(this);
     return member->DeleteArtifact(artifact, remove_content);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "core/merge.h"
+#include "core/model_files.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
@@ -72,9 +73,8 @@ struct JobManager::Prepared {
   core::MergeOptions options;
   // For a sweep, the plan of its midpoint; every step has the same tensors.
   core::MergePlan plan;
-  // Sweep: the t of each step, and the blobs of A and B (the endpoints).
+  // Sweep: the t of each step.
   std::vector<double> sweep_ts;
-  std::string blob_a, blob_b;
   // Output models the job writes (1, or the sweep's steps), and the size of
   // each.
   int outputs = 1;
@@ -152,7 +152,7 @@ absl::Status JobManager::Recover() {
 
 absl::StatusOr<const core::SafetensorsReader*> JobManager::OpenInput(
     const v1::Job& job, const std::string& id, v1::ArtifactKind kind,
-    const std::string& field, Prepared* prepared, std::string* blob_path) {
+    const std::string& field, Prepared* prepared) {
   if (id.empty()) return nullptr;
   // Only artifacts the submitter may read: others are NOT_FOUND.
   AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact,
@@ -170,7 +170,6 @@ absl::StatusOr<const core::SafetensorsReader*> JobManager::OpenInput(
     AMALGAM_RETURN_IF_ERROR(catalog()->GetSettledArtifact(id).status());
     return reader.status();
   }
-  if (blob_path != nullptr) *blob_path = storage_->BlobPath(artifact);
   prepared->readers.push_back(*std::move(reader));
   return prepared->readers.back().get();
 }
@@ -242,10 +241,10 @@ absl::Status JobManager::PrepareSweep(const v1::Job& job, Prepared* prepared) {
   a.coefficient = b.coefficient = 0.5;
   AMALGAM_ASSIGN_OR_RETURN(
       a.weights, OpenInput(job, spec.a_id(), v1::ARTIFACT_KIND_WEIGHTS,
-                           "sweep.a_id", prepared, &prepared->blob_a));
+                           "sweep.a_id", prepared));
   AMALGAM_ASSIGN_OR_RETURN(
       b.weights, OpenInput(job, spec.b_id(), v1::ARTIFACT_KIND_WEIGHTS,
-                           "sweep.b_id", prepared, &prepared->blob_b));
+                           "sweep.b_id", prepared));
   prepared->inputs = {a, b};
   prepared->options.method = core::MergeMethod::kWeighted;
   AMALGAM_ASSIGN_OR_RETURN(
@@ -818,7 +817,9 @@ std::pair<int64_t, int64_t> JobManager::Counts() {
 }
 
 JobManager::Outputs::~Outputs() {
-  for (const auto& [path, artifact] : files) std::remove(path.c_str());
+  for (const auto& [paths, artifact] : files) {
+    for (const std::string& path : paths) std::remove(path.c_str());
+  }
 }
 
 absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
@@ -859,7 +860,8 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
   for (int k = 0; k < prepared->outputs && status.ok(); ++k) {
     const std::string out_path = storage_->NewTempPath("result");
     // Removed with `outputs` unless published.
-    outputs->files.emplace_back(out_path, v1::Artifact());
+    outputs->files.emplace_back(std::vector<std::string>{out_path},
+                                v1::Artifact());
     std::string name;
     if (job.has_sweep()) {
       const double t = prepared->sweep_ts[k];
@@ -913,24 +915,19 @@ absl::Status JobManager::WriteSweepStep(
     const Prepared& prepared, double t, const std::string& out_path,
     const std::function<void(int64_t, int64_t)>& progress,
     const std::atomic<bool>* cancelled) {
-  if (t == 0.0 || t == 1.0) {
-    // The endpoints are A and B, bit for bit.
-    std::error_code error;
-    std::filesystem::copy_file(t == 0.0 ? prepared.blob_a : prepared.blob_b,
-                               out_path, error);
-    if (error) {
-      return absl::InternalError(absl::StrCat("cannot copy an endpoint to ",
-                                              out_path, ": ", error.message()));
-    }
-    progress(static_cast<int64_t>(prepared.plan.tensors.size()),
-             static_cast<int64_t>(prepared.plan.output_bytes));
-    return absl::OkStatus();
-  }
   std::vector<core::MergeInput> inputs = prepared.inputs;
   inputs[0].coefficient = 1.0 - t;
   inputs[1].coefficient = t;
   AMALGAM_ASSIGN_OR_RETURN(core::MergePlan plan,
                            core::PlanMerge(inputs, prepared.options));
+  if (t == 0.0 || t == 1.0) {
+    // The endpoints are A's and B's tensors, bit for bit (the arithmetic
+    // would turn -0 into +0).
+    for (core::PlannedTensor& tensor : plan.tensors) {
+      tensor.rule = core::TensorRule::kCopy;
+      tensor.copy_from = t == 0.0 ? 0 : 1;
+    }
+  }
   return core::ExecuteMerge(
       plan, inputs, prepared.options, out_path,
       [&](const core::MergeProgress& p) {
@@ -948,20 +945,21 @@ absl::StatusOr<v1::Artifact> JobManager::DescribeResult(
   artifact.set_produced_by_job(job.id());
   AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(path));
   artifact.set_sha256(sha256);
+  v1::ModelFile* file = artifact.add_files();
+  file->set_name(core::kSingleFileName);
+  file->set_sha256(sha256);
   AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(path));
   if (absl::Status finite = core::CheckAllFinite(*reader); !finite.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("the result is not finite, so it is not published: ",
                      finite.message()));
   }
-  artifact.set_tensor_count(static_cast<int64_t>(reader->tensors().size()));
-  for (const auto& [key, value] : reader->metadata()) {
-    (*artifact.mutable_metadata())[key] = value;
-  }
+  DescribeTensors(*reader, &artifact);
   reader.reset();
   std::error_code error;
   artifact.set_size_bytes(
       static_cast<int64_t>(std::filesystem::file_size(path, error)));
+  file->set_size_bytes(artifact.size_bytes());
   return artifact;
 }
 

@@ -155,8 +155,7 @@ class JobManager {
   // keeping the reader in `prepared`; `field` names it in errors.
   absl::StatusOr<const core::SafetensorsReader*> OpenInput(
       const v1::Job& job, const std::string& id, v1::ArtifactKind kind,
-      const std::string& field, Prepared* prepared,
-      std::string* blob_path = nullptr);
+      const std::string& field, Prepared* prepared);
   void WorkerLoop();
   // Renews the leases of this process's runs, and reads the jobs watched
   // here that other processes run.
@@ -177,7 +176,7 @@ class JobManager {
   // visible; removes the files when destroyed (once published, they are
   // gone already).
   struct Outputs {
-    std::vector<std::pair<std::string, v1::Artifact>> files;
+    std::vector<Storage::StagedArtifact> files;
     Outputs() = default;
     Outputs(const Outputs&) = delete;
     Outputs& operator=(const Outputs&) = delete;

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -92,59 +93,76 @@ std::string Storage::NewTempPath(const std::string& prefix) {
   return (fs::path(tmp_dir_) / NewId(prefix)).string();
 }
 
-std::string Storage::BlobPath(const v1::Artifact& artifact) const {
-  return blobs_.PathOf(artifact.sha256());
+std::string Storage::BlobPath(const std::string& sha256) const {
+  return blobs_.PathOf(sha256);
 }
 
-absl::StatusOr<v1::Artifact> Storage::AddArtifact(const std::string& temp_path,
-                                                  v1::Artifact artifact) {
+absl::StatusOr<v1::Artifact> Storage::AddArtifact(
+    const std::vector<std::string>& temp_paths, v1::Artifact artifact) {
   AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> created,
-                           PlaceBlobs({{temp_path, artifact}}));
+                           PlaceBlobs({{temp_paths, artifact}}));
   // Put in place again inside the transaction that inserts the row, under
-  // the catalog's content lock (a no-op unless a delete or collection of
+  // the catalog's content locks (a no-op unless a delete or collection of
   // the same content, on any replica, removed it meanwhile).
-  absl::Status inserted =
-      catalog_->InsertArtifact(&artifact, [&](const v1::Artifact& placed) {
-        bool again = false;
-        return blobs_.Put(temp_path, placed.sha256(), &again);
-      });
-  FinishPlacing(inserted.ok(), {temp_path}, created);
+  absl::Status inserted = catalog_->InsertArtifact(
+      &artifact,
+      [&](const v1::Artifact& placed) { return PutAgain(temp_paths, placed); });
+  FinishPlacing(inserted.ok(), temp_paths, created);
   AMALGAM_RETURN_IF_ERROR(inserted);
   return artifact;
 }
 
 absl::StatusOr<v1::Job> Storage::PublishResults(
-    v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results) {
+    v1::Job job, std::vector<StagedArtifact> results) {
   AMALGAM_ASSIGN_OR_RETURN(std::vector<std::string> created,
                            PlaceBlobs(results));
   std::vector<v1::Artifact> artifacts;
   std::vector<std::string> temps;
-  for (auto& [temp, artifact] : results) {
+  for (auto& [paths, artifact] : results) {
     artifacts.push_back(artifact);
-    temps.push_back(temp);
+    temps.insert(temps.end(), paths.begin(), paths.end());
   }
   size_t next = 0;
   absl::StatusOr<v1::Job> published = catalog_->PublishResults(
       std::move(job), &artifacts, [&](const v1::Artifact& placed) {
-        bool again = false;
-        return blobs_.Put(temps[next++], placed.sha256(), &again);
+        return PutAgain(results[next++].first, placed);
       });
   FinishPlacing(published.ok(), temps, created);
   return published;
 }
 
+absl::Status Storage::PutAgain(const std::vector<std::string>& temp_paths,
+                               const v1::Artifact& artifact) {
+  const std::vector<v1::ModelFile> files = ArtifactFiles(artifact);
+  for (size_t i = 0; i < files.size(); ++i) {
+    bool again = false;
+    AMALGAM_RETURN_IF_ERROR(
+        blobs_.Put(temp_paths[i], files[i].sha256(), &again));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<std::string>> Storage::PlaceBlobs(
-    const std::vector<std::pair<std::string, v1::Artifact>>& files) {
+    const std::vector<StagedArtifact>& staged) {
   // The slow part (the syncs of file and directory) before any catalog
   // lock is taken.
   std::vector<std::string> created;
-  for (const auto& [temp, artifact] : files) {
-    bool made = false;
-    absl::Status placed = blobs_.Put(temp, artifact.sha256(), &made);
-    if (made) created.push_back(artifact.sha256());
-    if (!placed.ok()) {
+  for (const auto& [temps, artifact] : staged) {
+    const std::vector<v1::ModelFile> files = ArtifactFiles(artifact);
+    if (files.size() != temps.size()) {
       FinishPlacing(false, {}, created);
-      return placed;
+      return absl::InternalError(
+          absl::StrCat("artifact \"", artifact.name(), "\" has ", files.size(),
+                       " files but ", temps.size(), " were written"));
+    }
+    for (size_t i = 0; i < files.size(); ++i) {
+      bool made = false;
+      absl::Status placed = blobs_.Put(temps[i], files[i].sha256(), &made);
+      if (made) created.push_back(files[i].sha256());
+      if (!placed.ok()) {
+        FinishPlacing(false, {}, created);
+        return placed;
+      }
     }
   }
   return created;
@@ -185,8 +203,12 @@ absl::StatusOr<int64_t> Storage::CollectGarbage(
 
 absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> Storage::OpenBlob(
     const v1::Artifact& artifact) const {
+  std::map<std::string, std::string> paths;
+  for (const v1::ModelFile& file : ArtifactFiles(artifact)) {
+    paths[file.name()] = BlobPath(file.sha256());
+  }
   absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> reader =
-      core::SafetensorsReader::Open(BlobPath(artifact));
+      core::SafetensorsReader::OpenModel(paths);
   if (!reader.ok()) {
     return absl::DataLossError(
         absl::StrCat("blob of artifact ", artifact.id(),
@@ -197,6 +219,23 @@ absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> Storage::OpenBlob(
 
 absl::StatusOr<v1::Artifact> Storage::GetArtifact(const std::string& id) {
   return catalog_->GetArtifact(id);
+}
+
+void DescribeTensors(const core::SafetensorsReader& reader,
+                     v1::Artifact* artifact) {
+  int64_t parameters = 0;
+  std::set<std::string> dtypes;
+  for (const core::TensorInfo& tensor : reader.tensors()) {
+    parameters += tensor.numel;
+    dtypes.insert(core::DTypeName(tensor.dtype));
+  }
+  artifact->set_tensor_count(static_cast<int64_t>(reader.tensors().size()));
+  artifact->set_parameter_count(parameters);
+  artifact->clear_dtypes();
+  for (const std::string& dtype : dtypes) artifact->add_dtypes(dtype);
+  for (const auto& [key, value] : reader.metadata()) {
+    (*artifact->mutable_metadata())[key] = value;
+  }
 }
 
 bool ViewFor(const std::string& organization, v1::Artifact* artifact) {
@@ -235,12 +274,13 @@ absl::Status Storage::DeleteArtifact(const v1::Artifact& artifact) {
   // content registers against the blob in between. A crash in between
   // leaves a row without its blob, which reads as DATA_LOSS and is deleted
   // again.
-  return catalog_->DeleteArtifact(artifact,
-                                  [&](bool content_has_others) -> absl::Status {
-                                    if (content_has_others)
-                                      return absl::OkStatus();
-                                    return blobs_.Remove(artifact.sha256());
-                                  });
+  return catalog_->DeleteArtifact(
+      artifact, [&](const std::vector<std::string>& sole) -> absl::Status {
+        for (const std::string& sha256 : sole) {
+          AMALGAM_RETURN_IF_ERROR(blobs_.Remove(sha256));
+        }
+        return absl::OkStatus();
+      });
 }
 
 absl::StatusOr<int64_t> Storage::OrgBytes(const std::string& owner,

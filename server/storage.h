@@ -51,19 +51,24 @@ class Storage {
   // A fresh path under tmp/ for a file being written (not created).
   std::string NewTempPath(const std::string& prefix);
 
-  // Moves the complete, fsynced file at `temp_path` into the blob store under
-  // `artifact.sha256()` and commits the catalog row. Assigns the id and
-  // creation time; returns the stored artifact. On error the file stays.
-  absl::StatusOr<v1::Artifact> AddArtifact(const std::string& temp_path,
-                                           v1::Artifact artifact);
+  // Moves the complete, fsynced files at `temp_paths` (one per file of the
+  // artifact, in the order of ArtifactFiles) into the blob store under their
+  // sha256 and commits the catalog row. Assigns the id and creation time;
+  // returns the stored artifact. On error the files stay.
+  absl::StatusOr<v1::Artifact> AddArtifact(
+      const std::vector<std::string>& temp_paths, v1::Artifact artifact);
+
+  // An artifact's files written but not stored yet: their temporary paths
+  // (in the order of ArtifactFiles), and its row.
+  using StagedArtifact = std::pair<std::vector<std::string>, v1::Artifact>;
 
   // Makes a finished job's results visible together with its final row, in
-  // one transaction: each (complete, fsynced temp file, artifact) pair is
-  // moved into the blob store and catalogued under a fresh id, the ids are
-  // set as `job`'s result_ids and `job` is written. On error no result is
-  // catalogued and the job's row is unchanged. Returns the job as written.
-  absl::StatusOr<v1::Job> PublishResults(
-      v1::Job job, std::vector<std::pair<std::string, v1::Artifact>> results);
+  // one transaction: each result's files are moved into the blob store and
+  // it is catalogued under a fresh id, the ids are set as `job`'s
+  // result_ids and `job` is written. On error no result is catalogued and
+  // the job's row is unchanged. Returns the job as written.
+  absl::StatusOr<v1::Job> PublishResults(v1::Job job,
+                                         std::vector<StagedArtifact> results);
 
   // Removes blobs written more than `age` ago that no artifact references
   // (left by a crash between a blob's placement and its row's commit, or a
@@ -100,10 +105,11 @@ class Storage {
   // sizes of its unfinished uploads, except the upload `except_upload`.
   absl::StatusOr<int64_t> OrgBytes(const std::string& owner,
                                    const std::string& except_upload = "");
-  // The path of an artifact's blob.
-  std::string BlobPath(const v1::Artifact& artifact) const;
-  // Opens an artifact's blob; DATA_LOSS (naming the artifact) when the
-  // catalog has the row but the blob is gone or unreadable.
+  // The path of the blob of content `sha256`.
+  std::string BlobPath(const std::string& sha256) const;
+  // Opens an artifact's tensors (the model directory its blobs make);
+  // DATA_LOSS (naming the artifact) when the catalog has the row but a blob
+  // is gone or unreadable.
   absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> OpenBlob(
       const v1::Artifact& artifact) const;
 
@@ -145,7 +151,11 @@ class Storage {
   // Puts each file's blob in place before its transaction; returns the
   // blobs it created.
   absl::StatusOr<std::vector<std::string>> PlaceBlobs(
-      const std::vector<std::pair<std::string, v1::Artifact>>& files);
+      const std::vector<StagedArtifact>& staged);
+  // Inside the transaction: puts the blobs of `artifact`'s files in place
+  // again (see AddArtifact).
+  absl::Status PutAgain(const std::vector<std::string>& temp_paths,
+                        const v1::Artifact& artifact);
   // After the transaction: removes the temporary files if it `committed`,
   // else the blobs `created` (the files stay with the caller).
   void FinishPlacing(bool committed, const std::vector<std::string>& temps,
@@ -166,6 +176,11 @@ class Storage {
   // upload's row and file change together.
   absl::Mutex mu_;
 };
+
+// Sets `artifact`'s tensor_count, parameter_count, dtypes and metadata from
+// `reader`, which holds its tensors.
+void DescribeTensors(const core::SafetensorsReader& reader,
+                     v1::Artifact* artifact);
 
 // The one rule of read access: true if `organization` owns `artifact` or it
 // was shared with it; for a non-owner, `shared_with` is cleared.

@@ -1,7 +1,12 @@
 #include "server/upload_header.h"
 
+#include <string>
+#include <vector>
+
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "core/model_files.h"
 #include "core/sha256.h"
 
 namespace amalgam::server {
@@ -57,6 +62,35 @@ absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
       header.kind() == v1::ARTIFACT_KIND_WEIGHTS) {
     return absl::InvalidArgumentError(
         "header.describes is for gram and fisher uploads only");
+  }
+  if (header.files_size() > kMaxModelFiles) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.files lists ", header.files_size(),
+                     " files; at most ", kMaxModelFiles, " are accepted"));
+  }
+  if (header.files_size() > 0) {
+    std::vector<std::string> names;
+    int64_t total = 0;
+    for (const v1::ModelFile& file : header.files()) {
+      if (file.size_bytes() <= 0 || file.size_bytes() > header.size_bytes()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("header.files: file \"", absl::CHexEscape(file.name()),
+                         "\" has size_bytes ", file.size_bytes(),
+                         "; must be positive and within header.size_bytes"));
+      }
+      names.push_back(file.name());
+      total += file.size_bytes();
+    }
+    if (absl::Status layout = core::CheckModelFiles(names).status();
+        !layout.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.files: ", layout.message()));
+    }
+    if (total != header.size_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "header.files add up to ", total, " bytes but header.size_bytes is ",
+          header.size_bytes()));
+    }
   }
   return ValidateIdentifier(header.upload_id(), "header.upload_id",
                             kMaxUploadIdBytes);

@@ -12,6 +12,8 @@ namespace amalgam::server {
 // Longest artifact name and upload id accepted, in bytes.
 inline constexpr size_t kMaxNameBytes = 256;
 inline constexpr size_t kMaxUploadIdBytes = 64;
+// Most files one model directory may hold.
+inline constexpr int kMaxModelFiles = 4096;
 
 // OK for an artifact or result name of at most kMaxNameBytes with no
 // control character and no '/' (a sweep's results become file names);
@@ -23,7 +25,9 @@ absl::Status ValidateName(const std::string& name, const std::string& field);
 // kind, a positive size_bytes, a 64-digit lower-case hex sha256, a name of
 // as ValidateName allows, `describes` only on statistics, and an upload_id
 // (optional) of 1..kMaxUploadIdBytes characters from [A-Za-z0-9_.-]:
-// INVALID_ARGUMENT naming the field otherwise. RESOURCE_EXHAUSTED when
+// `files` (optional) naming a model directory that core::CheckModelFiles
+// accepts, whose sizes add up to size_bytes. INVALID_ARGUMENT naming the
+// field otherwise. RESOURCE_EXHAUSTED when
 // size_bytes is over `max_upload_bytes`.
 absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
                                   int64_t max_upload_bytes);

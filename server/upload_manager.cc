@@ -3,9 +3,13 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/model_files.h"
 #include "core/safetensors.h"
 #include "core/statistics.h"
 #include "core/status_macros.h"
@@ -22,9 +26,10 @@ namespace {
 constexpr int64_t kMaxHeaderBytes = int64_t{4} << 20;
 constexpr int64_t kMaxMetadataBytes = int64_t{64} << 10;
 
-// INVALID_ARGUMENT if the safetensors header at the start of `path` or its
-// __metadata__ is larger than the catalog keeps.
-absl::Status CheckHeaderSizes(const std::string& path,
+// INVALID_ARGUMENT if the safetensors header at the start of `path` (the
+// model's file `name`) or the model's __metadata__ is larger than the
+// catalog keeps.
+absl::Status CheckHeaderSizes(const std::string& path, const std::string& name,
                               const core::SafetensorsReader& reader) {
   uint8_t length[8] = {};
   std::FILE* file = std::fopen(path.c_str(), "rb");
@@ -35,7 +40,7 @@ absl::Status CheckHeaderSizes(const std::string& path,
   for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | length[i];
   if (header_bytes > static_cast<uint64_t>(kMaxHeaderBytes)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("the safetensors header is ", header_bytes,
+        absl::StrCat("the safetensors header of ", name, " is ", header_bytes,
                      " bytes; at most ", kMaxHeaderBytes, " are accepted"));
   }
   int64_t metadata_bytes = 0;
@@ -75,6 +80,50 @@ absl::Status WriteError(int error) {
     return absl::ResourceExhaustedError(message);
   }
   return absl::InternalError(message);
+}
+
+// Removes its files when it goes, unless they were taken (cleared).
+struct TempFiles {
+  std::vector<std::string> paths;
+  ~TempFiles() {
+    for (const std::string& path : paths) std::remove(path.c_str());
+  }
+};
+
+// The upload's bytes are a model's files one after the other, in the order
+// of `files`: copies each into its own file (the path paired with it),
+// fsynced, and sets its sha256.
+absl::Status SplitModelFiles(
+    const std::string& path,
+    std::vector<std::pair<v1::ModelFile, std::string>>* files) {
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> in(
+      std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (in == nullptr) return absl::InternalError("cannot read the upload");
+  std::vector<char> buffer(size_t{1} << 20);
+  for (auto& [file, out_path] : *files) {
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> out(
+        std::fopen(out_path.c_str(), "wb"), &std::fclose);
+    if (out == nullptr) return WriteError(errno);
+    core::Sha256 hash;
+    int64_t left = file.size_bytes();
+    while (left > 0) {
+      const size_t want =
+          static_cast<size_t>(std::min<int64_t>(left, buffer.size()));
+      if (std::fread(buffer.data(), 1, want, in.get()) != want) {
+        return absl::InternalError("cannot read the upload");
+      }
+      hash.Update(buffer.data(), want);
+      if (std::fwrite(buffer.data(), 1, want, out.get()) != want) {
+        return WriteError(errno);
+      }
+      left -= static_cast<int64_t>(want);
+    }
+    if (std::fflush(out.get()) != 0) return WriteError(errno);
+    out.reset();
+    AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(out_path));
+    file.set_sha256(hash.HexDigest());
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -409,13 +458,37 @@ absl::StatusOr<v1::Artifact> UploadManager::Session::Verify() {
                      " but the header declared ", header_.sha256()));
   }
   AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(path_));
+  // The model's files, sorted by name, and where each one's bytes are: the
+  // upload's file itself for a one-file model, else copies of its parts.
+  std::vector<std::pair<v1::ModelFile, std::string>> files;
+  TempFiles parts;
+  if (header_.files_size() <= 1) {
+    v1::ModelFile file;
+    file.set_name(header_.files_size() == 1 ? header_.files(0).name()
+                                            : core::kSingleFileName);
+    file.set_size_bytes(header_.size_bytes());
+    file.set_sha256(sha256);
+    files.emplace_back(file, path_);
+  } else {
+    for (const v1::ModelFile& file : header_.files()) {
+      files.emplace_back(file, storage->NewTempPath("part"));
+      parts.paths.push_back(files.back().second);
+    }
+    AMALGAM_RETURN_IF_ERROR(SplitModelFiles(path_, &files));
+    std::sort(files.begin(), files.end(), [](const auto& a, const auto& b) {
+      return a.first.name() < b.first.name();
+    });
+  }
+  std::map<std::string, std::string> paths;
+  for (const auto& [file, file_path] : files) paths[file.name()] = file_path;
   absl::StatusOr<std::unique_ptr<core::SafetensorsReader>> reader =
-      core::SafetensorsReader::Open(path_);
+      core::SafetensorsReader::OpenModel(paths);
   if (!reader.ok()) {
     bad_content_ = true;
     return absl::InvalidArgumentError(absl::StrCat(
-        "upload \"", header_.name(),
-        "\" is not a valid safetensors file: ", reader.status().message()));
+        "upload \"", header_.name(), "\" is not a valid ",
+        header_.files_size() <= 1 ? "safetensors file" : "model directory",
+        ": ", reader.status().message()));
   }
   std::unique_ptr<core::SafetensorsReader> described;
   if (described_.has_value()) {
@@ -428,20 +501,29 @@ absl::StatusOr<v1::Artifact> UploadManager::Session::Verify() {
   artifact.set_size_bytes(header_.size_bytes());
   artifact.set_sha256(sha256);
   artifact.set_describes(header_.describes());
-  absl::Status valid = CheckHeaderSizes(path_, **reader);
+  std::vector<std::string> temp_paths;
+  absl::Status valid;
+  for (const auto& [file, file_path] : files) {
+    *artifact.add_files() = file;
+    temp_paths.push_back(file_path);
+    if (valid.ok() && absl::EndsWith(file.name(), ".safetensors")) {
+      valid = CheckHeaderSizes(file_path, file.name(), **reader);
+    }
+  }
   if (valid.ok()) valid = ValidateContent(artifact, **reader, described.get());
   if (!valid.ok()) {
     bad_content_ =
         absl::IsInvalidArgument(valid) || absl::IsFailedPrecondition(valid);
     return valid;
   }
-  artifact.set_tensor_count(static_cast<int64_t>((*reader)->tensors().size()));
-  for (const auto& [key, value] : (*reader)->metadata()) {
-    (*artifact.mutable_metadata())[key] = value;
-  }
+  DescribeTensors(**reader, &artifact);
   reader->reset();
-  AMALGAM_ASSIGN_OR_RETURN(artifact, storage->AddArtifact(path_, artifact));
-  path_.clear();  // moved into the blob store
+  AMALGAM_ASSIGN_OR_RETURN(artifact,
+                           storage->AddArtifact(temp_paths, artifact));
+  // Moved into the blob store (or copied out, for a model of several files).
+  if (!parts.paths.empty()) std::remove(path_.c_str());
+  parts.paths.clear();
+  path_.clear();
   return artifact;
 }
 

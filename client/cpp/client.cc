@@ -12,6 +12,7 @@
 #include <sstream>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/sha256.h"
@@ -89,7 +90,141 @@ std::string DerivedUploadId(const v1::UploadHeader& header) {
   hash.Update(absl::StrCat(header.kind(), "\n", header.name(), "\n",
                            header.describes(), "\n", header.size_bytes(), "\n",
                            header.sha256()));
+  // A model directory: how its bytes divide into files, too.
+  for (const v1::ModelFile& file : header.files()) {
+    hash.Update(absl::StrCat("\n", file.name(), "\n", file.size_bytes()));
+  }
   return hash.HexDigest().substr(0, 32);
+}
+
+// The files of an upload read as one stream of bytes.
+class UploadSource {
+ public:
+  explicit UploadSource(std::vector<UploadPart> parts)
+      : parts_(std::move(parts)) {}
+
+  // Positions the stream at byte `offset` of the concatenation.
+  absl::Status Seek(int64_t offset) {
+    index_ = 0;
+    while (index_ < parts_.size() && offset >= parts_[index_].size) {
+      offset -= parts_[index_++].size;
+    }
+    return Open(offset);
+  }
+
+  // Reads the next `n` bytes into `out`; DATA_LOSS naming the file when it
+  // holds fewer than it did when the upload began.
+  absl::Status Read(char* out, int64_t n) {
+    while (n > 0) {
+      if (index_ >= parts_.size()) {
+        return absl::DataLossError("read past the end of the upload");
+      }
+      const UploadPart& part = parts_[index_];
+      const int64_t take = std::min(n, part.size - within_);
+      if (!in_.read(out, take)) {
+        return absl::DataLossError(
+            absl::StrCat("cannot read ", part.path, " at offset ", within_,
+                         " (was it changed during the upload?)"));
+      }
+      out += take;
+      n -= take;
+      within_ += take;
+      if (within_ == part.size) {
+        ++index_;
+        AMALGAM_RETURN_IF_ERROR(Open(0));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status Open(int64_t within) {
+    in_.close();
+    in_.clear();
+    within_ = within;
+    if (index_ >= parts_.size()) return absl::OkStatus();
+    in_.open(parts_[index_].path, std::ios::binary);
+    if (!in_) return ErrnoError("cannot open", parts_[index_].path);
+    in_.seekg(within);
+    return absl::OkStatus();
+  }
+
+  const std::vector<UploadPart> parts_;
+  size_t index_ = 0;
+  int64_t within_ = 0;
+  std::ifstream in_;
+};
+
+// The size of the regular file `path`: NOT_FOUND when missing,
+// INVALID_ARGUMENT when unreadable or not a file.
+absl::StatusOr<int64_t> FileSize(const std::filesystem::path& path) {
+  std::error_code error;
+  const uintmax_t size = std::filesystem::file_size(path, error);
+  if (error) {
+    std::string message =
+        absl::StrCat("cannot read ", path.string(), ": ", error.message());
+    if (error == std::errc::no_such_file_or_directory) {
+      return absl::NotFoundError(message);
+    }
+    return absl::InvalidArgumentError(message);
+  }
+  return static_cast<int64_t>(size);
+}
+
+// What uploading `path` sends: the file, or the files of the directory
+// sorted by name (set in `header`'s files, with the total size).
+absl::StatusOr<std::vector<UploadPart>> UploadParts(const std::string& path,
+                                                    v1::UploadHeader* header) {
+  std::error_code error;
+  if (!std::filesystem::is_directory(path, error)) {
+    AMALGAM_ASSIGN_OR_RETURN(const int64_t size, FileSize(path));
+    header->set_size_bytes(size);
+    return std::vector<UploadPart>{{path, size}};
+  }
+  std::vector<std::filesystem::path> entries;
+  for (const auto& entry : std::filesystem::directory_iterator(path, error)) {
+    entries.push_back(entry.path());
+  }
+  if (error) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot list ", path, ": ", error.message()));
+  }
+  std::sort(entries.begin(), entries.end());
+  std::vector<UploadPart> parts;
+  int64_t total = 0;
+  for (const std::filesystem::path& entry : entries) {
+    if (!std::filesystem::is_regular_file(entry, error)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(entry.string(),
+                       " is not a regular file; a model directory holds "
+                       "files only"));
+    }
+    AMALGAM_ASSIGN_OR_RETURN(const int64_t size, FileSize(entry));
+    v1::ModelFile* file = header->add_files();
+    file->set_name(entry.filename().string());
+    file->set_size_bytes(size);
+    parts.push_back({entry.string(), size});
+    total += size;
+  }
+  header->set_size_bytes(total);
+  return parts;
+}
+
+// The sha256 of the parts' bytes one after the other.
+absl::StatusOr<std::string> Sha256Parts(const std::vector<UploadPart>& parts) {
+  if (parts.size() == 1) return core::Sha256File(parts.front().path);
+  core::Sha256 hash;
+  std::vector<char> buffer(size_t{4} << 20);
+  for (const UploadPart& part : parts) {
+    std::ifstream in(part.path, std::ios::binary);
+    if (!in) return ErrnoError("cannot open", part.path);
+    while (in) {
+      in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+      hash.Update(buffer.data(), static_cast<size_t>(in.gcount()));
+    }
+    if (in.bad()) return ErrnoError("cannot read", part.path);
+  }
+  return hash.HexDigest();
 }
 
 }  // namespace
@@ -210,21 +345,12 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
                                             const std::string& describes,
                                             const ProgressCallback& progress,
                                             const std::string& upload_id) {
-  std::error_code error;
-  const uintmax_t size = std::filesystem::file_size(path, error);
-  if (error) {
-    std::string message =
-        absl::StrCat("cannot read ", path, ": ", error.message());
-    if (error == std::errc::no_such_file_or_directory) {
-      return absl::NotFoundError(message);
-    }
-    return absl::InvalidArgumentError(message);
-  }
-  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(path));
   v1::UploadHeader header;
+  AMALGAM_ASSIGN_OR_RETURN(const std::vector<UploadPart> parts,
+                           UploadParts(path, &header));
+  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, Sha256Parts(parts));
   header.set_kind(kind);
   header.set_name(name);
-  header.set_size_bytes(static_cast<int64_t>(size));
   header.set_sha256(sha256);
   header.set_describes(describes);
   header.set_upload_id(upload_id.empty() ? DerivedUploadId(header) : upload_id);
@@ -253,7 +379,7 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
       }
     }
     absl::StatusOr<v1::Artifact> artifact =
-        SendUpload(header, path, offset, progress);
+        SendUpload(header, parts, offset, progress);
     if (artifact.ok() || !IsRetryable(artifact.status()) ||
         attempt >= options_.upload_retries) {
       return artifact;
@@ -264,11 +390,10 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
 }
 
 absl::StatusOr<v1::Artifact> Client::SendUpload(
-    const v1::UploadHeader& header, const std::string& path, int64_t offset,
-    const ProgressCallback& progress) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoError("cannot open", path);
-  in.seekg(offset);
+    const v1::UploadHeader& header, const std::vector<UploadPart>& parts,
+    int64_t offset, const ProgressCallback& progress) {
+  UploadSource in(parts);
+  AMALGAM_RETURN_IF_ERROR(in.Seek(offset));
 
   grpc::ClientContext context;
   Prepare(&context, /*unary=*/false);
@@ -289,12 +414,10 @@ absl::StatusOr<v1::Artifact> Client::SendUpload(
     std::string* data = chunk->mutable_data();
     const int64_t n = std::min(options_.chunk_bytes, total - offset);
     data->resize(static_cast<size_t>(n));
-    if (!in.read(data->data(), n)) {
+    if (absl::Status read = in.Read(data->data(), n); !read.ok()) {
       context.TryCancel();
       writer->Finish().IgnoreError();
-      return absl::DataLossError(
-          absl::StrCat("cannot read ", path, " at offset ", offset,
-                       " (was it changed during the upload?)"));
+      return read;
     }
     open = writer->Write(request);
     if (open) {
@@ -347,9 +470,34 @@ absl::StatusOr<v1::ShareArtifactResponse> Client::ShareArtifact(
   return Unary(*artifacts_, &v1::ArtifactService::Stub::ShareArtifact, request);
 }
 
+absl::StatusOr<v1::Artifact> Client::DownloadModel(
+    const std::string& artifact_id, const std::string& dir,
+    const ProgressCallback& progress) {
+  AMALGAM_ASSIGN_OR_RETURN(v1::Artifact artifact, GetArtifact(artifact_id));
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot create directory ", dir, ": ", error.message()));
+  }
+  int64_t done = 0;
+  for (const v1::ModelFile& file : artifact.files()) {
+    AMALGAM_RETURN_IF_ERROR(
+        Download(
+            artifact_id, (std::filesystem::path(dir) / file.name()).string(),
+            [&](int64_t bytes, int64_t) {
+              if (progress) progress(done + bytes, artifact.size_bytes());
+            },
+            file.name())
+            .status());
+    done += file.size_bytes();
+  }
+  return artifact;
+}
+
 absl::StatusOr<v1::DownloadChunk> Client::Download(
     const std::string& artifact_id, const std::string& out_path,
-    const ProgressCallback& progress) {
+    const ProgressCallback& progress, const std::string& file) {
   const std::string tmp_path = out_path + ".tmp";
   Fd fd(
       ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
@@ -369,6 +517,7 @@ absl::StatusOr<v1::DownloadChunk> Client::Download(
   Prepare(&context, /*unary=*/false);
   v1::DownloadRequest request;
   request.set_artifact_id(artifact_id);
+  request.set_file(file);
   std::unique_ptr<grpc::ClientReader<v1::DownloadChunk>> reader =
       artifacts_->Download(&context, request);
 

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -57,6 +58,12 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 // True for SUCCEEDED, FAILED and CANCELLED.
 bool IsFinal(amalgam::v1::JobState state);
 
+// One file of what an upload sends, and its size when the upload began.
+struct UploadPart {
+  std::string path;
+  int64_t size = 0;
+};
+
 // A connection to one server. Methods return the server's status code and
 // message on failure. Thread-safe: calls may run concurrently.
 class Client {
@@ -68,7 +75,8 @@ class Client {
 
   Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel);
 
-  // Hashes the file at `path` (sha256, size), then streams it as a
+  // Hashes the file at `path` (sha256, size), or the files of the model
+  // directory at `path` one after the other, then streams it as a
   // resumable upload: when the stream breaks, asks the server how much it
   // holds (GetUpload) and sends the rest, as `upload_retries` allows.
   // `describes` names the weights artifact that a gram or fisher file belongs
@@ -95,12 +103,19 @@ class Client {
   absl::StatusOr<amalgam::v1::ShareArtifactResponse> ShareArtifact(
       const amalgam::v1::ShareArtifactRequest& request);
 
-  // Streams the artifact into `out_path + ".tmp"`, checks the size and the
-  // sha256 announced in the first chunk, fsyncs and renames to `out_path`.
-  // DATA_LOSS on a mismatch (the temporary file is removed). Returns the
-  // artifact's size and sha256 as announced.
+  // Streams file `file` of the artifact (empty: its one .safetensors file;
+  // FAILED_PRECONDITION for a sharded model) into `out_path + ".tmp"`,
+  // checks the size and the sha256 announced in the first chunk, fsyncs and
+  // renames to `out_path`. DATA_LOSS on a mismatch (the temporary file is
+  // removed). Returns the file's size and sha256 as announced.
   absl::StatusOr<amalgam::v1::DownloadChunk> Download(
       const std::string& artifact_id, const std::string& out_path,
+      const ProgressCallback& progress = nullptr, const std::string& file = "");
+  // Downloads every file of the artifact's model directory into `dir`
+  // (created if missing), each as Download does; progress counts the whole
+  // model. Returns the artifact.
+  absl::StatusOr<amalgam::v1::Artifact> DownloadModel(
+      const std::string& artifact_id, const std::string& dir,
       const ProgressCallback& progress = nullptr);
 
   absl::StatusOr<amalgam::v1::Job> SubmitJob(
@@ -119,10 +134,11 @@ class Client {
   CheckHealth(const std::string& service = "");
 
  private:
-  // One upload stream: the header, then the file from `offset`.
+  // One upload stream: the header, then the parts' bytes from `offset`.
   absl::StatusOr<amalgam::v1::Artifact> SendUpload(
-      const amalgam::v1::UploadHeader& header, const std::string& path,
-      int64_t offset, const ProgressCallback& progress);
+      const amalgam::v1::UploadHeader& header,
+      const std::vector<UploadPart>& parts, int64_t offset,
+      const ProgressCallback& progress);
   // Sets metadata (token) and, for unary calls, the deadline.
   void Prepare(grpc::ClientContext* context, bool unary) const;
   // One unary call, prepared as above; its status as absl's.

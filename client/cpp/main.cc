@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -362,6 +363,13 @@ struct Context {
   std::unique_ptr<Client> client;
 };
 
+// The file or directory name of `path`, also of "dir/" and "dir/.".
+std::string LastComponent(const std::string& path) {
+  std::filesystem::path normal = std::filesystem::path(path).lexically_normal();
+  if (!normal.has_filename()) normal = normal.parent_path();
+  return normal.filename().string();
+}
+
 int RunUpload(Context& ctx, const Args& args) {
   if (args.positional.size() != 2) {
     return UsageError("upload", "upload takes a kind and a path");
@@ -382,8 +390,7 @@ int RunUpload(Context& ctx, const Args& args) {
     return UsageError("upload", "--for applies to gram and fisher uploads");
   }
   const std::string& path = args.positional[1];
-  const std::string name =
-      args.Value("--name", std::filesystem::path(path).filename().string());
+  const std::string name = args.Value("--name", LastComponent(path));
   StatusLine line;
   auto artifact = ctx.client->Upload(kind, path, name, args.Value("--for"),
                                      line.Transfer("upload " + name));
@@ -423,6 +430,8 @@ int RunShow(Context& ctx, const Args& args) {
                              FormatBytes(artifact->size_bytes()), ")")},
       {"sha256:", artifact->sha256()},
       {"created:", FormatTime(artifact->created_at())},
+      {"parameters:", absl::StrCat(artifact->parameter_count())},
+      {"dtypes:", absl::StrJoin(artifact->dtypes(), ", ")},
   };
   if (!artifact->describes().empty()) {
     rows.push_back({"describes:", artifact->describes()});
@@ -431,6 +440,13 @@ int RunShow(Context& ctx, const Args& args) {
     rows.push_back({"produced by:", artifact->produced_by_job()});
   }
   PrintTable(rows);
+  std::cout << "files: " << artifact->files_size() << "\n";
+  std::vector<std::vector<std::string>> files;
+  for (const v1::ModelFile& file : artifact->files()) {
+    files.push_back({"  " + file.name(), absl::StrCat(file.size_bytes()),
+                     file.sha256().substr(0, 12)});
+  }
+  PrintTable(files);
   // Sorted: protobuf maps have no order.
   std::map<std::string, std::string> metadata(artifact->metadata().begin(),
                                               artifact->metadata().end());
@@ -513,15 +529,27 @@ int SubmitAndFollow(Context& ctx, const v1::SubmitJobRequest& request,
   return 0;
 }
 
-// Downloads artifact `id` to `path` with progress; 0 or the exit code.
+// Downloads artifact `id` with progress: its one .safetensors file to
+// `path` where that ends in .safetensors, else the model directory into
+// `path`; 0 or the exit code.
 int DownloadTo(Context& ctx, const std::string& id, const std::string& path) {
   StatusLine line;
-  auto downloaded =
-      ctx.client->Download(id, path, line.Transfer("download " + id));
+  absl::StatusOr<int64_t> bytes;
+  if (absl::EndsWith(path, ".safetensors")) {
+    auto downloaded =
+        ctx.client->Download(id, path, line.Transfer("download " + id));
+    bytes = downloaded.ok() ? absl::StatusOr<int64_t>(downloaded->size_bytes())
+                            : downloaded.status();
+  } else {
+    auto downloaded =
+        ctx.client->DownloadModel(id, path, line.Transfer("download " + id));
+    bytes = downloaded.ok() ? absl::StatusOr<int64_t>(downloaded->size_bytes())
+                            : downloaded.status();
+  }
   line.Done();
-  if (!downloaded.ok()) return Fail(downloaded.status());
-  std::cerr << "wrote " << path << " (" << FormatBytes(downloaded->size_bytes())
-            << ", artifact " << id << ")\n";
+  if (!bytes.ok()) return Fail(bytes.status());
+  std::cerr << "wrote " << path << " (" << FormatBytes(*bytes) << ", artifact "
+            << id << ")\n";
   return 0;
 }
 
@@ -795,16 +823,11 @@ int RunDownload(Context& ctx, const Args& args) {
     return UsageError("download", "download takes one artifact id");
   }
   const std::string out = args.Value("--out");
-  if (out.empty()) return UsageError("download", "download needs --out FILE");
-  const std::string& id = args.positional[0];
-  StatusLine line;
-  auto downloaded =
-      ctx.client->Download(id, out, line.Transfer("download " + id));
-  line.Done();
-  if (!downloaded.ok()) return Fail(downloaded.status());
-  std::cerr << "wrote " << out << " (" << FormatBytes(downloaded->size_bytes())
-            << ")\n";
-  return 0;
+  if (out.empty()) {
+    return UsageError("download",
+                      "download needs --out DIR (or FILE.safetensors)");
+  }
+  return DownloadTo(ctx, args.positional[0], out);
 }
 
 int RunRm(Context& ctx, const Args& args) {
@@ -859,7 +882,8 @@ const std::vector<Command>& Commands() {
   static const auto* commands = new std::vector<Command>{
       {"upload",
        "weights|gram|fisher PATH [--name N] [--for ID]",
-       "upload a safetensors file; prints the artifact id",
+       "upload a safetensors file or a model directory (shards,\n"
+       "index, config and tokenizer files); prints the artifact id",
        RunUpload,
        {{"--name", "--for"}, {}, {}}},
       {"ls", "", "list artifacts", RunLs, {}},
@@ -919,8 +943,8 @@ const std::vector<Command>& Commands() {
        {}},
       {"cancel", "JOB", "cancel a job", RunCancel, {}},
       {"download",
-       "ID --out FILE",
-       "download an artifact",
+       "ID --out DIR|FILE.safetensors",
+       "download a model directory (or its one .safetensors file)",
        RunDownload,
        {{"--out"}, {}, {}}},
       {"health",

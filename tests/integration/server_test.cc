@@ -3,6 +3,7 @@
 // and the bad inputs the service must refuse while it keeps serving.
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "client/cpp/client.h"
@@ -347,11 +349,23 @@ TEST_F(ServerTest, SweepEndpointsAreTheInputsAndItsPointsInterpolate) {
     paths.push_back(*dir_ + "/" + artifact->id() + ".safetensors");
     ASSERT_TRUE(client_->Download(artifact->id(), paths.back()).ok());
   }
-  // Endpoints: the inputs, bit for bit.
-  EXPECT_EQ(*core::Sha256File(paths[0]),
-            *core::Sha256File(*dir_ + "/m0.safetensors"));
-  EXPECT_EQ(*core::Sha256File(paths[4]),
-            *core::Sha256File(*dir_ + "/m1.safetensors"));
+  // Endpoints: the inputs' tensors, bit for bit.
+  for (const auto& [result, input] :
+       {std::pair{paths[0], *dir_ + "/m0.safetensors"},
+        std::pair{paths[4], *dir_ + "/m1.safetensors"}}) {
+    auto got = core::SafetensorsReader::Open(result);
+    auto want = core::SafetensorsReader::Open(input);
+    ASSERT_TRUE(got.ok() && want.ok());
+    ASSERT_EQ((*got)->tensors().size(), (*want)->tensors().size());
+    for (const core::TensorInfo& tensor : (*want)->tensors()) {
+      const core::TensorInfo* found = (*got)->Find(tensor.name);
+      ASSERT_NE(found, nullptr) << tensor.name;
+      const auto a = (*got)->Data(*found);
+      const auto b = (*want)->Data(tensor);
+      EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end()))
+          << result << ": " << tensor.name;
+    }
+  }
   // Midpoint: the average merge, bit for bit.
   v1::MergeSpec average = Spec(v1::MERGE_METHOD_AVERAGE);
   average.mutable_models()->RemoveLast();

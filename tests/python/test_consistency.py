@@ -175,9 +175,14 @@ def test_a_catalog_of_the_first_schema_is_migrated_with_its_shares(tmp_path, ama
             assert [x.name for x in b.list_artifacts()] == ["old2"]
             # The blob is still referenced by the other two rows.
             assert len(b.download_bytes("art_2")) == len(blob)
+            # Stored before models had files: one model.safetensors.
+            files = b.get_artifact("art_2").files
+            assert [(f.name, f.size_bytes, f.sha256) for f in files] == [
+                ("model.safetensors", len(blob), sha)]
     finally:
         process.terminate()
         process.wait(timeout=30)
     version = sqlite3.connect(data / "catalog.db").execute("PRAGMA user_version").fetchone()[0]
-    # 1: artifact columns and shares; 2: the job queue; 3: the housekeeping lease
-    assert version == 3
+    # 1: artifact columns and shares; 2: the job queue; 3: the housekeeping
+    # lease; 4: the contents of each artifact
+    assert version == 4

@@ -32,8 +32,12 @@ def weights(tmp_path):
     return path
 
 
-def test_upload_survives_a_server_killed_mid_stream(tmp_path, amalgamd_path, weights):
-    process, address = start_amalgamd(amalgamd_path, tmp_path)
+def upload_through_a_kill(amalgamd_path, root, source, upload_id, kill_at):
+    """Uploads `source` (resumable, as `upload_id`) on a thread through a
+    server at `root` that is killed (-9) once it holds `kill_at` bytes of it
+    and started again on the same port. Returns (client, result, process):
+    the client, {"artifact": ...} or {"error": ...}, and the new server."""
+    process, address = start_amalgamd(amalgamd_path, root)
     port = int(address.rsplit(":", 1)[1])
     client = SlowClient(address, chunk_size=64 << 10, retry_backoff=0.5)
     client.first_offsets = []
@@ -41,18 +45,18 @@ def test_upload_survives_a_server_killed_mid_stream(tmp_path, amalgamd_path, wei
 
     def upload():
         try:
-            result["artifact"] = client.upload_weights(weights, upload_id="py-killed")
-        except Exception as error:  # reported by the assertions below
+            result["artifact"] = client.upload_weights(source, upload_id=upload_id)
+        except Exception as error:  # reported by the callers' assertions
             result["error"] = error
 
     thread = threading.Thread(target=upload)
     thread.start()
     try:
         with amalgam.Client(address) as watcher:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 try:
-                    if watcher.get_upload("py-killed").committed_bytes >= 1 << 20:
+                    if watcher.get_upload(upload_id).committed_bytes >= kill_at:
                         break
                 except amalgam.AmalgamError:
                     pass
@@ -61,8 +65,16 @@ def test_upload_survives_a_server_killed_mid_stream(tmp_path, amalgamd_path, wei
         process.wait()
         # Same address, so the client's retries find it; the port may be
         # held for a moment after the kill.
-        process, _ = start_amalgamd(amalgamd_path, tmp_path, port=port, attempts=25)
+        process, _ = start_amalgamd(amalgamd_path, root, port=port, attempts=25)
+    finally:
         thread.join(timeout=60)
+    return client, result, process
+
+
+def test_upload_survives_a_server_killed_mid_stream(tmp_path, amalgamd_path, weights):
+    client, result, process = upload_through_a_kill(amalgamd_path, tmp_path, weights,
+                                                    "py-killed", 1 << 20)
+    try:
         assert "error" not in result, result.get("error")
         artifact = result["artifact"]
         expected = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -74,7 +86,6 @@ def test_upload_survives_a_server_killed_mid_stream(tmp_path, amalgamd_path, wei
         # The finished upload remembers its artifact (for a lost response).
         assert client.get_upload("py-killed").artifact_id == artifact.id
     finally:
-        thread.join(timeout=60)
         client.close()
         process.kill()
         process.wait()

@@ -75,7 +75,7 @@ class JobManagerTest : public ::testing::Test {
     artifact.set_sha256(*core::Sha256File(path));
     artifact.set_size_bytes(
         static_cast<int64_t>(std::filesystem::file_size(path)));
-    auto added = storage_->AddArtifact(path, artifact);
+    auto added = storage_->AddArtifact({path}, artifact);
     EXPECT_TRUE(added.ok()) << added.status();
     return added.ok() ? *added : artifact;
   }

@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
+#include "core/model_files.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
@@ -724,6 +725,97 @@ TEST_F(ShardedTest, RejectsShardOutsideIndexDirectoryAndMissingShard) {
   EXPECT_TRUE(HasError(SafetensorsReader::Open(dir_).status(),
                        absl::StatusCode::kNotFound,
                        "model-00009-of-00009.safetensors"));
+}
+
+// --- Model directories stored apart (OpenModel)
+// ----------------------------------------------
+
+// The files of the directory under other names (as blobs are), with the
+// paths of its files renamed so that their names appear nowhere in them.
+std::map<std::string, std::string> StoredApart(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  int next = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string stored = absl::StrCat(dir, "/blob", next++);
+    std::filesystem::rename(entry.path(), stored);
+    files[entry.path().filename().string()] = stored;
+  }
+  return files;
+}
+
+TEST_F(ShardedTest, AModelStoredApartOpensByItsFileNames) {
+  WriteShards();
+  WriteIndex(kWeightMap);
+  std::ofstream(Path("config.json")) << "{}";
+  auto reader = SafetensorsReader::OpenModel(StoredApart(dir_));
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  ASSERT_EQ((*reader)->tensors().size(), 4u);
+  EXPECT_EQ(FromBytes<double>((*reader)->Data(*(*reader)->Find("c"))),
+            std::vector<double>{-7.5});
+  // One file, under any .safetensors name, is a model too.
+  const std::string single = Write("stored", {{"x", DType::kF32, {1}}},
+                                   {ToBytes(std::vector<float>{3.f})});
+  auto one = SafetensorsReader::OpenModel({{"weights.safetensors", single}});
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_EQ((*one)->tensors().size(), 1u);
+}
+
+TEST_F(ShardedTest, AModelStoredApartIsRefusedNamingTheFileAtFault) {
+  WriteShards();
+  WriteIndex(kWeightMap);
+  std::map<std::string, std::string> files = StoredApart(dir_);
+  auto refused = [&](std::map<std::string, std::string> changed,
+                     const std::string& words) {
+    auto reader = SafetensorsReader::OpenModel(changed);
+    EXPECT_TRUE(
+        HasError(reader.status(), absl::StatusCode::kInvalidArgument, words))
+        << words;
+    // Where the bytes are stored is never shown.
+    EXPECT_EQ(reader.status().message().find(dir_), std::string::npos)
+        << reader.status();
+  };
+  auto without = files;
+  without.erase("model-00002-of-00002.safetensors");
+  refused(without,
+          "model.safetensors.index.json names shard "
+          "\"model-00002-of-00002.safetensors\", which is not among the "
+          "model's files");
+  auto stray = files;
+  stray["extra.safetensors"] = files["model-00001-of-00002.safetensors"];
+  refused(stray,
+          "file \"extra.safetensors\" is not a shard that "
+          "model.safetensors.index.json names");
+  auto card = files;
+  card["README.md"] = files["model.safetensors.index.json"];
+  refused(card, "file \"README.md\" is not part of a Hugging Face model");
+  auto loose = files;
+  loose.erase("model.safetensors.index.json");
+  refused(loose, "several .safetensors files");
+  refused({{"config.json", files["model.safetensors.index.json"]}},
+          "the model has no .safetensors file");
+  refused({{"a/b.safetensors", files["model-00001-of-00002.safetensors"]}},
+          "is not a plain file name");
+  // A truncated shard is named by its file name.
+  std::filesystem::resize_file(files["model-00002-of-00002.safetensors"], 4);
+  refused(files, "truncated: model-00002-of-00002.safetensors is 4 bytes");
+}
+
+TEST(ModelFilesTest, ShardNamesFollowTheHub) {
+  EXPECT_EQ(ShardFileName(0, 3), "model-00001-of-00003.safetensors");
+  EXPECT_EQ(ShardFileName(11, 12), "model-00012-of-00012.safetensors");
+  auto layout = CheckModelFiles({"tokenizer.json", ShardFileName(1, 2),
+                                 "model.safetensors.index.json",
+                                 ShardFileName(0, 2), "config.json"});
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  EXPECT_EQ(layout->entry, "model.safetensors.index.json");
+  EXPECT_EQ(
+      layout->tensor_files,
+      (std::vector<std::string>{ShardFileName(0, 2), ShardFileName(1, 2)}));
+  EXPECT_EQ(layout->side_files,
+            (std::vector<std::string>{"config.json", "tokenizer.json"}));
+  EXPECT_TRUE(HasError(CheckModelFiles({"config.json", "config.json"}).status(),
+                       absl::StatusCode::kInvalidArgument,
+                       "file \"config.json\" is listed twice"));
 }
 
 // --- CheckAllFinite

@@ -95,7 +95,8 @@ TEST_P(StorageTest, ModifyingADeletedArtifactIsNotFoundAndDoesNotRecreateIt) {
   auto storage = Open("modify");
   ASSERT_TRUE(storage.ok()) << storage.status();
   auto added = (*storage)->AddArtifact(
-      WriteFile((*storage)->NewTempPath("t"), "bytes"), Weights("org-a", "ab"));
+      {WriteFile((*storage)->NewTempPath("t"), "bytes")},
+      Weights("org-a", "ab"));
   ASSERT_TRUE(added.ok()) << added.status();
   ASSERT_TRUE((*storage)->DeleteArtifact(*added).ok());
   auto modified = (*storage)->ModifyArtifact(added->id(), [](v1::Artifact& a) {
@@ -112,11 +113,11 @@ TEST_P(StorageTest, ListsByOrganisationFollowGrantsAndQuotasCountContentOnce) {
   auto storage = Open("lists");
   ASSERT_TRUE(storage.ok()) << storage.status();
   Storage& s = **storage;
-  auto a1 = s.AddArtifact(WriteFile(s.NewTempPath("t"), "bytes"),
+  auto a1 = s.AddArtifact({WriteFile(s.NewTempPath("t"), "bytes")},
                           Weights("org-a", "same"));
-  auto a2 = s.AddArtifact(WriteFile(s.NewTempPath("t"), "bytes"),
+  auto a2 = s.AddArtifact({WriteFile(s.NewTempPath("t"), "bytes")},
                           Weights("org-a", "same"));
-  auto b1 = s.AddArtifact(WriteFile(s.NewTempPath("t"), "other"),
+  auto b1 = s.AddArtifact({WriteFile(s.NewTempPath("t"), "other")},
                           Weights("org-b", "other"));
   ASSERT_TRUE(a1.ok() && a2.ok() && b1.ok());
   EXPECT_EQ(*s.OrgBytes("org-a"), 5) << "one content, stored once";
@@ -129,10 +130,10 @@ TEST_P(StorageTest, ListsByOrganisationFollowGrantsAndQuotasCountContentOnce) {
   EXPECT_EQ(s.ListArtifacts("org-c")->size(), 0u);
   // The blob stays while another row names the same content.
   ASSERT_TRUE(s.DeleteArtifact(*a1).ok());
-  EXPECT_TRUE(std::filesystem::exists(s.BlobPath(*a2)));
+  EXPECT_TRUE(std::filesystem::exists(s.BlobPath(a2->sha256())));
   EXPECT_EQ(s.ListArtifacts("org-b")->size(), 1u) << "the grant went too";
   ASSERT_TRUE(s.DeleteArtifact(*a2).ok());
-  EXPECT_FALSE(std::filesystem::exists(s.BlobPath(*a2)));
+  EXPECT_FALSE(std::filesystem::exists(s.BlobPath(a2->sha256())));
   EXPECT_EQ(*s.Stats(), std::make_pair(int64_t{1}, int64_t{5}));
 }
 
@@ -148,14 +149,14 @@ TEST_P(StorageTest, PublishedResultsAppearWithTheirJobOrNotAtAll) {
   job.set_state(v1::JOB_STATE_SUCCEEDED);
   // The second output's file is missing: nothing is published.
   auto failed = s.PublishResults(
-      job, {{WriteFile(s.NewTempPath("r"), "one"), Weights("org-a", "r1")},
-            {s.NewTempPath("missing"), Weights("org-a", "r2")}});
+      job, {{{WriteFile(s.NewTempPath("r"), "one")}, Weights("org-a", "r1")},
+            {{s.NewTempPath("missing")}, Weights("org-a", "r2")}});
   EXPECT_FALSE(failed.ok());
   EXPECT_TRUE(s.ListArtifacts()->empty());
   EXPECT_EQ(s.catalog()->GetJob("job_p")->state(), v1::JOB_STATE_RUNNING);
   auto published = s.PublishResults(
-      job, {{WriteFile(s.NewTempPath("r"), "one"), Weights("org-a", "r1")},
-            {WriteFile(s.NewTempPath("r"), "two"), Weights("org-a", "r2")}});
+      job, {{{WriteFile(s.NewTempPath("r"), "one")}, Weights("org-a", "r1")},
+            {{WriteFile(s.NewTempPath("r"), "two")}, Weights("org-a", "r2")}});
   ASSERT_TRUE(published.ok()) << published.status();
   EXPECT_EQ(published->result_ids_size(), 2);
   EXPECT_EQ(s.catalog()->GetJob("job_p")->state(), v1::JOB_STATE_SUCCEEDED);
@@ -199,7 +200,7 @@ TEST_P(StorageTest, AnExpiredRunIsTakenOverAndTheOldRunCanChangeNothing) {
             absl::StatusCode::kFailedPrecondition);
   stale.set_state(v1::JOB_STATE_SUCCEEDED);
   auto published = s.PublishResults(
-      stale, {{WriteFile(s.NewTempPath("r"), "old"), Weights("org-a", "o")}});
+      stale, {{{WriteFile(s.NewTempPath("r"), "old")}, Weights("org-a", "o")}});
   EXPECT_EQ(published.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(s.ListArtifacts()->empty()) << "a fenced run published";
   EXPECT_EQ(catalog.GetJob("job_l")->attempt(), 2);
@@ -229,7 +230,7 @@ TEST_P(StorageTest, LimitsCancelsAndDeletesAreDecidedInTheCatalog) {
   ASSERT_TRUE(storage.ok()) << storage.status();
   Storage& s = **storage;
   Catalog& catalog = *s.catalog();
-  auto input = s.AddArtifact(WriteFile(s.NewTempPath("t"), "bytes"),
+  auto input = s.AddArtifact({WriteFile(s.NewTempPath("t"), "bytes")},
                              Weights("org-a", "in"));
   ASSERT_TRUE(input.ok()) << input.status();
   JobLimits limits;
@@ -254,7 +255,7 @@ TEST_P(StorageTest, LimitsCancelsAndDeletesAreDecidedInTheCatalog) {
   absl::Status refused = s.DeleteArtifact(*input);
   EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(refused.message(), HasSubstr("j1"));
-  EXPECT_TRUE(std::filesystem::exists(s.BlobPath(*input)));
+  EXPECT_TRUE(std::filesystem::exists(s.BlobPath(input->sha256())));
   auto cancelled = catalog.CancelJob("j1", "org-a");
   ASSERT_TRUE(cancelled.ok()) << cancelled.status();
   EXPECT_EQ(cancelled->state(), v1::JOB_STATE_CANCELLED);
@@ -262,7 +263,7 @@ TEST_P(StorageTest, LimitsCancelsAndDeletesAreDecidedInTheCatalog) {
             absl::StatusCode::kNotFound)
       << "another organisation's job";
   EXPECT_TRUE(s.DeleteArtifact(*input).ok());
-  EXPECT_FALSE(std::filesystem::exists(s.BlobPath(*input)));
+  EXPECT_FALSE(std::filesystem::exists(s.BlobPath(input->sha256())));
 
   // A running job's cancel reaches its runner at its next renewal.
   auto run = catalog.ClaimJob("r1", "c", absl::Seconds(30), 3);
@@ -279,7 +280,7 @@ TEST_P(StorageTest, UnreferencedBlobsAreCollectedAndReferencedOnesKept) {
   auto storage = Open("collect");
   ASSERT_TRUE(storage.ok()) << storage.status();
   Storage& s = **storage;
-  auto kept = s.AddArtifact(WriteFile(s.NewTempPath("t"), "bytes"),
+  auto kept = s.AddArtifact({WriteFile(s.NewTempPath("t"), "bytes")},
                             Weights("org-a", "aaaa"));
   ASSERT_TRUE(kept.ok()) << kept.status();
   // What a crash between a blob's placement and its row's commit leaves.
@@ -294,7 +295,7 @@ TEST_P(StorageTest, UnreferencedBlobsAreCollectedAndReferencedOnesKept) {
   ASSERT_TRUE(removed.ok()) << removed.status();
   EXPECT_EQ(*removed, 1);
   EXPECT_FALSE(std::filesystem::exists(stray));
-  std::ifstream blob(s.BlobPath(*kept), std::ios::binary);
+  std::ifstream blob(s.BlobPath(kept->sha256()), std::ios::binary);
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(blob), {}), "bytes")
       << "the referenced blob is intact";
 }

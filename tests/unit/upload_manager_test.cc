@@ -126,7 +126,7 @@ TEST_P(UploadManagerTest, AnUploadBecomesAnArtifactOnlyOnceVerified) {
   EXPECT_EQ(artifact->sha256(), Sha256Of(bytes));
   EXPECT_EQ(artifact->owner(), "org-a");
   EXPECT_EQ(artifact->tensor_count(), 1);
-  std::ifstream blob(storage_->BlobPath(*artifact), std::ios::binary);
+  std::ifstream blob(storage_->BlobPath(artifact->sha256()), std::ios::binary);
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(blob), {}), bytes);
   session->reset();
   EXPECT_EQ(LeftoverFiles(), 0);

@@ -55,7 +55,61 @@ def _derived_upload_id(header: pb.UploadHeader) -> str:
     """The default upload id: a digest of the header (as the C++ client)."""
     text = (f"{header.kind}\n{header.name}\n{header.describes}\n"
             f"{header.size_bytes}\n{header.sha256}")
+    # A model directory: how its bytes divide into files, too.
+    text += "".join(f"\n{f.name}\n{f.size_bytes}" for f in header.files)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class _ConcatenatedFiles:
+    """The files of a model directory read as one stream (seek and read)."""
+
+    def __init__(self, parts: List[Tuple[str, int]]):
+        self._parts = parts
+        self._index = 0
+        self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _open(self, index: int, within: int) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._index = index
+        if index < len(self._parts):
+            self._file = open(self._parts[index][0], "rb")
+            self._file.seek(within)
+
+    def seek(self, offset: int) -> None:
+        index = 0
+        while index < len(self._parts) and offset >= self._parts[index][1]:
+            offset -= self._parts[index][1]
+            index += 1
+        self._open(index, offset)
+
+    def read(self, n: int) -> bytes:
+        while self._file is not None:
+            data = self._file.read(n)
+            if data:
+                return data
+            self._open(self._index + 1, 0)
+        return b""
+
+
+def _model_files(directory: str) -> List[Tuple[str, int]]:
+    """The files of a model directory, sorted by name, with their sizes."""
+    parts = []
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is not a regular file; a model directory "
+                             "holds files only")
+        parts.append((path, os.path.getsize(path)))
+    return parts
 
 
 class AmalgamError(Exception):
@@ -170,13 +224,18 @@ class Job:
         return self.job.result_ids[0]
 
     def download(self, path) -> str:
-        """Waits for the job and writes its result to ``path``."""
+        """Waits for the job and writes its result to ``path`` (a directory,
+        or a ``.safetensors`` file for a one-shard model)."""
         return self._client.download(self._result(), path)
+
+    def save_pretrained(self, directory) -> str:
+        """Waits for the job and writes its result as a Hugging Face model
+        directory, which ``from_pretrained(directory)`` loads."""
+        return self._client.download(self._result(), directory)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Waits for the job and returns its result as tensors."""
-        tensors, _ = safetensors.loads(self._client.download_bytes(self._result()))
-        return tensors
+        return self._client.state_dict(self._result())
 
     @property
     def report(self) -> Optional[dict]:
@@ -190,8 +249,7 @@ class Job:
         self.wait()
         steps = len(self.job.result_ids)
         for k, artifact_id in enumerate(self.job.result_ids):
-            tensors, _ = safetensors.loads(self._client.download_bytes(artifact_id))
-            yield (k / (steps - 1) if steps > 1 else 0.0), tensors
+            yield (k / (steps - 1) if steps > 1 else 0.0), self._client.state_dict(artifact_id)
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, state={self.state!r})"
@@ -260,7 +318,9 @@ class Client:
 
     def upload_weights(self, source: Source, *, name: Optional[str] = None,
                        upload_id: Optional[str] = None) -> pb.Artifact:
-        """Uploads weights from a safetensors path or a ``dict[str, Tensor]``.
+        """Uploads weights from a safetensors file, a model directory (its
+        shards and index, config and tokenizer files) or a
+        ``dict[str, Tensor]``.
 
         Every upload is resumable. ``upload_id`` names it; by default it is
         derived from the kind, name, size and sha256, so uploading the same
@@ -300,18 +360,26 @@ class Client:
 
     def _upload(self, kind, source, name, describes, metadata,
                 upload_id=None) -> pb.Artifact:
+        files = []
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if metadata:
                 raise ValueError("metadata options apply to in-memory uploads only; "
                                  "a file carries its own __metadata__")
-            size = os.path.getsize(path)
+            if os.path.isdir(path):
+                parts = _model_files(path)
+                files = [pb.ModelFile(name=os.path.basename(p), size_bytes=n)
+                         for p, n in parts]
+            else:
+                parts = [(path, os.path.getsize(path))]
+            size = sum(n for _, n in parts)
             digest = hashlib.sha256()
-            with open(path, "rb") as f:
+            with _ConcatenatedFiles(parts) as f:
+                f.seek(0)
                 for block in iter(lambda: f.read(self._chunk), b""):
                     digest.update(block)
-            opener = lambda: open(path, "rb")  # noqa: E731
-            name = name or os.path.basename(path)
+            opener = lambda: _ConcatenatedFiles(parts)  # noqa: E731
+            name = name or os.path.basename(os.path.normpath(path))
         else:
             tensors = getattr(source, "tensors", source)
             if hasattr(source, "metadata") and callable(source.metadata):
@@ -324,7 +392,7 @@ class Client:
             name = name or "state_dict"
         header = pb.UploadHeader(kind=kind, name=name, size_bytes=size,
                                  sha256=digest.hexdigest(), describes=_ref(describes),
-                                 upload_id=upload_id)
+                                 upload_id=upload_id, files=files)
         if not upload_id:
             header.upload_id = _derived_upload_id(header)
         bar = _progress_bar(size, f"upload {name}")
@@ -397,10 +465,12 @@ class Client:
                    pb.ShareArtifactRequest(id=_ref(artifact), organization=organization,
                                            revoke=revoke))
 
-    def _download_chunks(self, artifact_id: str) -> Iterator[bytes]:
-        """Yields the artifact's bytes, then checks size and sha256."""
-        stream = self._artifacts.Download(pb.DownloadRequest(artifact_id=artifact_id),
-                                          metadata=self._metadata)
+    def _download_chunks(self, artifact_id: str, file: str = "") -> Iterator[bytes]:
+        """Yields the bytes of one file of the artifact (by default its one
+        .safetensors file), then checks size and sha256."""
+        stream = self._artifacts.Download(
+            pb.DownloadRequest(artifact_id=artifact_id, file=file),
+            metadata=self._metadata)
         digest = hashlib.sha256()
         size = expected_sha = None
         received = 0
@@ -427,18 +497,41 @@ class Client:
             raise AmalgamError(grpc.StatusCode.DATA_LOSS,
                                f"download of {artifact_id} does not match its size/sha256")
 
-    def download_bytes(self, artifact: ArtifactRef) -> bytes:
-        """Returns the artifact's bytes (verified against its sha256)."""
-        return b"".join(self._download_chunks(_ref(artifact)))
+    def download_bytes(self, artifact: ArtifactRef, file: str = "") -> bytes:
+        """Returns the bytes of one file of the artifact, by default its one
+        .safetensors file (verified against its sha256)."""
+        return b"".join(self._download_chunks(_ref(artifact), file))
+
+    def state_dict(self, artifact: ArtifactRef) -> Dict[str, torch.Tensor]:
+        """The artifact's tensors, from all its shards."""
+        found = self.get_artifact(artifact)
+        tensors: Dict[str, torch.Tensor] = {}
+        for f in found.files:
+            if f.name.endswith(".safetensors"):
+                shard, _ = safetensors.loads(self.download_bytes(found.id, f.name))
+                tensors.update(shard)
+        return tensors
 
     def download(self, artifact: ArtifactRef, path) -> str:
-        """Writes the artifact to ``path`` (via a temporary file, verified,
-        then renamed). Returns the path."""
+        """Writes the artifact's model directory into ``path`` (created if
+        missing), or, where ``path`` ends in ``.safetensors``, its one
+        .safetensors file. Each file goes via a temporary file, verified,
+        then renamed. Returns the path."""
         path = os.fspath(path)
+        artifact_id = _ref(artifact)
+        if path.endswith(".safetensors"):
+            self._download_file(artifact_id, "", path)
+            return path
+        os.makedirs(path, exist_ok=True)
+        for f in self.get_artifact(artifact_id).files:
+            self._download_file(artifact_id, f.name, os.path.join(path, f.name))
+        return path
+
+    def _download_file(self, artifact_id: str, file: str, path: str) -> None:
         temp = path + ".tmp"
         try:
             with open(temp, "wb") as f:
-                for data in self._download_chunks(_ref(artifact)):
+                for data in self._download_chunks(artifact_id, file):
                     f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -446,7 +539,6 @@ class Client:
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
-        return path
 
     # --- jobs -------------------------------------------------------------
 

@@ -1,0 +1,103 @@
+#include "core/model_files.h"
+
+#include <algorithm>
+#include <set>
+
+#include "absl/status/status.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+
+namespace amalgam::core {
+namespace {
+
+constexpr size_t kMaxFileNameBytes = 256;
+
+bool IsPlainFileName(absl::string_view name) {
+  if (name.empty() || name.size() > kMaxFileNameBytes || name == "." ||
+      name == "..") {
+    return false;
+  }
+  return std::none_of(name.begin(), name.end(), [](char c) {
+    const auto byte = static_cast<unsigned char>(c);
+    return c == '/' || c == '\\' || byte < 0x20 || byte == 0x7f;
+  });
+}
+
+}  // namespace
+
+const std::vector<std::string>& SideFileNames() {
+  static const auto* names =
+      new std::vector<std::string>{"added_tokens.json",
+                                   "chat_template.jinja",
+                                   "config.json",
+                                   "generation_config.json",
+                                   "merges.txt",
+                                   "preprocessor_config.json",
+                                   "special_tokens_map.json",
+                                   "tokenizer.json",
+                                   "tokenizer.model",
+                                   "tokenizer_config.json",
+                                   "vocab.json",
+                                   "vocab.txt"};
+  return *names;
+}
+
+bool IsSideFile(absl::string_view name) {
+  const std::vector<std::string>& names = SideFileNames();
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+absl::StatusOr<ModelLayout> CheckModelFiles(
+    const std::vector<std::string>& names) {
+  ModelLayout layout;
+  std::set<std::string> seen;
+  bool indexed = false;
+  for (const std::string& name : names) {
+    if (!IsPlainFileName(name)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "file name \"", absl::CHexEscape(name.substr(0, kMaxFileNameBytes)),
+          "\" is not a plain file name of at most ", kMaxFileNameBytes,
+          " bytes"));
+    }
+    if (!seen.insert(name).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("file \"", name, "\" is listed twice"));
+    }
+    if (name == kIndexFileName) {
+      indexed = true;
+    } else if (absl::EndsWith(name, ".safetensors")) {
+      layout.tensor_files.push_back(name);
+    } else if (IsSideFile(name)) {
+      layout.side_files.push_back(name);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "file \"", name,
+          "\" is not part of a Hugging Face model directory; accepted are "
+          ".safetensors files, ",
+          kIndexFileName, " and ", absl::StrJoin(SideFileNames(), ", ")));
+    }
+  }
+  std::sort(layout.tensor_files.begin(), layout.tensor_files.end());
+  std::sort(layout.side_files.begin(), layout.side_files.end());
+  if (indexed) {
+    layout.entry = kIndexFileName;
+  } else if (layout.tensor_files.size() == 1) {
+    layout.entry = layout.tensor_files.front();
+  } else if (layout.tensor_files.empty()) {
+    return absl::InvalidArgumentError("the model has no .safetensors file");
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the model has several .safetensors files (",
+        absl::StrJoin(layout.tensor_files, ", "), ") but no ", kIndexFileName));
+  }
+  return layout;
+}
+
+std::string ShardFileName(int index, int count) {
+  return absl::StrFormat("model-%05d-of-%05d.safetensors", index + 1, count);
+}
+
+}  // namespace amalgam::core
