@@ -4,7 +4,7 @@
 //
 //   merge_rss [--dir DIR] [--models 3] [--model-gib 1] [--tensor-mib 32]
 //             [--method average|fisher] [--queue-depth 2] [--out-dir DIR]
-//             [--runs 3]
+//             [--runs 3] [--shard-size BYTES]
 //
 // Input files are generated once into DIR (deterministic content) and reused.
 #include <sys/resource.h>
@@ -45,6 +45,8 @@ struct Args {
   int threads = 0;
   // The bound's allowance for the process itself (LibTorch, buffers), MiB.
   double base_mib = 1024;
+  // Largest shard of the result, in bytes of tensor data.
+  uint64_t shard_bytes = core::kDefaultShardBytes;
 };
 
 Args ParseArgs(int argc, char** argv) {
@@ -69,6 +71,8 @@ Args ParseArgs(int argc, char** argv) {
       args.runs = std::max(1, std::atoi(value.c_str()));
     } else if (flag == "--base-mib") {
       args.base_mib = std::atof(value.c_str());
+    } else if (flag == "--shard-size") {
+      args.shard_bytes = std::stoull(value);
     } else if (flag == "--threads") {
       args.threads = std::max(0, std::atoi(value.c_str()));
     } else {
@@ -124,8 +128,7 @@ void Generate(const std::string& path, int model, int tensors, int64_t elements,
 }
 
 std::string OutputPath(const Args& args) {
-  return (args.out_dir.empty() ? args.dir : args.out_dir) +
-         "/merged.safetensors";
+  return (args.out_dir.empty() ? args.dir : args.out_dir) + "/merged";
 }
 
 double Seconds(const timeval& t) { return t.tv_sec + t.tv_usec / 1e6; }
@@ -150,6 +153,7 @@ int RunMerge(const Args& args, const std::vector<std::string>& weights,
   options.method = fishers.empty() ? core::MergeMethod::kAverage
                                    : core::MergeMethod::kFisher;
   options.write_queue_depth = args.queue_depth;
+  options.shard_bytes = args.shard_bytes;
   auto plan = core::PlanMerge(inputs, options);
   if (!plan.ok()) {
     std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
@@ -257,7 +261,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "merge failed\n");
       return 1;
     }
-    std::filesystem::remove(out);  // not part of the merge's time
+    std::filesystem::remove_all(out);  // not part of the merge's time
     peak_mib = std::max(peak_mib, usage.ru_maxrss / 1024.0);  // KiB
     runs.push_back({seconds, Seconds(usage.ru_utime), Seconds(usage.ru_stime)});
   }

@@ -155,8 +155,8 @@ int RunMerge(const std::string& dir) {
     std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
     return 1;
   }
-  absl::Status status = core::ExecuteMerge(
-      *plan, inputs, options, dir + "/merged.safetensors", nullptr, nullptr);
+  absl::Status status = core::ExecuteMerge(*plan, inputs, options,
+                                           dir + "/merged", nullptr, nullptr);
   if (!status.ok()) {
     std::fprintf(stderr, "%s\n", status.ToString().c_str());
     return 1;

@@ -6,7 +6,7 @@ the non-diagonal scaling alpha), the baseline of bench/regmean_bert:
 in float64 with torch.linalg.solve; every other tensor is averaged. Reads the
 files regmean_bert wrote, writes DIR/reference.safetensors, and prints its
 own time (load, merge, save), its peak RSS and the largest relative
-difference from amalgam's result (DIR/merged.safetensors).
+difference from amalgam's result (DIR/merged/model.safetensors).
 
     /usr/bin/python3 bench/regmean_reference.py DIR MODELS ALPHA
 """
@@ -45,7 +45,7 @@ def main():
     with open(f"{directory}/reference.safetensors", "wb") as f:
         f.write(safetensors.dumps(merged))
     seconds = time.monotonic() - start
-    ours = load(f"{directory}/merged.safetensors")
+    ours = load(f"{directory}/merged/model.safetensors")
     worst = max(((ours[n].double() - t.double()).abs().max() /
                  t.double().abs().max()).item() for n, t in merged.items())
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,11 +11,13 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/cpu_cache.h"
+#include "core/model_files.h"
 #include "core/status_macros.h"
 #include "core/torch_util.h"
 #include "nlohmann/json.hpp"
@@ -358,15 +360,27 @@ std::string Report(const GrowPlan& plan, const SafetensorsReader& a,
     }
     return 0;
   };
+  // The width along axis `axis` of the first tensor named `*suffix`.
+  auto dim_of = [&](const std::string& suffix, size_t axis) -> int64_t {
+    for (const GrowTensor& t : plan.tensors) {
+      if (absl::EndsWith(t.info.name, suffix) && axis < t.info.shape.size()) {
+        return t.info.shape[axis];
+      }
+    }
+    return 0;
+  };
   const bool transformer = options.layout == "gpt2" || options.layout == "bert";
   if (options.layout == "mlp") {
     config["widths"] = mlp_widths;
   } else if (options.layout == "gpt2") {
     config["n_embd"] = width_of("wte.weight");
     config["n_layer"] = layers.size();
+    // Conv1D: [in, out].
+    config["n_inner"] = dim_of("mlp.c_fc.weight", 1);
   } else if (options.layout == "bert") {
     config["hidden_size"] = width_of("word_embeddings.weight");
     config["num_hidden_layers"] = layers.size();
+    config["intermediate_size"] = dim_of("intermediate.dense.weight", 0);
   }
   if (transformer) {
     const char* key =
@@ -483,7 +497,9 @@ absl::StatusOr<GrowPlan> PlanGrow(const SafetensorsReader& a,
     t.info.numel = 1;
     for (int64_t d : t.info.shape) t.info.numel *= d;
     t.info.nbytes = static_cast<uint64_t>(t.info.numel) * DTypeSize(ta.dtype);
-    plan.output_bytes += t.info.nbytes;
+    t.out_dtype = options.out_dtype.value_or(t.info.dtype);
+    t.out_nbytes = static_cast<uint64_t>(t.info.numel) * DTypeSize(t.out_dtype);
+    plan.output_bytes += t.out_nbytes;
     plan.tensors.push_back(std::move(t));
   }
   for (const TensorInfo& tb : b.tensors()) {
@@ -506,23 +522,55 @@ absl::StatusOr<GrowPlan> PlanGrow(const SafetensorsReader& a,
   return plan;
 }
 
+absl::StatusOr<std::string> GrownConfigKeys(const GrowPlan& plan,
+                                            const std::string& config_a,
+                                            const std::string& config_b) {
+  using Json = nlohmann::json;
+  const Json report = Json::parse(plan.report_json);
+  const Json& config = report.at("config");
+  Json keys = Json::object();
+  if (report.at("layout") != "bert" && report.at("layout") != "gpt2") {
+    return keys.dump();
+  }
+  for (auto it = config.begin(); it != config.end(); ++it) {
+    if (it.value().is_number_integer() && it.value().get<int64_t>() > 0) {
+      keys[it.key()] = it.value();
+    }
+  }
+  // Heads: A's plus B's, from their configs where the weights' metadata
+  // had none.
+  const char* heads =
+      report.at("layout") == "gpt2" ? "n_head" : "num_attention_heads";
+  if (!keys.contains(heads) && !config_a.empty() && !config_b.empty()) {
+    AMALGAM_RETURN_IF_ERROR(CheckConfigJson(config_a));
+    AMALGAM_RETURN_IF_ERROR(CheckConfigJson(config_b));
+    const Json a = Json::parse(config_a), b = Json::parse(config_b);
+    if (a.contains(heads) && b.contains(heads) &&
+        a[heads].is_number_integer() && b[heads].is_number_integer()) {
+      keys[heads] = a[heads].get<int64_t>() + b[heads].get<int64_t>();
+    }
+  }
+  return keys.dump();
+}
+
 absl::Status ExecuteGrow(
     const GrowPlan& plan, const SafetensorsReader& a,
     const SafetensorsReader* b_or_null, const GrowOptions& options,
-    const std::string& out_path,
+    const std::string& out_dir,
     const std::function<void(int64_t done, int64_t total)>& progress,
     const std::atomic<bool>* cancelled) {
   const SafetensorsReader& b = b_or_null != nullptr ? *b_or_null : a;
   std::vector<TensorSpec> specs;
   for (const GrowTensor& t : plan.tensors) {
-    specs.push_back(TensorSpec{t.info.name, t.info.dtype, t.info.shape});
+    specs.push_back(TensorSpec{t.info.name, t.out_dtype, t.info.shape});
   }
   AMALGAM_ASSIGN_OR_RETURN(
-      std::unique_ptr<SafetensorsWriter> writer,
-      SafetensorsWriter::Create(out_path, std::move(specs),
-                                {{"format", "pt"},
-                                 {"amalgam.method", "grow"},
-                                 {"amalgam.grow.report", plan.report_json}}));
+      std::unique_ptr<ModelWriter> writer,
+      ModelWriter::Create(out_dir, std::move(specs),
+                          {{"format", "pt"},
+                           {"amalgam.method", "grow"},
+                           {"amalgam.grow.report", plan.report_json}},
+                          options.shard_bytes));
   CpuCacheScope cache;  // same-shaped layers reuse their buffers
   const int64_t total = static_cast<int64_t>(plan.tensors.size());
   int64_t done = 0;
@@ -545,13 +593,15 @@ absl::Status ExecuteGrow(
                      return GrowOne(t.role, t.conv1d,
                                     Load(a, *ia, type, at::kCPU),
                                     Load(b, *ib, type, at::kCPU),
-                                    options.noise_scale, NameSeed(t.info.name));
+                                    options.noise_scale, NameSeed(t.info.name))
+                         .to(ScalarTypeOf(t.out_dtype))
+                         .contiguous();
                    }));
     const uint64_t nbytes = out.numel() * out.element_size();
-    if (nbytes != t.info.nbytes) {
+    if (nbytes != t.out_nbytes) {
       return absl::InternalError(
           absl::StrCat("grown tensor \"", t.info.name, "\" has ", nbytes,
-                       " bytes, expected ", t.info.nbytes));
+                       " bytes, expected ", t.out_nbytes));
     }
     if (nbytes > 0) {
       AMALGAM_RETURN_IF_ERROR(writer->Append(absl::Span<const uint8_t>(

@@ -8,11 +8,14 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/dtype.h"
+#include "core/model_writer.h"
 #include "core/safetensors.h"
 
 namespace amalgam::core {
@@ -44,12 +47,19 @@ struct GrowOptions {
   // keeps the function exactly). Deterministic per tensor name.
   double noise_scale = 0.0;
   std::string device = "cpu";
+  // The dtype of the grown tensors; unset: each input tensor's own.
+  std::optional<DType> out_dtype;
+  // Largest shard of the result, in bytes of tensor data (see ModelWriter).
+  uint64_t shard_bytes = kDefaultShardBytes;
 };
 
 struct GrowTensor {
-  TensorInfo info;  // name, dtype and shape of the output
+  TensorInfo info;  // name, shape of the output and the inputs' dtype
   GrowRole role = GrowRole::kCopy;
   bool conv1d = false;  // weight stored [in, out]
+  // The dtype written (GrowOptions::out_dtype, else info's) and its bytes.
+  DType out_dtype = DType::kF32;
+  uint64_t out_nbytes = 0;
 };
 
 // The validated recipe of a growth.
@@ -71,13 +81,24 @@ absl::StatusOr<GrowPlan> PlanGrow(const SafetensorsReader& a,
                                   const SafetensorsReader* b,
                                   const GrowOptions& options);
 
-// Writes the grown model to `out_path` (atomically), a tensor at a time; the
-// report goes into its metadata as `amalgam.grow.report`. `progress` gets
+// The keys of the grown model's config.json, as a JSON object, for the
+// bert and gpt2 layouts (empty for the others): the widths (hidden_size or
+// n_embd, intermediate_size or n_inner), the layer count, and the heads
+// (from the weights' metadata, else A's plus B's from their config.json
+// texts `config_a` and `config_b`, where both are given).
+// INVALID_ARGUMENT when a config is malformed.
+absl::StatusOr<std::string> GrownConfigKeys(const GrowPlan& plan,
+                                            const std::string& config_a,
+                                            const std::string& config_b);
+
+// Writes the grown model into the model directory `out_dir`, a tensor at a
+// time, sharded by `options.shard_bytes`; the report goes into each shard's
+// metadata as `amalgam.grow.report`. `progress` gets
 // tensors done and total. CANCELLED when `cancelled` becomes true.
 absl::Status ExecuteGrow(
     const GrowPlan& plan, const SafetensorsReader& a,
     const SafetensorsReader* b, const GrowOptions& options,
-    const std::string& out_path,
+    const std::string& out_dir,
     const std::function<void(int64_t done, int64_t total)>& progress,
     const std::atomic<bool>* cancelled);
 

@@ -481,7 +481,7 @@ absl::StatusOr<const TensorInfo*> FindPlanned(const SafetensorsReader& reader,
 // writes in the caller, in order. One producer.
 class PipelinedWriter {
  public:
-  PipelinedWriter(SafetensorsWriter* writer, size_t depth)
+  PipelinedWriter(ModelWriter* writer, size_t depth)
       : writer_(writer), depth_(depth) {
     if (depth_ == 0) return;
     try {
@@ -552,7 +552,7 @@ class PipelinedWriter {
     }
   }
 
-  SafetensorsWriter* const writer_;
+  ModelWriter* const writer_;
   size_t depth_;
   absl::Mutex mu_;
   std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
@@ -1054,7 +1054,7 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
   at::Tensor merged;
   if (t.rule == TensorRule::kTaskVector) {
     AMALGAM_ASSIGN_OR_RETURN(merged, MergeTaskVectors(ctx, t, weights));
-    return merged.to(ScalarTypeOf(t.info.dtype)).contiguous();
+    return merged.to(ScalarTypeOf(t.out_dtype)).contiguous();
   }
   switch (t.rule) {
     case TensorRule::kAverage:
@@ -1074,7 +1074,7 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
   }
   // Written as raw row-major bytes: contiguous whatever layout the merge
   // produced (to() alone may hand back a transposed view unchanged).
-  return merged.to(at::kCPU, ScalarTypeOf(t.info.dtype)).contiguous();
+  return merged.to(at::kCPU, ScalarTypeOf(t.out_dtype)).contiguous();
 }
 
 }  // namespace
@@ -1173,14 +1173,17 @@ absl::StatusOr<MergePlan> PlanMerge(const std::vector<MergeInput>& inputs,
             [](const PlannedTensor& x, const PlannedTensor& y) {
               return x.info.name < y.info.name;
             });
-  for (const PlannedTensor& t : plan.tensors)
-    plan.output_bytes += t.info.nbytes;
+  for (PlannedTensor& t : plan.tensors) {
+    t.out_dtype = options.out_dtype.value_or(t.info.dtype);
+    t.out_nbytes = static_cast<uint64_t>(t.info.numel) * DTypeSize(t.out_dtype);
+    plan.output_bytes += t.out_nbytes;
+  }
   return plan;
 }
 
 absl::Status ExecuteMerge(
     const MergePlan& plan, const std::vector<MergeInput>& inputs,
-    const MergeOptions& options, const std::string& out_path,
+    const MergeOptions& options, const std::string& out_dir,
     const std::function<void(const MergeProgress&)>& progress,
     const std::atomic<bool>* cancelled) {
   if (plan.coefficients.size() != inputs.size() ||
@@ -1206,7 +1209,7 @@ absl::Status ExecuteMerge(
   std::vector<TensorSpec> specs;
   specs.reserve(plan.tensors.size());
   for (const PlannedTensor& t : plan.tensors) {
-    specs.push_back(TensorSpec{t.info.name, t.info.dtype, t.info.shape});
+    specs.push_back(TensorSpec{t.info.name, t.out_dtype, t.info.shape});
   }
   std::map<std::string, std::string> metadata = {
       {"format", "pt"},
@@ -1251,8 +1254,9 @@ absl::Status ExecuteMerge(
     metadata["amalgam.intra_op_threads"] = absl::StrCat(at::get_num_threads());
   }
   AMALGAM_ASSIGN_OR_RETURN(
-      std::unique_ptr<SafetensorsWriter> writer,
-      SafetensorsWriter::Create(out_path, std::move(specs), metadata));
+      std::unique_ptr<ModelWriter> writer,
+      ModelWriter::Create(out_dir, std::move(specs), std::move(metadata),
+                          options.shard_bytes));
 
   // Large buffers are reused from tensor to tensor (the output buffers once
   // the writer is done with them, the float64 work of RegMean).
@@ -1324,21 +1328,37 @@ absl::Status ExecuteMerge(
             absl::StrCat("tensor \"", t.info.name, "\" of model ", model,
                          " no longer matches the plan"));
       }
-      // Written straight from the mapping; released once written.
-      AMALGAM_RETURN_IF_ERROR(pipeline.Push(
-          info->nbytes > 0 ? inputs[t.copy_from].weights->Data(*info)
-                           : absl::Span<const uint8_t>(),
-          at::Tensor(), [&release, name = t.info.name] { release(name); }));
+      if (info->dtype == t.out_dtype) {
+        // Written straight from the mapping; released once written.
+        AMALGAM_RETURN_IF_ERROR(pipeline.Push(
+            info->nbytes > 0 ? inputs[t.copy_from].weights->Data(*info)
+                             : absl::Span<const uint8_t>(),
+            at::Tensor(), [&release, name = t.info.name] { release(name); }));
+      } else {
+        AMALGAM_ASSIGN_OR_RETURN(
+            at::Tensor out,
+            GuardTorch(absl::StrCat("converting tensor \"", t.info.name, "\""),
+                       [&]() -> absl::StatusOr<at::Tensor> {
+                         return Load(*inputs[t.copy_from].weights, *info,
+                                     ScalarTypeOf(t.out_dtype),
+                                     at::Device(at::kCPU))
+                             .contiguous();
+                       }));
+        release(t.info.name);
+        const absl::Span<const uint8_t> bytes(
+            static_cast<const uint8_t*>(out.data_ptr()), t.out_nbytes);
+        AMALGAM_RETURN_IF_ERROR(pipeline.Push(bytes, std::move(out), nullptr));
+      }
     } else {
       AMALGAM_ASSIGN_OR_RETURN(
           at::Tensor out,
           GuardTorch(absl::StrCat("merging tensor \"", t.info.name, "\""),
                      [&] { return MergeOne(ctx, t); }));
       const uint64_t nbytes = out.numel() * out.element_size();
-      if (nbytes != t.info.nbytes) {
+      if (nbytes != t.out_nbytes) {
         return absl::InternalError(
             absl::StrCat("merged tensor \"", t.info.name, "\" has ", nbytes,
-                         " bytes, expected ", t.info.nbytes));
+                         " bytes, expected ", t.out_nbytes));
       }
       // The inputs are done with: keep them out of RSS.
       release(t.info.name);
@@ -1347,7 +1367,7 @@ absl::Status ExecuteMerge(
       AMALGAM_RETURN_IF_ERROR(pipeline.Push(bytes, std::move(out), nullptr));
     }
     ++state.tensors_done;
-    state.bytes_done += t.info.nbytes;
+    state.bytes_done += t.out_nbytes;
     if (progress) progress(state);
   }
   AMALGAM_RETURN_IF_ERROR(pipeline.Close());

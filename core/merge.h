@@ -10,6 +10,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/dtype.h"
+#include "core/model_writer.h"
 #include "core/safetensors.h"
 #include "core/task_vectors.h"
 
@@ -98,6 +100,11 @@ struct MergeOptions {
   // Merged tensors waiting for the writer thread; 0 writes each tensor
   // before merging the next (no overlap: the baseline of bench/merge_rss).
   int write_queue_depth = 2;
+  // The dtype of the result's tensors; unset: each input tensor's own. The
+  // arithmetic stays in float32 or better either way.
+  std::optional<DType> out_dtype;
+  // Largest shard of the result, in bytes of tensor data (see ModelWriter).
+  uint64_t shard_bytes = kDefaultShardBytes;
 };
 
 // How one output tensor is produced.
@@ -110,9 +117,12 @@ enum class TensorRule {
 };
 
 struct PlannedTensor {
-  TensorInfo info;  // name, dtype and shape of the output (from model 0)
+  TensorInfo info;  // name, dtype and shape of the inputs (from model 0)
   TensorRule rule = TensorRule::kAverage;
   int copy_from = -1;  // for kCopy
+  // The dtype written (MergeOptions::out_dtype, else info's) and its bytes.
+  DType out_dtype = DType::kF32;
+  uint64_t out_nbytes = 0;
 };
 
 // The validated recipe of a merge: the output tensors in write order and the
@@ -149,16 +159,18 @@ struct MergeProgress {
   int64_t float64_solves = 0;
 };
 
-// Runs `plan` tensor by tensor, streaming the result into a safetensors file
-// at `out_path` (written atomically). Peak memory is O(N x largest tensor).
-// Output dtype = input dtype; arithmetic in float32 (float64 for the RegMean
-// solve). `progress` (may be empty) is called after each tensor. Returns
-// CANCELLED when `*cancelled` becomes true, FAILED_PRECONDITION when a RegMean
-// system is singular (naming the tensor), RESOURCE_EXHAUSTED when out of
-// memory. Same inputs give bitwise the same output on CPU.
+// Runs `plan` tensor by tensor, streaming the result into the model
+// directory `out_dir`, sharded by `options.shard_bytes` (see ModelWriter;
+// each file written atomically). Peak memory is O(N x largest tensor).
+// Output dtype = options.out_dtype, else the input's; arithmetic in float32
+// or better (float64 for the RegMean solve). `progress` (may be empty) is
+// called after each tensor. Returns CANCELLED when `*cancelled` becomes true,
+// FAILED_PRECONDITION when a RegMean system is singular (naming the tensor),
+// RESOURCE_EXHAUSTED when out of memory. Same inputs give bitwise the same
+// output on CPU.
 absl::Status ExecuteMerge(
     const MergePlan& plan, const std::vector<MergeInput>& inputs,
-    const MergeOptions& options, const std::string& out_path,
+    const MergeOptions& options, const std::string& out_dir,
     const std::function<void(const MergeProgress&)>& progress,
     const std::atomic<bool>* cancelled);
 

@@ -9,6 +9,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "core/safetensors.h"
+#include "core/status_macros.h"
+#include "nlohmann/json.hpp"
 
 namespace amalgam::core {
 namespace {
@@ -98,6 +101,66 @@ absl::StatusOr<ModelLayout> CheckModelFiles(
 
 std::string ShardFileName(int index, int count) {
   return absl::StrFormat("model-%05d-of-%05d.safetensors", index + 1, count);
+}
+
+absl::Status CheckConfigJson(const std::string& text) {
+  if (text.size() > kMaxConfigBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.json has ", text.size(), " bytes; at most ",
+                     kMaxConfigBytes, " are accepted"));
+  }
+  AMALGAM_RETURN_IF_ERROR(CheckJsonDepth(text, 16, "config.json"));
+  const nlohmann::json root =
+      nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError("config.json is not a JSON object");
+  }
+  return absl::OkStatus();
+}
+
+const char* TorchDTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kF16:
+      return "float16";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kF32:
+      return "float32";
+    case DType::kF64:
+      return "float64";
+  }
+  return "float32";
+}
+
+absl::StatusOr<std::string> ResultConfig(const std::string& config,
+                                         absl::string_view torch_dtype,
+                                         const std::string& overrides) {
+  using Json = nlohmann::json;
+  AMALGAM_RETURN_IF_ERROR(CheckConfigJson(config));
+  Json root;
+  try {
+    root = Json::parse(config);
+  } catch (const Json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.json is not valid JSON: ", e.what()));
+  }
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError("config.json is not a JSON object");
+  }
+  const Json before = root;
+  if (!torch_dtype.empty()) root["torch_dtype"] = std::string(torch_dtype);
+  if (!overrides.empty()) {
+    const Json changes =
+        Json::parse(overrides, nullptr, /*allow_exceptions=*/false);
+    if (!changes.is_object()) {
+      return absl::InternalError("the config overrides are not a JSON object");
+    }
+    for (auto it = changes.begin(); it != changes.end(); ++it) {
+      root[it.key()] = it.value();
+    }
+  }
+  if (root == before) return config;
+  return root.dump(2) + "\n";
 }
 
 }  // namespace amalgam::core

@@ -6,8 +6,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "core/dtype.h"
 
 namespace amalgam::core {
 
@@ -40,5 +42,23 @@ absl::StatusOr<ModelLayout> CheckModelFiles(
 // The name of shard `index` (from 0) of `count`, as the Hub names them:
 // model-00001-of-00003.safetensors.
 std::string ShardFileName(int index, int count);
+
+// Largest config.json accepted.
+inline constexpr size_t kMaxConfigBytes = size_t{1} << 20;
+
+// OK for a config.json that is a JSON object of at most kMaxConfigBytes
+// nesting at most 16 levels; INVALID_ARGUMENT naming config.json otherwise.
+absl::Status CheckConfigJson(const std::string& text);
+
+// How config.json's torch_dtype names `dtype`: "float32", "bfloat16", ...
+const char* TorchDTypeName(DType dtype);
+
+// The config.json of a result: `config` (an input's) with torch_dtype set to
+// `torch_dtype` (unless empty) and each key of the JSON object `overrides`
+// set (unless empty); `config` byte for byte where that changes nothing.
+// INVALID_ARGUMENT naming config.json when it is not a JSON object.
+absl::StatusOr<std::string> ResultConfig(const std::string& config,
+                                         absl::string_view torch_dtype,
+                                         const std::string& overrides);
 
 }  // namespace amalgam::core

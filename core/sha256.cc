@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 
 namespace amalgam::core {
 
@@ -128,14 +129,21 @@ void BackgroundSha256::Loop() {
   }
 }
 
-absl::StatusOr<std::string> Sha256File(const std::string& path) {
+namespace {
+
+// Opens `path` for reading; NOT_FOUND or INTERNAL naming it.
+absl::StatusOr<std::FILE*> OpenToHash(const std::string& path) {
   std::FILE* file = std::fopen(path.c_str(), "rb");
-  if (file == nullptr) {
-    if (errno == ENOENT)
-      return absl::NotFoundError(absl::StrCat("no file ", path));
-    return absl::InternalError(
-        absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
-  }
+  if (file != nullptr) return file;
+  if (errno == ENOENT) return absl::NotFoundError(absl::StrCat("no file ", path));
+  return absl::InternalError(
+      absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> Sha256File(const std::string& path) {
+  AMALGAM_ASSIGN_OR_RETURN(std::FILE* const file, OpenToHash(path));
   // Reading and hashing overlap; buffers go round between the two. Pieces
   // of 1 MiB, or the file's size if smaller.
   struct stat info {};
@@ -156,6 +164,28 @@ absl::StatusOr<std::string> Sha256File(const std::string& path) {
   std::fclose(file);
   if (failed) return absl::InternalError(absl::StrCat("cannot read ", path));
   return hash.HexDigest();
+}
+
+absl::StatusOr<std::string> Sha256Files(const std::vector<std::string>& paths,
+                                        std::vector<std::string>* each) {
+  // One file: read and hashed at once (see Sha256File).
+  if (paths.size() == 1 && each == nullptr) return Sha256File(paths[0]);
+  Sha256 whole;
+  std::vector<char> buffer(size_t{1} << 20);
+  for (const std::string& path : paths) {
+    AMALGAM_ASSIGN_OR_RETURN(std::FILE* const file, OpenToHash(path));
+    Sha256 own;
+    size_t n;
+    while ((n = std::fread(buffer.data(), 1, buffer.size(), file)) > 0) {
+      whole.Update(buffer.data(), n);
+      if (each != nullptr) own.Update(buffer.data(), n);
+    }
+    const bool failed = std::ferror(file) != 0;
+    std::fclose(file);
+    if (failed) return absl::InternalError(absl::StrCat("cannot read ", path));
+    if (each != nullptr) each->push_back(own.HexDigest());
+  }
+  return whole.HexDigest();
 }
 
 bool IsSha256Hex(absl::string_view hex) {

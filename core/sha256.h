@@ -78,6 +78,12 @@ class BackgroundSha256 {
 // Hex SHA-256 of a whole file; NOT_FOUND / INTERNAL on I/O errors.
 absl::StatusOr<std::string> Sha256File(const std::string& path);
 
+// Hex SHA-256 of the files one after the other, reading each byte once;
+// `each` (may be null) gets each file's own. NOT_FOUND / INTERNAL on I/O
+// errors.
+absl::StatusOr<std::string> Sha256Files(const std::vector<std::string>& paths,
+                                        std::vector<std::string>* each);
+
 // True if `hex` is 64 lower-case hex digits.
 bool IsSha256Hex(absl::string_view hex);
 

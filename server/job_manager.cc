@@ -19,6 +19,7 @@
 #include "core/status_macros.h"
 #include "server/grpc_status.h"
 #include "server/log.h"
+#include "server/results.h"
 #include "server/space.h"
 #include "server/upload_header.h"
 
@@ -85,6 +86,12 @@ struct JobManager::Prepared {
   const core::SafetensorsReader* grow_b = nullptr;
   core::GrowOptions grow_options;
   core::GrowPlan grow_plan;
+  // The artifacts opened, by id.
+  std::map<std::string, v1::Artifact> artifacts;
+  // The input whose side files the results get, and the keys a grow sets
+  // in config.json (a JSON object; empty for merges and sweeps).
+  v1::Artifact config_from;
+  std::string config_keys;
 };
 
 // A job this process runs.
@@ -171,6 +178,7 @@ absl::StatusOr<const core::SafetensorsReader*> JobManager::OpenInput(
     return reader.status();
   }
   prepared->readers.push_back(*std::move(reader));
+  prepared->artifacts[id] = std::move(artifact);
   return prepared->readers.back().get();
 }
 
@@ -216,9 +224,26 @@ absl::Status JobManager::PrepareGrow(const v1::Job& job, Prepared* prepared) {
   AMALGAM_ASSIGN_OR_RETURN(
       prepared->grow_b, OpenInput(job, spec.b_id(), v1::ARTIFACT_KIND_WEIGHTS,
                                   "grow.b_id", prepared));
+  AMALGAM_ASSIGN_OR_RETURN(const ResultOptions output,
+                           ParseResultOptions(spec.output(), "grow.output"));
+  options.shard_bytes = output.shard_bytes;
+  options.out_dtype = output.out_dtype;
   AMALGAM_ASSIGN_OR_RETURN(
       prepared->grow_plan,
       core::PlanGrow(*prepared->grow_a, prepared->grow_b, options));
+  const std::string b_id = spec.b_id().empty() ? spec.a_id() : spec.b_id();
+  AMALGAM_ASSIGN_OR_RETURN(const std::string source,
+                           ConfigSource(spec.output(), "grow.output",
+                                        {spec.a_id(), b_id}, spec.a_id()));
+  prepared->config_from = prepared->artifacts.at(source);
+  AMALGAM_ASSIGN_OR_RETURN(
+      const std::string config_a,
+      ReadConfig(*storage_, prepared->artifacts.at(spec.a_id())));
+  AMALGAM_ASSIGN_OR_RETURN(const std::string config_b,
+                           ReadConfig(*storage_, prepared->artifacts.at(b_id)));
+  AMALGAM_ASSIGN_OR_RETURN(
+      prepared->config_keys,
+      core::GrownConfigKeys(prepared->grow_plan, config_a, config_b));
   prepared->tensors_per_output =
       static_cast<int64_t>(prepared->grow_plan.tensors.size());
   prepared->bytes_per_output = prepared->grow_plan.output_bytes;
@@ -247,6 +272,9 @@ absl::Status JobManager::PrepareSweep(const v1::Job& job, Prepared* prepared) {
                            "sweep.b_id", prepared));
   prepared->inputs = {a, b};
   prepared->options.method = core::MergeMethod::kWeighted;
+  AMALGAM_RETURN_IF_ERROR(PrepareOutput(spec.output(), "sweep.output",
+                                        {spec.a_id(), spec.b_id()}, spec.a_id(),
+                                        prepared));
   AMALGAM_ASSIGN_OR_RETURN(
       prepared->plan, core::PlanMerge(prepared->inputs, prepared->options));
   for (int k = 0; k < spec.steps(); ++k) {
@@ -333,8 +361,34 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
                   field + "fisher_id", prepared));
     prepared->inputs.push_back(std::move(input));
   }
+  std::vector<std::string> models;
+  for (const v1::MergeModel& model : spec.models()) {
+    models.push_back(model.weights_id());
+  }
+  AMALGAM_RETURN_IF_ERROR(
+      PrepareOutput(spec.output(), "merge.output", models,
+                    spec.base_id().empty() ? "" : spec.base_id(), prepared));
   AMALGAM_ASSIGN_OR_RETURN(prepared->plan,
                            core::PlanMerge(prepared->inputs, options));
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::PrepareOutput(const v1::OutputOptions& output,
+                                       const std::string& field,
+                                       const std::vector<std::string>& inputs,
+                                       const std::string& fallback,
+                                       Prepared* prepared) {
+  AMALGAM_ASSIGN_OR_RETURN(const ResultOptions options,
+                           ParseResultOptions(output, field));
+  prepared->options.shard_bytes = options.shard_bytes;
+  prepared->options.out_dtype = options.out_dtype;
+  AMALGAM_ASSIGN_OR_RETURN(
+      const std::string source,
+      ConfigSource(
+          output, field, inputs,
+          fallback.empty() && !inputs.empty() ? inputs.front() : fallback));
+  auto found = prepared->artifacts.find(source);
+  if (found != prepared->artifacts.end()) prepared->config_from = found->second;
   return absl::OkStatus();
 }
 
@@ -817,9 +871,8 @@ std::pair<int64_t, int64_t> JobManager::Counts() {
 }
 
 JobManager::Outputs::~Outputs() {
-  for (const auto& [paths, artifact] : files) {
-    for (const std::string& path : paths) std::remove(path.c_str());
-  }
+  std::error_code ignored;
+  for (const std::string& dir : dirs) std::filesystem::remove_all(dir, ignored);
 }
 
 absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
@@ -858,10 +911,10 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
   };
   absl::Status status;
   for (int k = 0; k < prepared->outputs && status.ok(); ++k) {
+    // A model directory, removed with `outputs` (its files once published
+    // are links of the blobs).
     const std::string out_path = storage_->NewTempPath("result");
-    // Removed with `outputs` unless published.
-    outputs->files.emplace_back(std::vector<std::string>{out_path},
-                                v1::Artifact());
+    outputs->dirs.push_back(out_path);
     std::string name;
     if (job.has_sweep()) {
       const double t = prepared->sweep_ts[k];
@@ -885,7 +938,7 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
           prepared->grow_plan, *prepared->grow_a, prepared->grow_b,
           prepared->grow_options, out_path,
           [&](int64_t done, int64_t) {
-            while (counted < done) bytes_done += grown[counted++].info.nbytes;
+            while (counted < done) bytes_done += grown[counted++].out_nbytes;
             report(k, done, static_cast<int64_t>(bytes_done));
           },
           &run->cancelled);
@@ -902,10 +955,11 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
           &run->cancelled);
     }
     if (status.ok()) {
-      absl::StatusOr<v1::Artifact> artifact =
-          DescribeResult(job, out_path, name);
-      status = artifact.status();
-      if (artifact.ok()) outputs->files.back().second = *std::move(artifact);
+      absl::StatusOr<Storage::StagedArtifact> staged =
+          StageResult(*storage_, job, out_path, name, prepared->config_from,
+                      prepared->config_keys);
+      status = staged.status();
+      if (staged.ok()) outputs->files.push_back(*std::move(staged));
     }
   }
   return status;
@@ -934,33 +988,6 @@ absl::Status JobManager::WriteSweepStep(
         progress(p.tensors_done, static_cast<int64_t>(p.bytes_done));
       },
       cancelled);
-}
-
-absl::StatusOr<v1::Artifact> JobManager::DescribeResult(
-    const v1::Job& job, const std::string& path, const std::string& name) {
-  v1::Artifact artifact;
-  artifact.set_kind(v1::ARTIFACT_KIND_WEIGHTS);
-  artifact.set_owner(job.owner());
-  artifact.set_name(name);
-  artifact.set_produced_by_job(job.id());
-  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, core::Sha256File(path));
-  artifact.set_sha256(sha256);
-  v1::ModelFile* file = artifact.add_files();
-  file->set_name(core::kSingleFileName);
-  file->set_sha256(sha256);
-  AMALGAM_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(path));
-  if (absl::Status finite = core::CheckAllFinite(*reader); !finite.ok()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the result is not finite, so it is not published: ",
-                     finite.message()));
-  }
-  DescribeTensors(*reader, &artifact);
-  reader.reset();
-  std::error_code error;
-  artifact.set_size_bytes(
-      static_cast<int64_t>(std::filesystem::file_size(path, error)));
-  file->set_size_bytes(artifact.size_bytes());
-  return artifact;
 }
 
 void JobManager::DiscardResults(const std::string& job_id) {

@@ -151,6 +151,13 @@ class JobManager {
   absl::Status PrepareMerge(const v1::Job& job, Prepared* prepared);
   absl::Status PrepareSweep(const v1::Job& job, Prepared* prepared);
   absl::Status PrepareGrow(const v1::Job& job, Prepared* prepared);
+  // Sets the result options of `output` (named `field`) and the input whose
+  // side files the results get (`output.config_from` of `inputs`, else
+  // `fallback`, else the first input).
+  absl::Status PrepareOutput(const v1::OutputOptions& output,
+                             const std::string& field,
+                             const std::vector<std::string>& inputs,
+                             const std::string& fallback, Prepared* prepared);
   // Opens artifact `id` (empty: nullptr) of `kind` for the job's owner,
   // keeping the reader in `prepared`; `field` names it in errors.
   absl::StatusOr<const core::SafetensorsReader*> OpenInput(
@@ -172,10 +179,10 @@ class JobManager {
   // Marks `run` lost (another process holds its job now) when `status`
   // says so; true then.
   bool LostIf(Running* run, const absl::Status& status);
-  // The outputs of a job, written under tmp/ and described, not yet
-  // visible; removes the files when destroyed (once published, they are
-  // gone already).
+  // The outputs of a job, model directories written under tmp/ and
+  // described, not yet visible; removes the directories when destroyed.
   struct Outputs {
+    std::vector<std::string> dirs;
     std::vector<Storage::StagedArtifact> files;
     Outputs() = default;
     Outputs(const Outputs&) = delete;
@@ -184,16 +191,12 @@ class JobManager {
   };
   // Writes the job's outputs into `outputs`.
   absl::Status RunJob(Running* run, Outputs* outputs);
-  // One model of a sweep, (1 - t) A + t B; the endpoints are copies.
+  // One model of a sweep, (1 - t) A + t B; the endpoints hold A's and B's
+  // tensors.
   static absl::Status WriteSweepStep(
       const Prepared& prepared, double t, const std::string& out_path,
       const std::function<void(int64_t, int64_t)>& progress,
       const std::atomic<bool>* cancelled);
-  // The artifact the file at `path` becomes as a result of `job`;
-  // FAILED_PRECONDITION naming the tensor if it holds a NaN or infinity.
-  absl::StatusOr<v1::Artifact> DescribeResult(const v1::Job& job,
-                                              const std::string& path,
-                                              const std::string& name);
   // Deletes results that a job of an earlier version of amalgamd stored
   // before it was re-run (results are now published with SUCCEEDED).
   void DiscardResults(const std::string& job_id);

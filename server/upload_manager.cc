@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <vector>
@@ -80,6 +82,20 @@ absl::Status WriteError(int error) {
     return absl::ResourceExhaustedError(message);
   }
   return absl::InternalError(message);
+}
+
+// INVALID_ARGUMENT unless the file at `path` (`size` bytes) is a config.json
+// that results can be given (see core::CheckConfigJson).
+absl::Status CheckConfigFile(const std::string& path, int64_t size) {
+  if (size > static_cast<int64_t>(core::kMaxConfigBytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.json has ", size, " bytes; at most ",
+                     core::kMaxConfigBytes, " are accepted"));
+  }
+  std::ifstream in(path, std::ios::binary);
+  const std::string text(std::istreambuf_iterator<char>(in), {});
+  if (!in && !in.eof()) return absl::InternalError("cannot read config.json");
+  return core::CheckConfigJson(text);
 }
 
 // Removes its files when it goes, unless they were taken (cleared).
@@ -508,6 +524,11 @@ absl::StatusOr<v1::Artifact> UploadManager::Session::Verify() {
     temp_paths.push_back(file_path);
     if (valid.ok() && absl::EndsWith(file.name(), ".safetensors")) {
       valid = CheckHeaderSizes(file_path, file.name(), **reader);
+    }
+  }
+  for (const auto& [file, file_path] : files) {
+    if (valid.ok() && file.name() == "config.json") {
+      valid = CheckConfigFile(file_path, file.size_bytes());
     }
   }
   if (valid.ok()) valid = ValidateContent(artifact, **reader, described.get());

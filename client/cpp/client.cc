@@ -210,23 +210,6 @@ absl::StatusOr<std::vector<UploadPart>> UploadParts(const std::string& path,
   return parts;
 }
 
-// The sha256 of the parts' bytes one after the other.
-absl::StatusOr<std::string> Sha256Parts(const std::vector<UploadPart>& parts) {
-  if (parts.size() == 1) return core::Sha256File(parts.front().path);
-  core::Sha256 hash;
-  std::vector<char> buffer(size_t{4} << 20);
-  for (const UploadPart& part : parts) {
-    std::ifstream in(part.path, std::ios::binary);
-    if (!in) return ErrnoError("cannot open", part.path);
-    while (in) {
-      in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-      hash.Update(buffer.data(), static_cast<size_t>(in.gcount()));
-    }
-    if (in.bad()) return ErrnoError("cannot read", part.path);
-  }
-  return hash.HexDigest();
-}
-
 }  // namespace
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
@@ -348,7 +331,10 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
   v1::UploadHeader header;
   AMALGAM_ASSIGN_OR_RETURN(const std::vector<UploadPart> parts,
                            UploadParts(path, &header));
-  AMALGAM_ASSIGN_OR_RETURN(std::string sha256, Sha256Parts(parts));
+  std::vector<std::string> paths;
+  for (const UploadPart& part : parts) paths.push_back(part.path);
+  AMALGAM_ASSIGN_OR_RETURN(std::string sha256,
+                           core::Sha256Files(paths, nullptr));
   header.set_kind(kind);
   header.set_name(name);
   header.set_sha256(sha256);

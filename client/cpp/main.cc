@@ -514,6 +514,72 @@ absl::StatusOr<std::optional<double>> NumberFlag(const Args& args,
   return value;
 }
 
+// A size as the Hub writes them: bytes, or a number with KB, MB, GB, TB
+// (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024).
+absl::StatusOr<int64_t> ParseSize(absl::string_view text) {
+  static const std::vector<std::pair<std::string, double>> kUnits = {
+      {"KiB", 1024.0},
+      {"MiB", 1024.0 * 1024},
+      {"GiB", 1024.0 * 1024 * 1024},
+      {"TiB", 1024.0 * 1024 * 1024 * 1024},
+      {"KB", 1e3},
+      {"MB", 1e6},
+      {"GB", 1e9},
+      {"TB", 1e12},
+      {"B", 1.0}};
+  double scale = 1.0;
+  absl::string_view number = text;
+  for (const auto& [unit, factor] : kUnits) {
+    if (absl::EndsWithIgnoreCase(text, unit)) {
+      number = text.substr(0, text.size() - unit.size());
+      scale = factor;
+      break;
+    }
+  }
+  double value = 0;
+  if (!absl::SimpleAtod(number, &value) || !std::isfinite(value) ||
+      value * scale < 1 || value * scale > 9e18) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad size '", text,
+                     "' (bytes, or a number with KB, MB, GB, KiB, ...)"));
+  }
+  return static_cast<int64_t>(value * scale);
+}
+
+// Sets the output options of a job from --shard-size, --config-from and
+// --out-dtype; a usage error's message otherwise.
+absl::Status SetOutputOptions(const Args& args, v1::OutputOptions* output) {
+  if (args.Has("--shard-size")) {
+    absl::StatusOr<int64_t> bytes = ParseSize(args.Value("--shard-size"));
+    if (!bytes.ok()) return bytes.status();
+    output->set_shard_size_bytes(*bytes);
+  }
+  if (args.Has("--config-from")) {
+    int32_t index;
+    if (!absl::SimpleAtoi(args.Value("--config-from"), &index)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad --config-from '", args.Value("--config-from"),
+                       "' (want an input number, from 0)"));
+    }
+    output->set_config_from(index);
+  }
+  if (args.Has("--out-dtype")) {
+    static const std::map<std::string, v1::DType> kDTypes = {
+        {"float16", v1::DTYPE_F16},
+        {"bfloat16", v1::DTYPE_BF16},
+        {"float32", v1::DTYPE_F32},
+        {"float64", v1::DTYPE_F64}};
+    auto found = kDTypes.find(args.Value("--out-dtype"));
+    if (found == kDTypes.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown --out-dtype '", args.Value("--out-dtype"),
+                       "' (float16, bfloat16, float32 or float64)"));
+    }
+    output->set_out_dtype(found->second);
+  }
+  return absl::OkStatus();
+}
+
 // Submits the job, prints its id (the last line scripts capture) and follows
 // it to the end with progress on stderr. 0 and the final job in `*done` if
 // it succeeded; the exit code otherwise (the failure already printed).
@@ -647,6 +713,10 @@ int RunMerge(Context& ctx, const Args& args) {
     }
   }
   spec->set_result_name(args.Value("--name"));
+  if (absl::Status output = SetOutputOptions(args, spec->mutable_output());
+      !output.ok()) {
+    return UsageError("merge", std::string(output.message()));
+  }
   const bool has_out = args.Has("--out");
   const std::string out = args.Value("--out");
   if (has_out && out.empty()) return UsageError("merge", "empty --out");
@@ -680,7 +750,11 @@ int RunGrow(Context& ctx, const Args& args) {
   spec->set_result_name(args.Value("--name"));
   const std::string out = args.Value("--out");
   if (spec->a_id().empty() || spec->layout().empty() || out.empty()) {
-    return UsageError("grow", "grow needs --a ID, --layout L and --out FILE");
+    return UsageError("grow", "grow needs --a ID, --layout L and --out DIR");
+  }
+  if (absl::Status output = SetOutputOptions(args, spec->mutable_output());
+      !output.ok()) {
+    return UsageError("grow", std::string(output.message()));
   }
   if (args.Has("--noise")) {
     double noise = 0;
@@ -739,6 +813,10 @@ int RunSweep(Context& ctx, const Args& args) {
     return UsageError("sweep", "--steps must be an integer");
   }
   spec->set_steps(steps);
+  if (absl::Status output = SetOutputOptions(args, spec->mutable_output());
+      !output.ok()) {
+    return UsageError("sweep", std::string(output.message()));
+  }
   std::error_code error;
   std::filesystem::create_directories(out, error);
   if (error) {
@@ -752,10 +830,10 @@ int RunSweep(Context& ctx, const Args& args) {
   for (const std::string& id : done.result_ids()) {
     auto artifact = ctx.client->GetArtifact(id);
     if (!artifact.ok()) return Fail(artifact.status());
-    // The name comes from the server: a file name inside --out, or the id.
+    // The name comes from the server: a directory name inside --out, or
+    // the id.
     const std::string path =
-        (std::filesystem::path(out) /
-         (SafeFileName(artifact->name(), id) + ".safetensors"))
+        (std::filesystem::path(out) / SafeFileName(artifact->name(), id))
             .string();
     if (const int code = DownloadTo(ctx, id, path); code != 0) return code;
   }
@@ -905,36 +983,48 @@ const std::vector<Command>& Commands() {
        "[--take-excluded-from K] [--gram-normalization as-uploaded|mean]\n"
        "[--base ID] [--lambda L] [--density D] [--seed S] [--t T]\n"
        "[--no-normalize] [--rescale inverse-density|l1]\n"
-       "[--name N] [--watch] [--out FILE]",
+       "[--name N] [--shard-size SIZE] [--config-from K]\n"
+       "[--out-dtype float16|bfloat16|float32|float64]\n"
+       "[--watch] [--out DIR|FILE.safetensors]",
        "submit a merge job; prints the job id. The i-th --gram and\n"
        "--fisher belong to the i-th --model. The task-vector methods\n"
        "merge the models' differences to --base (slerp: two models, or\n"
        "one and --base); W weights a model, D is its density (ties,\n"
-       "dare_*). --watch waits for the job; --out waits and downloads\n"
-       "the result to FILE",
+       "dare_*). The result is a Hugging Face model directory in shards\n"
+       "of --shard-size (default 5GB) with the side files of model K\n"
+       "(--config-from, default the base or the first). --watch waits\n"
+       "for the job; --out waits and downloads the result",
        RunMerge,
        {{"--method", "--model", "--gram", "--fisher", "--alpha", "--exclude",
          "--take-excluded-from", "--gram-normalization", "--name", "--out",
-         "--base", "--lambda", "--density", "--seed", "--t", "--rescale"},
+         "--base", "--lambda", "--density", "--seed", "--t", "--rescale",
+         "--shard-size", "--config-from", "--out-dtype"},
         {"--watch", "--no-normalize"},
         {"--model", "--gram", "--fisher", "--exclude"}}},
       {"grow",
        "--a ID [--b ID] --layout mlp|bert|gpt2|rules [--rules FILE]\n"
-       "[--noise S] [--name N] --out FILE",
+       "[--noise S] [--name N] [--shard-size SIZE] [--config-from 0|1]\n"
+       "[--out-dtype D] --out DIR|FILE.safetensors",
        "grow a wider model from A and B (or A alone) by Deep Fusion;\n"
-       "prints the job id, waits, writes the model to FILE and the\n"
-       "report (new config, properties that hold) to stderr",
+       "prints the job id, waits, writes the model (its config.json\n"
+       "with the grown widths) and the report (new config, properties\n"
+       "that hold) to stderr",
        RunGrow,
-       {{"--a", "--b", "--layout", "--rules", "--noise", "--name", "--out"},
+       {{"--a", "--b", "--layout", "--rules", "--noise", "--name", "--out",
+         "--shard-size", "--config-from", "--out-dtype"},
         {},
         {}}},
       {"sweep",
-       "--a ID --b ID --steps K --out DIR [--name N]",
+       "--a ID --b ID --steps K --out DIR [--name N] [--shard-size SIZE]\n"
+       "[--config-from 0|1] [--out-dtype D]",
        "submit an interpolation sweep: the K models (1-t)A + tB,\n"
        "t = 0, 1/(K-1), ..., 1; prints the job id, waits, and\n"
-       "writes each model to DIR/NAME-tT.safetensors",
+       "writes each model directory to DIR/NAME-tT",
        RunSweep,
-       {{"--a", "--b", "--steps", "--out", "--name"}, {}, {}}},
+       {{"--a", "--b", "--steps", "--out", "--name", "--shard-size",
+         "--config-from", "--out-dtype"},
+        {},
+        {}}},
       {"jobs", "", "list jobs", RunJobs, {}},
       {"watch",
        "JOB",

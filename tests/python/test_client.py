@@ -231,7 +231,7 @@ def test_sweep_yields_the_interpolation_path_lazily(client, tmp_path, server, cl
             else:
                 assert torch.allclose(model[name], want, rtol=1e-6, atol=1e-7)
 
-    # The CLI writes the same path to a directory.
+    # The CLI writes the same path to a directory, a model directory each.
     out = tmp_path / "curve"
     run = subprocess.run([cli_path, "--server", server, "sweep", "--a", a_id, "--b", b_id,
                           "--steps", "3", "--out", str(out), "--name", "cli"],
@@ -239,9 +239,9 @@ def test_sweep_yields_the_interpolation_path_lazily(client, tmp_path, server, cl
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].startswith("job_")
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["cli-t0.0000.safetensors", "cli-t0.5000.safetensors",
-                     "cli-t1.0000.safetensors"]
-    midpoint, _ = safetensors.loads((out / "cli-t0.5000.safetensors").read_bytes())
+    assert files == ["cli-t0.0000", "cli-t0.5000", "cli-t1.0000"]
+    assert [p.name for p in (out / "cli-t0.5000").iterdir()] == ["model.safetensors"]
+    midpoint, _ = safetensors.load_file(out / "cli-t0.5000" / "model.safetensors")
     average = client.merge([a_id, b_id], "average").state_dict()
     for name in a:
         assert torch.equal(midpoint[name], average[name])

@@ -156,13 +156,18 @@ def test_bad_model_directories_are_refused_naming_the_file_or_tensor(client, tmp
     loose = _write_model(tmp_path / "loose", tensors, shards=1)
     (loose / "other.safetensors").write_bytes(safetensors.dumps({"x": torch.ones(2)}))
     refused(loose, grpc.StatusCode.INVALID_ARGUMENT, "several .safetensors files")
+    # A config.json that results could not be given.
+    bad_config = _write_model(tmp_path / "bad_config", tensors, shards=1)
+    (bad_config / "config.json").write_text("[1, 2]")
+    refused(bad_config, grpc.StatusCode.INVALID_ARGUMENT, "config.json is not a JSON object")
     # A directory inside: the client says so before it sends anything.
     nested = _write_model(tmp_path / "nested", tensors, shards=1)
     (nested / "sub").mkdir()
     with pytest.raises(ValueError, match="not a regular file"):
         client.upload_weights(nested)
     assert not [a for a in client.list_artifacts()
-                if a.name in ("missing", "unlisted", "twice", "extra", "stray", "loose")]
+                if a.name in ("missing", "unlisted", "twice", "extra", "stray", "loose",
+                              "bad_config")]
 
 
 def test_identical_files_are_stored_once(tmp_path, amalgamd_path):

@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
 #include "core/model_files.h"
+#include "core/model_writer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
@@ -816,6 +817,84 @@ TEST(ModelFilesTest, ShardNamesFollowTheHub) {
   EXPECT_TRUE(HasError(CheckModelFiles({"config.json", "config.json"}).status(),
                        absl::StatusCode::kInvalidArgument,
                        "file \"config.json\" is listed twice"));
+}
+
+// --- ModelWriter
+// --------------------------------------------------------------
+
+TEST(ModelWriterTest, ShardsStartWhereTheNextTensorWouldOverflow) {
+  auto spec = [](const std::string& name, int64_t floats) {
+    return TensorSpec{name, DType::kF32, {floats}};
+  };
+  // 400, 400, 1200 (alone: over the size), 200, 200 bytes into 800.
+  EXPECT_EQ(AssignShards({spec("a", 100), spec("b", 100), spec("c", 300),
+                          spec("d", 50), spec("e", 50)},
+                         800),
+            (std::vector<int>{0, 0, 1, 2, 2}));
+  EXPECT_EQ(AssignShards({spec("a", 100), spec("b", 100)}, 800),
+            (std::vector<int>{0, 0}));
+}
+
+TEST_F(SafetensorsTest,
+       AModelWriterShardsAndIndexesAndLeavesNothingUnfinished) {
+  std::vector<float> values(10);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.5f * i;
+  const std::vector<uint8_t> bytes = ToBytes(values);
+  const std::vector<TensorSpec> specs = {{"a", DType::kF32, {4}},
+                                         {"b", DType::kF32, {4}},
+                                         {"c", DType::kF32, {2}}};
+  const std::string dir = Path("model");
+  auto writer = ModelWriter::Create(dir, specs, {{"format", "pt"}}, 20);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  // One append across all three shards.
+  ASSERT_TRUE((*writer)->Append(bytes).ok());
+  ASSERT_TRUE((*writer)->Finish().ok());
+  EXPECT_EQ((*writer)->files(),
+            (std::vector<std::string>{ShardFileName(0, 3), ShardFileName(1, 3),
+                                      ShardFileName(2, 3),
+                                      "model.safetensors.index.json"}));
+  auto reader = SafetensorsReader::Open(dir);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_EQ(FromBytes<float>((*reader)->Data(*(*reader)->Find("b"))),
+            (std::vector<float>{2.f, 2.5f, 3.f, 3.5f}));
+  EXPECT_EQ(FromBytes<float>((*reader)->Data(*(*reader)->Find("c"))),
+            (std::vector<float>{4.f, 4.5f}));
+  EXPECT_EQ((*reader)->metadata().at("format"), "pt");
+  std::ifstream index(dir + "/model.safetensors.index.json");
+  const nlohmann::json json = nlohmann::json::parse(index);
+  EXPECT_EQ(json["metadata"]["total_size"], 40);
+  EXPECT_EQ(json["weight_map"]["c"], ShardFileName(2, 3));
+
+  // One shard: model.safetensors and no index.
+  auto single = ModelWriter::Create(Path("single"), specs, {}, 1000);
+  ASSERT_TRUE(single.ok() && (*single)->Append(bytes).ok() &&
+              (*single)->Finish().ok());
+  EXPECT_EQ((*single)->files(), std::vector<std::string>{"model.safetensors"});
+
+  // Dropped half-way: nothing of it stays.
+  {
+    auto dropped = ModelWriter::Create(Path("dropped"), specs, {}, 20);
+    ASSERT_TRUE(dropped.ok());
+    ASSERT_TRUE((*dropped)->Append(absl::MakeSpan(bytes).subspan(0, 24)).ok());
+  }
+  EXPECT_FALSE(std::filesystem::exists(Path("dropped")));
+  // Past the declared bytes.
+  auto over = ModelWriter::Create(Path("over"), specs, {}, 20);
+  ASSERT_TRUE(over.ok() && (*over)->Append(bytes).ok());
+  EXPECT_EQ((*over)->Append(bytes).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(ModelFilesTest, AResultConfigChangesOnlyWhatItMust) {
+  const std::string config = "{\"torch_dtype\": \"float32\",  \"n\": 1}";
+  EXPECT_EQ(*ResultConfig(config, "float32", ""), config) << "bytes kept";
+  EXPECT_EQ(
+      nlohmann::json::parse(*ResultConfig(config, "bfloat16", "{\"n\": 2}")),
+      nlohmann::json::parse(R"({"torch_dtype": "bfloat16", "n": 2})"));
+  EXPECT_EQ(ResultConfig("[1]", "float32", "").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ResultConfig(std::string(100, '{'), "", "").status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // --- CheckAllFinite

@@ -83,8 +83,12 @@ inline double RelErr(const at::Tensor& a, const at::Tensor& b) {
          (scale > 0 ? scale : 1.0);
 }
 
+// The bytes of the file at `path`, or of the model.safetensors of the
+// (one-shard) model directory at `path` that a merge or grow writes.
 inline std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(
+      std::filesystem::is_directory(path) ? path + "/model.safetensors" : path,
+      std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 

@@ -41,6 +41,12 @@ _RESCALE = {
     "inverse-density": pb.DARE_RESCALE_INVERSE_DENSITY,
     "l1": pb.DARE_RESCALE_L1,
 }
+_DTYPES = {
+    "float16": pb.DTYPE_F16,
+    "bfloat16": pb.DTYPE_BF16,
+    "float32": pb.DTYPE_F32,
+    "float64": pb.DTYPE_F64,
+}
 _GRAM_NORMALIZATION = {
     "as_uploaded": pb.GRAM_NORMALIZATION_AS_UPLOADED,
     "mean": pb.GRAM_NORMALIZATION_MEAN,
@@ -49,6 +55,21 @@ _GRAM_NORMALIZATION = {
 # away, or the previous stream of the same upload was still open.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 _FINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+def _output(shard_size: Optional[int], config_from: Optional[int],
+            out_dtype: Optional[str]) -> pb.OutputOptions:
+    """How a job writes its results: Hugging Face model directories in
+    shards of at most ``shard_size`` bytes of tensors (default 5 GB), with
+    the side files of input ``config_from`` and tensors of ``out_dtype``."""
+    output = pb.OutputOptions(shard_size_bytes=int(shard_size or 0))
+    if config_from is not None:
+        output.config_from = int(config_from)
+    if out_dtype is not None:
+        if out_dtype not in _DTYPES:
+            raise ValueError(f"out_dtype must be one of {sorted(_DTYPES)}")
+        output.out_dtype = _DTYPES[out_dtype]
+    return output
 
 
 def _derived_upload_id(header: pb.UploadHeader) -> str:
@@ -556,7 +577,9 @@ class Client:
               density: Optional[float] = None,
               densities: Optional[Sequence[float]] = None,
               seed: Optional[int] = None, t: Optional[float] = None,
-              normalize: bool = True, rescale: Optional[str] = None) -> Job:
+              normalize: bool = True, rescale: Optional[str] = None,
+              shard_size: Optional[int] = None, config_from: Optional[int] = None,
+              out_dtype: Optional[str] = None) -> Job:
         """Submits a merge of the weights ``models`` (ids or artifacts).
 
         ``grams`` / ``fishers`` give each model's statistics (same order) for
@@ -572,6 +595,12 @@ class Client:
         DARE's mask, ``t`` slerp's position, ``normalize=False`` TIES's sum
         instead of its mean, ``rescale`` DARE's ``inverse-density`` or
         ``l1``. The server refuses parameters a method does not use.
+
+        The result is a Hugging Face model directory: shards of at most
+        ``shard_size`` bytes of tensors (default 5 GB), the side files
+        (config.json, tokenizer) of model ``config_from`` (default the base,
+        else the first), tensors in ``out_dtype`` (``float16``,
+        ``bfloat16``, ``float32``, ``float64``; default the inputs').
 
         The job is validated in full before it is queued: a bad job raises
         here.
@@ -589,7 +618,8 @@ class Client:
                             gram_normalization=_GRAM_NORMALIZATION[gram_normalization],
                             result_name=name or "", base_id=_ref(base),
                             no_normalize=not normalize,
-                            rescale=_RESCALE[rescale] if rescale else 0)
+                            rescale=_RESCALE[rescale] if rescale else 0,
+                            output=_output(shard_size, config_from, out_dtype))
         for i, model in enumerate(models):
             entry = spec.models.add(weights_id=_ref(model))
             if grams is not None:
@@ -617,23 +647,31 @@ class Client:
 
     def grow(self, a: ArtifactRef, b: Optional[ArtifactRef] = None, *,
              layout: str, rules: Optional[str] = None, noise_scale: float = 0.0,
-             name: Optional[str] = None) -> Job:
+             name: Optional[str] = None, shard_size: Optional[int] = None,
+             config_from: Optional[int] = None,
+             out_dtype: Optional[str] = None) -> Job:
         """Submits a Deep Fusion growth of A and B (B omitted: self-fusion).
         ``layout`` is ``mlp``, ``bert``, ``gpt2`` or ``rules`` with ``rules``
         the text of a rule file (``REGEX ROLE [conv1d]`` per line). The
-        result is ``Job.state_dict()``; ``Job.report`` has the new config."""
+        result is ``Job.state_dict()``; ``Job.report`` has the new config,
+        which the result's config.json carries (the side files come from A,
+        or B with ``config_from=1``)."""
         spec = pb.GrowSpec(a_id=_ref(a), b_id=_ref(b), layout=layout,
                            rules=rules or "", noise_scale=float(noise_scale),
-                           result_name=name or "")
+                           result_name=name or "",
+                           output=_output(shard_size, config_from, out_dtype))
         return Job(self, self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(grow=spec)))
 
     def sweep(self, a: ArtifactRef, b: ArtifactRef, steps: int, *,
-              name: Optional[str] = None) -> Job:
+              name: Optional[str] = None, shard_size: Optional[int] = None,
+              config_from: Optional[int] = None,
+              out_dtype: Optional[str] = None) -> Job:
         """Submits an interpolation sweep: the ``steps`` models
         ``(1 - t) A + t B`` for t evenly spaced from 0 to 1 (both included);
         ``Job.models()`` yields them lazily."""
         spec = pb.SweepSpec(a_id=_ref(a), b_id=_ref(b), steps=int(steps),
-                            result_name=name or "")
+                            result_name=name or "",
+                            output=_output(shard_size, config_from, out_dtype))
         return Job(self, self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(sweep=spec)))
 
     def job(self, job_id: str) -> Job:
