@@ -135,7 +135,8 @@ namespace {
 absl::StatusOr<std::FILE*> OpenToHash(const std::string& path) {
   std::FILE* file = std::fopen(path.c_str(), "rb");
   if (file != nullptr) return file;
-  if (errno == ENOENT) return absl::NotFoundError(absl::StrCat("no file ", path));
+  if (errno == ENOENT)
+    return absl::NotFoundError(absl::StrCat("no file ", path));
   return absl::InternalError(
       absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
 }
