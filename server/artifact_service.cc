@@ -106,12 +106,14 @@ class ArtifactServiceImpl::UploadReactor
       Complete();
     } else if (session_ == nullptr) {
       BeginSession();
-    } else if (!request_.has_chunk()) {
+    } else if (request_.has_header()) {
       Fail(absl::InvalidArgumentError("upload header sent twice"));
-    } else if (absl::Status appended =
-                   session_->Append(request_.mutable_chunk());
-               !appended.ok()) {
-      Fail(appended);
+    } else if (absl::Status received =
+                   request_.has_trailer()
+                       ? session_->Trailer(request_.trailer())
+                       : session_->Append(request_.mutable_chunk());
+               !received.ok()) {
+      Fail(received);
     } else {
       StartRead(&request_);
     }

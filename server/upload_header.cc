@@ -50,9 +50,10 @@ absl::Status ValidateUploadHeader(const v1::UploadHeader& header,
                      "; this server accepts at most ", max_upload_bytes,
                      " bytes per artifact (--max-upload-bytes)"));
   }
-  if (!core::IsSha256Hex(header.sha256())) {
+  if (!header.sha256().empty() && !core::IsSha256Hex(header.sha256())) {
     return absl::InvalidArgumentError(
-        "header.sha256 must be 64 lower-case hex digits");
+        "header.sha256 must be 64 lower-case hex digits (or empty, with the "
+        "digest in the stream's trailer)");
   }
   if (absl::Status name = ValidateName(header.name(), "header.name");
       !name.ok()) {

@@ -22,7 +22,8 @@ inline constexpr int kMaxModelFiles = 4096;
 absl::Status ValidateName(const std::string& name, const std::string& field);
 
 // Checks an upload header on its own, before any byte is stored: a known
-// kind, a positive size_bytes, a 64-digit lower-case hex sha256, a name of
+// kind, a positive size_bytes, a 64-digit lower-case hex sha256 or none (a
+// trailer carries it), a name of
 // as ValidateName allows, `describes` only on statistics, and an upload_id
 // (optional) of 1..kMaxUploadIdBytes characters from [A-Za-z0-9_.-]:
 // `files` (optional) naming a model directory that core::CheckModelFiles

@@ -238,6 +238,11 @@ absl::StatusOr<v1::UploadStatus> UploadManager::Status(
   status.set_committed_bytes(upload.committed_bytes);
   status.set_size_bytes(upload.header.size_bytes());
   status.set_artifact_id(upload.artifact_id);
+  if (upload.artifact_id.empty() && upload.committed_bytes > 0) {
+    AMALGAM_ASSIGN_OR_RETURN(const std::string held,
+                             core::Sha256File(upload.path));
+    status.set_held_sha256(held);
+  }
   return status;
 }
 
@@ -338,7 +343,9 @@ void UploadManager::RenewLoop() {
 
 UploadManager::Session::Session(UploadManager* manager, std::string owner,
                                 v1::UploadHeader header)
-    : manager_(manager), owner_(std::move(owner)), header_(std::move(header)) {}
+    : manager_(manager), owner_(std::move(owner)), header_(std::move(header)) {
+  expected_sha256_ = header_.sha256();
+}
 
 UploadManager::Session::~Session() {
   CloseFile();
@@ -405,6 +412,9 @@ absl::Status UploadManager::Session::Append(v1::UploadChunk* chunk) {
                       : absl::FailedPreconditionError(message);
   }
   const int64_t size = static_cast<int64_t>(chunk->data().size());
+  if (trailer_) {
+    return absl::InvalidArgumentError("upload chunk after the trailer");
+  }
   if (received_ + size > header_.size_bytes()) {
     return absl::InvalidArgumentError(
         absl::StrCat("upload sends more than the declared size_bytes ",
@@ -423,6 +433,27 @@ absl::Status UploadManager::Session::Append(v1::UploadChunk* chunk) {
   return absl::OkStatus();
 }
 
+absl::Status UploadManager::Session::Trailer(const v1::UploadTrailer& trailer) {
+  if (trailer_) return absl::InvalidArgumentError("upload trailer sent twice");
+  if (received_ != header_.size_bytes()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("upload trailer after ", received_, " of ",
+                     header_.size_bytes(), " declared bytes"));
+  }
+  if (!core::IsSha256Hex(trailer.sha256())) {
+    return absl::InvalidArgumentError(
+        "trailer.sha256 must be 64 lower-case hex digits");
+  }
+  if (!expected_sha256_.empty() && expected_sha256_ != trailer.sha256()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("trailer.sha256 ", trailer.sha256(),
+                     " contradicts header.sha256 ", expected_sha256_));
+  }
+  trailer_ = true;
+  expected_sha256_ = trailer.sha256();
+  return absl::OkStatus();
+}
+
 absl::Status UploadManager::Session::EndOfStream() {
   if (received_ != header_.size_bytes()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -431,6 +462,11 @@ absl::Status UploadManager::Session::EndOfStream() {
         resumable_ ? absl::StrCat("; resume upload ", header_.upload_id(),
                                   " from offset ", received_)
                    : ""));
+  }
+  if (expected_sha256_.empty()) {
+    return absl::InvalidArgumentError(
+        "upload ended without its sha256: the header has none, so a trailer "
+        "must follow the last byte");
   }
   if (!CloseFile()) {
     return absl::InternalError("cannot flush the upload's bytes");
@@ -467,11 +503,11 @@ absl::StatusOr<v1::Artifact> UploadManager::Session::Verify() {
   } else {
     sha256 = hash_.HexDigest();
   }
-  if (sha256 != header_.sha256()) {
+  if (sha256 != expected_sha256_) {
     bad_content_ = true;
-    return absl::DataLossError(
-        absl::StrCat("upload \"", header_.name(), "\" has sha256 ", sha256,
-                     " but the header declared ", header_.sha256()));
+    return absl::DataLossError(absl::StrCat(
+        "upload \"", header_.name(), "\" has sha256 ", sha256, " but the ",
+        trailer_ ? "trailer" : "header", " declared ", expected_sha256_));
   }
   AMALGAM_RETURN_IF_ERROR(SyncFileAndDir(path_));
   // The model's files, sorted by name, and where each one's bytes are: the

@@ -72,8 +72,8 @@ class UploadManager {
       const std::string& owner, const v1::UploadHeader& header,
       std::function<void()> cancel_other);
 
-  // How many bytes of a resumable upload the server holds; NOT_FOUND when
-  // the id is unknown to `owner`.
+  // How many bytes of a resumable upload the server holds, and their sha256
+  // (reads them); NOT_FOUND when the id is unknown to `owner`.
   absl::StatusOr<v1::UploadStatus> Status(const std::string& owner,
                                           const std::string& upload_id);
 
@@ -135,13 +135,19 @@ class UploadManager::Session {
   // size; RESOURCE_EXHAUSTED on a full disk.
   absl::Status Append(v1::UploadChunk* chunk);
 
-  // The stream ended: INVALID_ARGUMENT unless every declared byte came.
+  // The digest after the last byte, where the header has none:
+  // INVALID_ARGUMENT before every declared byte came, for a second
+  // trailer, or for one that contradicts the header's sha256.
+  absl::Status Trailer(const v1::UploadTrailer& trailer);
+  // The stream ended: INVALID_ARGUMENT unless every declared byte came, and
+  // the sha256 (in the header or the trailer).
   absl::Status EndOfStream();
 
   // Blocking, off the reaction threads: verifies the bytes against the
-  // declared sha256 (DATA_LOSS), syncs them, validates the content by kind
-  // (INVALID_ARGUMENT or FAILED_PRECONDITION) and catalogues the artifact.
-  // Bytes that fail verification are discarded, also a resumable upload's.
+  // declared sha256 (header or trailer; DATA_LOSS), syncs them, validates the
+  // content by kind (INVALID_ARGUMENT or FAILED_PRECONDITION) and catalogues
+  // the artifact. Bytes that fail verification are discarded, also a resumable
+  // upload's.
   absl::StatusOr<v1::Artifact> Complete();
 
  private:
@@ -160,6 +166,9 @@ class UploadManager::Session {
   bool resumable_ = false;    // has an upload_id: the file outlives the stream
   bool resumed_ = false;      // began past offset 0: hash the file at the end
   bool bad_content_ = false;  // sha256 or validation failed: discard
+  // The sha256 the bytes must have: the header's, or the trailer's.
+  std::string expected_sha256_;
+  bool trailer_ = false;  // a trailer came
   int64_t received_ = 0;
   std::optional<v1::Artifact> finished_;
   std::optional<v1::Artifact> described_;  // what a statistics upload describes

@@ -1,6 +1,7 @@
 #include "client/cpp/client.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -85,7 +86,8 @@ bool IsRetryable(const absl::Status& status) {
 // The default id of an upload: a digest of its header, so that uploading the
 // same bytes under the same name again (say, rerunning a command that was
 // cut off) resumes where the first attempt stopped.
-std::string DerivedUploadId(const v1::UploadHeader& header) {
+std::string DerivedUploadId(const v1::UploadHeader& header,
+                            const std::vector<UploadPart>& parts) {
   core::Sha256 hash;
   hash.Update(absl::StrCat(header.kind(), "\n", header.name(), "\n",
                            header.describes(), "\n", header.size_bytes(), "\n",
@@ -93,6 +95,13 @@ std::string DerivedUploadId(const v1::UploadHeader& header) {
   // A model directory: how its bytes divide into files, too.
   for (const v1::ModelFile& file : header.files()) {
     hash.Update(absl::StrCat("\n", file.name(), "\n", file.size_bytes()));
+  }
+  // Not hashed first: which files these are, as they were.
+  if (header.sha256().empty()) {
+    for (const UploadPart& part : parts) {
+      hash.Update(
+          absl::StrCat("\n", part.device, ":", part.inode, ":", part.mtime_ns));
+    }
   }
   return hash.HexDigest().substr(0, 32);
 }
@@ -155,20 +164,34 @@ class UploadSource {
   std::ifstream in_;
 };
 
-// The size of the regular file `path`: NOT_FOUND when missing,
+// How messages name what `parts` upload: the file, or the directory.
+std::string WhatIsUploaded(const std::vector<UploadPart>& parts) {
+  if (parts.size() == 1) return parts.front().path;
+  return std::filesystem::path(parts.front().path).parent_path().string();
+}
+
+// The regular file `path` as an upload part: NOT_FOUND when missing,
 // INVALID_ARGUMENT when unreadable or not a file.
-absl::StatusOr<int64_t> FileSize(const std::filesystem::path& path) {
-  std::error_code error;
-  const uintmax_t size = std::filesystem::file_size(path, error);
-  if (error) {
+absl::StatusOr<UploadPart> Part(const std::filesystem::path& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
     std::string message =
-        absl::StrCat("cannot read ", path.string(), ": ", error.message());
-    if (error == std::errc::no_such_file_or_directory) {
-      return absl::NotFoundError(message);
-    }
+        absl::StrCat("cannot read ", path.string(), ": ", std::strerror(errno));
+    if (errno == ENOENT) return absl::NotFoundError(message);
     return absl::InvalidArgumentError(message);
   }
-  return static_cast<int64_t>(size);
+  if (!S_ISREG(st.st_mode)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path.string(), " is not a regular file"));
+  }
+  UploadPart part;
+  part.path = path.string();
+  part.size = static_cast<int64_t>(st.st_size);
+  part.device = static_cast<uint64_t>(st.st_dev);
+  part.inode = static_cast<uint64_t>(st.st_ino);
+  part.mtime_ns =
+      static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  return part;
 }
 
 // What uploading `path` sends: the file, or the files of the directory
@@ -177,9 +200,9 @@ absl::StatusOr<std::vector<UploadPart>> UploadParts(const std::string& path,
                                                     v1::UploadHeader* header) {
   std::error_code error;
   if (!std::filesystem::is_directory(path, error)) {
-    AMALGAM_ASSIGN_OR_RETURN(const int64_t size, FileSize(path));
-    header->set_size_bytes(size);
-    return std::vector<UploadPart>{{path, size}};
+    AMALGAM_ASSIGN_OR_RETURN(UploadPart part, Part(path));
+    header->set_size_bytes(part.size);
+    return std::vector<UploadPart>{std::move(part)};
   }
   std::vector<std::filesystem::path> entries;
   for (const auto& entry : std::filesystem::directory_iterator(path, error)) {
@@ -199,12 +222,12 @@ absl::StatusOr<std::vector<UploadPart>> UploadParts(const std::string& path,
                        " is not a regular file; a model directory holds "
                        "files only"));
     }
-    AMALGAM_ASSIGN_OR_RETURN(const int64_t size, FileSize(entry));
+    AMALGAM_ASSIGN_OR_RETURN(UploadPart part, Part(entry));
     v1::ModelFile* file = header->add_files();
     file->set_name(entry.filename().string());
-    file->set_size_bytes(size);
-    parts.push_back({entry.string(), size});
-    total += size;
+    file->set_size_bytes(part.size);
+    total += part.size;
+    parts.push_back(std::move(part));
   }
   header->set_size_bytes(total);
   return parts;
@@ -322,27 +345,29 @@ void Client::Prepare(grpc::ClientContext* context, bool unary) const {
   }
 }
 
-absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
-                                            const std::string& path,
-                                            const std::string& name,
-                                            const std::string& describes,
-                                            const ProgressCallback& progress,
-                                            const std::string& upload_id) {
+absl::StatusOr<v1::Artifact> Client::Upload(
+    v1::ArtifactKind kind, const std::string& path, const std::string& name,
+    const std::string& describes, const ProgressCallback& progress,
+    const std::string& upload_id, bool dedup) {
   v1::UploadHeader header;
   AMALGAM_ASSIGN_OR_RETURN(const std::vector<UploadPart> parts,
                            UploadParts(path, &header));
-  std::vector<std::string> paths;
-  for (const UploadPart& part : parts) paths.push_back(part.path);
-  AMALGAM_ASSIGN_OR_RETURN(std::string sha256,
-                           core::Sha256Files(paths, nullptr));
   header.set_kind(kind);
   header.set_name(name);
-  header.set_sha256(sha256);
   header.set_describes(describes);
-  header.set_upload_id(upload_id.empty() ? DerivedUploadId(header) : upload_id);
+  if (dedup || header.size_bytes() < options_.dedup_below_bytes) {
+    std::vector<std::string> paths;
+    for (const UploadPart& part : parts) paths.push_back(part.path);
+    AMALGAM_ASSIGN_OR_RETURN(const std::string sha256,
+                             core::Sha256Files(paths, nullptr));
+    header.set_sha256(sha256);
+  }
+  header.set_upload_id(upload_id.empty() ? DerivedUploadId(header, parts)
+                                         : upload_id);
 
   absl::Duration backoff = options_.retry_backoff;
   int64_t offset = 0;
+  std::string held_sha256;
   for (int attempt = 0;; ++attempt) {
     {
       // Where to go on from: what the server holds, or the start.
@@ -353,6 +378,7 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
       }
       if (held.ok()) {
         offset = held->committed_bytes();
+        held_sha256 = held->held_sha256();
       } else if (absl::IsNotFound(held.status())) {
         offset = 0;
       } else if (!IsRetryable(held.status()) ||
@@ -365,7 +391,7 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
       }
     }
     absl::StatusOr<v1::Artifact> artifact =
-        SendUpload(header, parts, offset, progress);
+        SendUpload(header, parts, offset, held_sha256, progress);
     if (artifact.ok() || !IsRetryable(artifact.status()) ||
         attempt >= options_.upload_retries) {
       return artifact;
@@ -377,9 +403,34 @@ absl::StatusOr<v1::Artifact> Client::Upload(v1::ArtifactKind kind,
 
 absl::StatusOr<v1::Artifact> Client::SendUpload(
     const v1::UploadHeader& header, const std::vector<UploadPart>& parts,
-    int64_t offset, const ProgressCallback& progress) {
+    int64_t offset, const std::string& held_sha256,
+    const ProgressCallback& progress) {
   UploadSource in(parts);
-  AMALGAM_RETURN_IF_ERROR(in.Seek(offset));
+  AMALGAM_RETURN_IF_ERROR(in.Seek(0));
+  // Hashed on its own thread while the bytes are sent, unless the header
+  // has the digest already.
+  const bool trailer = header.sha256().empty();
+  core::BackgroundSha256 hash;
+  if (offset > 0) {
+    // The bytes the server holds must be the files' first bytes still.
+    core::Sha256 prefix;
+    std::string buffer;
+    for (int64_t done = 0; done < offset;) {
+      const int64_t n = std::min<int64_t>(options_.chunk_bytes, offset - done);
+      buffer.resize(static_cast<size_t>(n));
+      AMALGAM_RETURN_IF_ERROR(in.Read(buffer.data(), n));
+      prefix.Update(buffer);
+      if (trailer) hash.Update(buffer);
+      done += n;
+    }
+    if (prefix.HexDigest() != held_sha256) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          WhatIsUploaded(parts), " changed since upload ", header.upload_id(),
+          " began: its first ", offset,
+          " bytes are not the ones the server holds; upload it under a new "
+          "upload id"));
+    }
+  }
 
   grpc::ClientContext context;
   Prepare(&context, /*unary=*/false);
@@ -405,11 +456,21 @@ absl::StatusOr<v1::Artifact> Client::SendUpload(
       writer->Finish().IgnoreError();
       return read;
     }
+    if (trailer) {
+      std::string copy = hash.TakeSpare();
+      copy.assign(*data);
+      hash.Update(std::move(copy));
+    }
     open = writer->Write(request);
     if (open) {
       offset += n;
       if (progress) progress(offset, total);
     }
+  }
+  if (open && trailer) {
+    request.Clear();
+    request.mutable_trailer()->set_sha256(hash.HexDigest());
+    open = writer->Write(request);
   }
   // When a write fails the stream is broken; Finish reports why.
   writer->WritesDone();

@@ -44,6 +44,12 @@ struct ClientOptions {
   // `retry_backoff`, then twice that, ... (at most 10 s) in between.
   int upload_retries = 5;
   absl::Duration retry_backoff = absl::Milliseconds(200);
+  // Uploads smaller than this are hashed before they are sent (their bytes
+  // are read twice, the second time from the page cache), so that the
+  // upload id comes from the content and an identical file anywhere
+  // resumes or reuses the same upload. Larger ones are hashed while they
+  // are sent (read once), and their id comes from the files' identity.
+  int64_t dedup_below_bytes = int64_t{64} << 20;
 };
 
 // Called with bytes done and bytes total as a transfer advances.
@@ -58,10 +64,14 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 // True for SUCCEEDED, FAILED and CANCELLED.
 bool IsFinal(amalgam::v1::JobState state);
 
-// One file of what an upload sends, and its size when the upload began.
+// One file of what an upload sends: its size, device, inode and
+// modification time (ns) when the upload began.
 struct UploadPart {
   std::string path;
   int64_t size = 0;
+  uint64_t device = 0;
+  uint64_t inode = 0;
+  int64_t mtime_ns = 0;
 };
 
 // A connection to one server. Methods return the server's status code and
@@ -75,20 +85,25 @@ class Client {
 
   Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel);
 
-  // Hashes the file at `path` (sha256, size), or the files of the model
-  // directory at `path` one after the other, then streams it as a
-  // resumable upload: when the stream breaks, asks the server how much it
-  // holds (GetUpload) and sends the rest, as `upload_retries` allows.
-  // `describes` names the weights artifact that a gram or fisher file belongs
-  // to (may be empty). `upload_id` names the upload; by default it is derived
-  // from kind, name, describes, size and sha256, so uploading the same file
-  // again after an interruption (from any process) resumes it. NOT_FOUND
-  // when the file is missing. Returns the new artifact.
+  // Streams the file at `path`, or the files of the model directory at
+  // `path` one after the other, as a resumable upload, hashing while it
+  // sends (the digest goes in the trailer): when the stream breaks, asks
+  // the server how much it holds (GetUpload), checks that the file still
+  // begins with those bytes (FAILED_PRECONDITION naming it otherwise) and
+  // sends the rest, as `upload_retries` allows. `describes` names the
+  // weights artifact that a gram or fisher file belongs to (may be empty).
+  // `upload_id` names the upload; by default it is derived from kind, name,
+  // describes, size and the files' names, sizes, devices, inodes and
+  // modification times, so uploading the same files again after an
+  // interruption (from any process) resumes it. With `dedup`, or under
+  // `dedup_below_bytes`, the files are hashed first and the id comes from
+  // the sha256 instead. NOT_FOUND when the file is missing. Returns the new
+  // artifact.
   absl::StatusOr<amalgam::v1::Artifact> Upload(
       amalgam::v1::ArtifactKind kind, const std::string& path,
       const std::string& name, const std::string& describes,
       const ProgressCallback& progress = nullptr,
-      const std::string& upload_id = "");
+      const std::string& upload_id = "", bool dedup = false);
   // How many bytes of upload `upload_id` the server holds.
   absl::StatusOr<amalgam::v1::UploadStatus> GetUpload(
       const std::string& upload_id);
@@ -134,11 +149,14 @@ class Client {
   CheckHealth(const std::string& service = "");
 
  private:
-  // One upload stream: the header, then the parts' bytes from `offset`.
+  // One upload stream: the header, then the parts' bytes from `offset`
+  // (the first `offset` bytes are read to check they hash to
+  // `held_sha256`), then a trailer with the sha256 where the header has
+  // none.
   absl::StatusOr<amalgam::v1::Artifact> SendUpload(
       const amalgam::v1::UploadHeader& header,
       const std::vector<UploadPart>& parts, int64_t offset,
-      const ProgressCallback& progress);
+      const std::string& held_sha256, const ProgressCallback& progress);
   // Sets metadata (token) and, for unary calls, the deadline.
   void Prepare(grpc::ClientContext* context, bool unary) const;
   // One unary call, prepared as above; its status as absl's.

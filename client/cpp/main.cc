@@ -393,7 +393,8 @@ int RunUpload(Context& ctx, const Args& args) {
   const std::string name = args.Value("--name", LastComponent(path));
   StatusLine line;
   auto artifact = ctx.client->Upload(kind, path, name, args.Value("--for"),
-                                     line.Transfer("upload " + name));
+                                     line.Transfer("upload " + name), "",
+                                     args.Has("--dedup"));
   line.Done();
   if (!artifact.ok()) return Fail(artifact.status());
   std::cout << artifact->id() << std::endl;
@@ -959,11 +960,14 @@ struct Command {
 const std::vector<Command>& Commands() {
   static const auto* commands = new std::vector<Command>{
       {"upload",
-       "weights|gram|fisher PATH [--name N] [--for ID]",
+       "weights|gram|fisher PATH [--name N] [--for ID] [--dedup]",
        "upload a safetensors file or a model directory (shards,\n"
-       "index, config and tokenizer files); prints the artifact id",
+       "index, config and tokenizer files), reading it once; prints\n"
+       "the artifact id. --dedup hashes it first, so that the same\n"
+       "content under the same name (from any path or process)\n"
+       "resumes or reuses one upload (always done under 64 MiB)",
        RunUpload,
-       {{"--name", "--for"}, {}, {}}},
+       {{"--name", "--for"}, {"--dedup"}, {}}},
       {"ls", "", "list artifacts", RunLs, {}},
       {"show", "ID", "show an artifact: metadata and tensors", RunShow, {}},
       {"rm",

@@ -103,6 +103,8 @@ class DurabilityTest : public ::testing::Test {
     options.token = token;
     options.upload_retries = upload_retries;
     options.retry_backoff = absl::Milliseconds(50);
+    // Every upload in one pass, its digest in the trailer.
+    options.dedup_below_bytes = 0;
     return *client::Client::Create(options);
   }
 
@@ -137,8 +139,13 @@ class DurabilityTest : public ::testing::Test {
     header->set_kind(v1::ARTIFACT_KIND_WEIGHTS);
     header->set_name("large");
     header->set_size_bytes(static_cast<int64_t>(fs::file_size(path)));
-    header->set_sha256(*core::Sha256File(path));
     header->set_upload_id(upload_id);
+    return request;
+  }
+
+  static v1::UploadRequest Trailer(const std::string& sha256) {
+    v1::UploadRequest request;
+    request.mutable_trailer()->set_sha256(sha256);
     return request;
   }
 
@@ -150,7 +157,8 @@ class DurabilityTest : public ::testing::Test {
     return request;
   }
 
-  // Sends the header and the first `bytes` of `path`, then half-closes.
+  // Sends the header and the first `bytes` of `path` (with the trailer when
+  // that is all of it), then half-closes.
   grpc::Status SendPrefix(const std::string& path, const std::string& id,
                           int64_t bytes) {
     const std::string content = ReadFile(path);
@@ -158,6 +166,9 @@ class DurabilityTest : public ::testing::Test {
     for (int64_t offset = 0; offset < bytes; offset += kMiB) {
       upload->writer->Write(
           Chunk(content, offset, std::min(kMiB, bytes - offset)));
+    }
+    if (bytes == static_cast<int64_t>(content.size())) {
+      upload->writer->Write(Trailer(*core::Sha256File(path)));
     }
     upload->writer->WritesDone();
     return upload->writer->Finish();
@@ -318,6 +329,68 @@ TEST_F(DurabilityTest, KillDuringUploadThenResumeAfterRestart) {
   ASSERT_TRUE(artifact.ok()) << artifact.status();
   EXPECT_EQ(first_offset, held->committed_bytes());
   ExpectDownloadMatches(alice.get(), artifact->id(), path);
+}
+
+TEST_F(DurabilityTest,
+       AWrongOrMissingDigestInTheTrailerIsRefusedAndNothingIsKept) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  const std::string content = ReadFile(path);
+  const int64_t size = static_cast<int64_t>(content.size());
+  auto alice = Connect("alice-token");
+  auto send = [&](const std::string& id, const std::string& sha256,
+                  bool trailer_first) {
+    auto upload = OpenStream(path, id);
+    if (trailer_first) upload->writer->Write(Trailer(sha256));
+    for (int64_t offset = 0; offset < size; offset += kMiB) {
+      upload->writer->Write(
+          Chunk(content, offset, std::min(kMiB, size - offset)));
+    }
+    if (!trailer_first && !sha256.empty())
+      upload->writer->Write(Trailer(sha256));
+    upload->writer->WritesDone();
+    return upload->writer->Finish();
+  };
+  const std::string wrong(64, 'a');
+  grpc::Status status = send("wrong-digest", wrong, false);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(status.error_message(), HasSubstr("but the trailer declared"));
+  EXPECT_EQ(alice->GetUpload("wrong-digest").status().code(),
+            absl::StatusCode::kNotFound)
+      << "bytes that fail verification are discarded";
+  status = send("no-digest", "", false);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("without its sha256"));
+  status = send("early-digest", *core::Sha256File(path), true);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("trailer after 0 of"));
+  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 0);
+  // The right digest after the last byte makes the artifact.
+  status = send("right-digest", *core::Sha256File(path), false);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(alice->ListArtifacts()->artifacts_size(), 1);
+}
+
+TEST_F(DurabilityTest, ResumingAFileThatChangedIsRefusedNamingIt) {
+  StartServer();
+  const std::string path = WriteLargeModel(dir_);
+  ASSERT_FALSE(SendPrefix(path, "changed", 2 * kMiB).ok());
+  // Same size, other first bytes.
+  std::string content = ReadFile(path);
+  content[100] ^= 1;
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << content;
+  auto alice = Connect("alice-token");
+  auto artifact = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "",
+                                nullptr, "changed");
+  EXPECT_EQ(artifact.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(artifact.status().message(), HasSubstr(path));
+  EXPECT_THAT(artifact.status().message(), HasSubstr("changed since upload"));
+  EXPECT_EQ(alice->GetUpload("changed")->committed_bytes(), 2 * kMiB)
+      << "the bytes held stay for a resume of the original file";
+  // Under the derived id, a changed file is another upload: never mixed.
+  auto fresh = alice->Upload(v1::ARTIFACT_KIND_WEIGHTS, path, "large", "");
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  ExpectDownloadMatches(alice.get(), fresh->id(), path);
 }
 
 TEST_F(DurabilityTest, KillDuringMergeReRunsTheJobAfterRestart) {

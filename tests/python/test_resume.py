@@ -17,9 +17,9 @@ from conftest import start_amalgamd
 class SlowClient(amalgam.Client):
     """Sends its chunks with a pause, so the test can act mid-upload."""
 
-    def _upload_requests(self, header, opener, offset, bar):
+    def _upload_requests(self, header, opener, offset, bar, digest):
         self.first_offsets.append(offset)
-        for request in super()._upload_requests(header, opener, offset, bar):
+        for request in super()._upload_requests(header, opener, offset, bar, digest):
             yield request
             time.sleep(0.01)
 
@@ -39,7 +39,8 @@ def upload_through_a_kill(amalgamd_path, root, source, upload_id, kill_at):
     the client, {"artifact": ...} or {"error": ...}, and the new server."""
     process, address = start_amalgamd(amalgamd_path, root)
     port = int(address.rsplit(":", 1)[1])
-    client = SlowClient(address, chunk_size=64 << 10, retry_backoff=0.5)
+    # In one pass (hashed while sent, the digest in the trailer).
+    client = SlowClient(address, chunk_size=64 << 10, retry_backoff=0.5, dedup_below=0)
     client.first_offsets = []
     result = {}
 

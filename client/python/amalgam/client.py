@@ -72,12 +72,16 @@ def _output(shard_size: Optional[int], config_from: Optional[int],
     return output
 
 
-def _derived_upload_id(header: pb.UploadHeader) -> str:
-    """The default upload id: a digest of the header (as the C++ client)."""
+def _derived_upload_id(header: pb.UploadHeader, identity: Sequence[os.stat_result] = ()) -> str:
+    """The default upload id, as the C++ client derives it: a digest of the
+    header and, where the header has no sha256 (the files are hashed while
+    they are sent), of which files these are: device, inode and mtime."""
     text = (f"{header.kind}\n{header.name}\n{header.describes}\n"
             f"{header.size_bytes}\n{header.sha256}")
     # A model directory: how its bytes divide into files, too.
     text += "".join(f"\n{f.name}\n{f.size_bytes}" for f in header.files)
+    if not header.sha256:
+        text += "".join(f"\n{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}" for st in identity)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -292,7 +296,7 @@ class Client:
                  *, timeout: float = 30.0, chunk_size: int = _CHUNK,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
                  tls_key: Optional[str] = None, upload_retries: int = 5,
-                 retry_backoff: float = 0.2):
+                 retry_backoff: float = 0.2, dedup_below: int = 64 << 20):
         address = address or os.environ.get("AMALGAM_SERVER", "127.0.0.1:50051")
         token = token if token is not None else os.environ.get("AMALGAM_TOKEN")
         options = [("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -319,6 +323,7 @@ class Client:
         self._chunk = chunk_size
         self._upload_retries = upload_retries
         self._retry_backoff = retry_backoff
+        self._dedup_below = dedup_below
 
     def close(self) -> None:
         self._channel.close()
@@ -338,15 +343,23 @@ class Client:
     # --- artifacts -------------------------------------------------------
 
     def upload_weights(self, source: Source, *, name: Optional[str] = None,
-                       upload_id: Optional[str] = None) -> pb.Artifact:
+                       upload_id: Optional[str] = None, dedup: bool = False) -> pb.Artifact:
         """Uploads weights from a safetensors file, a model directory (its
         shards and index, config and tokenizer files) or a
         ``dict[str, Tensor]``.
 
-        Every upload is resumable. ``upload_id`` names it; by default it is
-        derived from the kind, name, size and sha256, so uploading the same
-        source again after an interruption (from any process) resumes it."""
-        return self._upload(pb.ARTIFACT_KIND_WEIGHTS, source, name, None, {}, upload_id)
+        Files are read once: hashed while they are sent, the digest in the
+        stream's trailer. Every upload is resumable. ``upload_id`` names it;
+        by default it is derived from the kind, name, size and the files'
+        device, inode and mtime, so uploading the same files again after an
+        interruption (from any process) resumes it. With ``dedup`` (always
+        under ``dedup_below`` bytes, 64 MiB) they are hashed first and the
+        id comes from the sha256: the same content under the same name
+        reuses one upload from any path. Resuming checks that the files
+        still begin with the bytes the server holds (FAILED_PRECONDITION
+        naming them otherwise)."""
+        return self._upload(pb.ARTIFACT_KIND_WEIGHTS, source, name, None, {}, upload_id,
+                            dedup)
 
     def get_upload(self, upload_id: str) -> pb.UploadStatus:
         """How many bytes of upload ``upload_id`` the server holds."""
@@ -380,8 +393,10 @@ class Client:
                             upload_id)
 
     def _upload(self, kind, source, name, describes, metadata,
-                upload_id=None) -> pb.Artifact:
+                upload_id=None, dedup=False) -> pb.Artifact:
         files = []
+        identity = []
+        what = "the upload"
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if metadata:
@@ -393,14 +408,20 @@ class Client:
                          for p, n in parts]
             else:
                 parts = [(path, os.path.getsize(path))]
+            identity = [os.stat(p) for p, _ in parts]
             size = sum(n for _, n in parts)
-            digest = hashlib.sha256()
-            with _ConcatenatedFiles(parts) as f:
-                f.seek(0)
-                for block in iter(lambda: f.read(self._chunk), b""):
-                    digest.update(block)
+            sha256 = ""
+            if dedup or size < self._dedup_below:
+                # Hashed first: the id comes from the content.
+                digest = hashlib.sha256()
+                with _ConcatenatedFiles(parts) as f:
+                    f.seek(0)
+                    for block in iter(lambda: f.read(self._chunk), b""):
+                        digest.update(block)
+                sha256 = digest.hexdigest()
             opener = lambda: _ConcatenatedFiles(parts)  # noqa: E731
             name = name or os.path.basename(os.path.normpath(path))
+            what = path
         else:
             tensors = getattr(source, "tensors", source)
             if hasattr(source, "metadata") and callable(source.metadata):
@@ -408,14 +429,14 @@ class Client:
             data = safetensors.dumps(
                 {k: v for k, v in tensors.items()}, metadata or None)
             size = len(data)
-            digest = hashlib.sha256(data)
+            sha256 = hashlib.sha256(data).hexdigest()
             opener = lambda: io.BytesIO(data)  # noqa: E731
             name = name or "state_dict"
         header = pb.UploadHeader(kind=kind, name=name, size_bytes=size,
-                                 sha256=digest.hexdigest(), describes=_ref(describes),
+                                 sha256=sha256, describes=_ref(describes),
                                  upload_id=upload_id, files=files)
         if not upload_id:
-            header.upload_id = _derived_upload_id(header)
+            header.upload_id = _derived_upload_id(header, identity)
         bar = _progress_bar(size, f"upload {name}")
         backoff = self._retry_backoff
         try:
@@ -426,11 +447,12 @@ class Client:
                         # Finished already (that stream's response was lost).
                         return self.get_artifact(held.artifact_id)
                     offset = held.committed_bytes
+                    digest = self._check_held(header, opener, held, what)
                     if bar is not None:
                         bar.n = offset
                         bar.refresh()
                     return self._artifacts.Upload(
-                        self._upload_requests(header, opener, offset, bar),
+                        self._upload_requests(header, opener, offset, bar, digest),
                         metadata=self._metadata).artifact
                 except grpc.RpcError as rpc_error:
                     error = AmalgamError.from_rpc(rpc_error)
@@ -454,15 +476,43 @@ class Client:
                 return pb.UploadStatus(upload_id=upload_id)
             raise
 
-    def _upload_requests(self, header, opener, offset, bar):
+    def _check_held(self, header, opener, held, what):
+        """Reads the bytes the server holds of the upload from the source
+        and checks they are the ones it holds (FAILED_PRECONDITION naming
+        the source otherwise). Returns the sha256 of them, to go on with."""
+        digest = hashlib.sha256()
+        with opener() as f:
+            f.seek(0)
+            left = held.committed_bytes
+            while left > 0:
+                block = f.read(min(self._chunk, left))
+                if not block:
+                    break
+                digest.update(block)
+                left -= len(block)
+        if held.committed_bytes and digest.hexdigest() != held.held_sha256:
+            raise AmalgamError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{what} changed since upload {header.upload_id} began: its first "
+                f"{held.committed_bytes} bytes are not the ones the server holds; "
+                "upload it under a new upload id")
+        return digest
+
+    def _upload_requests(self, header, opener, offset, bar, digest):
+        """The stream: the header, the bytes from `offset` (hashed on into
+        `digest`), and, where the header has no sha256, the trailer."""
         yield pb.UploadRequest(header=header)
         with opener() as f:
             f.seek(offset)
             for block in iter(lambda: f.read(self._chunk), b""):
+                if not header.sha256:
+                    digest.update(block)
                 yield pb.UploadRequest(chunk=pb.UploadChunk(offset=offset, data=block))
                 offset += len(block)
                 if bar is not None:
                     bar.update(len(block))
+        if not header.sha256:
+            yield pb.UploadRequest(trailer=pb.UploadTrailer(sha256=digest.hexdigest()))
 
     def list_artifacts(self, kind: Optional[str] = None) -> List[pb.Artifact]:
         request = pb.ListArtifactsRequest()
