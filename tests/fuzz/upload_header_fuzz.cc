@@ -22,12 +22,20 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       amalgam::server::ValidateUploadHeader(header, kMaxUploadBytes);
   if (status.ok()) {
     // What the checks promise to the code that runs after them.
+    // (An empty sha256: the trailer carries it.)
     if (header.size_bytes() < 1 || header.size_bytes() > kMaxUploadBytes ||
-        header.sha256().size() != 64 ||
+        (!header.sha256().empty() && header.sha256().size() != 64) ||
         header.upload_id().size() > amalgam::server::kMaxUploadIdBytes ||
         header.name().size() > amalgam::server::kMaxNameBytes) {
       std::abort();
     }
+    // A model directory's files add up to the whole.
+    int64_t total = 0;
+    for (const amalgam::v1::ModelFile& file : header.files()) {
+      if (file.size_bytes() < 1) std::abort();
+      total += file.size_bytes();
+    }
+    if (header.files_size() > 0 && total != header.size_bytes()) std::abort();
   } else if (status.code() == absl::StatusCode::kResourceExhausted) {
     if (header.size_bytes() <= kMaxUploadBytes) std::abort();
   } else if (status.code() != absl::StatusCode::kInvalidArgument) {
