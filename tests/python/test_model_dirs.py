@@ -13,7 +13,7 @@ import torch
 import amalgam
 from amalgam import safetensors
 from conftest import start_amalgamd
-from test_resume import upload_through_a_kill
+from test_resume import cut_after_first_mib, upload_through_a_kill
 
 CONFIG = {"model_type": "bert", "hidden_size": 8, "torch_dtype": "float32"}
 TOKENIZER = {"version": "1.0", "model": {"type": "WordPiece", "vocab": {"[UNK]": 0}}}
@@ -237,14 +237,8 @@ def test_the_cli_finishes_a_directory_upload_that_python_began(tmp_path, server,
         files=[pb.ModelFile(name=p.name, size_bytes=p.stat().st_size) for p in paths])
     header.upload_id = _derived_upload_id(header)
 
-    def first_mib():
-        yield pb.UploadRequest(header=header)
-        yield pb.UploadRequest(chunk=pb.UploadChunk(offset=0, data=data[:1 << 20]))
-
     with amalgam.Client(server) as client:
-        with pytest.raises(Exception):
-            client._artifacts.Upload(first_mib())
-        assert client.get_upload(header.upload_id).committed_bytes == 1 << 20
+        cut_after_first_mib(client, header, data)
         run = subprocess.run([cli_path, "--server", server, "upload", "weights", str(source)],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr

@@ -12,6 +12,7 @@ import torch
 import amalgam
 from amalgam import client as client_module
 from amalgam.v1 import amalgam_pb2 as pb
+from test_resume import cut_after_first_mib
 
 
 class RecordingClient(amalgam.Client):
@@ -64,15 +65,9 @@ def test_resuming_a_file_that_changed_is_refused_naming_it(server, tmp_path):
     header = pb.UploadHeader(kind=pb.ARTIFACT_KIND_WEIGHTS, name="changing",
                              size_bytes=len(data), upload_id="py-changed")
 
-    def first_mib():
-        yield pb.UploadRequest(header=header)
-        yield pb.UploadRequest(chunk=pb.UploadChunk(offset=0, data=data[:1 << 20]))
-
     with amalgam.Client(server, dedup_below=0) as client:
-        with pytest.raises(Exception):
-            client._artifacts.Upload(first_mib())
+        cut_after_first_mib(client, header, data)
         held = client.get_upload("py-changed")
-        assert held.committed_bytes == 1 << 20
         assert held.held_sha256 == hashlib.sha256(data[:1 << 20]).hexdigest()
         changed = bytearray(data)
         changed[10] ^= 1
@@ -93,17 +88,8 @@ def test_the_cli_finishes_a_one_pass_upload_that_python_began(server, cli_path, 
     size = path.stat().st_size
     header = pb.UploadHeader(kind=pb.ARTIFACT_KIND_WEIGHTS, name="big", size_bytes=size)
     header.upload_id = client_module._derived_upload_id(header, [os.stat(path)])
-    with open(path, "rb") as f:
-        first = f.read(1 << 20)
-
-    def first_mib():
-        yield pb.UploadRequest(header=header)
-        yield pb.UploadRequest(chunk=pb.UploadChunk(offset=0, data=first))
-
     with amalgam.Client(server) as client:
-        with pytest.raises(Exception):
-            client._artifacts.Upload(first_mib())
-        assert client.get_upload(header.upload_id).committed_bytes == 1 << 20
+        cut_after_first_mib(client, header, path.read_bytes())
         run = subprocess.run([cli_path, "--server", server, "upload", "weights", str(path),
                               "--name", "big"], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr

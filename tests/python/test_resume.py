@@ -32,6 +32,18 @@ def weights(tmp_path):
     return path
 
 
+def cut_after_first_mib(client, header, data):
+    """Sends `header` and the first MiB of `data`, then ends the stream (no
+    more bytes, no trailer): the server holds that MiB of the upload."""
+    def first_mib():
+        yield pb.UploadRequest(header=header)
+        yield pb.UploadRequest(chunk=pb.UploadChunk(offset=0, data=data[:1 << 20]))
+
+    with pytest.raises(Exception):
+        client._artifacts.Upload(first_mib())
+    assert client.get_upload(header.upload_id).committed_bytes == 1 << 20
+
+
 def upload_through_a_kill(amalgamd_path, root, source, upload_id, kill_at):
     """Uploads `source` (resumable, as `upload_id`) on a thread through a
     server at `root` that is killed (-9) once it holds `kill_at` bytes of it
@@ -126,14 +138,8 @@ def test_rerunning_the_cli_resumes_an_upload_cut_in_python(tmp_path, server, cli
                              size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     header.upload_id = _derived_upload_id(header)
 
-    def first_mib():
-        yield pb.UploadRequest(header=header)
-        yield pb.UploadRequest(chunk=pb.UploadChunk(offset=0, data=data[:1 << 20]))
-
     with amalgam.Client(server) as client:
-        with pytest.raises(Exception):
-            client._artifacts.Upload(first_mib())
-        assert client.get_upload(header.upload_id).committed_bytes == 1 << 20
+        cut_after_first_mib(client, header, data)
         run = subprocess.run([cli_path, "--server", server, "upload", "weights",
                               str(weights), "--name", "rerun"],
                              capture_output=True, text=True, timeout=60)
