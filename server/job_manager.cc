@@ -224,18 +224,15 @@ absl::Status JobManager::PrepareGrow(const v1::Job& job, Prepared* prepared) {
   AMALGAM_ASSIGN_OR_RETURN(
       prepared->grow_b, OpenInput(job, spec.b_id(), v1::ARTIFACT_KIND_WEIGHTS,
                                   "grow.b_id", prepared));
+  const std::string b_id = spec.b_id().empty() ? spec.a_id() : spec.b_id();
   AMALGAM_ASSIGN_OR_RETURN(const ResultOptions output,
-                           ParseResultOptions(spec.output(), "grow.output"));
+                           PrepareOutput(spec.output(), "grow.output",
+                                         {spec.a_id(), b_id}, "", prepared));
   options.shard_bytes = output.shard_bytes;
   options.out_dtype = output.out_dtype;
   AMALGAM_ASSIGN_OR_RETURN(
       prepared->grow_plan,
       core::PlanGrow(*prepared->grow_a, prepared->grow_b, options));
-  const std::string b_id = spec.b_id().empty() ? spec.a_id() : spec.b_id();
-  AMALGAM_ASSIGN_OR_RETURN(const std::string source,
-                           ConfigSource(spec.output(), "grow.output",
-                                        {spec.a_id(), b_id}, spec.a_id()));
-  prepared->config_from = prepared->artifacts.at(source);
   AMALGAM_ASSIGN_OR_RETURN(
       const std::string config_a,
       ReadConfig(*storage_, prepared->artifacts.at(spec.a_id())));
@@ -272,9 +269,12 @@ absl::Status JobManager::PrepareSweep(const v1::Job& job, Prepared* prepared) {
                            "sweep.b_id", prepared));
   prepared->inputs = {a, b};
   prepared->options.method = core::MergeMethod::kWeighted;
-  AMALGAM_RETURN_IF_ERROR(PrepareOutput(spec.output(), "sweep.output",
-                                        {spec.a_id(), spec.b_id()}, spec.a_id(),
-                                        prepared));
+  AMALGAM_ASSIGN_OR_RETURN(
+      const ResultOptions output,
+      PrepareOutput(spec.output(), "sweep.output", {spec.a_id(), spec.b_id()},
+                    "", prepared));
+  prepared->options.shard_bytes = output.shard_bytes;
+  prepared->options.out_dtype = output.out_dtype;
   AMALGAM_ASSIGN_OR_RETURN(
       prepared->plan, core::PlanMerge(prepared->inputs, prepared->options));
   for (int k = 0; k < spec.steps(); ++k) {
@@ -365,23 +365,22 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
   for (const v1::MergeModel& model : spec.models()) {
     models.push_back(model.weights_id());
   }
-  AMALGAM_RETURN_IF_ERROR(
-      PrepareOutput(spec.output(), "merge.output", models,
-                    spec.base_id().empty() ? "" : spec.base_id(), prepared));
+  AMALGAM_ASSIGN_OR_RETURN(const ResultOptions output,
+                           PrepareOutput(spec.output(), "merge.output", models,
+                                         spec.base_id(), prepared));
+  options.shard_bytes = output.shard_bytes;
+  options.out_dtype = output.out_dtype;
   AMALGAM_ASSIGN_OR_RETURN(prepared->plan,
                            core::PlanMerge(prepared->inputs, options));
   return absl::OkStatus();
 }
 
-absl::Status JobManager::PrepareOutput(const v1::OutputOptions& output,
-                                       const std::string& field,
-                                       const std::vector<std::string>& inputs,
-                                       const std::string& fallback,
-                                       Prepared* prepared) {
+absl::StatusOr<ResultOptions> JobManager::PrepareOutput(
+    const v1::OutputOptions& output, const std::string& field,
+    const std::vector<std::string>& inputs, const std::string& fallback,
+    Prepared* prepared) {
   AMALGAM_ASSIGN_OR_RETURN(const ResultOptions options,
                            ParseResultOptions(output, field));
-  prepared->options.shard_bytes = options.shard_bytes;
-  prepared->options.out_dtype = options.out_dtype;
   AMALGAM_ASSIGN_OR_RETURN(
       const std::string source,
       ConfigSource(
@@ -389,7 +388,7 @@ absl::Status JobManager::PrepareOutput(const v1::OutputOptions& output,
           fallback.empty() && !inputs.empty() ? inputs.front() : fallback));
   auto found = prepared->artifacts.find(source);
   if (found != prepared->artifacts.end()) prepared->config_from = found->second;
-  return absl::OkStatus();
+  return options;
 }
 
 absl::Status JobManager::ResolveLinkedStatistics(const std::string& owner,

@@ -20,6 +20,7 @@
 #include "core/grow.h"
 #include "core/merge.h"
 #include "server/metrics.h"
+#include "server/results.h"
 #include "server/sql.h"
 #include "server/storage.h"
 
@@ -151,13 +152,13 @@ class JobManager {
   absl::Status PrepareMerge(const v1::Job& job, Prepared* prepared);
   absl::Status PrepareSweep(const v1::Job& job, Prepared* prepared);
   absl::Status PrepareGrow(const v1::Job& job, Prepared* prepared);
-  // Sets the result options of `output` (named `field`) and the input whose
+  // The result options of `output` (named `field`); sets the input whose
   // side files the results get (`output.config_from` of `inputs`, else
   // `fallback`, else the first input).
-  absl::Status PrepareOutput(const v1::OutputOptions& output,
-                             const std::string& field,
-                             const std::vector<std::string>& inputs,
-                             const std::string& fallback, Prepared* prepared);
+  absl::StatusOr<ResultOptions> PrepareOutput(
+      const v1::OutputOptions& output, const std::string& field,
+      const std::vector<std::string>& inputs, const std::string& fallback,
+      Prepared* prepared);
   // Opens artifact `id` (empty: nullptr) of `kind` for the job's owner,
   // keeping the reader in `prepared`; `field` names it in errors.
   absl::StatusOr<const core::SafetensorsReader*> OpenInput(

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
+from typing import (Dict, Iterable, Iterator, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
 import grpc
@@ -125,16 +125,14 @@ class _ConcatenatedFiles:
         return b""
 
 
-def _model_files(directory: str) -> List[Tuple[str, int]]:
-    """The files of a model directory, sorted by name, with their sizes."""
-    parts = []
-    for entry in sorted(os.listdir(directory)):
-        path = os.path.join(directory, entry)
+def _model_files(directory: str) -> List[str]:
+    """The files of a model directory, sorted by name."""
+    paths = [os.path.join(directory, entry) for entry in sorted(os.listdir(directory))]
+    for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"{path} is not a regular file; a model directory "
                              "holds files only")
-        parts.append((path, os.path.getsize(path)))
-    return parts
+    return paths
 
 
 class AmalgamError(Exception):
@@ -402,13 +400,13 @@ class Client:
             if metadata:
                 raise ValueError("metadata options apply to in-memory uploads only; "
                                  "a file carries its own __metadata__")
+            paths = _model_files(path) if os.path.isdir(path) else [path]
+            # One stat per file: its size and its identity, as of now.
+            identity = [os.stat(p) for p in paths]
+            parts = [(p, st.st_size) for p, st in zip(paths, identity)]
             if os.path.isdir(path):
-                parts = _model_files(path)
                 files = [pb.ModelFile(name=os.path.basename(p), size_bytes=n)
                          for p, n in parts]
-            else:
-                parts = [(path, os.path.getsize(path))]
-            identity = [os.stat(p) for p, _ in parts]
             size = sum(n for _, n in parts)
             sha256 = ""
             if dedup or size < self._dedup_below:
