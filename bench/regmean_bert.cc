@@ -1,11 +1,13 @@
 // RegMean of 3 BERT-base-shaped models (12 layers, hidden 768, intermediate
 // 3072; random weights and random positive definite Grams) in one run:
-// core::ExecuteMerge against a straightforward PyTorch implementation of the
-// paper's formula (bench/regmean_reference.py run by /usr/bin/python3 on the
-// same files), and the merge's GFLOP/s against this machine's float64 matmul
-// rate measured here.
+// core::ExecuteMerge in each precision asked for against two PyTorch
+// implementations of the paper's formula (bench/regmean_reference.py run by
+// /usr/bin/python3 on the same files: a float64 solve, the ground truth of
+// the errors, and the RegMean authors' float32 style), and the merge's
+// GFLOP/s against this machine's float64 matmul rate measured here.
 //
 //   regmean_bert [--dir build/regmean-bert] [--layers 12]
+//                [--precision float64,float32]
 #include <ATen/ATen.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -31,6 +33,9 @@
 ABSL_FLAG(std::string, dir, "build/regmean-bert", "scratch directory");
 ABSL_FLAG(int, layers, 12, "encoder layers");
 ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads; 0 keeps its default");
+ABSL_FLAG(std::vector<std::string>, precision,
+          std::vector<std::string>({"float64", "float32"}),
+          "amalgam's RegMean precisions to run, one row each");
 ABSL_FLAG(bool, reference, true,
           "also run the PyTorch reference (bench/regmean_reference.py)");
 
@@ -133,7 +138,10 @@ double MatmulGflops() {
   return best;
 }
 
-int RunMerge(const std::string& dir) {
+// Merges into `out` in `precision`; writes the fast mode's counts (weights
+// solved in float32, redone in float64) to `out`/counts.
+int RunMerge(const std::string& dir, core::RegMeanPrecision precision,
+             const std::string& out) {
   std::vector<std::unique_ptr<core::SafetensorsReader>> readers;
   std::vector<core::MergeInput> inputs;
   for (int m = 0; m < kModels; ++m) {
@@ -150,18 +158,54 @@ int RunMerge(const std::string& dir) {
   core::MergeOptions options;
   options.method = core::MergeMethod::kRegMean;
   options.alpha = kAlpha;
+  options.precision = precision;
   auto plan = core::PlanMerge(inputs, options);
   if (!plan.ok()) {
     std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
     return 1;
   }
-  absl::Status status = core::ExecuteMerge(*plan, inputs, options,
-                                           dir + "/merged", nullptr, nullptr);
+  core::MergeProgress last;
+  absl::Status status = core::ExecuteMerge(
+      *plan, inputs, options, out,
+      [&last](const core::MergeProgress& p) { last = p; }, nullptr);
   if (!status.ok()) {
     std::fprintf(stderr, "%s\n", status.ToString().c_str());
     return 1;
   }
-  return 0;
+  std::FILE* counts = std::fopen((out + "/counts").c_str(), "w");
+  if (counts == nullptr) return 1;
+  std::fprintf(counts, "%lld %lld\n", static_cast<long long>(last.fast_solves),
+               static_cast<long long>(last.fast_fallbacks));
+  return std::fclose(counts) == 0 ? 0 : 1;
+}
+
+// Ours in one precision, run in a child (for its peak RSS).
+struct Ours {
+  std::string precision;
+  double seconds = 0, rss_mib = 0, weight_error = 0, output_error = 0;
+  long long fast_solves = 0, fast_fallbacks = 0;
+};
+
+bool RunOurs(const std::string& dir, Ours* ours) {
+  const core::RegMeanPrecision precision =
+      ours->precision == "float32" ? core::RegMeanPrecision::kFloat32
+                                   : core::RegMeanPrecision::kFloat64;
+  const std::string out = dir + "/merged-" + ours->precision;
+  std::filesystem::remove_all(out);
+  const auto start = Clock::now();
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(RunMerge(dir, precision, out));
+  int status = 0;
+  struct rusage usage {};
+  ::wait4(child, &status, 0, &usage);
+  ours->seconds = Seconds(start);
+  ours->rss_mib = usage.ru_maxrss / 1024.0;
+  std::FILE* counts = std::fopen((out + "/counts").c_str(), "r");
+  const bool read =
+      counts != nullptr && std::fscanf(counts, "%lld %lld", &ours->fast_solves,
+                                       &ours->fast_fallbacks) == 2;
+  if (counts != nullptr) std::fclose(counts);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 && read;
 }
 
 }  // namespace
@@ -180,46 +224,52 @@ int main(int argc, char** argv) {
     Generate(dir, layers);
   }
 
-  // Ours, in a child (for its peak RSS).
-  auto start = Clock::now();
-  const pid_t child = ::fork();
-  if (child == 0) ::_exit(RunMerge(dir));
-  int status = 0;
-  struct rusage usage {};
-  ::wait4(child, &status, 0, &usage);
-  const double ours = Seconds(start);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return 1;
-  const double ours_rss_mib = usage.ru_maxrss / 1024.0;
+  std::vector<Ours> ours;
+  for (const std::string& precision : absl::GetFlag(FLAGS_precision)) {
+    if (precision != "float64" && precision != "float32") {
+      std::fprintf(stderr, "--precision: float64 or float32, not %s\n",
+                   precision.c_str());
+      return 2;
+    }
+    ours.push_back({precision});
+    if (!RunOurs(dir, &ours.back())) return 1;
+  }
 
   // The references, same files, same machine: float64 (the ground truth of
-  // every error), then the authors' style. Each reports its own time (load,
-  // merge, save: no interpreter start-up), peak RSS, and its errors and
-  // ours against the float64 solve.
+  // every error, which also scores ours), then the authors' style. Each
+  // reports its own time (load, merge, save: no interpreter start-up), peak
+  // RSS and errors against the float64 solve.
   struct Reference {
     double seconds = 0, rss_mib = 0, weight_error = 0, output_error = 0;
-    double ours_weight_error = 0, ours_output_error = 0;
   };
-  auto run_reference = [&](const char* style, Reference* r) {
-    const std::string command = absl::StrCat(
+  auto run_reference = [&](const char* style, Reference* r,
+                           std::vector<Ours>* scored) {
+    std::string command = absl::StrCat(
         "PYTHONPATH=", AMALGAM_SOURCE_DIR, "/client/python /usr/bin/python3 ",
         AMALGAM_SOURCE_DIR, "/bench/regmean_reference.py ", dir, " ", kModels,
         " ", kAlpha, " ", style);
+    for (const Ours& o : *scored) {
+      absl::StrAppend(&command, " ", dir, "/merged-", o.precision,
+                      "/model.safetensors");
+    }
     std::FILE* pipe = ::popen(command.c_str(), "r");
-    const bool read =
-        pipe != nullptr &&
-        std::fscanf(pipe,
-                    "seconds=%lf peak_rss_mib=%lf weight_error=%lf "
-                    "output_error=%lf ours_weight_error=%lf "
-                    "ours_output_error=%lf",
-                    &r->seconds, &r->rss_mib, &r->weight_error,
-                    &r->output_error, &r->ours_weight_error,
-                    &r->ours_output_error) == 6;
+    bool read = pipe != nullptr &&
+                std::fscanf(pipe,
+                            " seconds=%lf peak_rss_mib=%lf weight_error=%lf "
+                            "output_error=%lf",
+                            &r->seconds, &r->rss_mib, &r->weight_error,
+                            &r->output_error) == 4;
+    for (Ours& o : *scored) {
+      read = read && std::fscanf(pipe, " weight_error=%lf output_error=%lf",
+                                 &o.weight_error, &o.output_error) == 2;
+    }
     return pipe != nullptr && ::pclose(pipe) == 0 && read;
   };
   Reference float64, authors;
+  std::vector<Ours> none;
   const bool reference = absl::GetFlag(FLAGS_reference);
-  if (reference && (!run_reference("float64", &float64) ||
-                    !run_reference("authors", &authors))) {
+  if (reference && (!run_reference("float64", &float64, &ours) ||
+                    !run_reference("authors", &authors, &none))) {
     std::fprintf(stderr, "a reference failed\n");
     return 1;
   }
@@ -229,30 +279,37 @@ int main(int argc, char** argv) {
   std::printf(
       "| implementation | seconds | speed-up over the authors' style | GFLOP/s "
       "| share of f64 matmul (%.1f GFLOP/s) | peak RSS (MiB) | weight error "
-      "| output error | BLAS core, intra-op threads |\n",
+      "| output error | weights solved in float32 / redone in float64 "
+      "| BLAS core, intra-op threads |\n",
       peak);
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
-  auto row = [&](const char* name, double seconds, double rss_mib,
-                 double weight_error, double output_error) {
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  auto row = [&](const std::string& name, double seconds, double rss_mib,
+                 double weight_error, double output_error,
+                 const std::string& fast) {
     std::printf(
-        "| %s | %.1f | %s | %.1f | %.0f%% | %.0f | %s | %s | %s |\n", name,
-        seconds,
+        "| %s | %.1f | %s | %.1f | %.0f%% | %.0f | %s | %s | %s | %s |\n",
+        name.c_str(), seconds,
         reference ? absl::StrFormat("%.2fx", authors.seconds / seconds).c_str()
                   : "-",
         gflop / seconds, 100 * gflop / seconds / peak, rss_mib,
         reference ? absl::StrFormat("%.2g", weight_error).c_str() : "-",
         reference ? absl::StrFormat("%.2g", output_error).c_str() : "-",
-        core_threads.c_str());
+        fast.c_str(), core_threads.c_str());
   };
-  row("amalgam core::ExecuteMerge", ours, ours_rss_mib,
-      float64.ours_weight_error, float64.ours_output_error);
+  for (const Ours& o : ours) {
+    row(absl::StrCat("amalgam core::ExecuteMerge, precision ", o.precision),
+        o.seconds, o.rss_mib, o.weight_error, o.output_error,
+        o.precision == "float32"
+            ? absl::StrCat(o.fast_solves, " / ", o.fast_fallbacks)
+            : "-");
+  }
   if (reference) {
     row("PyTorch float64 solve (bench/regmean_reference.py float64)",
-        float64.seconds, float64.rss_mib, 0.0, 0.0);
+        float64.seconds, float64.rss_mib, 0.0, 0.0, "-");
     row("PyTorch, the authors' style: float32, torch.inverse "
         "(bench/regmean_reference.py authors)",
         authors.seconds, authors.rss_mib, authors.weight_error,
-        authors.output_error);
+        authors.output_error, "-");
   }
   std::printf(
       "\n%d layers, %d models, %.1f GFLOP per merge (formula count); errors "

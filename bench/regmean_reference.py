@@ -13,14 +13,16 @@ for every linear weight with a Gram; every other tensor is averaged. Two styles:
   of sum G~, all in memory (run after float64).
 
 Reads the files regmean_bert wrote and prints its own time (load, merge,
-save), its peak RSS, and the errors of its result and of amalgam's
-(DIR/merged/model.safetensors) against the float64 solve, two ways: the
+save), its peak RSS and the errors of its result against the float64 solve,
+then a line with the errors of each RESULT (amalgam's merged model files)
+given, two ways: the
 largest relative difference of the weights (max |W - W*| / max |W*| over
 each tensor), and the largest over the weights of the relative difference of
 the merged layer's outputs on the pooled inputs, ||(W - W*) L||_F / ||W* L||_F
 with sum G~ = L L^T (what the model's predictions feel).
 
-    /usr/bin/python3 bench/regmean_reference.py DIR MODELS ALPHA float64|authors
+    /usr/bin/python3 bench/regmean_reference.py DIR MODELS ALPHA float64|authors \
+        [RESULT ...]
 """
 
 import resource
@@ -85,6 +87,7 @@ def errors(result, truth, grams, alpha):
 def main():
     directory, models, alpha, style = (sys.argv[1], int(sys.argv[2]), float(sys.argv[3]),
                                        sys.argv[4])
+    results = sys.argv[5:]
     start = time.monotonic()
     weights = [load(f"{directory}/model{m}.safetensors") for m in range(models)]
     grams = [load(f"{directory}/gram{m}.safetensors") for m in range(models)]
@@ -100,10 +103,11 @@ def main():
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     truth = load(f"{directory}/reference.safetensors")
     own = errors(merged, truth, grams, alpha)
-    ours = errors(load(f"{directory}/merged/model.safetensors"), truth, grams, alpha)
     print(f"seconds={seconds:.3f} peak_rss_mib={peak_mib:.0f} weight_error={own[0]:.3g} "
-          f"output_error={own[1]:.3g} ours_weight_error={ours[0]:.3g} "
-          f"ours_output_error={ours[1]:.3g}")
+          f"output_error={own[1]:.3g}")
+    for result in results:
+        theirs = errors(load(result), truth, grams, alpha)
+        print(f"weight_error={theirs[0]:.3g} output_error={theirs[1]:.3g}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 #include <re2/re2.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -18,7 +17,6 @@
 #include <new>
 #include <system_error>
 #include <thread>
-#include <tuple>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -27,6 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "core/cpu_cache.h"
+#include "core/regmean.h"
 #include "core/runtime.h"
 #include "core/status_macros.h"
 #include "core/torch_util.h"
@@ -99,6 +98,10 @@ absl::Status CheckTaskVectorOptions(const std::vector<MergeInput>& inputs,
     return absl::InvalidArgumentError(
         absl::StrCat(what, " is not a parameter of ", method));
   };
+  if (options.precision != RegMeanPrecision::kFloat64 &&
+      m != MergeMethod::kRegMean) {
+    return unused("precision float32");
+  }
   if (!IsTaskVectorMethod(m)) {
     if (options.base.weights != nullptr) return unused("a base model");
     if (task.lambda || task.density || task.seed || task.t ||
@@ -747,219 +750,31 @@ at::Tensor MergeFisher(const ExecContext& ctx,
   return at::where(use_average, avg, num.div(den));
 }
 
-// Cholesky factorisation, recursive: the two half-size factorisations are
-// joined by a triangular solve and a product, both at the BLAS's
-// matrix-multiply speed (LAPACK's potrf alone reached 46 of the 119 GFLOP/s
-// a float64 matmul gets on the 2-core bench machine; this, 63).
-constexpr int64_t kCholeskyLeaf = 512;
-
-// c -= p p^T on the lower triangle of c (diagonal blocks of up to
-// kCholeskyLeaf rows in full): half the product's work.
-void SubtractLowerProduct(at::Tensor c, const at::Tensor& p) {
-  const int64_t m = c.size(0);
-  if (m <= kCholeskyLeaf) {
-    c.addmm_(p, p.t(), /*beta=*/1.0, /*alpha=*/-1.0);
-    return;
-  }
-  const int64_t h = m / 2;
-  const at::Tensor top = p.narrow(0, 0, h);
-  const at::Tensor bottom = p.narrow(0, h, m - h);
-  SubtractLowerProduct(c.narrow(0, 0, h).narrow(1, 0, h), top);
-  c.narrow(0, h, m - h).narrow(1, 0, h).addmm_(bottom, top.t(), 1.0, -1.0);
-  SubtractLowerProduct(c.narrow(0, h, m - h).narrow(1, h, m - h), bottom);
-}
-
-// Overwrites the lower triangle of the symmetric `a` (only that triangle is
-// read) with its Cholesky factor L, a = L L^T; the strict upper triangle is
-// left with whatever it held. False where `a` is not positive definite.
-bool CholeskyInPlace(at::Tensor a) {
-  const int64_t n = a.size(0);
-  if (n <= kCholeskyLeaf) {
-    at::Tensor l, info;
-    std::tie(l, info) = at::linalg_cholesky_ex(a);
-    if (info.item<int64_t>() != 0) return false;
-    a.copy_(l);
-    return true;
-  }
-  const int64_t h = n / 2;
-  at::Tensor a11 = a.narrow(0, 0, h).narrow(1, 0, h);
-  at::Tensor a21 = a.narrow(0, h, n - h).narrow(1, 0, h);
-  if (!CholeskyInPlace(a11)) return false;
-  // L21 = A21 L11^-T.
-  a21.copy_(at::linalg_solve_triangular(a11.t(), a21, /*upper=*/true,
-                                        /*left=*/false));
-  at::Tensor a22 = a.narrow(0, h, n - h).narrow(1, h, n - h);
-  SubtractLowerProduct(a22, a21);
-  return CholeskyInPlace(a22);
-}
-
-// Whether a factorisation's pivots (positive: Cholesky's l_ii^2, LU's
-// |u_ii|) describe a system that is not singular to `epsilon`: the smallest
-// pivot above n epsilon times the largest. A rounded factorisation of an
-// exactly singular system can succeed with a tiny positive pivot, and its
-// solution is then finite garbage (weights of 1e13): both factorisations are
-// held to this one threshold.
-bool PivotsAreRegular(const at::Tensor& pivots, double epsilon) {
-  const at::Tensor p = pivots.to(at::kDouble);
-  const double ratio =
-      p.min().item<double>() / std::max(p.max().item<double>(), DBL_MIN);
-  return ratio > static_cast<double>(p.numel()) * epsilon;
-}
-
-// x = (L L^T)^-1 b, from the lower triangle of `l`.
-at::Tensor CholeskySolve(const at::Tensor& l, const at::Tensor& b) {
-  return at::linalg_solve_triangular(
-      l.t(), at::linalg_solve_triangular(l, b, /*upper=*/false),
-      /*upper=*/true);
-}
-
-// The RegMean closed form, in float64.
-// Mixed-precision refinement of a float32 solve: at most this many steps, to
-// a last correction this small relative to the solution.
-constexpr int kRefinementSteps = 10;
-constexpr double kRefinedTolerance = 1e-10;
-
-bool UseFloat32Solve(const MergeOptions& options, const at::Device& device) {
-  switch (options.regmean_solve) {
-    case RegMeanSolve::kFloat32:
-      return true;
-    case RegMeanSolve::kFloat64:
-      return false;
-    case RegMeanSolve::kAuto:
-      break;
-  }
-  return device.is_cuda();
-}
-
 absl::StatusOr<at::Tensor> MergeRegMean(
     const ExecContext& ctx, const std::string& name,
     const std::vector<const TensorInfo*>& weights,
     const std::vector<const TensorInfo*>& grams) {
   const auto& inputs = *ctx.inputs;
-  const auto& c = ctx.plan->coefficients;
-  const double alpha = ctx.options->alpha;
-  // a = sum G~_i [in, in], b = sum G~_i W_i^T [in, out], where
-  // G~ = c s (alpha G + (1 - alpha) diag(G)) = factor H. H is made in the
-  // float64 copy of G and factor folded into the accumulating add and GEMM,
-  // so each Gram is read once for a and once for b. Usually H is G with its
-  // diagonal divided by alpha (factor c s alpha); for alpha below
-  // kFoldedAlpha, where 1/alpha could overflow, H is alpha G with G's own
-  // diagonal (factor c s; for alpha 0, the diagonal alone).
-  constexpr double kFoldedAlpha = 1e-6;
-  at::Tensor a, b;
+  RegMeanSystem system;
+  system.name = name;
+  system.coefficients = ctx.plan->coefficients;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    const at::Tensor w =
-        Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
-    const double scale = c[i] * ctx.plan->gram_scale[i];
-    at::Tensor h = Load(*inputs[i].gram, *grams[i], at::kDouble, ctx.device);
-    if (h.data_ptr() ==
-        static_cast<const void*>(inputs[i].gram->Data(*grams[i]).data())) {
-      h = h.clone();  // F64 Grams alias the read-only mapping
-    }
-    double factor = scale;
-    if (alpha >= kFoldedAlpha) {
-      h.diagonal().div_(alpha);
-      factor = alpha * scale;
-    } else {
-      const at::Tensor diagonal = h.diagonal().clone();
-      h.mul_(alpha);
-      h.diagonal().copy_(diagonal);
-    }
-    if (i == 0) {
-      a = h.mul(factor);
-      b = at::empty({h.size(0), w.size(0)}, h.options());
-    } else {
-      a.add_(h, factor);
-    }
-    b.addmm_(h, w.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/factor);
+    system.scales.push_back(ctx.plan->coefficients[i] *
+                            ctx.plan->gram_scale[i]);
   }
-  // The weighted average sum c_i W_i^T [in, out], for columns not solved.
-  auto average = [&]() {
-    at::Tensor sum;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      const at::Tensor wt =
-          Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device).t();
-      sum = i == 0 ? wt.mul(c[i]) : sum.add_(wt, c[i]);
+  system.alpha = ctx.options->alpha;
+  system.load = [&](size_t i, bool gram, at::ScalarType type, bool writable) {
+    const SafetensorsReader& reader =
+        gram ? *inputs[i].gram : *inputs[i].weights;
+    const TensorInfo& info = gram ? *grams[i] : *weights[i];
+    at::Tensor t = Load(reader, info, type, ctx.device);
+    if (writable &&
+        t.data_ptr() == static_cast<const void*>(reader.Data(info).data())) {
+      t = t.clone();  // it aliases the read-only mapping
     }
-    return sum;
+    return t;
   };
-  // A NaN or infinity makes the sum NaN or infinite; only when it is does
-  // the (slower) element-wise test run, to tell an overflowing sum apart.
-  auto all_finite = [](const at::Tensor& t) {
-    return std::isfinite(t.sum().item<double>()) ||
-           at::isfinite(t).all().item<bool>();
-  };
-  // An input feature that is zero in every row of every model has a zero
-  // diagonal entry, hence (Grams being positive semi-definite) a zero row and
-  // column: the objective does not depend on that column of W, and the
-  // system splits exactly. Such columns (a ReLU unit dead on all data, a
-  // pixel never inked) take the weighted average; the rest is solved.
-  const at::Tensor active = a.diagonal().gt(0);
-  const int64_t n_active = active.sum().item<int64_t>();
-  at::Tensor active_index;
-  if (n_active < a.size(0)) {
-    if (n_active == 0) return average().t();
-    active_index = active.nonzero().squeeze(1);
-    a = a.index_select(0, active_index).index_select(1, active_index);
-    b = b.index_select(0, active_index);
-  }
-  at::Tensor x;
-  bool solved = false;
-  const bool finite = all_finite(a) && all_finite(b);
-  if (finite && UseFloat32Solve(*ctx.options, ctx.device)) {
-    // Float32 Cholesky (fast on GPUs) refined in float64: each step solves
-    // for the float64 residual with the float32 factor. When the condition
-    // number is too large for float32 the corrections do not shrink, and
-    // the float64 path below takes over.
-    at::Tensor l = a.to(at::kFloat);
-    // Below float32's resolution the float64 path decides.
-    if (CholeskyInPlace(l) &&
-        PivotsAreRegular(l.diagonal().square(), FLT_EPSILON)) {
-      at::Tensor x64 = CholeskySolve(l, b.to(at::kFloat)).to(at::kDouble);
-      for (int step = 0; step < kRefinementSteps && all_finite(x64); ++step) {
-        const at::Tensor residual = b - a.matmul(x64);
-        const at::Tensor dx =
-            CholeskySolve(l, residual.to(at::kFloat)).to(at::kDouble);
-        x64.add_(dx);
-        if (dx.norm().item<double>() <=
-            kRefinedTolerance * x64.norm().item<double>()) {
-          x = x64;
-          solved = all_finite(x);
-          if (solved) ++ctx.state->float32_solves;
-          break;
-        }
-      }
-    }
-  }
-  if (finite && !solved) {
-    ++ctx.state->float64_solves;
-    at::Tensor l = a.clone();  // a is kept for LU
-    if (CholeskyInPlace(l) &&
-        PivotsAreRegular(l.diagonal().square(), DBL_EPSILON)) {
-      x = CholeskySolve(l, b);
-      solved = all_finite(x);
-    }
-    if (!solved) {
-      at::Tensor lu, pivots, info;
-      std::tie(lu, pivots, info) = at::linalg_lu_factor_ex(a);
-      if (info.item<int64_t>() == 0 &&
-          PivotsAreRegular(lu.diagonal().abs(), DBL_EPSILON)) {
-        x = at::linalg_lu_solve(lu, pivots, b);
-        solved = all_finite(x);
-      }
-    }
-  }
-  if (!solved) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "RegMean system for tensor \"", name,
-        "\" is singular (Cholesky and LU failed): the summed Grams have no "
-        "inverse, e.g. two input features that are equal in every row; use "
-        "alpha < 1, check the Gram statistics or exclude the tensor"));
-  }
-  if (active_index.defined()) {
-    return average().index_copy_(0, active_index, x).t();
-  }
-  return x.t();
+  return SolveRegMean(system, *ctx.options, ctx.device, ctx.state);
 }
 
 // One tensor of a task-vector method, in float64 on the CPU (so that the
@@ -1246,6 +1061,8 @@ absl::Status ExecuteMerge(
   }
   if (options.method == MergeMethod::kRegMean) {
     metadata["amalgam.alpha"] = absl::StrCat(options.alpha);
+    metadata["amalgam.precision"] =
+        options.precision == RegMeanPrecision::kFloat32 ? "float32" : "float64";
     // The solves' last bits depend on the BLAS kernels and thread count
     // (elementwise methods' do not): say which made this result.
     const BlasInfo blas = GetBlasInfo();

@@ -59,7 +59,18 @@ struct MergeInput {
   std::string label;
 };
 
-// Precision of RegMean's solve. The sums are formed in float64 either way.
+// How RegMean computes.
+enum class RegMeanPrecision {
+  // Precise: the sums, factorisation and solve in float64 (regmean_solve
+  // says how the system is solved).
+  kFloat64,
+  // Fast: all in float32, with each weight's output error estimated in
+  // float64; a weight whose estimate is over fast_output_tolerance (or whose
+  // float32 factorisation fails) is redone in float64.
+  kFloat32,
+};
+
+// The precise mode's solve. The sums are formed in float64 either way.
 enum class RegMeanSolve {
   kAuto,     // float32 on CUDA, float64 on the CPU
   kFloat32,  // float32 Cholesky refined in float64; float64 when it does not
@@ -96,6 +107,10 @@ struct MergeOptions {
   double fisher_floor = 1e-12;
   // "cpu", "cuda", "cuda:N" or "auto".
   std::string device = "cpu";
+  RegMeanPrecision precision = RegMeanPrecision::kFloat64;
+  // The largest output error (||(W - W*) L||_F / ||W* L||_F on the pooled
+  // inputs, sum G~ = L L^T, W* the exact solution) the fast mode keeps.
+  double fast_output_tolerance = 1e-5;
   RegMeanSolve regmean_solve = RegMeanSolve::kAuto;
   // Merged tensors waiting for the writer thread; 0 writes each tensor
   // before merging the next (no overlap: the baseline of bench/merge_rss).
@@ -157,6 +172,12 @@ struct MergeProgress {
   // RegMean systems solved so far in refined float32 and in float64.
   int64_t float32_solves = 0;
   int64_t float64_solves = 0;
+  // Weights the fast mode solved in float32, and those it redid in float64
+  // (counted in float64_solves too).
+  int64_t fast_solves = 0;
+  int64_t fast_fallbacks = 0;
+  // The largest estimated output error of the weights the fast mode kept.
+  double fast_output_error = 0;
 };
 
 // Runs `plan` tensor by tensor, streaming the result into the model

@@ -324,6 +324,9 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
                   "merge.base_id", prepared));
   }
   if (spec.has_alpha()) options.alpha = spec.alpha();
+  if (spec.precision() == v1::PRECISION_FLOAT32) {
+    options.precision = core::RegMeanPrecision::kFloat32;
+  }
   if (spec.has_fisher_floor()) options.fisher_floor = spec.fisher_floor();
   options.exclude.assign(spec.exclude().begin(), spec.exclude().end());
   if (spec.take_excluded_from() < 0 ||

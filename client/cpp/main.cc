@@ -671,6 +671,18 @@ int RunMerge(Context& ctx, const Args& args) {
                                               "' (inverse-density or l1)"));
     }
   }
+  if (args.Has("--precision")) {
+    const std::string precision = args.Value("--precision");
+    if (precision == "float64") {
+      spec->set_precision(v1::PRECISION_FLOAT64);
+    } else if (precision == "float32") {
+      spec->set_precision(v1::PRECISION_FLOAT32);
+    } else {
+      return UsageError("merge",
+                        absl::StrCat("unknown --precision '", precision,
+                                     "' (float64 or float32)"));
+    }
+  }
   const std::vector<std::string> models = args.Values("--model");
   const std::vector<std::string> grams = args.Values("--gram");
   const std::vector<std::string> fishers = args.Values("--fisher");
@@ -987,7 +999,8 @@ const std::vector<Command>& Commands() {
        "[--take-excluded-from K] [--gram-normalization as-uploaded|mean]\n"
        "[--base ID] [--lambda L] [--density D] [--seed S] [--t T]\n"
        "[--no-normalize] [--rescale inverse-density|l1]\n"
-       "[--name N] [--shard-size SIZE] [--config-from K]\n"
+       "[--precision float64|float32] [--name N] [--shard-size SIZE]\n"
+       "[--config-from K]\n"
        "[--out-dtype float16|bfloat16|float32|float64]\n"
        "[--watch] [--out DIR|FILE.safetensors]",
        "submit a merge job; prints the job id. The i-th --gram and\n"
@@ -996,13 +1009,31 @@ const std::vector<Command>& Commands() {
        "one and --base); W weights a model, D is its density (ties,\n"
        "dare_*). The result is a Hugging Face model directory in shards\n"
        "of --shard-size (default 5GB) with the side files of model K\n"
-       "(--config-from, default the base or the first). --watch waits\n"
+       "(--config-from, default the base or the first). RegMean's\n"
+       "--precision float32 is about 2x faster, output error <= 1e-5.\n"
+       "--watch waits\n"
        "for the job; --out waits and downloads the result",
        RunMerge,
-       {{"--method", "--model", "--gram", "--fisher", "--alpha", "--exclude",
-         "--take-excluded-from", "--gram-normalization", "--name", "--out",
-         "--base", "--lambda", "--density", "--seed", "--t", "--rescale",
-         "--shard-size", "--config-from", "--out-dtype"},
+       {{"--method",
+         "--model",
+         "--gram",
+         "--fisher",
+         "--alpha",
+         "--exclude",
+         "--take-excluded-from",
+         "--gram-normalization",
+         "--name",
+         "--out",
+         "--base",
+         "--lambda",
+         "--density",
+         "--seed",
+         "--t",
+         "--rescale",
+         "--shard-size",
+         "--config-from",
+         "--out-dtype",
+         "--precision"},
         {"--watch", "--no-normalize"},
         {"--model", "--gram", "--fisher", "--exclude"}}},
       {"grow",

@@ -96,3 +96,58 @@ def test_mixed_sum_and_mean_grams_are_refused_as_uploaded_and_merge_as_means(cli
     b = sum(g @ w.astype(np.float64).T / 2 for g, w in zip(means, ws))
     reference = np.linalg.solve(a, b).T
     assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-6
+
+
+def test_regmean_precision_float32_keeps_the_output_error_under_its_tolerance(
+        client, server, cli_path, tmp_path):
+    from amalgam import safetensors
+    rng = np.random.default_rng(11)
+    features, outputs = 48, 12
+    ws = [rng.standard_normal((outputs, features)).astype(np.float32) for _ in range(3)]
+    xs = [rng.standard_normal((300, features)) * np.linspace(0.5, 4.0, features)
+          for _ in range(3)]
+    grams = [(x.T @ x).astype(np.float32) for x in xs]
+    ids = [client.upload_weights({"lin.weight": torch.from_numpy(w)}) for w in ws]
+    gram_ids = [client.upload_gram({"lin.weight": torch.from_numpy(g)}, for_weights=i)
+                for g, i in zip(grams, ids)]
+    alpha = 0.9
+    tilde = [alpha * g.astype(np.float64) + (1 - alpha) * np.diag(np.diag(g))
+             for g in grams]
+    a = sum(t / 3 for t in tilde)
+    reference = np.linalg.solve(a, sum(t @ w.astype(np.float64).T / 3
+                                       for t, w in zip(tilde, ws))).T
+    lower = np.linalg.cholesky(a)
+
+    def output_error(got):
+        return (np.linalg.norm((got - reference) @ lower) /
+                np.linalg.norm(reference @ lower))
+
+    job = client.merge(ids, "regmean", grams=gram_ids, precision="float32")
+    job.save_pretrained(tmp_path / "fast")
+    tensors, metadata = safetensors.loads((tmp_path / "fast" / "model.safetensors").read_bytes())
+    assert metadata["amalgam.precision"] == "float32"
+    fast = tensors["lin.weight"].double().numpy()
+    assert output_error(fast) <= 1e-5
+    precise = client.merge(ids, "regmean", grams=gram_ids).state_dict()
+    assert output_error(precise["lin.weight"].double().numpy()) <= 1e-7
+    # The CLI spells it --precision.
+    out = tmp_path / "cli.safetensors"
+    command = [cli_path, "--server", server, "merge", "--method", "regmean"]
+    for i, g in zip(ids, gram_ids):
+        command += ["--model", i.id, "--gram", g.id]
+    run = subprocess.run(command + ["--precision", "float32", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    tensors, metadata = safetensors.loads(out.read_bytes())
+    assert metadata["amalgam.precision"] == "float32"
+    assert output_error(tensors["lin.weight"].double().numpy()) <= 1e-5
+    run = subprocess.run(command + ["--precision", "float16"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "--precision 'float16'" in run.stderr
+    # Only RegMean has a precision.
+    with pytest.raises(amalgam.AmalgamError) as error:
+        client.merge(ids, "average", precision="float32")
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "precision float32" in error.value.message
+    with pytest.raises(ValueError):
+        client.merge(ids, "regmean", grams=gram_ids, precision="float16")

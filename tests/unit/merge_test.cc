@@ -578,6 +578,14 @@ class RegMeanTest : public MergeTest {
     }
   }
 
+  // Three models of 1101 features (over kCholeskyLeaf, an odd size) with
+  // unequal coefficients.
+  void MakeLargeModels() {
+    in_ = 1101;
+    coeffs_ = {1, 2, 3};
+    MakeModels({1400, 1300, 1900});
+  }
+
   std::vector<double> NormalisedCoeffs() const {
     std::vector<double> c(ws_.size(), 1.0 / ws_.size());
     double sum = 0;
@@ -739,9 +747,7 @@ TEST_F(RegMeanTest, AlphaHalfWithCoefficientsMatchesTheNormalEquations) {
 // Systems of over kCholeskyLeaf (512) features are factorised recursively,
 // in both precisions; an odd size splits unevenly.
 TEST_F(RegMeanTest, LargeSystemsMatchTheNormalEquations) {
-  in_ = 1101;
-  coeffs_ = {1, 2, 3};
-  MakeModels({1400, 1300, 1900});
+  MakeLargeModels();
   MergeOptions options;
   options.method = MergeMethod::kRegMean;
   options.alpha = 0.7;
@@ -753,6 +759,111 @@ TEST_F(RegMeanTest, LargeSystemsMatchTheNormalEquations) {
     EXPECT_LE(RelErr(merged, reference), 1e-6);
     EXPECT_EQ(last.float32_solves, solve == RegMeanSolve::kFloat32 ? 1 : 0);
   }
+}
+
+// The output error of `merged` [out, in] on the pooled inputs against the
+// exact solution `want`: ||(W - W*) L||_F / ||W* L||_F, sum G~ = L L^T.
+double OutputError(const at::Tensor& merged, const at::Tensor& want,
+                   const at::Tensor& pooled) {
+  const at::Tensor l = at::linalg_cholesky(pooled);
+  return (at::linalg_norm(at::matmul(merged.to(at::kDouble) - want, l)) /
+          at::linalg_norm(at::matmul(want, l)))
+      .item<double>();
+}
+
+// The fast mode (float32 throughout) on a system over kCholeskyLeaf: its
+// output error is under the tolerance, and the check's estimate of it (made
+// on 4 random combinations of the columns) is within 2x of the truth.
+TEST_F(RegMeanTest, FastPrecisionKeepsItsErrorUnderTheToleranceAndEstimatesIt) {
+  MakeLargeModels();
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 0.7;
+  options.precision = RegMeanPrecision::kFloat32;
+  at::Tensor merged;
+  const MergeProgress last =
+      MergeWithSolve(options, RegMeanSolve::kFloat64, merged);
+  ASSERT_TRUE(merged.defined());
+  EXPECT_EQ(last.fast_solves, 1);
+  EXPECT_EQ(last.fast_fallbacks, 0);
+  EXPECT_EQ(last.float64_solves, 0);
+  const std::vector<double> c = NormalisedCoeffs();
+  at::Tensor pooled = at::zeros({in_, in_}, at::kDouble);
+  for (size_t i = 0; i < grams_.size(); ++i) {
+    pooled += c[i] * (0.7 * grams_[i] + 0.3 * at::diag(at::diag(grams_[i])));
+  }
+  const double truth = OutputError(merged, Reference(0.7), pooled);
+  EXPECT_LE(truth, options.fast_output_tolerance);
+  EXPECT_GT(truth, 1e-9);  // float32, not float64
+  EXPECT_GE(last.fast_output_error, truth / 2);
+  EXPECT_LE(last.fast_output_error, truth * 2);
+  EXPECT_LE(RelErr(merged, Reference(0.7)), 1e-4);
+}
+
+// A weight whose estimate is over the tolerance is solved again in float64,
+// giving bitwise the precise mode's result; so is one that float32 cannot
+// factor (condition number near 1e12).
+TEST_F(RegMeanTest, FastPrecisionRedoesInFloat64WhatItsCheckRefuses) {
+  MakeModels({40, 25, 60});
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.alpha = 0.9;
+  at::Tensor precise, redone;
+  MergeWithSolve(options, RegMeanSolve::kFloat64, precise);
+  options.precision = RegMeanPrecision::kFloat32;
+  options.fast_output_tolerance = 1e-14;  // float32 cannot meet it
+  MergeProgress last = MergeWithSolve(options, RegMeanSolve::kFloat64, redone);
+  ASSERT_TRUE(precise.defined() && redone.defined());
+  EXPECT_EQ(last.fast_solves, 0);
+  EXPECT_EQ(last.fast_fallbacks, 1);
+  EXPECT_EQ(last.float64_solves, 1);
+  EXPECT_TRUE(at::equal(precise, redone));
+
+  inputs_.clear();
+  xs_.clear(), ws_.clear(), bs_.clear(), grams_.clear();
+  gram_type_ = at::kDouble;
+  collinear_ = 1e-5;
+  MakeModels({40, 25, 60});
+  options.alpha = 1.0;
+  options.fast_output_tolerance = 1e-5;
+  last = MergeWithSolve(options, RegMeanSolve::kFloat64, redone);
+  ASSERT_TRUE(redone.defined());
+  EXPECT_EQ(last.fast_fallbacks, 1);
+  EXPECT_EQ(last.float64_solves, 1);
+  EXPECT_LE(RelErr(redone, Reference(1.0)), 1e-4);
+}
+
+// Columns with no input are split off by the float64 path, which the fast
+// mode hands them to.
+TEST_F(RegMeanTest, FastPrecisionHandsColumnsWithNoInputToFloat64) {
+  MakeModels({40, 25, 60});
+  for (size_t i = 0; i < inputs_.size(); ++i) {
+    xs_[i].select(1, 3).zero_();
+    grams_[i] = Rounded(xs_[i].t().matmul(xs_[i]), at::kFloat);
+    inputs_[i].gram = Write("dead" + std::to_string(i),
+                            {{"lin.weight", grams_[i].to(at::kFloat)}});
+  }
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  at::Tensor precise, fast;
+  MergeWithSolve(options, RegMeanSolve::kFloat64, precise);
+  options.precision = RegMeanPrecision::kFloat32;
+  const MergeProgress last =
+      MergeWithSolve(options, RegMeanSolve::kFloat64, fast);
+  ASSERT_TRUE(precise.defined() && fast.defined());
+  EXPECT_EQ(last.fast_fallbacks, 1);
+  EXPECT_TRUE(at::equal(precise, fast));
+}
+
+TEST_F(RegMeanTest, FastPrecisionIsRefusedForOtherMethods) {
+  MakeModels({40, 25});
+  MergeOptions options;
+  options.method = MergeMethod::kAverage;
+  options.precision = RegMeanPrecision::kFloat32;
+  auto plan = PlanMerge(inputs_, options);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(plan.status().message(),
+              HasSubstr("precision float32 is not a parameter of average"));
 }
 
 // An alpha so small that 1/alpha overflows is still the formula, not a
@@ -884,6 +995,8 @@ TEST_F(RegMeanTest, SingularGramsAreReportedWithTheTensorNameForEverySeed) {
       options.method = MergeMethod::kRegMean;
       options.alpha = 1.0;
       options.regmean_solve = solve;
+      // The fast mode too (it hands the system to the float64 path).
+      if (seed_ % 2 == 1) options.precision = RegMeanPrecision::kFloat32;
       auto plan = PlanMerge(inputs_, options);
       ASSERT_TRUE(plan.ok()) << plan.status();
       absl::Status s =
@@ -1369,9 +1482,7 @@ TEST_F(ReproducibilityTest, RegMeanIsIdenticalAcrossProcessesAtOneThreadCount) {
 // the float64 normal equations.
 TEST_F(ExecutionTest, OnCudaRegMeanMatchesTheNormalEquations) {
   AMALGAM_SKIP_WITHOUT_CUDA();
-  in_ = 1101;
-  coeffs_ = {1, 2, 3};
-  MakeModels({1400, 1300, 1900});
+  MakeLargeModels();
   MergeOptions options;
   options.method = MergeMethod::kRegMean;
   options.device = "cuda";

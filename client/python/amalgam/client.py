@@ -41,6 +41,10 @@ _RESCALE = {
     "inverse-density": pb.DARE_RESCALE_INVERSE_DENSITY,
     "l1": pb.DARE_RESCALE_L1,
 }
+_PRECISION = {
+    "float64": pb.PRECISION_FLOAT64,
+    "float32": pb.PRECISION_FLOAT32,
+}
 _DTYPES = {
     "float16": pb.DTYPE_F16,
     "bfloat16": pb.DTYPE_BF16,
@@ -627,13 +631,17 @@ class Client:
               seed: Optional[int] = None, t: Optional[float] = None,
               normalize: bool = True, rescale: Optional[str] = None,
               shard_size: Optional[int] = None, config_from: Optional[int] = None,
-              out_dtype: Optional[str] = None) -> Job:
+              out_dtype: Optional[str] = None,
+              precision: str = "float64") -> Job:
         """Submits a merge of the weights ``models`` (ids or artifacts).
 
         ``grams`` / ``fishers`` give each model's statistics (same order) for
         ``regmean`` / ``fisher``; ``coefficients`` weight the models;
         ``exclude`` lists regexes of tensors left out, copied from model
-        ``take_excluded_from`` (1-based) when given.
+        ``take_excluded_from`` (1-based) when given. RegMean's ``precision``
+        is ``float64`` (the default) or ``float32``: about twice as fast, each
+        weight's output error on the pooled inputs at most 1e-5 (a weight
+        that would exceed it is redone in float64).
 
         The task-vector methods (``task_arithmetic``, ``ties``,
         ``dare_linear``, ``dare_ties``, ``slerp``, ``model_stock``) merge the
@@ -661,12 +669,15 @@ class Client:
             raise ValueError("give weights or coefficients, not both")
         if rescale is not None and rescale not in _RESCALE:
             raise ValueError(f"rescale must be one of {sorted(_RESCALE)}")
+        if precision not in _PRECISION:
+            raise ValueError(f"precision must be one of {sorted(_PRECISION)}")
         coefficients = weights if weights is not None else coefficients
         spec = pb.MergeSpec(method=_METHODS[method], exclude=list(exclude),
                             gram_normalization=_GRAM_NORMALIZATION[gram_normalization],
                             result_name=name or "", base_id=_ref(base),
                             no_normalize=not normalize,
                             rescale=_RESCALE[rescale] if rescale else 0,
+                            precision=_PRECISION[precision],
                             output=_output(shard_size, config_from, out_dtype))
         for i, model in enumerate(models):
             entry = spec.models.add(weights_id=_ref(model))

@@ -1,0 +1,357 @@
+#include "core/regmean.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+
+namespace amalgam::core {
+namespace {
+
+// A NaN or infinity makes the sum NaN or infinite; only when it is does the
+// (slower) element-wise test run, to tell an overflowing sum apart.
+bool AllFinite(const at::Tensor& t) {
+  return std::isfinite(t.sum().item<double>()) ||
+         at::isfinite(t).all().item<bool>();
+}
+
+// Cholesky factorisation, recursive: the two half-size factorisations are
+// joined by a triangular solve and a product, both at the BLAS's
+// matrix-multiply speed (LAPACK's potrf alone reached 46 of the 119 GFLOP/s
+// a float64 matmul gets on the 2-core bench machine; this, 63).
+constexpr int64_t kCholeskyLeaf = 512;
+
+// c -= p p^T on the lower triangle of c (diagonal blocks of up to
+// kCholeskyLeaf rows in full): half the product's work.
+void SubtractLowerProduct(at::Tensor c, const at::Tensor& p) {
+  const int64_t m = c.size(0);
+  if (m <= kCholeskyLeaf) {
+    c.addmm_(p, p.t(), /*beta=*/1.0, /*alpha=*/-1.0);
+    return;
+  }
+  const int64_t h = m / 2;
+  const at::Tensor top = p.narrow(0, 0, h);
+  const at::Tensor bottom = p.narrow(0, h, m - h);
+  SubtractLowerProduct(c.narrow(0, 0, h).narrow(1, 0, h), top);
+  c.narrow(0, h, m - h).narrow(1, 0, h).addmm_(bottom, top.t(), 1.0, -1.0);
+  SubtractLowerProduct(c.narrow(0, h, m - h).narrow(1, h, m - h), bottom);
+}
+
+// Overwrites the lower triangle of the symmetric `a` (only that triangle is
+// read) with its Cholesky factor L, a = L L^T; the strict upper triangle is
+// left with whatever it held. False where `a` is not positive definite.
+bool CholeskyInPlace(at::Tensor a) {
+  const int64_t n = a.size(0);
+  if (n <= kCholeskyLeaf) {
+    at::Tensor l, info;
+    std::tie(l, info) = at::linalg_cholesky_ex(a);
+    if (info.item<int64_t>() != 0) return false;
+    a.copy_(l);
+    return true;
+  }
+  const int64_t h = n / 2;
+  at::Tensor a11 = a.narrow(0, 0, h).narrow(1, 0, h);
+  at::Tensor a21 = a.narrow(0, h, n - h).narrow(1, 0, h);
+  if (!CholeskyInPlace(a11)) return false;
+  // L21 = A21 L11^-T.
+  a21.copy_(at::linalg_solve_triangular(a11.t(), a21, /*upper=*/true,
+                                        /*left=*/false));
+  at::Tensor a22 = a.narrow(0, h, n - h).narrow(1, h, n - h);
+  SubtractLowerProduct(a22, a21);
+  return CholeskyInPlace(a22);
+}
+
+// Whether a factorisation's pivots (positive: Cholesky's l_ii^2, LU's
+// |u_ii|) describe a system that is not singular to `epsilon`: the smallest
+// pivot above n epsilon times the largest. A rounded factorisation of an
+// exactly singular system can succeed with a tiny positive pivot, and its
+// solution is then finite garbage (weights of 1e13): both factorisations are
+// held to this one threshold.
+bool PivotsAreRegular(const at::Tensor& pivots, double epsilon) {
+  const at::Tensor p = pivots.to(at::kDouble);
+  const double ratio =
+      p.min().item<double>() / std::max(p.max().item<double>(), DBL_MIN);
+  return ratio > static_cast<double>(p.numel()) * epsilon;
+}
+
+// x = (L L^T)^-1 b, from the lower triangle of `l`.
+at::Tensor CholeskySolve(const at::Tensor& l, const at::Tensor& b) {
+  return at::linalg_solve_triangular(
+      l.t(), at::linalg_solve_triangular(l, b, /*upper=*/false),
+      /*upper=*/true);
+}
+
+// Mixed-precision refinement of a float32 solve: at most this many steps, to
+// a last correction this small relative to the solution.
+constexpr int kRefinementSteps = 10;
+constexpr double kRefinedTolerance = 1e-10;
+
+bool UseFloat32Solve(const MergeOptions& options, const at::Device& device) {
+  switch (options.regmean_solve) {
+    case RegMeanSolve::kFloat32:
+      return true;
+    case RegMeanSolve::kFloat64:
+      return false;
+    case RegMeanSolve::kAuto:
+      break;
+  }
+  return device.is_cuda();
+}
+
+// The fast mode's check: each weight's output error, estimated in float64 on
+// kSketchColumns fixed random combinations of its output columns.
+constexpr int64_t kSketchColumns = 4;
+
+// A fixed matrix [rows, kSketchColumns] of +-1 (a counter hash, the same in
+// every run), so that E ||M z||_F^2 = kSketchColumns ||M||_F^2.
+at::Tensor Sketch(int64_t rows, const at::Device& device) {
+  at::Tensor z = at::empty({rows, kSketchColumns}, at::kDouble);
+  double* p = z.data_ptr<double>();
+  for (int64_t j = 0; j < z.numel(); ++j) {
+    uint64_t h = static_cast<uint64_t>(j + 1) * 0x9E3779B97F4A7C15ull;
+    h = (h ^ (h >> 31)) * 0xBF58476D1CE4E5B9ull;
+    p[j] = ((h ^ (h >> 29)) & 1) != 0 ? 1.0 : -1.0;
+  }
+  return z.to(device);
+}
+
+// m z in float64, for m [r, c] of any floating type and z [c, k] float64,
+// converting kCheckRows rows of m at a time (no float64 copy of m).
+constexpr int64_t kCheckRows = 256;
+
+at::Tensor TimesInFloat64(const at::Tensor& m, const at::Tensor& z) {
+  at::Tensor out = at::empty({m.size(0), z.size(1)}, z.options());
+  at::Tensor block =
+      at::empty({std::min(kCheckRows, m.size(0)), m.size(1)}, z.options());
+  for (int64_t r = 0; r < m.size(0); r += kCheckRows) {
+    const int64_t rows = std::min(kCheckRows, m.size(0) - r);
+    at::Tensor converted = block.narrow(0, 0, rows);
+    converted.copy_(m.narrow(0, r, rows));
+    at::Tensor slice = out.narrow(0, r, rows);
+    at::mm_out(slice, converted, z);
+  }
+  return out;
+}
+
+// The fast mode: with f_i = s_i alpha and d_i = s_i (1 - alpha),
+//   a = sum_i f_i G_i + diag(sum_i d_i diag(G_i)),
+//   b = sum_i f_i G_i W_i^T + d_i diag(G_i) W_i^T,
+// the Cholesky factor of a and the two triangular solves, all in float32 on
+// the mapped tensors (no copy of a Gram). Then the check, in float64: with
+// a = L L^T, x* the exact solution and r = b - a x, the output error
+// ||L^T (x - x*)||_F / ||L^T x||_F (the bench's, on the pooled inputs) is
+// ||L^-1 r||_F / ||L^T x||_F, here estimated on r z and x z for the sketch
+// z, with r z = sum_i G~_i (W_i^T z - x z): each weight and Gram read once
+// more, converted to float64 a block of rows at a time. Nothing where a sum is
+// not finite, a column has no input (the float64 path splits those off), the
+// factorisation fails or its pivots are below float32's resolution, or the
+// estimate is over `tolerance`; `estimate` is set where it was made.
+std::optional<at::Tensor> FastRegMean(const RegMeanSystem& s,
+                                      const at::Device& device,
+                                      double tolerance, double* estimate) {
+  const size_t models = s.scales.size();
+  at::Tensor a, b, diagonal;
+  for (size_t i = 0; i < models; ++i) {
+    const at::Tensor w = s.load(i, false, at::kFloat, false);
+    const at::Tensor g = s.load(i, true, at::kFloat, false);
+    const double f = s.scales[i] * s.alpha;
+    const double d = s.scales[i] * (1 - s.alpha);
+    if (i == 0) {
+      a = g.mul(f);
+      b = at::empty({g.size(0), w.size(0)}, g.options());
+      diagonal = g.diagonal().mul(d);
+    } else {
+      a.add_(g, f);
+      diagonal.add_(g.diagonal(), d);
+    }
+    b.addmm_(g, w.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/f);
+    if (d != 0) b.addcmul_(g.diagonal().unsqueeze(1), w.t(), d);
+  }
+  a.diagonal().add_(diagonal);
+  if (!AllFinite(a) || !AllFinite(b) ||
+      !a.diagonal().gt(0).all().item<bool>()) {
+    return std::nullopt;
+  }
+  at::Tensor& l = a;  // factored in place
+  // Pivots below float32's resolution: numerically singular in float32 (a
+  // "solution" there can be finite garbage the output error does not see).
+  if (!CholeskyInPlace(l) ||
+      !PivotsAreRegular(l.diagonal().square(), FLT_EPSILON)) {
+    return std::nullopt;
+  }
+  const at::Tensor x = CholeskySolve(l, b);
+  if (!AllFinite(x)) return std::nullopt;
+
+  const at::Tensor z = Sketch(x.size(1), device);
+  const at::Tensor xz = x.to(at::kDouble).matmul(z);
+  at::Tensor rz = at::zeros_like(xz), axz = at::zeros_like(xz);
+  for (size_t i = 0; i < models; ++i) {
+    const at::Tensor w = s.load(i, false, at::kFloat, false);
+    const at::Tensor g = s.load(i, true, at::kFloat, false);
+    const double f = s.scales[i] * s.alpha;
+    const double d = s.scales[i] * (1 - s.alpha);
+    const at::Tensor v = at::cat({TimesInFloat64(w.t(), z), xz}, 1);
+    at::Tensor gv = TimesInFloat64(g, v).mul_(f);
+    if (d != 0) {
+      gv.addcmul_(g.diagonal().to(at::kDouble).unsqueeze(1), v, d);
+    }
+    rz.add_(gv.narrow(1, 0, kSketchColumns))
+        .sub_(gv.narrow(1, kSketchColumns, kSketchColumns));
+    axz.add_(gv.narrow(1, kSketchColumns, kSketchColumns));
+  }
+  const double error =
+      at::linalg_solve_triangular(l, rz.to(at::kFloat), /*upper=*/false)
+          .norm()
+          .item<double>() /
+      std::sqrt(xz.mul(axz).sum().item<double>());
+  *estimate = error;
+  if (!(error <= tolerance)) return std::nullopt;
+  return x.t();
+}
+
+// The precise mode: sums, factorisation and solve in float64 (or, where
+// options.regmean_solve says, a float32 factorisation refined in float64).
+absl::StatusOr<at::Tensor> PreciseRegMean(const RegMeanSystem& s,
+                                          const MergeOptions& options,
+                                          const at::Device& device,
+                                          MergeProgress* counts) {
+  const std::vector<double>& c = s.coefficients;
+  const double alpha = s.alpha;
+  // a = sum G~_i [in, in], b = sum G~_i W_i^T [in, out], where
+  // G~ = c s (alpha G + (1 - alpha) diag(G)) = factor H. H is made in the
+  // float64 copy of G and factor folded into the accumulating add and GEMM,
+  // so each Gram is read once for a and once for b. Usually H is G with its
+  // diagonal divided by alpha (factor c s alpha); for alpha below
+  // kFoldedAlpha, where 1/alpha could overflow, H is alpha G with G's own
+  // diagonal (factor c s; for alpha 0, the diagonal alone).
+  constexpr double kFoldedAlpha = 1e-6;
+  at::Tensor a, b;
+  for (size_t i = 0; i < s.scales.size(); ++i) {
+    const at::Tensor w = s.load(i, false, at::kDouble, false);
+    const double scale = s.scales[i];
+    at::Tensor h = s.load(i, true, at::kDouble, true);
+    double factor = scale;
+    if (alpha >= kFoldedAlpha) {
+      h.diagonal().div_(alpha);
+      factor = alpha * scale;
+    } else {
+      const at::Tensor diagonal = h.diagonal().clone();
+      h.mul_(alpha);
+      h.diagonal().copy_(diagonal);
+    }
+    if (i == 0) {
+      a = h.mul(factor);
+      b = at::empty({h.size(0), w.size(0)}, h.options());
+    } else {
+      a.add_(h, factor);
+    }
+    b.addmm_(h, w.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/factor);
+  }
+  // The weighted average sum c_i W_i^T [in, out], for columns not solved.
+  auto average = [&]() {
+    at::Tensor sum;
+    for (size_t i = 0; i < c.size(); ++i) {
+      const at::Tensor wt = s.load(i, false, at::kDouble, false).t();
+      sum = i == 0 ? wt.mul(c[i]) : sum.add_(wt, c[i]);
+    }
+    return sum;
+  };
+  // An input feature that is zero in every row of every model has a zero
+  // diagonal entry, hence (Grams being positive semi-definite) a zero row and
+  // column: the objective does not depend on that column of W, and the
+  // system splits exactly. Such columns (a ReLU unit dead on all data, a
+  // pixel never inked) take the weighted average; the rest is solved.
+  const at::Tensor active = a.diagonal().gt(0);
+  const int64_t n_active = active.sum().item<int64_t>();
+  at::Tensor active_index;
+  if (n_active < a.size(0)) {
+    if (n_active == 0) return average().t();
+    active_index = active.nonzero().squeeze(1);
+    a = a.index_select(0, active_index).index_select(1, active_index);
+    b = b.index_select(0, active_index);
+  }
+  at::Tensor x;
+  bool solved = false;
+  const bool finite = AllFinite(a) && AllFinite(b);
+  if (finite && UseFloat32Solve(options, device)) {
+    // Float32 Cholesky (fast on GPUs) refined in float64: each step solves
+    // for the float64 residual with the float32 factor. When the condition
+    // number is too large for float32 the corrections do not shrink, and
+    // the float64 path below takes over.
+    at::Tensor l = a.to(at::kFloat);
+    // Below float32's resolution the float64 path decides.
+    if (CholeskyInPlace(l) &&
+        PivotsAreRegular(l.diagonal().square(), FLT_EPSILON)) {
+      at::Tensor x64 = CholeskySolve(l, b.to(at::kFloat)).to(at::kDouble);
+      for (int step = 0; step < kRefinementSteps && AllFinite(x64); ++step) {
+        const at::Tensor residual = b - a.matmul(x64);
+        const at::Tensor dx =
+            CholeskySolve(l, residual.to(at::kFloat)).to(at::kDouble);
+        x64.add_(dx);
+        if (dx.norm().item<double>() <=
+            kRefinedTolerance * x64.norm().item<double>()) {
+          x = x64;
+          solved = AllFinite(x);
+          if (solved) ++counts->float32_solves;
+          break;
+        }
+      }
+    }
+  }
+  if (finite && !solved) {
+    ++counts->float64_solves;
+    at::Tensor l = a.clone();  // a is kept for LU
+    if (CholeskyInPlace(l) &&
+        PivotsAreRegular(l.diagonal().square(), DBL_EPSILON)) {
+      x = CholeskySolve(l, b);
+      solved = AllFinite(x);
+    }
+    if (!solved) {
+      at::Tensor lu, pivots, info;
+      std::tie(lu, pivots, info) = at::linalg_lu_factor_ex(a);
+      if (info.item<int64_t>() == 0 &&
+          PivotsAreRegular(lu.diagonal().abs(), DBL_EPSILON)) {
+        x = at::linalg_lu_solve(lu, pivots, b);
+        solved = AllFinite(x);
+      }
+    }
+  }
+  if (!solved) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "RegMean system for tensor \"", s.name,
+        "\" is singular (Cholesky and LU failed): the summed Grams have no "
+        "inverse, e.g. two input features that are equal in every row; use "
+        "alpha < 1, check the Gram statistics or exclude the tensor"));
+  }
+  if (active_index.defined()) {
+    return average().index_copy_(0, active_index, x).t();
+  }
+  return x.t();
+}
+
+}  // namespace
+
+absl::StatusOr<at::Tensor> SolveRegMean(const RegMeanSystem& system,
+                                        const MergeOptions& options,
+                                        const at::Device& device,
+                                        MergeProgress* counts) {
+  if (options.precision == RegMeanPrecision::kFloat32) {
+    double estimate = 0;
+    if (std::optional<at::Tensor> w = FastRegMean(
+            system, device, options.fast_output_tolerance, &estimate)) {
+      ++counts->fast_solves;
+      counts->fast_output_error = std::max(counts->fast_output_error, estimate);
+      return *std::move(w);
+    }
+    ++counts->fast_fallbacks;
+  }
+  return PreciseRegMean(system, options, device, counts);
+}
+
+}  // namespace amalgam::core
