@@ -572,8 +572,23 @@ struct ExecContext {
   MergeProgress* state;  // solve counts
 };
 
-// Weighted average sum c_i W_i, accumulated in model order.
-// out = sum_i c_i in_i in one pass over the inputs, chunk by chunk so the
+// out[j] = sum_i c[i] x[i][j] over `models` (up to kGroup) inputs, summed
+// in float64 in model order; `first` says whether out starts from 0 (else
+// from its own value).
+constexpr size_t kGroup = 4;
+
+template <typename T, size_t N>
+void SumGroup(const T* const* x, const double* c, double* out, int64_t size,
+              bool first) {
+  for (int64_t j = 0; j < size; ++j) {
+    double sum = first ? 0.0 : out[j];
+    for (size_t i = 0; i < N; ++i) sum += c[i] * static_cast<double>(x[i][j]);
+    out[j] = sum;
+  }
+}
+
+// Weighted average sum c_i W_i, accumulated in model order in float64 and
+// rounded once to T, in one pass over the inputs, chunk by chunk so the
 // partial sums stay in cache: memory traffic is the inputs read once and the
 // output written once.
 template <typename T>
@@ -582,17 +597,23 @@ void WeightedSum(const std::vector<at::Tensor>& in,
   std::vector<const T*> sources;
   for (const at::Tensor& t : in) sources.push_back(t.data_ptr<T>());
   T* target = out.data_ptr<T>();
-  constexpr int64_t kChunk = 1 << 14;  // 64 KiB of float
+  constexpr int64_t kChunk = 1 << 13;  // 64 KiB of double
+  using Group =
+      void (*)(const T* const*, const double*, double*, int64_t, bool);
+  constexpr Group kGroups[kGroup] = {SumGroup<T, 1>, SumGroup<T, 2>,
+                                     SumGroup<T, 3>, SumGroup<T, 4>};
   at::parallel_for(0, out.numel(), kChunk, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(kChunk);
+    std::vector<const T*> x(sources.size());
     for (int64_t start = begin; start < end; start += kChunk) {
-      const int64_t stop = std::min(end, start + kChunk);
-      const T c0 = static_cast<T>(c[0]);
-      const T* first = sources[0];
-      for (int64_t j = start; j < stop; ++j) target[j] = c0 * first[j];
-      for (size_t i = 1; i < sources.size(); ++i) {
-        const T ci = static_cast<T>(c[i]);
-        const T* source = sources[i];
-        for (int64_t j = start; j < stop; ++j) target[j] += ci * source[j];
+      const int64_t size = std::min(end, start + kChunk) - start;
+      for (size_t i = 0; i < sources.size(); ++i) x[i] = sources[i] + start;
+      for (size_t i = 0; i < sources.size(); i += kGroup) {
+        const size_t n = std::min(kGroup, sources.size() - i);
+        kGroups[n - 1](&x[i], &c[i], sum.data(), size, i == 0);
+      }
+      for (int64_t j = 0; j < size; ++j) {
+        target[start + j] = static_cast<T>(sum[j]);
       }
     }
   });
@@ -638,9 +659,11 @@ at::Tensor MergeAverage(const ExecContext& ctx,
     }
     return out;
   }
+  // In float64, like the fused pass; rounded once, to the output dtype.
   at::Tensor acc;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    at::Tensor w = Load(*inputs[i].weights, *weights[i], compute, ctx.device);
+    at::Tensor w =
+        Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
     if (i == 0) {
       acc = w.mul(c[0]);
     } else {

@@ -134,34 +134,48 @@ TEST_F(AverageTest, WeightedCoefficientsAreNormalisedToSumOne) {
 }
 
 TEST_F(AverageTest,
-       AFusedPassOverManyChunksMatchesFloat64AndIsThreadIndependent) {
-  // [300, 257]: 77100 elements, many chunks and a ragged last one.
+       AFusedPassOverManyChunksIsTheFloat64SumRoundedOnceForAnyThreads) {
+  // [300, 257]: 77100 elements, many chunks and a ragged last one; 3 models,
+  // and 6 (summed in groups of up to 4).
   for (at::ScalarType type : {at::kFloat, at::kDouble}) {
-    SCOPED_TRACE(type);
-    inputs_.clear();
-    std::vector<Tensors> models;
-    for (int i = 0; i < 3; ++i) {
-      Tensors t = {{"big", Randn({300, 257}, 40 + i).to(type)}};
-      inputs_.push_back(Input(Write(absl::StrCat("big", i, ".safetensors"), t),
-                              1.0 + i, absl::StrCat("m", i)));
-      models.push_back(t);
+    for (int count : {3, 6}) {
+      SCOPED_TRACE(absl::StrCat(type, " x", count));
+      inputs_.clear();
+      std::vector<Tensors> models;
+      std::vector<double> coefficients;
+      for (int i = 0; i < count; ++i) {
+        Tensors t = {{"big", Randn({300, 257}, 40 + i).to(type)}};
+        inputs_.push_back(
+            Input(Write(absl::StrCat("big", count, "-", i, ".safetensors"), t),
+                  1.0 + i, absl::StrCat("m", i)));
+        models.push_back(t);
+        coefficients.push_back(1.0 + i);
+      }
+      MergeOptions options;
+      options.method = MergeMethod::kWeighted;
+      auto plan = PlanMerge(inputs_, options);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      // sum c_i W_i in float64 with the plan's coefficients, in model order.
+      at::Tensor want = at::zeros({300, 257}, at::kDouble);
+      for (int i = 0; i < count; ++i) {
+        want += models[i][0].second.to(at::kDouble) * plan->coefficients[i];
+      }
+      EXPECT_LE(RelErr(want, Reference(models, 0, coefficients)), 1e-15);
+      std::string bytes[2];
+      const int threads[2] = {1, 4};
+      const int before = at::get_num_threads();
+      for (int k = 0; k < 2; ++k) {
+        at::set_num_threads(threads[k]);
+        const std::string out = absl::StrCat("big-out", k, ".safetensors");
+        auto merged = Merge(inputs_, options, out);
+        ASSERT_TRUE(merged.ok()) << merged.status();
+        // Summed in float64, in model order, and rounded once.
+        EXPECT_TRUE(at::equal(Read(**merged, "big"), want.to(type)));
+        bytes[k] = ReadFile(Path(out));
+      }
+      at::set_num_threads(before);
+      EXPECT_EQ(bytes[0], bytes[1]) << "1 and 4 intra-op threads differ";
     }
-    MergeOptions options;
-    options.method = MergeMethod::kWeighted;
-    std::string bytes[2];
-    const int threads[2] = {1, 4};
-    const int before = at::get_num_threads();
-    for (int k = 0; k < 2; ++k) {
-      at::set_num_threads(threads[k]);
-      const std::string out = absl::StrCat("big-out", k, ".safetensors");
-      auto merged = Merge(inputs_, options, out);
-      ASSERT_TRUE(merged.ok()) << merged.status();
-      EXPECT_LE(RelErr(Read(**merged, "big"), Reference(models, 0, {1, 2, 3})),
-                type == at::kFloat ? 1e-6 : 1e-14);
-      bytes[k] = ReadFile(Path(out));
-    }
-    at::set_num_threads(before);
-    EXPECT_EQ(bytes[0], bytes[1]) << "1 and 4 intra-op threads differ";
   }
 }
 
