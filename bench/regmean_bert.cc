@@ -7,7 +7,7 @@
 // GFLOP/s against this machine's float64 matmul rate measured here.
 //
 //   regmean_bert [--dir build/regmean-bert] [--layers 12]
-//                [--precision float64,float32]
+//                [--precision float64,float32] [--device cpu|cuda]
 #include <ATen/ATen.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -36,6 +36,10 @@ ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads; 0 keeps its default");
 ABSL_FLAG(std::vector<std::string>, precision,
           std::vector<std::string>({"float64", "float32"}),
           "amalgam's RegMean precisions to run, one row each");
+ABSL_FLAG(std::string, device, "cpu",
+          "where amalgam's merge runs (the references run on the CPU)");
+ABSL_FLAG(std::string, python, "/usr/bin/python3",
+          "the Python (with PyTorch) that runs the references");
 ABSL_FLAG(bool, reference, true,
           "also run the PyTorch reference (bench/regmean_reference.py)");
 
@@ -124,16 +128,21 @@ double Flops(int layers) {
   return flops;
 }
 
-// This machine's float64 matmul rate, GFLOP/s (2048 x 2048, best of 3).
-double MatmulGflops() {
-  at::Tensor a = at::randn({2048, 2048}, at::kDouble);
-  at::Tensor b = at::randn({2048, 2048}, at::kDouble);
-  at::matmul(a, b);
+// The device's matmul rate, GFLOP/s, best of 3: float64 2048 x 2048 on the
+// CPU, float32 8192 x 8192 on a GPU (reading one element waits for it).
+double MatmulGflops(const at::Device& device) {
+  const bool gpu = !device.is_cpu();
+  const int64_t n = gpu ? 8192 : 2048;
+  const auto options =
+      at::TensorOptions(gpu ? at::kFloat : at::kDouble).device(device);
+  at::Tensor a = at::randn({n, n}, options);
+  at::Tensor b = at::randn({n, n}, options);
+  at::matmul(a, b)[0][0].item<double>();
   double best = 0;
   for (int i = 0; i < 3; ++i) {
     const auto start = Clock::now();
-    at::Tensor c = at::matmul(a, b);
-    best = std::max(best, 2.0 * 2048 * 2048 * 2048 / Seconds(start) / 1e9);
+    at::matmul(a, b)[0][0].item<double>();
+    best = std::max(best, 2.0 * n * n * n / Seconds(start) / 1e9);
   }
   return best;
 }
@@ -159,6 +168,7 @@ int RunMerge(const std::string& dir, core::RegMeanPrecision precision,
   options.method = core::MergeMethod::kRegMean;
   options.alpha = kAlpha;
   options.precision = precision;
+  options.device = absl::GetFlag(FLAGS_device);
   auto plan = core::PlanMerge(inputs, options);
   if (!plan.ok()) {
     std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
@@ -244,10 +254,10 @@ int main(int argc, char** argv) {
   };
   auto run_reference = [&](const char* style, Reference* r,
                            std::vector<Ours>* scored) {
-    std::string command = absl::StrCat(
-        "PYTHONPATH=", AMALGAM_SOURCE_DIR, "/client/python /usr/bin/python3 ",
-        AMALGAM_SOURCE_DIR, "/bench/regmean_reference.py ", dir, " ", kModels,
-        " ", kAlpha, " ", style);
+    std::string command =
+        absl::StrCat(absl::GetFlag(FLAGS_python), " ", AMALGAM_SOURCE_DIR,
+                     "/bench/regmean_reference.py ", dir, " ", kModels, " ",
+                     kAlpha, " ", style);
     for (const Ours& o : *scored) {
       absl::StrAppend(&command, " ", dir, "/merged-", o.precision,
                       "/model.safetensors");
@@ -275,13 +285,15 @@ int main(int argc, char** argv) {
   }
 
   const double gflop = Flops(layers) / 1e9;
-  const double peak = MatmulGflops();
+  const at::Device device(absl::GetFlag(FLAGS_device));
+  const double peak = MatmulGflops(device);
   std::printf(
       "| implementation | seconds | speed-up over the authors' style | GFLOP/s "
-      "| share of f64 matmul (%.1f GFLOP/s) | peak RSS (MiB) | weight error "
-      "| output error | weights solved in float32 / redone in float64 "
+      "| share of %s %s matmul (%.1f GFLOP/s) | peak RSS (MiB) "
+      "| weight error | output error "
+      "| weights solved in float32 / redone in float64 "
       "| BLAS core, intra-op threads |\n",
-      peak);
+      device.str().c_str(), device.is_cpu() ? "f64" : "f32", peak);
   std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   auto row = [&](const std::string& name, double seconds, double rss_mib,
                  double weight_error, double output_error,
@@ -297,7 +309,8 @@ int main(int argc, char** argv) {
         fast.c_str(), core_threads.c_str());
   };
   for (const Ours& o : ours) {
-    row(absl::StrCat("amalgam core::ExecuteMerge, precision ", o.precision),
+    row(absl::StrCat("amalgam core::ExecuteMerge on ", device.str(),
+                     ", precision ", o.precision),
         o.seconds, o.rss_mib, o.weight_error, o.output_error,
         o.precision == "float32"
             ? absl::StrCat(o.fast_solves, " / ", o.fast_fallbacks)

@@ -25,13 +25,21 @@ with sum G~ = L L^T (what the model's predictions feel).
         [RESULT ...]
 """
 
+import importlib.util
+import pathlib
 import resource
 import sys
 import time
 
 import torch
 
-from amalgam import safetensors
+# The client's safetensors module, loaded on its own (the package would import
+# gRPC, which a GPU machine may not have).
+_SPEC = importlib.util.spec_from_file_location(
+    "amalgam_safetensors",
+    pathlib.Path(__file__).resolve().parent.parent / "client/python/amalgam/safetensors.py")
+safetensors = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(safetensors)
 
 
 def load(path):

@@ -4,6 +4,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstring>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -24,22 +26,14 @@ struct Block {
 
 class CachingCpuAllocator final : public c10::Allocator {
  public:
-  c10::DataPtr allocate(size_t n) const override {
-    if (n < CpuCacheScope::kMinCachedBytes) {
-      return c10::GetDefaultCPUAllocator()->allocate(n);
-    }
-    const size_t bytes = (n + kGranule - 1) / kGranule * kGranule;
-    bool cached = false;
-    Block* block = nullptr;
-    {
-      absl::MutexLock lock(&mu_);
-      cached = scopes_ > 0;
-      if (cached) block = TakeFree(bytes);
-    }
-    if (!cached) return c10::GetDefaultCPUAllocator()->allocate(n);
-    if (block == nullptr) block = Map(bytes);
-    return c10::DataPtr(block->data, block, &Free,
-                        c10::Device(c10::DeviceType::CPU));
+  // LibTorch 1.13 declares allocate const, 2.3 and later not: both are here
+  // (so neither says override), each overriding where it is declared.
+  c10::DataPtr allocate(size_t n) const { return Allocate(n); }
+  c10::DataPtr allocate(size_t n) { return Allocate(n); }
+
+  // Pure virtual in LibTorch 2.x, absent from 1.13.
+  void copy_data(void* dest, const void* src, std::size_t count) const {
+    std::memcpy(dest, src, count);
   }
 
   void AddScope(size_t max_cached_bytes) {
@@ -81,6 +75,24 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
  private:
+  c10::DataPtr Allocate(size_t n) const {
+    if (n < CpuCacheScope::kMinCachedBytes) {
+      return c10::GetDefaultCPUAllocator()->allocate(n);
+    }
+    const size_t bytes = (n + kGranule - 1) / kGranule * kGranule;
+    bool cached = false;
+    Block* block = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      cached = scopes_ > 0;
+      if (cached) block = TakeFree(bytes);
+    }
+    if (!cached) return c10::GetDefaultCPUAllocator()->allocate(n);
+    if (block == nullptr) block = Map(bytes);
+    return c10::DataPtr(block->data, block, &Free,
+                        c10::Device(c10::DeviceType::CPU));
+  }
+
   // The smallest free block that fits without wasting over a quarter.
   Block* TakeFree(size_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto best = free_.end();

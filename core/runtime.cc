@@ -110,7 +110,10 @@ absl::StatusOr<std::string> ResolveDevice(const std::string& spec) {
   }
   size_t count = 0;
   try {
-    count = torch::cuda::is_available() ? torch::cuda::device_count() : 0;
+    // size_t in LibTorch 1.13, c10::DeviceIndex (int8_t) in 2.x.
+    count = torch::cuda::is_available()
+                ? static_cast<size_t>(torch::cuda::device_count())
+                : 0;
   } catch (const c10::Error& e) {
     return FromTorchError(e, "probing CUDA");
   }
@@ -285,8 +288,8 @@ RuntimeInfo GetRuntimeInfo() {
   try {
     runtime.threads = at::get_num_threads();
     if (torch::cuda::is_available()) {
-      runtime.cuda =
-          absl::StrCat("yes (", torch::cuda::device_count(), " devices)");
+      runtime.cuda = absl::StrCat(
+          "yes (", static_cast<int>(torch::cuda::device_count()), " devices)");
     }
   } catch (const c10::Error&) {
     runtime.cuda = "unknown";

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every test: formatting, unit, integration (real
 # amalgamd over gRPC on loopback), end-to-end (the CLI against the server),
-# pytest (integration and pytest a second time on a throwaway PostgreSQL), a short run of each libFuzzer target, and the container image built
-# and run with podman.
+# pytest (integration and pytest a second time on a throwaway PostgreSQL), the
+# CPU parts of the GPU check, a short run of each libFuzzer target, and the
+# container image built and run with podman.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
@@ -44,6 +45,14 @@ for method in average fisher; do
   build/bin/merge_rss --dir build/bench-small --models 3 --model-gib 0.0625 \
     --tensor-mib 8 --method "$method" --runs 1 --base-mib 256
 done
+
+# What scripts/gpu-check.sh does on a GPU machine, on the CPU with Debian's
+# LibTorch: core built alone against the unpacked .debs, its unit tests, the
+# RegMean bench (1 layer).
+echo "== GPU check, its CPU parts (scripts/gpu-check.sh)"
+bash scripts/gpu-check.sh fetch build/gpu-debs
+TORCH_PREFIX=/usr/lib/x86_64-linux-gnu/cmake/Torch PYTHON=/usr/bin/python3 \
+  LAYERS=1 bash scripts/gpu-check.sh run build/gpu-debs build/gpu-check.log cpu
 
 echo "== fuzz (short run)"
 bash scripts/fuzz.sh 30

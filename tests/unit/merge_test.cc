@@ -643,6 +643,17 @@ class RegMeanTest : public MergeTest {
     return at::linalg_solve(a, b).t();
   }
 
+  // sum c_i G~_i in float64.
+  at::Tensor Pooled(double alpha) const {
+    std::vector<double> c = NormalisedCoeffs();
+    at::Tensor pooled = at::zeros({in_, in_}, at::kDouble);
+    for (size_t i = 0; i < grams_.size(); ++i) {
+      pooled += c[i] * (alpha * grams_[i] +
+                        (1 - alpha) * at::diag(at::diag(grams_[i])));
+    }
+    return pooled;
+  }
+
   at::Tensor AverageBias() const {
     std::vector<double> c = NormalisedCoeffs();
     at::Tensor ref = at::zeros({kOut}, at::kDouble);
@@ -801,12 +812,7 @@ TEST_F(RegMeanTest, FastPrecisionKeepsItsErrorUnderTheToleranceAndEstimatesIt) {
   EXPECT_EQ(last.fast_solves, 1);
   EXPECT_EQ(last.fast_fallbacks, 0);
   EXPECT_EQ(last.float64_solves, 0);
-  const std::vector<double> c = NormalisedCoeffs();
-  at::Tensor pooled = at::zeros({in_, in_}, at::kDouble);
-  for (size_t i = 0; i < grams_.size(); ++i) {
-    pooled += c[i] * (0.7 * grams_[i] + 0.3 * at::diag(at::diag(grams_[i])));
-  }
-  const double truth = OutputError(merged, Reference(0.7), pooled);
+  const double truth = OutputError(merged, Reference(0.7), Pooled(0.7));
   EXPECT_LE(truth, options.fast_output_tolerance);
   EXPECT_GT(truth, 1e-9);  // float32, not float64
   EXPECT_GE(last.fast_output_error, truth / 2);
@@ -1505,6 +1511,24 @@ TEST_F(ExecutionTest, OnCudaRegMeanMatchesTheNormalEquations) {
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), Reference(0.9)), 1e-6);
   EXPECT_LE(RelErr(Read(**out, "lin.bias"), AverageBias()), 1e-6);
   EXPECT_EQ((*out)->metadata().at("amalgam.device"), "cuda:0");
+}
+
+// The fast mode on the device: float32 sums, factorisation and solve, the
+// check in float64, the output error under the tolerance.
+TEST_F(ExecutionTest, OnCudaFastPrecisionKeepsTheOutputErrorUnderItsTolerance) {
+  AMALGAM_SKIP_WITHOUT_CUDA();
+  MakeLargeModels();
+  MergeOptions options;
+  options.method = MergeMethod::kRegMean;
+  options.device = "cuda";
+  options.precision = RegMeanPrecision::kFloat32;
+  at::Tensor merged;
+  const MergeProgress last =
+      MergeWithSolve(options, RegMeanSolve::kAuto, merged);
+  ASSERT_TRUE(merged.defined());
+  EXPECT_EQ(last.fast_solves, 1);
+  EXPECT_LE(OutputError(merged, Reference(0.9), Pooled(0.9)),
+            options.fast_output_tolerance);
 }
 
 }  // namespace
