@@ -659,11 +659,15 @@ at::Tensor MergeAverage(const ExecContext& ctx,
     }
     return out;
   }
-  // In float64, like the fused pass; rounded once, to the output dtype.
+  // In float64 like the fused pass, rounded once to the output dtype;
+  // 16-bit inputs in float32 (exact enough for their 8 or 11 bits, and half
+  // the memory).
+  const DType dtype = weights[0]->dtype;
+  const at::ScalarType sum_type =
+      dtype == DType::kF16 || dtype == DType::kBF16 ? at::kFloat : at::kDouble;
   at::Tensor acc;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    at::Tensor w =
-        Load(*inputs[i].weights, *weights[i], at::kDouble, ctx.device);
+    at::Tensor w = Load(*inputs[i].weights, *weights[i], sum_type, ctx.device);
     if (i == 0) {
       acc = w.mul(c[0]);
     } else {

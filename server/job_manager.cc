@@ -324,8 +324,17 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
                   "merge.base_id", prepared));
   }
   if (spec.has_alpha()) options.alpha = spec.alpha();
-  if (spec.precision() == v1::PRECISION_FLOAT32) {
-    options.precision = core::RegMeanPrecision::kFloat32;
+  switch (spec.precision()) {
+    case v1::PRECISION_UNSPECIFIED:
+    case v1::PRECISION_FLOAT64:
+      break;
+    case v1::PRECISION_FLOAT32:
+      options.precision = core::RegMeanPrecision::kFloat32;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("merge.precision is ", spec.precision(),
+                       "; expected PRECISION_FLOAT64 or PRECISION_FLOAT32"));
   }
   if (spec.has_fisher_floor()) options.fisher_floor = spec.fisher_floor();
   options.exclude.assign(spec.exclude().begin(), spec.exclude().end());

@@ -629,6 +629,13 @@ class RegMeanTest : public MergeTest {
     return last;
   }
 
+  // Merges with RegMean in the fast mode, `options` otherwise as given.
+  MergeProgress MergeFast(MergeOptions options, at::Tensor& merged) {
+    options.method = MergeMethod::kRegMean;
+    options.precision = RegMeanPrecision::kFloat32;
+    return MergeWithSolve(options, RegMeanSolve::kFloat64, merged);
+  }
+
   // The normal-equation solution in float64, Grams scaled by `scale`.
   at::Tensor Reference(double alpha, std::vector<double> scale = {}) const {
     std::vector<double> c = NormalisedCoeffs();
@@ -802,12 +809,9 @@ double OutputError(const at::Tensor& merged, const at::Tensor& want,
 TEST_F(RegMeanTest, FastPrecisionKeepsItsErrorUnderTheToleranceAndEstimatesIt) {
   MakeLargeModels();
   MergeOptions options;
-  options.method = MergeMethod::kRegMean;
   options.alpha = 0.7;
-  options.precision = RegMeanPrecision::kFloat32;
   at::Tensor merged;
-  const MergeProgress last =
-      MergeWithSolve(options, RegMeanSolve::kFloat64, merged);
+  const MergeProgress last = MergeFast(options, merged);
   ASSERT_TRUE(merged.defined());
   EXPECT_EQ(last.fast_solves, 1);
   EXPECT_EQ(last.fast_fallbacks, 0);
@@ -851,6 +855,29 @@ TEST_F(RegMeanTest, FastPrecisionRedoesInFloat64WhatItsCheckRefuses) {
   EXPECT_EQ(last.fast_fallbacks, 1);
   EXPECT_EQ(last.float64_solves, 1);
   EXPECT_LE(RelErr(redone, Reference(1.0)), 1e-4);
+}
+
+// Features whose scales span 1e4 (so the Grams' diagonal spans 1e8, as
+// real activations do) are no harder for float32: the fast mode's pivot test
+// is relative to each diagonal entry, not to the largest pivot.
+TEST_F(RegMeanTest, FastPrecisionIsBlindToTheFeaturesScales) {
+  MakeModels({40, 25, 60});
+  const at::Tensor scale =
+      at::pow(10.0, at::linspace(-2.0, 2.0, in_, at::kDouble));
+  for (size_t i = 0; i < inputs_.size(); ++i) {
+    grams_[i] = Rounded(grams_[i] * scale.unsqueeze(0) * scale.unsqueeze(1),
+                        at::kFloat);
+    inputs_[i].gram = Write("scaled" + std::to_string(i),
+                            {{"lin.weight", grams_[i].to(at::kFloat)}});
+  }
+  MergeOptions options;
+  at::Tensor merged;
+  const MergeProgress last = MergeFast(options, merged);
+  ASSERT_TRUE(merged.defined());
+  EXPECT_EQ(last.fast_solves, 1);
+  EXPECT_EQ(last.fast_fallbacks, 0);
+  EXPECT_LE(OutputError(merged, Reference(0.9), Pooled(0.9)),
+            options.fast_output_tolerance);
 }
 
 // Columns with no input are split off by the float64 path, which the fast
@@ -1519,12 +1546,9 @@ TEST_F(ExecutionTest, OnCudaFastPrecisionKeepsTheOutputErrorUnderItsTolerance) {
   AMALGAM_SKIP_WITHOUT_CUDA();
   MakeLargeModels();
   MergeOptions options;
-  options.method = MergeMethod::kRegMean;
   options.device = "cuda";
-  options.precision = RegMeanPrecision::kFloat32;
   at::Tensor merged;
-  const MergeProgress last =
-      MergeWithSolve(options, RegMeanSolve::kAuto, merged);
+  const MergeProgress last = MergeFast(options, merged);
   ASSERT_TRUE(merged.defined());
   EXPECT_EQ(last.fast_solves, 1);
   EXPECT_LE(OutputError(merged, Reference(0.9), Pooled(0.9)),
