@@ -9,11 +9,19 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
 
 #include "tests/postgres_database.h"
 
 namespace amalgam::testing {
+
+namespace {
+
+std::mutex made_mu;
+std::vector<std::string>* const made_dirs = new std::vector<std::string>;
+
+}  // namespace
 
 std::string MakeTempDir(const std::string& prefix) {
   const char* base = std::getenv("AMALGAM_TEST_TMPDIR");
@@ -21,7 +29,15 @@ std::string MakeTempDir(const std::string& prefix) {
   std::filesystem::create_directories(root);
   std::string pattern = (root / (prefix + "-XXXXXX")).string();
   char* made = ::mkdtemp(pattern.data());
-  return made != nullptr ? std::string(made) : std::string();
+  if (made == nullptr) return std::string();
+  std::lock_guard<std::mutex> lock(made_mu);
+  made_dirs->push_back(made);
+  return made;
+}
+
+std::vector<std::string> MadeTempDirs() {
+  std::lock_guard<std::mutex> lock(made_mu);
+  return *made_dirs;
 }
 
 ServerProcess::ServerProcess(std::string binary, std::string data_dir,

@@ -53,4 +53,9 @@ class ServerProcess {
 // A fresh directory under $AMALGAM_TEST_TMPDIR (or /tmp).
 std::string MakeTempDir(const std::string& prefix);
 
+// Every directory MakeTempDir made in this process, oldest first (the
+// integration tests remove them when all their tests passed: see
+// temp_dirs.cc).
+std::vector<std::string> MadeTempDirs();
+
 }  // namespace amalgam::testing
