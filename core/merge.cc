@@ -12,6 +12,7 @@
 #include <deque>
 #include <functional>
 #include <future>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <new>
@@ -27,6 +28,7 @@
 #include "core/cpu_cache.h"
 #include "core/regmean.h"
 #include "core/runtime.h"
+#include "core/statistics.h"
 #include "core/status_macros.h"
 #include "core/torch_util.h"
 
@@ -407,24 +409,31 @@ absl::Status PlanRegMean(const std::vector<MergeInput>& inputs,
   std::map<std::string, PlannedTensor*> by_name;
   for (PlannedTensor& t : merged) by_name[t.info.name] = &t;
   for (size_t i = 0; i < n; ++i) {
-    for (const TensorInfo& g : inputs[i].gram->tensors()) {
+    for (const std::string& name : GramNames(*inputs[i].gram)) {
+      if (FindGram(*inputs[i].gram, name) == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the Grams of model ", ModelName(inputs, i), " have the alias \"",
+            kGramAliasPrefix, name, "\" naming \"",
+            inputs[i].gram->metadata().at(absl::StrCat(kGramAliasPrefix, name)),
+            "\", which is not a tensor of the file"));
+      }
       bool excluded = false;
       for (const auto& re : exclude) {
-        if (RE2::FullMatch(g.name, *re)) {
+        if (RE2::FullMatch(name, *re)) {
           excluded = true;
           break;
         }
       }
       if (excluded) continue;
-      auto it = by_name.find(g.name);
+      auto it = by_name.find(name);
       if (it == by_name.end()) {
         return absl::FailedPreconditionError(absl::StrCat(
-            "the Grams of model ", ModelName(inputs, i), " have \"", g.name,
+            "the Grams of model ", ModelName(inputs, i), " have \"", name,
             "\", which is not a tensor of the weights"));
       }
       if (it->second->info.shape.size() != 2) {
         return absl::FailedPreconditionError(absl::StrCat(
-            "the Grams of model ", ModelName(inputs, i), " have \"", g.name,
+            "the Grams of model ", ModelName(inputs, i), " have \"", name,
             "\", but that weight has shape ",
             ShapeString(it->second->info.shape), ", not [out, in]"));
       }
@@ -436,13 +445,17 @@ absl::Status PlanRegMean(const std::vector<MergeInput>& inputs,
     int present = -1;
     int absent = -1;
     const int64_t in = t.info.shape[1];
+    std::vector<std::string> tensors(n);
     for (size_t i = 0; i < n; ++i) {
-      const TensorInfo* g = inputs[i].gram->Find(t.info.name);
+      const TensorInfo* g = FindGram(*inputs[i].gram, t.info.name);
       if (g == nullptr) {
         if (absent < 0) absent = static_cast<int>(i);
         continue;
       }
       if (present < 0) present = static_cast<int>(i);
+      const auto same = inputs[i].gram_identical.find(g->name);
+      tensors[i] =
+          same == inputs[i].gram_identical.end() ? g->name : same->second;
       if (g->shape.size() != 2 || g->shape[0] != in || g->shape[1] != in) {
         return absl::FailedPreconditionError(absl::StrCat(
             "Gram for tensor \"", t.info.name, "\" has shape ",
@@ -457,7 +470,10 @@ absl::Status PlanRegMean(const std::vector<MergeInput>& inputs,
           ModelName(inputs, present), " but missing from model ",
           ModelName(inputs, absent), "; give it for every model or for none"));
     }
-    if (present >= 0) t.rule = TensorRule::kRegMean;
+    if (present >= 0) {
+      t.rule = TensorRule::kRegMean;
+      t.grams = std::move(tensors);
+    }
   }
   return absl::OkStatus();
 }
@@ -564,12 +580,37 @@ class PipelinedWriter {
   std::thread thread_;
 };
 
+// The factorisations of RegMean weights whose Grams are the same tensors
+// (PlannedTensor::grams, joined), kept until the last of them is solved.
+struct SharedFactors {
+  int64_t waiting = 0;  // weights still to solve
+  RegMeanFactors factors;
+};
+using SharedSystems = std::map<std::string, SharedFactors>;
+
+std::string SystemKey(const PlannedTensor& t) {
+  return absl::StrJoin(t.grams, std::string(1, '\0'));
+}
+
+// The systems of `plan` that more than one weight solves.
+SharedSystems FindSharedSystems(const MergePlan& plan) {
+  SharedSystems systems;
+  for (const PlannedTensor& t : plan.tensors) {
+    if (t.rule == TensorRule::kRegMean) ++systems[SystemKey(t)].waiting;
+  }
+  for (auto it = systems.begin(); it != systems.end();) {
+    it = it->second.waiting < 2 ? systems.erase(it) : std::next(it);
+  }
+  return systems;
+}
+
 struct ExecContext {
   const MergePlan* plan;
   const std::vector<MergeInput>* inputs;
   const MergeOptions* options;
   at::Device device;
   MergeProgress* state;  // solve counts
+  SharedSystems* shared;
 };
 
 // out[j] = sum_i c[i] x[i][j] over `models` (up to kGroup) inputs, summed
@@ -778,12 +819,12 @@ at::Tensor MergeFisher(const ExecContext& ctx,
 }
 
 absl::StatusOr<at::Tensor> MergeRegMean(
-    const ExecContext& ctx, const std::string& name,
+    const ExecContext& ctx, const PlannedTensor& t,
     const std::vector<const TensorInfo*>& weights,
     const std::vector<const TensorInfo*>& grams) {
   const auto& inputs = *ctx.inputs;
   RegMeanSystem system;
-  system.name = name;
+  system.name = t.info.name;
   system.coefficients = ctx.plan->coefficients;
   for (size_t i = 0; i < inputs.size(); ++i) {
     system.scales.push_back(ctx.plan->coefficients[i] *
@@ -801,7 +842,14 @@ absl::StatusOr<at::Tensor> MergeRegMean(
     }
     return t;
   };
-  return SolveRegMean(system, *ctx.options, ctx.device, ctx.state);
+  const auto shared = ctx.shared->find(SystemKey(t));
+  if (shared == ctx.shared->end()) {
+    return SolveRegMean(system, *ctx.options, ctx.device, ctx.state, nullptr);
+  }
+  absl::StatusOr<at::Tensor> w = SolveRegMean(
+      system, *ctx.options, ctx.device, ctx.state, &shared->second.factors);
+  if (--shared->second.waiting == 0) ctx.shared->erase(shared);
+  return w;
 }
 
 // One tensor of a task-vector method, in float64 on the CPU (so that the
@@ -886,8 +934,12 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
         return absl::FailedPreconditionError(absl::StrCat(
             "model ", ModelName(inputs, i), " has no Gram statistics"));
       }
+      if (t.grams.size() != n) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the plan names no Grams of tensor \"", t.info.name, "\""));
+      }
       AMALGAM_ASSIGN_OR_RETURN(
-          stats[i], FindPlanned(*inputs[i].gram, t.info.name, "the Grams",
+          stats[i], FindPlanned(*inputs[i].gram, t.grams[i], "the Grams",
                                 ModelName(inputs, i)));
     }
   }
@@ -906,8 +958,7 @@ absl::StatusOr<at::Tensor> MergeOne(const ExecContext& ctx,
       merged = MergeFisher(ctx, weights, stats, compute);
       break;
     case TensorRule::kRegMean: {
-      AMALGAM_ASSIGN_OR_RETURN(merged,
-                               MergeRegMean(ctx, t.info.name, weights, stats));
+      AMALGAM_ASSIGN_OR_RETURN(merged, MergeRegMean(ctx, t, weights, stats));
       break;
     }
     case TensorRule::kCopy:
@@ -1106,7 +1157,8 @@ absl::Status ExecuteMerge(
   // the writer is done with them, the float64 work of RegMean).
   CpuCacheScope cache;
   MergeProgress state;
-  ExecContext ctx{&plan, &inputs, &options, device, &state};
+  SharedSystems shared = FindSharedSystems(plan);
+  ExecContext ctx{&plan, &inputs, &options, device, &state, &shared};
   state.tensors_total = static_cast<int64_t>(plan.tensors.size());
   state.bytes_total = plan.output_bytes;
   // Releases tensor `name` of every input from the resident set: streaming.

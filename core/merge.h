@@ -46,8 +46,13 @@ enum class GramNormalization {
 // the plan and its execution.
 struct MergeInput {
   const SafetensorsReader* weights = nullptr;
-  // Required for kRegMean: per-linear-weight Gram matrices.
+  // Required for kRegMean: per-linear-weight Gram matrices (with their
+  // aliases, see core/statistics.h).
   const SafetensorsReader* gram = nullptr;
+  // Gram tensors whose bytes equal another's (found at upload, see
+  // IdenticalTensors): name -> the tensor it equals. Weights whose Grams are
+  // the same tensor in every model share one factorisation.
+  std::map<std::string, std::string> gram_identical;
   // Required for kFisher: diagonal Fisher, same names and shapes as weights.
   const SafetensorsReader* fisher = nullptr;
   // Relative weight (>= 0); all zero means equal weights. Normalised to sum 1
@@ -135,6 +140,9 @@ struct PlannedTensor {
   TensorInfo info;  // name, dtype and shape of the inputs (from model 0)
   TensorRule rule = TensorRule::kAverage;
   int copy_from = -1;  // for kCopy
+  // kRegMean: per model, the Gram tensor of the file that holds this
+  // weight's Gram (aliases and identical tensors resolved).
+  std::vector<std::string> grams;
   // The dtype written (MergeOptions::out_dtype, else info's) and its bytes.
   DType out_dtype = DType::kF32;
   uint64_t out_nbytes = 0;
@@ -178,6 +186,9 @@ struct MergeProgress {
   int64_t fast_fallbacks = 0;
   // The largest estimated output error of the weights the fast mode kept.
   double fast_output_error = 0;
+  // RegMean weights solved with the factorisation of an earlier weight with
+  // the same Grams (PlannedTensor::grams).
+  int64_t shared_factorisations = 0;
 };
 
 // Runs `plan` tensor by tensor, streaming the result into the model

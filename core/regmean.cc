@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -151,45 +152,51 @@ at::Tensor TimesInFloat64(const at::Tensor& m, const at::Tensor& z) {
 // more, converted to float64 a block of rows at a time. Nothing where a sum is
 // not finite, a column has no input (the float64 path splits those off), the
 // factorisation fails or its pivots are below float32's resolution, or the
-// estimate is over `tolerance`; `estimate` is set where it was made.
+// estimate is over `tolerance`; `estimate` is set where it was made. The
+// factor of a is `shared`'s where another weight made it (then a is not
+// summed), else made and left there.
 std::optional<at::Tensor> FastRegMean(const RegMeanSystem& s,
                                       const at::Device& device,
-                                      double tolerance, double* estimate) {
+                                      double tolerance, double* estimate,
+                                      RegMeanFactors& shared) {
   const size_t models = s.scales.size();
+  const bool form = !shared.fast_l.has_value();
   at::Tensor a, b, diagonal;
   for (size_t i = 0; i < models; ++i) {
     const at::Tensor w = s.load(i, false, at::kFloat, false);
     const at::Tensor g = s.load(i, true, at::kFloat, false);
     const double f = s.scales[i] * s.alpha;
     const double d = s.scales[i] * (1 - s.alpha);
-    if (i == 0) {
+    if (i == 0) b = at::empty({g.size(0), w.size(0)}, g.options());
+    if (form && i == 0) {
       a = g.mul(f);
-      b = at::empty({g.size(0), w.size(0)}, g.options());
       diagonal = g.diagonal().mul(d);
-    } else {
+    } else if (form) {
       a.add_(g, f);
       diagonal.add_(g.diagonal(), d);
     }
     b.addmm_(g, w.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/f);
     if (d != 0) b.addcmul_(g.diagonal().unsqueeze(1), w.t(), d);
   }
-  a.diagonal().add_(diagonal);
-  if (!AllFinite(a) || !AllFinite(b) ||
-      !a.diagonal().gt(0).all().item<bool>()) {
-    return std::nullopt;
+  if (form) {
+    a.diagonal().add_(diagonal);
+    // Each pivot against its own diagonal entry, l_ii^2 / a_ii (how much of
+    // a_ii survives the elimination; blind to the features' scales, which
+    // real activations spread over orders of magnitude): under float32's
+    // resolution the system is singular in float32, and a "solution" there
+    // can be finite garbage the output error does not see.
+    bool factored = AllFinite(a) && a.diagonal().gt(0).all().item<bool>();
+    if (factored) {
+      const at::Tensor diagonal_before = a.diagonal().clone();
+      factored =
+          CholeskyInPlace(a) &&  // in place: a becomes L
+          a.diagonal().square().div(diagonal_before).min().item<double>() >
+              static_cast<double>(a.size(0)) * FLT_EPSILON;
+    }
+    shared.fast_l = factored ? a : at::Tensor();
   }
-  // Each pivot against its own diagonal entry, l_ii^2 / a_ii (how much of
-  // a_ii survives the elimination; blind to the features' scales, which
-  // real activations spread over orders of magnitude): under float32's
-  // resolution the system is singular in float32, and a "solution" there
-  // can be finite garbage the output error does not see.
-  const at::Tensor diagonal_before = a.diagonal().clone();
-  at::Tensor& l = a;  // factored in place
-  if (!CholeskyInPlace(l) ||
-      !(l.diagonal().square().div(diagonal_before).min().item<double>() >
-        static_cast<double>(l.size(0)) * FLT_EPSILON)) {
-    return std::nullopt;
-  }
+  const at::Tensor& l = *shared.fast_l;
+  if (!l.defined() || !AllFinite(b)) return std::nullopt;
   const at::Tensor x = CholeskySolve(l, b);
   if (!AllFinite(x)) return std::nullopt;
 
@@ -222,12 +229,15 @@ std::optional<at::Tensor> FastRegMean(const RegMeanSystem& s,
 
 // The precise mode: sums, factorisation and solve in float64 (or, where
 // options.regmean_solve says, a float32 factorisation refined in float64).
+// a and its factorisations are `shared`'s where another weight made them.
 absl::StatusOr<at::Tensor> PreciseRegMean(const RegMeanSystem& s,
                                           const MergeOptions& options,
                                           const at::Device& device,
-                                          MergeProgress* counts) {
+                                          MergeProgress* counts,
+                                          RegMeanFactors& shared) {
   const std::vector<double>& c = s.coefficients;
   const double alpha = s.alpha;
+  const bool form = !shared.formed;
   // a = sum G~_i [in, in], b = sum G~_i W_i^T [in, out], where
   // G~ = c s (alpha G + (1 - alpha) diag(G)) = factor H. H is made in the
   // float64 copy of G and factor folded into the accumulating add and GEMM,
@@ -250,13 +260,26 @@ absl::StatusOr<at::Tensor> PreciseRegMean(const RegMeanSystem& s,
       h.mul_(alpha);
       h.diagonal().copy_(diagonal);
     }
-    if (i == 0) {
-      a = h.mul(factor);
-      b = at::empty({h.size(0), w.size(0)}, h.options());
-    } else {
-      a.add_(h, factor);
-    }
+    if (i == 0) b = at::empty({h.size(0), w.size(0)}, h.options());
+    if (form) a = i == 0 ? h.mul(factor) : a.add_(h, factor);
     b.addmm_(h, w.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/factor);
+  }
+  // An input feature that is zero in every row of every model has a zero
+  // diagonal entry, hence (Grams being positive semi-definite) a zero row and
+  // column: the objective does not depend on that column of W, and the
+  // system splits exactly. Such columns (a ReLU unit dead on all data, a
+  // pixel never inked) take the weighted average; the rest is solved.
+  if (form) {
+    const at::Tensor active = a.diagonal().gt(0);
+    shared.active = active.sum().item<int64_t>();
+    if (shared.active > 0 && shared.active < a.size(0)) {
+      shared.active_index = active.nonzero().squeeze(1);
+      a = a.index_select(0, shared.active_index)
+              .index_select(1, shared.active_index);
+    }
+    shared.finite = AllFinite(a);
+    shared.a = std::move(a);
+    shared.formed = true;
   }
   // The weighted average sum c_i W_i^T [in, out], for columns not solved.
   auto average = [&]() {
@@ -267,35 +290,31 @@ absl::StatusOr<at::Tensor> PreciseRegMean(const RegMeanSystem& s,
     }
     return sum;
   };
-  // An input feature that is zero in every row of every model has a zero
-  // diagonal entry, hence (Grams being positive semi-definite) a zero row and
-  // column: the objective does not depend on that column of W, and the
-  // system splits exactly. Such columns (a ReLU unit dead on all data, a
-  // pixel never inked) take the weighted average; the rest is solved.
-  const at::Tensor active = a.diagonal().gt(0);
-  const int64_t n_active = active.sum().item<int64_t>();
-  at::Tensor active_index;
-  if (n_active < a.size(0)) {
-    if (n_active == 0) return average().t();
-    active_index = active.nonzero().squeeze(1);
-    a = a.index_select(0, active_index).index_select(1, active_index);
-    b = b.index_select(0, active_index);
+  if (shared.active == 0) return average().t();
+  if (shared.active_index.defined()) {
+    b = b.index_select(0, shared.active_index);
   }
+  const at::Tensor& system = shared.a;
   at::Tensor x;
   bool solved = false;
-  const bool finite = AllFinite(a) && AllFinite(b);
+  const bool finite = shared.finite && AllFinite(b);
   if (finite && UseFloat32Solve(options, device)) {
     // Float32 Cholesky (fast on GPUs) refined in float64: each step solves
     // for the float64 residual with the float32 factor. When the condition
     // number is too large for float32 the corrections do not shrink, and
-    // the float64 path below takes over.
-    at::Tensor l = a.to(at::kFloat);
-    // Below float32's resolution the float64 path decides.
-    if (CholeskyInPlace(l) &&
-        PivotsAreRegular(l.diagonal().square(), FLT_EPSILON)) {
+    // the float64 path below takes over. Below float32's resolution the
+    // float64 path decides.
+    if (!shared.l32) {
+      at::Tensor l = system.to(at::kFloat);
+      shared.l32 = CholeskyInPlace(l) &&
+                           PivotsAreRegular(l.diagonal().square(), FLT_EPSILON)
+                       ? l
+                       : at::Tensor();
+    }
+    if (const at::Tensor& l = *shared.l32; l.defined()) {
       at::Tensor x64 = CholeskySolve(l, b.to(at::kFloat)).to(at::kDouble);
       for (int step = 0; step < kRefinementSteps && AllFinite(x64); ++step) {
-        const at::Tensor residual = b - a.matmul(x64);
+        const at::Tensor residual = b - system.matmul(x64);
         const at::Tensor dx =
             CholeskySolve(l, residual.to(at::kFloat)).to(at::kDouble);
         x64.add_(dx);
@@ -311,18 +330,29 @@ absl::StatusOr<at::Tensor> PreciseRegMean(const RegMeanSystem& s,
   }
   if (finite && !solved) {
     ++counts->float64_solves;
-    at::Tensor l = a.clone();  // a is kept for LU
-    if (CholeskyInPlace(l) &&
-        PivotsAreRegular(l.diagonal().square(), DBL_EPSILON)) {
-      x = CholeskySolve(l, b);
+    if (!shared.l64) {
+      at::Tensor l = system.clone();  // the system is kept for LU
+      shared.l64 = CholeskyInPlace(l) &&
+                           PivotsAreRegular(l.diagonal().square(), DBL_EPSILON)
+                       ? l
+                       : at::Tensor();
+    }
+    if (shared.l64->defined()) {
+      x = CholeskySolve(*shared.l64, b);
       solved = AllFinite(x);
     }
     if (!solved) {
-      at::Tensor lu, pivots, info;
-      std::tie(lu, pivots, info) = at::linalg_lu_factor_ex(a);
-      if (info.item<int64_t>() == 0 &&
-          PivotsAreRegular(lu.diagonal().abs(), DBL_EPSILON)) {
-        x = at::linalg_lu_solve(lu, pivots, b);
+      if (!shared.lu) {
+        at::Tensor lu, pivots, info;
+        std::tie(lu, pivots, info) = at::linalg_lu_factor_ex(system);
+        if (info.item<int64_t>() != 0 ||
+            !PivotsAreRegular(lu.diagonal().abs(), DBL_EPSILON)) {
+          lu = at::Tensor();
+        }
+        shared.lu = std::make_pair(lu, pivots);
+      }
+      if (shared.lu->first.defined()) {
+        x = at::linalg_lu_solve(shared.lu->first, shared.lu->second, b);
         solved = AllFinite(x);
       }
     }
@@ -334,8 +364,8 @@ absl::StatusOr<at::Tensor> PreciseRegMean(const RegMeanSystem& s,
         "inverse, e.g. two input features that are equal in every row; use "
         "alpha < 1, check the Gram statistics or exclude the tensor"));
   }
-  if (active_index.defined()) {
-    return average().index_copy_(0, active_index, x).t();
+  if (shared.active_index.defined()) {
+    return average().index_copy_(0, shared.active_index, x).t();
   }
   return x.t();
 }
@@ -345,18 +375,23 @@ absl::StatusOr<at::Tensor> PreciseRegMean(const RegMeanSystem& s,
 absl::StatusOr<at::Tensor> SolveRegMean(const RegMeanSystem& system,
                                         const MergeOptions& options,
                                         const at::Device& device,
-                                        MergeProgress* counts) {
+                                        MergeProgress* counts,
+                                        RegMeanFactors* shared) {
+  RegMeanFactors own;
+  RegMeanFactors& factors = shared != nullptr ? *shared : own;
+  if (factors.formed || factors.fast_l) ++counts->shared_factorisations;
   if (options.precision == RegMeanPrecision::kFloat32) {
     double estimate = 0;
-    if (std::optional<at::Tensor> w = FastRegMean(
-            system, device, options.fast_output_tolerance, &estimate)) {
+    if (std::optional<at::Tensor> w =
+            FastRegMean(system, device, options.fast_output_tolerance,
+                        &estimate, factors)) {
       ++counts->fast_solves;
       counts->fast_output_error = std::max(counts->fast_output_error, estimate);
       return *std::move(w);
     }
     ++counts->fast_fallbacks;
   }
-  return PreciseRegMean(system, options, device, counts);
+  return PreciseRegMean(system, options, device, counts, factors);
 }
 
 }  // namespace amalgam::core

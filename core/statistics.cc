@@ -1,11 +1,16 @@
 #include "core/statistics.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <tuple>
+#include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/sha256.h"
 #include "core/status_macros.h"
 
 namespace amalgam::core {
@@ -49,7 +54,77 @@ int64_t FirstNegative(const SafetensorsReader& reader, const TensorInfo& t,
   return -1;
 }
 
+// The aliases of a Gram file's metadata: weight -> the tensor named.
+std::map<std::string, std::string> GramAliases(const SafetensorsReader& gram) {
+  std::map<std::string, std::string> aliases;
+  for (const auto& [key, value] : gram.metadata()) {
+    if (absl::StartsWith(key, kGramAliasPrefix)) {
+      aliases[key.substr(kGramAliasPrefix.size())] = value;
+    }
+  }
+  return aliases;
+}
+
+// With `weights`: FAILED_PRECONDITION unless `name` is a 2-D weight [out,
+// in] whose Gram `g` ([in, in]) can be.
+absl::Status CheckGramFitsWeight(const SafetensorsReader& weights,
+                                 const std::string& name, const TensorInfo& g) {
+  const TensorInfo* w = weights.Find(name);
+  if (w == nullptr || w->shape.size() != 2) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Gram \"", name, "\" names no 2-D weight of the described model"));
+  }
+  if (w->shape[1] != g.shape[0]) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Gram for tensor \"", name, "\" has shape ", ShapeString(g.shape),
+        " but the weight ", ShapeString(w->shape), " needs [", w->shape[1],
+        ", ", w->shape[1], "]"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+const TensorInfo* FindGram(const SafetensorsReader& gram,
+                           absl::string_view name) {
+  if (const TensorInfo* own = gram.Find(name)) return own;
+  const auto it = gram.metadata().find(absl::StrCat(kGramAliasPrefix, name));
+  return it == gram.metadata().end() ? nullptr : gram.Find(it->second);
+}
+
+std::vector<std::string> GramNames(const SafetensorsReader& gram) {
+  std::vector<std::string> names;
+  for (const TensorInfo& t : gram.tensors()) names.push_back(t.name);
+  for (const auto& [name, target] : GramAliases(gram)) names.push_back(name);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::map<std::string, std::string> IdenticalTensors(
+    const SafetensorsReader& reader) {
+  // By dtype and shape, in name order (tensors() is sorted).
+  std::map<std::pair<DType, std::vector<int64_t>>,
+           std::vector<const TensorInfo*>>
+      kinds;
+  for (const TensorInfo& t : reader.tensors()) {
+    kinds[{t.dtype, t.shape}].push_back(&t);
+  }
+  std::map<std::string, std::string> identical;
+  for (const auto& [kind, tensors] : kinds) {
+    if (tensors.size() < 2) continue;
+    std::map<std::string, std::string> first_by_digest;
+    for (const TensorInfo* t : tensors) {
+      Sha256 hash;
+      const absl::Span<const uint8_t> bytes = reader.Data(*t);
+      hash.Update(bytes.data(), bytes.size());
+      reader.Release(t->name);
+      const auto [it, inserted] =
+          first_by_digest.emplace(hash.HexDigest(), t->name);
+      if (!inserted) identical[t->name] = it->second;
+    }
+  }
+  return identical;
+}
 
 absl::Status ValidateWeights(const SafetensorsReader& weights) {
   return CheckAllFinite(weights);
@@ -86,17 +161,32 @@ absl::Status ValidateGram(const SafetensorsReader& gram,
           "Gram \"", t.name, "\" has a negative diagonal entry at [", row, ", ",
           row, "]; a Gram's diagonal is a sum of squares"));
     }
-    if (weights == nullptr) continue;
-    const TensorInfo* w = weights->Find(t.name);
-    if (w == nullptr || w->shape.size() != 2) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "Gram \"", t.name, "\" names no 2-D weight of the described model"));
+    if (weights != nullptr) {
+      AMALGAM_RETURN_IF_ERROR(CheckGramFitsWeight(*weights, t.name, t));
     }
-    if (w->shape[1] != t.shape[0]) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "Gram for tensor \"", t.name, "\" has shape ", ShapeString(t.shape),
-          " but the weight ", ShapeString(w->shape), " needs [", w->shape[1],
-          ", ", w->shape[1], "]"));
+  }
+  for (const auto& [name, target] : GramAliases(gram)) {
+    const std::string key = absl::StrCat(kGramAliasPrefix, name);
+    if (name.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram alias \"", key, "\" names no weight (expected \"",
+                       kGramAliasPrefix, "<weight>\")"));
+    }
+    if (gram.Find(name) != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram \"", name,
+                       "\" is both a tensor of the file and "
+                       "an alias (metadata \"",
+                       key, "\")"));
+    }
+    const TensorInfo* g = gram.Find(target);
+    if (g == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram alias \"", key, "\" names \"", target,
+                       "\", which is not a tensor of the file"));
+    }
+    if (weights != nullptr) {
+      AMALGAM_RETURN_IF_ERROR(CheckGramFitsWeight(*weights, name, *g));
     }
   }
   return CheckAllFinite(gram);

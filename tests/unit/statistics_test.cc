@@ -3,7 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -94,6 +97,70 @@ TEST_F(StatisticsTest, GramMustBeSquareAndNameA2DWeightOfTheRightWidth) {
   EXPECT_THAT(width.message(), HasSubstr("needs [4, 4]"));
   EXPECT_TRUE(
       ValidateGram(*Write("fine", {{"lin.weight", at::eye(4)}}), weights).ok());
+}
+
+TEST_F(StatisticsTest, GramAliasesNameATensorOfTheFileAndAWeightOfItsWidth) {
+  const SafetensorsReader* weights = Write("qkv", {{"a.q", at::ones({3, 4})},
+                                                   {"a.k", at::ones({2, 4})},
+                                                   {"a.o", at::ones({4, 5})}});
+  const at::Tensor g = at::eye(4);
+  const SafetensorsReader* good =
+      Write("good", {{"a.q", g}}, {{"alias.a.k", "a.q"}});
+  EXPECT_TRUE(ValidateGram(*good, weights).ok());
+  EXPECT_EQ(FindGram(*good, "a.k"), good->Find("a.q"));
+  EXPECT_EQ(FindGram(*good, "a.q"), good->Find("a.q"));
+  EXPECT_EQ(FindGram(*good, "a.o"), nullptr);
+  EXPECT_THAT(GramNames(*good), ::testing::ElementsAre("a.k", "a.q"));
+
+  struct Case {
+    const char* weight;  // the alias's: alias.<weight> = a.q
+    const char* target;
+    bool tensor_too;  // a.k also a tensor of the file
+    bool described;   // checked against `weights`
+    absl::StatusCode code;
+    const char* message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"a.k", "a.v", false, false, absl::StatusCode::kInvalidArgument,
+            "Gram alias \"alias.a.k\" names \"a.v\", which is not a tensor "
+            "of the file"},
+           {"a.k", "a.q", true, false, absl::StatusCode::kInvalidArgument,
+            "Gram \"a.k\" is both a tensor of the file and an alias"},
+           {"", "a.q", false, false, absl::StatusCode::kInvalidArgument,
+            "Gram alias \"alias.\" names no weight"},
+           // The alias's weight must take the Gram's width.
+           {"a.o", "a.q", false, true, absl::StatusCode::kFailedPrecondition,
+            "Gram for tensor \"a.o\" has shape [4, 4] but the weight [4, 5] "
+            "needs [5, 5]"},
+           {"a.x", "a.q", false, true, absl::StatusCode::kFailedPrecondition,
+            "Gram \"a.x\" names no 2-D weight"},
+       }) {
+    SCOPED_TRACE(c.message);
+    Tensors tensors = {{"a.q", g}};
+    if (c.tensor_too) tensors.push_back({"a.k", g});
+    const auto status = ValidateGram(
+        *Write("bad", tensors, {{std::string("alias.") + c.weight, c.target}}),
+        c.described ? weights : nullptr);
+    EXPECT_EQ(status.code(), c.code);
+    EXPECT_THAT(status.message(), HasSubstr(c.message));
+  }
+}
+
+TEST_F(StatisticsTest, IdenticalTensorsAreFoundByTheirBytes) {
+  const at::Tensor g = Randn({6, 6}, 1).to(at::kFloat);
+  at::Tensor other = g.clone();
+  other[5][5] = std::nextafter(other[5][5].item<float>(), 1e9f);
+  const SafetensorsReader* reader =
+      Write("g", {{"c", g},
+                  {"a", g},
+                  {"b", other},
+                  {"d", g.to(at::kDouble)},  // equal values, other bytes
+                  {"e", g.reshape({4, 9})},  // same bytes, other shape
+                  {"f", g}});
+  const std::map<std::string, std::string> identical =
+      IdenticalTensors(*reader);
+  EXPECT_EQ(identical,
+            (std::map<std::string, std::string>{{"c", "a"}, {"f", "a"}}));
 }
 
 TEST_F(StatisticsTest, NonFiniteStatisticsAreRefused) {
