@@ -367,6 +367,11 @@ absl::Status JobManager::PrepareMerge(const v1::Job& job, Prepared* prepared) {
     AMALGAM_ASSIGN_OR_RETURN(
         input.gram, OpenInput(job, model.gram_id(), v1::ARTIFACT_KIND_GRAM,
                               field + "gram_id", prepared));
+    if (input.gram != nullptr) {
+      const auto& identical =
+          prepared->artifacts.at(model.gram_id()).identical_tensors();
+      input.gram_identical.insert(identical.begin(), identical.end());
+    }
     AMALGAM_ASSIGN_OR_RETURN(
         input.fisher,
         OpenInput(job, model.fisher_id(), v1::ARTIFACT_KIND_FISHER,

@@ -574,6 +574,11 @@ absl::StatusOr<v1::Artifact> UploadManager::Session::Verify() {
     return valid;
   }
   DescribeTensors(**reader, &artifact);
+  if (artifact.kind() == v1::ARTIFACT_KIND_GRAM) {
+    for (const auto& [name, same] : core::IdenticalTensors(**reader)) {
+      (*artifact.mutable_identical_tensors())[name] = same;
+    }
+  }
   reader->reset();
   AMALGAM_ASSIGN_OR_RETURN(artifact,
                            storage->AddArtifact(temp_paths, artifact));

@@ -425,7 +425,8 @@ class Client:
             name = name or os.path.basename(os.path.normpath(path))
             what = path
         else:
-            tensors = getattr(source, "tensors", source)
+            tensors = (source.stored_tensors() if hasattr(source, "stored_tensors")
+                       else getattr(source, "tensors", source))
             if hasattr(source, "metadata") and callable(source.metadata):
                 metadata = {**source.metadata(), **metadata}
             data = safetensors.dumps(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
+import hashlib
 from dataclasses import field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -42,12 +43,18 @@ class Statistics:
         reduction: ``"sum"`` if the tensors are sums over rows, ``"mean"`` if they have
             been divided by their row counts.
         rows: per-tensor row counts; a tensor missing here has ``num_examples`` rows.
+        aliases: Gram statistics only: weight name -> the name of another tensor of
+            ``tensors`` that is equal to its own (weights that read the same input, such
+            as a layer's query, key and value). Uploads store each such Gram once, under
+            the name aliased, with ``alias.<weight>`` in the metadata; the server then
+            solves those weights with one factorisation. ``tensors`` keeps every name.
     """
 
     tensors: Dict[str, torch.Tensor]
     num_examples: int
     reduction: str = "sum"
     rows: Dict[str, int] = field(default_factory=dict)
+    aliases: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.reduction not in _REDUCTIONS:
@@ -63,14 +70,21 @@ class Statistics:
         """The safetensors ``__metadata__`` for these statistics.
 
         Always has ``num_examples`` and ``reduction``; adds ``rows.<name>`` for every
-        tensor whose row count differs from ``num_examples``.
+        tensor whose row count differs from ``num_examples``, and ``alias.<name>`` for
+        every alias.
         """
         meta = {"num_examples": str(int(self.num_examples)), "reduction": self.reduction}
         for name in sorted(self.rows):
             r = int(self.rows[name])
             if r != int(self.num_examples):
                 meta[f"rows.{name}"] = str(r)
+        for name in sorted(self.aliases):
+            meta[f"alias.{name}"] = self.aliases[name]
         return meta
+
+    def stored_tensors(self) -> Dict[str, torch.Tensor]:
+        """The tensors a file of these statistics holds: all but the aliased ones."""
+        return {n: t for n, t in self.tensors.items() if n not in self.aliases}
 
     def mean(self) -> "Statistics":
         """Return these statistics with every tensor divided by its own row count.
@@ -80,14 +94,14 @@ class Statistics:
         left unchanged.
         """
         if self.reduction == "mean":
-            return Statistics(
-                dict(self.tensors), self.num_examples, "mean", dict(self.rows)
-            )
+            return Statistics(dict(self.tensors), self.num_examples, "mean",
+                              dict(self.rows), dict(self.aliases))
         out = {}
         for name, t in self.tensors.items():
             r = self.rows_of(name)
             out[name] = t / r if r > 0 else t.clone()
-        return Statistics(out, self.num_examples, "mean", dict(self.rows))
+        return Statistics(out, self.num_examples, "mean", dict(self.rows),
+                          dict(self.aliases))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -152,6 +166,22 @@ def _linear_in_features(m: torch.nn.Module) -> Optional[int]:
     return None
 
 
+def _equal_tensors(tensors: Dict[str, torch.Tensor], rows: Dict[str, int]) -> Dict[str, str]:
+    """Name -> the first name (sorted) of an equal tensor (same dtype, shape, values
+    and row count)."""
+    first: Dict[Tuple[Any, ...], str] = {}
+    aliases: Dict[str, str] = {}
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()
+        key = (t.dtype, tuple(t.shape), rows.get(name), digest)
+        if key in first and torch.equal(tensors[first[key]], t):
+            aliases[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    return aliases
+
+
 def _most_common(counts: Iterable[int]) -> int:
     c = collections.Counter(counts)
     if not c:
@@ -171,6 +201,7 @@ def gram(
     skip_padding: bool = False,
     mask_key: str = "attention_mask",
     forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
+    share: bool = True,
 ) -> Statistics:
     """Collect the Gram matrix of the inputs of every linear layer of ``model``.
 
@@ -194,11 +225,15 @@ def gram(
             ``[B, H]``) count all rows.
         mask_key: the key of the attention mask in mapping batches.
         forward: ``forward(model, batch)`` replaces the default call convention.
+        share: alias layers whose Grams are equal (they read the same input: a layer's
+            query, key and value; gate and up) to the first of them by name, so the
+            upload holds each such Gram once.
 
     Returns:
         :class:`Statistics` with ``reduction="sum"``, float64 CPU tensors of shape
-        ``in x in``, per-tensor row counts in ``rows`` and ``num_examples`` the most
-        common row count (ties broken towards the largest).
+        ``in x in``, per-tensor row counts in ``rows``, ``num_examples`` the most
+        common row count (ties broken towards the largest) and, with ``share``, the
+        ``aliases`` of equal Grams.
     """
     model_device = _model_device(model)
     target = torch.device(device) if device is not None else model_device
@@ -263,7 +298,9 @@ def gram(
 
     tensors = {n: g.cpu() for n, g in acc.items()}
     num = _most_common(rows.values())
-    return Statistics(tensors=tensors, num_examples=num, reduction="sum", rows=dict(rows))
+    aliases = _equal_tensors(tensors, rows) if share else {}
+    return Statistics(tensors=tensors, num_examples=num, reduction="sum", rows=dict(rows),
+                      aliases=aliases)
 
 
 # --------------------------------------------------------------------------- fisher
