@@ -1,12 +1,14 @@
 // RegMean of 3 BERT-base-shaped models (12 layers, hidden 768, intermediate
-// 3072; random weights and random positive definite Grams) in one run:
+// 3072; random weights and random positive definite Grams; with
+// --shared_inputs, query, key and value read one input, so their Gram is
+// stored once, with aliases, as amalgam.stats.gram writes it) in one run:
 // core::ExecuteMerge in each precision asked for against two PyTorch
 // implementations of the paper's formula (bench/regmean_reference.py run by
 // /usr/bin/python3 on the same files: a float64 solve, the ground truth of
 // the errors, and the RegMean authors' float32 style), and the merge's
 // GFLOP/s against this machine's float64 matmul rate measured here.
 //
-//   regmean_bert [--dir build/regmean-bert] [--layers 12]
+//   regmean_bert [--dir build/regmean-bert] [--layers 12] [--shared_inputs]
 //                [--precision float64,float32] [--device cpu|cuda]
 #include <ATen/ATen.h>
 #include <sys/resource.h>
@@ -24,13 +26,18 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/merge.h"
 #include "core/runtime.h"
 #include "core/safetensors.h"
 
-ABSL_FLAG(std::string, dir, "build/regmean-bert", "scratch directory");
+ABSL_FLAG(std::string, dir, "build/regmean-bert",
+          "scratch directory (\"-shared\" appended with --shared_inputs)");
+ABSL_FLAG(bool, shared_inputs, false,
+          "query, key and value share one Gram per layer (stored once, with "
+          "aliases)");
 ABSL_FLAG(int, layers, 12, "encoder layers");
 ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads; 0 keeps its default");
 ABSL_FLAG(std::vector<std::string>, precision,
@@ -94,24 +101,36 @@ void WriteFile(const std::string& path,
 }
 
 // Model m's weights and Grams (G = B B^T / r + I/10 with B n x 64: positive
-// definite, with a spread of eigenvalues like real activations).
-void Generate(const std::string& dir, int layers) {
+// definite, with a spread of eigenvalues like real activations; symmetric).
+// `shared`: key and value alias the query's Gram.
+void Generate(const std::string& dir, int layers, bool shared) {
   at::manual_seed(2026);
   for (int m = 0; m < kModels; ++m) {
     std::vector<std::pair<std::string, at::Tensor>> weights, grams;
+    std::map<std::string, std::string> metadata = {{"num_examples", "1000"},
+                                                   {"reduction", "mean"}};
     for (const Linear& linear : Linears(layers)) {
       weights.push_back(
           {linear.name, at::randn({linear.out, linear.in}) * 0.05});
-      const std::string bias =
-          linear.name.substr(0, linear.name.size() - 6) + "bias";
-      weights.push_back({bias, at::randn({linear.out}) * 0.05});
+      const std::string module = linear.name.substr(0, linear.name.size() - 6);
+      weights.push_back({module + "bias", at::randn({linear.out}) * 0.05});
+      if (shared && (absl::EndsWith(module, ".key.") ||
+                     absl::EndsWith(module, ".value."))) {
+        metadata[absl::StrCat("alias.", linear.name)] =
+            module.substr(0, module.rfind('.', module.size() - 2)) +
+            ".query.weight";
+        continue;
+      }
       at::Tensor b = at::randn({linear.in, 64});
-      grams.push_back(
-          {linear.name, at::matmul(b, b.t()) / 64 + at::eye(linear.in) * 0.1});
+      const at::Tensor g = at::matmul(b, b.t()) / 64 + at::eye(linear.in) * 0.1;
+      // Made exactly symmetric: a float32 product's (i, j) and (j, i) can
+      // differ in the last bit (they do with OpenBLAS's Zen kernels), and a
+      // Cholesky solve (lower triangle) and an LU solve (both) would then
+      // solve different systems, 1e-6 apart at these condition numbers.
+      grams.push_back({linear.name, (g + g.t()) / 2});
     }
     WriteFile(absl::StrCat(dir, "/model", m, ".safetensors"), weights, {});
-    WriteFile(absl::StrCat(dir, "/gram", m, ".safetensors"), grams,
-              {{"num_examples", "1000"}, {"reduction", "mean"}});
+    WriteFile(absl::StrCat(dir, "/gram", m, ".safetensors"), grams, metadata);
   }
 }
 
@@ -222,7 +241,8 @@ bool RunOurs(const std::string& dir, Ours* ours) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  const std::string dir = absl::GetFlag(FLAGS_dir);
+  const bool shared = absl::GetFlag(FLAGS_shared_inputs);
+  const std::string dir = absl::GetFlag(FLAGS_dir) + (shared ? "-shared" : "");
   const int layers = absl::GetFlag(FLAGS_layers);
   if (absl::GetFlag(FLAGS_threads) > 0) {
     core::SetIntraOpThreads(absl::GetFlag(FLAGS_threads));
@@ -231,7 +251,16 @@ int main(int argc, char** argv) {
                                                 core::GetRuntimeInfo().threads);
   std::filesystem::create_directories(dir);
   if (!std::filesystem::exists(dir + "/gram2.safetensors")) {
-    Generate(dir, layers);
+    // In a child: the parent's pages would count in every later child's
+    // peak RSS.
+    const pid_t child = ::fork();
+    if (child == 0) {
+      Generate(dir, layers, shared);
+      ::_exit(0);
+    }
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return 1;
   }
 
   std::vector<Ours> ours;
@@ -326,7 +355,8 @@ int main(int argc, char** argv) {
   }
   std::printf(
       "\n%d layers, %d models, %.1f GFLOP per merge (formula count); errors "
-      "against the float64 solve\n",
-      layers, kModels, gflop);
+      "against the float64 solve; query, key and value Grams %s\n",
+      layers, kModels, gflop,
+      shared ? "shared (one per layer, aliased)" : "apart (one per weight)");
   return 0;
 }

@@ -47,6 +47,17 @@ def load(path):
         return safetensors.loads(f.read())[0]
 
 
+def load_grams(path):
+    """A Gram file's tensors, with each alias.<weight> of its metadata resolved
+    to the tensor it names (the authors' code holds a Gram per weight)."""
+    with open(path, "rb") as f:
+        tensors, metadata = safetensors.loads(f.read())
+    for key, target in metadata.items():
+        if key.startswith("alias."):
+            tensors[key[len("alias."):]] = tensors[target]
+    return tensors
+
+
 def scaled(gram, alpha):
     """alpha G + (1 - alpha) diag(G), in G's dtype."""
     return alpha * gram + (1 - alpha) * torch.diag(torch.diag(gram))
@@ -98,7 +109,7 @@ def main():
     results = sys.argv[5:]
     start = time.monotonic()
     weights = [load(f"{directory}/model{m}.safetensors") for m in range(models)]
-    grams = [load(f"{directory}/gram{m}.safetensors") for m in range(models)]
+    grams = [load_grams(f"{directory}/gram{m}.safetensors") for m in range(models)]
     if style == "float64":
         merged = float64_style(weights, grams, alpha)
         with open(f"{directory}/reference.safetensors", "wb") as f:

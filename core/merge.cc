@@ -1256,8 +1256,12 @@ absl::Status ExecuteMerge(
             absl::StrCat("merged tensor \"", t.info.name, "\" has ", nbytes,
                          " bytes, expected ", t.out_nbytes));
       }
-      // The inputs are done with: keep them out of RSS.
+      // The inputs are done with: keep them out of RSS (a shared Gram too,
+      // which is read again, from the page cache, by its next weight).
       release(t.info.name);
+      for (size_t i = 0; i < t.grams.size(); ++i) {
+        if (inputs[i].gram != nullptr) inputs[i].gram->Release(t.grams[i]);
+      }
       const absl::Span<const uint8_t> bytes(
           static_cast<const uint8_t*>(out.data_ptr()), nbytes);
       AMALGAM_RETURN_IF_ERROR(pipeline.Push(bytes, std::move(out), nullptr));
