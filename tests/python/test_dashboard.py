@@ -27,8 +27,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def query(port, expr):
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+def query(port, expr, at=None):
+    """Evaluates `expr` now, or at Unix time `at`."""
+    params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(params)
     answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
     assert answer["status"] == "success", (expr, answer)
     return answer["data"]["result"]
@@ -104,20 +106,33 @@ def test_every_dashboard_query_returns_series_and_counts_each_job(
             for target in panel["targets"]:
                 assert query(port, target["expr"]), f"{panel['title']}: {target['expr']} is empty"
 
+        # The dashboard's increase() extrapolates past the last sample by less
+        # than 1.1 average scrape intervals, and not at all before a first
+        # sample of 0 (Prometheus's extrapolatedRate): with n samples it reads
+        # between the count and count * (1 + 1.1 / (n - 1)). The raw samples,
+        # read at the same instant, must hold the count exactly.
+        at = time.time()
         finished = next(t["expr"] for p in dashboard["panels"] for t in p["targets"]
                         if p["title"].startswith("Jobs finished"))
-        counted = {}
-        for series in query(port, finished):
+        shown = {}
+        for series in query(port, finished, at):
             labels = series["metric"]
-            value = float(series["value"][1])
-            if labels["state"] == "succeeded":
-                counted[(labels["kind"], labels["method"])] = round(value)
-            else:
-                assert round(value) == 0, series
-        for key, count in ran.items():
-            assert counted.get(key) == count, f"{key}: the dashboard counts {counted.get(key)}, " \
-                                              f"{count} ran"
-        assert sum(counted.values()) == sum(ran.values())
+            shown[(labels["kind"], labels["method"], labels["state"])] = float(series["value"][1])
+        samples = {}
+        for series in query(port, "amalgam_jobs_total[1h]", at):
+            labels = series["metric"]
+            samples[(labels["kind"], labels["method"], labels["state"])] = [
+                float(v) for _, v in series["values"]]
+        assert samples.keys() == shown.keys()
+        for key, values in samples.items():
+            count = ran.get(key[:2], 0) if key[2] == "succeeded" else 0
+            assert values[0] == 0, f"{key}: first scraped at {values[0]}, not 0"
+            assert values[-1] == count, f"{key}: counted {values[-1]}, {count} ran"
+            assert len(values) >= 2, f"{key}: scraped {len(values)} times"
+            bound = count * (1 + 1.1 / (len(values) - 1))
+            assert count * (1 - 1e-12) <= shown[key] <= bound, \
+                f"{key}: the dashboard shows {shown[key]} for {count} jobs ({len(values)} samples)"
+        assert sum(ran.values()) == len(jobs)
     finally:
         process.terminate()
         process.wait(timeout=30)
