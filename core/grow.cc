@@ -564,17 +564,26 @@ absl::Status ExecuteGrow(
   for (const GrowTensor& t : plan.tensors) {
     specs.push_back(TensorSpec{t.info.name, t.out_dtype, t.info.shape});
   }
+  // The tensors written: those of options.shard when it is set.
+  std::vector<const GrowTensor*> work;
+  const std::vector<int> shard_of = AssignShards(specs, options.shard_bytes);
+  for (size_t i = 0; i < plan.tensors.size(); ++i) {
+    if (options.shard == kEveryShard || shard_of[i] == options.shard) {
+      work.push_back(&plan.tensors[i]);
+    }
+  }
   AMALGAM_ASSIGN_OR_RETURN(
       std::unique_ptr<ModelWriter> writer,
       ModelWriter::Create(out_dir, std::move(specs),
                           {{"format", "pt"},
                            {"amalgam.method", "grow"},
                            {"amalgam.grow.report", plan.report_json}},
-                          options.shard_bytes));
+                          options.shard_bytes, options.shard));
   CpuCacheScope cache;  // same-shaped layers reuse their buffers
-  const int64_t total = static_cast<int64_t>(plan.tensors.size());
+  const int64_t total = static_cast<int64_t>(work.size());
   int64_t done = 0;
-  for (const GrowTensor& t : plan.tensors) {
+  for (const GrowTensor* tensor : work) {
+    const GrowTensor& t = *tensor;
     if (cancelled != nullptr && cancelled->load()) {
       return absl::CancelledError(absl::StrCat("grow cancelled after ", done,
                                                " of ", total, " tensors"));

@@ -51,6 +51,8 @@ struct GrowOptions {
   std::optional<DType> out_dtype;
   // Largest shard of the result, in bytes of tensor data (see ModelWriter).
   uint64_t shard_bytes = kDefaultShardBytes;
+  // The shard written alone (from 0), as MergeOptions::shard.
+  int shard = kEveryShard;
 };
 
 struct GrowTensor {
@@ -93,7 +95,8 @@ absl::StatusOr<std::string> GrownConfigKeys(const GrowPlan& plan,
 
 // Writes the grown model into the model directory `out_dir`, a tensor at a
 // time, sharded by `options.shard_bytes`; the report goes into each shard's
-// metadata as `amalgam.grow.report`. `progress` gets
+// metadata as `amalgam.grow.report` (`options.shard` set: that shard
+// alone, bitwise as in the whole model). `progress` gets
 // tensors done and total. CANCELLED when `cancelled` becomes true.
 absl::Status ExecuteGrow(
     const GrowPlan& plan, const SafetensorsReader& a,

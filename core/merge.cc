@@ -1148,19 +1148,33 @@ absl::Status ExecuteMerge(
     metadata["amalgam.blas_core"] = blas.core.empty() ? "-" : blas.core;
     metadata["amalgam.intra_op_threads"] = absl::StrCat(at::get_num_threads());
   }
+  // A shard written alone: the plan of its tensors.
+  MergePlan shard_plan;
+  if (options.shard != kEveryShard) {
+    shard_plan = plan;
+    shard_plan.tensors.clear();
+    shard_plan.output_bytes = 0;
+    const std::vector<int> shard_of = AssignShards(specs, options.shard_bytes);
+    for (size_t i = 0; i < plan.tensors.size(); ++i) {
+      if (shard_of[i] != options.shard) continue;
+      shard_plan.tensors.push_back(plan.tensors[i]);
+      shard_plan.output_bytes += plan.tensors[i].out_nbytes;
+    }
+  }
+  const MergePlan& work = options.shard == kEveryShard ? plan : shard_plan;
   AMALGAM_ASSIGN_OR_RETURN(
       std::unique_ptr<ModelWriter> writer,
       ModelWriter::Create(out_dir, std::move(specs), std::move(metadata),
-                          options.shard_bytes));
+                          options.shard_bytes, options.shard));
 
   // Large buffers are reused from tensor to tensor (the output buffers once
   // the writer is done with them, the float64 work of RegMean).
   CpuCacheScope cache;
   MergeProgress state;
-  SharedSystems shared = FindSharedSystems(plan);
-  ExecContext ctx{&plan, &inputs, &options, device, &state, &shared};
-  state.tensors_total = static_cast<int64_t>(plan.tensors.size());
-  state.bytes_total = plan.output_bytes;
+  SharedSystems shared = FindSharedSystems(work);
+  ExecContext ctx{&work, &inputs, &options, device, &state, &shared};
+  state.tensors_total = static_cast<int64_t>(work.tensors.size());
+  state.bytes_total = work.output_bytes;
   // Releases tensor `name` of every input from the resident set: streaming.
   // Calls `method` (Release or Prefetch) for tensor `name` of every file.
   auto for_every_file = [&inputs, &options](const std::string& name,
@@ -1186,8 +1200,8 @@ absl::Status ExecuteMerge(
   // and writing (the pipeline's thread) overlap.
   PipelinedWriter pipeline(writer.get(), static_cast<size_t>(std::max(
                                              0, options.write_queue_depth)));
-  for (size_t index = 0; index < plan.tensors.size(); ++index) {
-    const PlannedTensor& t = plan.tensors[index];
+  for (size_t index = 0; index < work.tensors.size(); ++index) {
+    const PlannedTensor& t = work.tensors[index];
     if (cancelled != nullptr && cancelled->load()) {
       return absl::CancelledError(
           absl::StrCat("merge cancelled after ", state.tensors_done, " of ",
@@ -1195,10 +1209,10 @@ absl::Status ExecuteMerge(
     }
     // The next tensor's pages come in on another thread meanwhile.
     std::future<void> prefetched;
-    if (index + 1 < plan.tensors.size()) {
+    if (index + 1 < work.tensors.size()) {
       try {
         prefetched = std::async(std::launch::async, prefetch,
-                                plan.tensors[index + 1].info.name);
+                                work.tensors[index + 1].info.name);
       } catch (const std::system_error&) {
         // No thread to be had: the pages fault in as the merge reads them.
       }

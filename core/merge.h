@@ -125,6 +125,10 @@ struct MergeOptions {
   std::optional<DType> out_dtype;
   // Largest shard of the result, in bytes of tensor data (see ModelWriter).
   uint64_t shard_bytes = kDefaultShardBytes;
+  // The shard of the result written (from 0): its tensors alone, into its
+  // file, bitwise as in the whole result; no index (see WriteModelIndex).
+  // kEveryShard: the whole model directory.
+  int shard = kEveryShard;
 };
 
 // How one output tensor is produced.
@@ -191,7 +195,8 @@ struct MergeProgress {
   int64_t shared_factorisations = 0;
 };
 
-// Runs `plan` tensor by tensor, streaming the result into the model
+// Runs `plan` tensor by tensor (those of `options.shard` only, when set),
+// streaming the result into the model
 // directory `out_dir`, sharded by `options.shard_bytes` (see ModelWriter;
 // each file written atomically). Peak memory is O(N x largest tensor).
 // Output dtype = options.out_dtype, else the input's; arithmetic in float32
@@ -199,7 +204,7 @@ struct MergeProgress {
 // called after each tensor. Returns CANCELLED when `*cancelled` becomes true,
 // FAILED_PRECONDITION when a RegMean system is singular (naming the tensor),
 // RESOURCE_EXHAUSTED when out of memory. Same inputs give bitwise the same
-// output on CPU.
+// output on CPU, whether written whole or a shard at a time.
 absl::Status ExecuteMerge(
     const MergePlan& plan, const std::vector<MergeInput>& inputs,
     const MergeOptions& options, const std::string& out_dir,

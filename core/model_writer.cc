@@ -86,11 +86,39 @@ std::vector<int> AssignShards(const std::vector<TensorSpec>& tensors,
   return shard_of;
 }
 
+int CountShards(const std::vector<TensorSpec>& tensors, uint64_t shard_bytes) {
+  const std::vector<int> shard_of = AssignShards(tensors, shard_bytes);
+  return shard_of.empty() ? 1 : shard_of.back() + 1;
+}
+
+absl::Status WriteModelIndex(const std::string& dir,
+                             const std::vector<TensorSpec>& tensors,
+                             uint64_t shard_bytes) {
+  const std::vector<int> shard_of = AssignShards(tensors, shard_bytes);
+  const int shards = shard_of.empty() ? 1 : shard_of.back() + 1;
+  if (shards == 1) return absl::OkStatus();
+  nlohmann::json weight_map = nlohmann::json::object();
+  uint64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    weight_map[tensors[i].name] = ShardFileName(shard_of[i], shards);
+    total += Bytes(tensors[i]);
+  }
+  const nlohmann::json index = {{"metadata", {{"total_size", total}}},
+                                {"weight_map", weight_map}};
+  return WriteFileAtomically(dir, kIndexFileName, index.dump(2) + "\n");
+}
+
 absl::StatusOr<std::unique_ptr<ModelWriter>> ModelWriter::Create(
     const std::string& dir, std::vector<TensorSpec> tensors,
-    std::map<std::string, std::string> metadata, uint64_t shard_bytes) {
+    std::map<std::string, std::string> metadata, uint64_t shard_bytes,
+    int shard) {
   if (shard_bytes == 0) {
     return absl::InvalidArgumentError("the shard size must be positive");
+  }
+  const int shards = CountShards(tensors, shard_bytes);
+  if (shard != kEveryShard && (shard < 0 || shard >= shards)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shard ", shard, " is not one of the model's ", shards));
   }
   std::set<std::string> names;
   for (const TensorSpec& tensor : tensors) {
@@ -108,9 +136,9 @@ absl::StatusOr<std::unique_ptr<ModelWriter>> ModelWriter::Create(
   auto writer = std::unique_ptr<ModelWriter>(new ModelWriter());
   writer->dir_ = dir;
   writer->made_dir_ = made;
+  writer->only_ = shard;
+  writer->max_shard_bytes_ = shard_bytes;
   writer->shard_of_ = AssignShards(tensors, shard_bytes);
-  const int shards =
-      writer->shard_of_.empty() ? 1 : writer->shard_of_.back() + 1;
   writer->shard_bytes_.assign(static_cast<size_t>(shards), 0);
   writer->first_tensor_.assign(static_cast<size_t>(shards), tensors.size());
   for (size_t i = tensors.size(); i-- > 0;) {
@@ -136,13 +164,13 @@ ModelWriter::~ModelWriter() {
 
 absl::Status ModelWriter::Advance() {
   const int shards = static_cast<int>(shard_bytes_.size());
-  while (shard_ < 0 ||
-         (written_in_shard_ == shard_bytes_[shard_] && shard_ + 1 < shards)) {
+  while (shard_ < 0 || (written_in_shard_ == shard_bytes_[shard_] &&
+                        shard_ + 1 < shards && only_ == kEveryShard)) {
     if (writer_ != nullptr) {
       AMALGAM_RETURN_IF_ERROR(writer_->Finish());
       writer_.reset();
     }
-    ++shard_;
+    shard_ = only_ == kEveryShard ? shard_ + 1 : only_;
     written_in_shard_ = 0;
     const std::string name =
         shards == 1 ? kSingleFileName : ShardFileName(shard_, shards);
@@ -188,21 +216,10 @@ absl::Status ModelWriter::Finish() {
   }
   AMALGAM_RETURN_IF_ERROR(writer_->Finish());
   writer_.reset();
-  if (shard_bytes_.size() == 1) {
-    finished_ = true;
-    return absl::OkStatus();
+  if (only_ == kEveryShard && shard_bytes_.size() > 1) {
+    AMALGAM_RETURN_IF_ERROR(WriteModelIndex(dir_, tensors_, max_shard_bytes_));
+    files_.push_back(kIndexFileName);
   }
-  nlohmann::json weight_map = nlohmann::json::object();
-  uint64_t total = 0;
-  for (size_t i = 0; i < tensors_.size(); ++i) {
-    weight_map[tensors_[i].name] = files_[shard_of_[i]];
-    total += Bytes(tensors_[i]);
-  }
-  const nlohmann::json index = {{"metadata", {{"total_size", total}}},
-                                {"weight_map", weight_map}};
-  AMALGAM_RETURN_IF_ERROR(
-      WriteFileAtomically(dir_, kIndexFileName, index.dump(2) + "\n"));
-  files_.push_back(kIndexFileName);
   finished_ = true;
   return absl::OkStatus();
 }

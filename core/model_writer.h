@@ -25,6 +25,18 @@ inline constexpr uint64_t kDefaultShardBytes = 5'000'000'000;
 std::vector<int> AssignShards(const std::vector<TensorSpec>& tensors,
                               uint64_t shard_bytes);
 
+// The shards `tensors` take (1 when there are none).
+int CountShards(const std::vector<TensorSpec>& tensors, uint64_t shard_bytes);
+
+// Writes model.safetensors.index.json of the model of `tensors` into `dir`
+// (atomically), where they take more than one shard; nothing for one.
+absl::Status WriteModelIndex(const std::string& dir,
+                             const std::vector<TensorSpec>& tensors,
+                             uint64_t shard_bytes);
+
+// What a ModelWriter writes.
+inline constexpr int kEveryShard = -1;
+
 // Streams tensors, in the order given, into the directory `dir` (created if
 // missing): one shard is model.safetensors; several are
 // model-0000K-of-0000N.safetensors and model.safetensors.index.json
@@ -37,7 +49,8 @@ class ModelWriter {
   // when the directory cannot be made.
   static absl::StatusOr<std::unique_ptr<ModelWriter>> Create(
       const std::string& dir, std::vector<TensorSpec> tensors,
-      std::map<std::string, std::string> metadata, uint64_t shard_bytes);
+      std::map<std::string, std::string> metadata, uint64_t shard_bytes,
+      int shard = kEveryShard);
 
   // Unless finished: removes the files written, and the directory if it
   // made it, so that a cancelled or failed run leaves nothing.
@@ -49,8 +62,8 @@ class ModelWriter {
   // calls, which may cross into the next shard). FAILED_PRECONDITION past
   // the declared bytes.
   absl::Status Append(absl::Span<const uint8_t> bytes);
-  // Finishes the shards and writes the index; FAILED_PRECONDITION unless
-  // exactly the declared bytes were written.
+  // Finishes the shards and writes the index (one shard: its file);
+  // FAILED_PRECONDITION unless exactly the declared bytes were written.
   absl::Status Finish();
 
   // The files it writes, in the order written (the index last).
@@ -69,6 +82,9 @@ class ModelWriter {
   // Per shard: its tensors' bytes, and its first tensor.
   std::vector<uint64_t> shard_bytes_;
   std::vector<size_t> first_tensor_;
+  uint64_t max_shard_bytes_ = 0;
+  // The shard written alone, or kEveryShard.
+  int only_ = kEveryShard;
   std::vector<std::string> files_;
   int shard_ = -1;  // the shard being written; -1 before the first
   uint64_t written_in_shard_ = 0;
