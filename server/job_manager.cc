@@ -94,6 +94,12 @@ struct JobManager::Prepared {
   std::string config_keys;
 };
 
+// One shard of one output model of a job.
+struct JobManager::ShardTask {
+  int output = 0;
+  int shard = 0;
+};
+
 // A job this process runs.
 struct JobManager::Running {
   v1::Job job;
@@ -105,6 +111,18 @@ struct JobManager::Running {
   // When progress was last written to the catalog.
   absl::Time persisted = absl::InfinitePast();
   absl::Time renewed = absl::Now();
+  // The job's shards, run by the worker that claimed it and by idle workers
+  // of this process. Guarded by the manager's mu_; `prepared` is set while
+  // shards are run, and outlives every shard taken.
+  const Prepared* prepared = nullptr;
+  std::vector<std::string> dirs;  // per output model
+  std::vector<ShardTask> tasks;
+  size_t next_task = 0;
+  int active_tasks = 0;
+  // Tensors and bytes written, per task.
+  std::vector<std::pair<int64_t, int64_t>> task_progress;
+  // The first error of a shard: the others are stopped.
+  absl::Status failure;
 };
 
 JobManager::JobManager(Storage* storage, JobManagerOptions options)
@@ -734,20 +752,78 @@ void JobManager::HeartbeatLoop() {
   }
 }
 
+bool JobManager::HasShardWork() const {
+  for (const auto& [id, run] : running_) {
+    if (run->prepared != nullptr && !run->cancelled &&
+        run->next_task < run->tasks.size()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+std::optional<size_t> JobManager::TakeShard(Running* run) {
+  if (run->prepared == nullptr || run->next_task >= run->tasks.size()) {
+    return std::nullopt;
+  }
+  if (run->cancelled) {
+    // Shards not begun are not run; the run ends as cancelled, unless a
+    // shard failed first.
+    run->next_task = run->tasks.size();
+    if (run->failure.ok()) {
+      run->failure = absl::CancelledError(
+          absl::StrCat("job ", run->job.id(), " was cancelled"));
+    }
+    return std::nullopt;
+  }
+  ++run->active_tasks;
+  return run->next_task++;
+}
+
+void JobManager::RunShards(Running* run, std::optional<size_t> task) {
+  while (task.has_value()) {
+    absl::Status status = RunShard(run, *task);
+    absl::MutexLock lock(&mu_);
+    --run->active_tasks;
+    if (!status.ok() && run->failure.ok()) {
+      run->failure = std::move(status);
+      run->cancelled = true;
+    }
+    task = TakeShard(run);
+  }
+}
+
 void JobManager::WorkerLoop() {
   while (true) {
+    Running* help = nullptr;
+    std::optional<size_t> shard;
     {
       absl::MutexLock lock(&mu_);
       mu_.AwaitWithTimeout(
           absl::Condition(
               +[](JobManager* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
-                return self->stopping_ || (!self->draining_ && self->wake_);
+                return self->stopping_ || (!self->draining_ && self->wake_) ||
+                       self->HasShardWork();
               },
               this),
           options_.poll_interval);
       if (stopping_) return;
-      if (draining_) continue;
-      wake_ = false;
+      // Shards of a job running here come before a new job.
+      for (auto& [id, run] : running_) {
+        shard = TakeShard(run.get());
+        if (shard.has_value()) {
+          help = run.get();
+          break;
+        }
+      }
+      if (help == nullptr) {
+        if (draining_) continue;
+        wake_ = false;
+      }
+    }
+    if (help != nullptr) {
+      RunShards(help, shard);
+      continue;
     }
     absl::StatusOr<std::optional<v1::Job>> claimed =
         catalog()->ClaimJob(options_.replica_name, options_.numeric_config,
@@ -900,96 +976,179 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
   // Inputs are opened again here rather than kept open from submission, so
   // queued jobs hold no file descriptors or mappings.
   AMALGAM_ASSIGN_OR_RETURN(std::unique_ptr<Prepared> prepared, Prepare(job));
-  const int64_t tensors = prepared->tensors_per_output;
-  const int64_t bytes = static_cast<int64_t>(prepared->bytes_per_output);
-  // Progress of output `k`, `done` tensors and `bytes_done` into it.
-  // Watchers here hear of every step; the catalog (for watchers elsewhere)
-  // at most four times a second.
-  auto report = [&](int k, int64_t done, int64_t bytes_done) {
-    std::optional<v1::Job> persist;
-    {
-      absl::MutexLock lock(&mu_);
-      v1::Progress* p = run->job.mutable_progress();
-      p->set_tensors_done(k * tensors + done);
-      p->set_tensors_total(tensors * prepared->outputs);
-      p->set_bytes_done(k * bytes + bytes_done);
-      p->set_bytes_total(bytes * prepared->outputs);
-      Notify(run->job);
-      if (absl::Now() - run->persisted >= absl::Milliseconds(250)) {
-        run->persisted = absl::Now();
-        persist = run->job;
-      }
-    }
-    if (persist.has_value()) LostIf(run, catalog()->UpdateRun(*persist));
-    if (options_.testing_step_delay > absl::ZeroDuration()) {
-      absl::SleepFor(options_.testing_step_delay);
-    }
-  };
-  absl::Status status;
-  for (int k = 0; k < prepared->outputs && status.ok(); ++k) {
+  const std::vector<core::TensorSpec> specs = OutputSpecs(*prepared);
+  const uint64_t shard_bytes = ShardBytes(*prepared);
+  const int shards = core::CountShards(specs, shard_bytes);
+  std::vector<ShardTask> tasks;
+  for (int k = 0; k < prepared->outputs; ++k) {
     // A model directory, removed with `outputs` (its files once published
     // are links of the blobs).
-    const std::string out_path = storage_->NewTempPath("result");
-    outputs->dirs.push_back(out_path);
-    std::string name;
-    if (job.has_sweep()) {
-      const double t = prepared->sweep_ts[k];
-      name = absl::StrCat(job.sweep().result_name().empty()
-                              ? absl::StrCat("sweep-", job.id())
-                              : job.sweep().result_name(),
-                          "-t", absl::StrFormat("%.4f", t));
-      status = WriteSweepStep(
-          *prepared, t, out_path,
-          [&](int64_t done, int64_t bytes_done) {
-            report(k, done, bytes_done);
-          },
-          &run->cancelled);
-    } else if (job.has_grow()) {
-      name = job.grow().result_name().empty() ? absl::StrCat("grow-", job.id())
-                                              : job.grow().result_name();
-      const std::vector<core::GrowTensor>& grown = prepared->grow_plan.tensors;
-      int64_t counted = 0;
-      uint64_t bytes_done = 0;
-      status = core::ExecuteGrow(
-          prepared->grow_plan, *prepared->grow_a, prepared->grow_b,
-          prepared->grow_options, out_path,
-          [&](int64_t done, int64_t) {
-            while (counted < done) bytes_done += grown[counted++].out_nbytes;
-            report(k, done, static_cast<int64_t>(bytes_done));
-          },
-          &run->cancelled);
-    } else {
-      name = job.merge().result_name().empty()
-                 ? absl::StrCat("merge-", job.id())
-                 : job.merge().result_name();
-      status = core::ExecuteMerge(
-          prepared->plan, prepared->inputs, prepared->options, out_path,
-          [&](const core::MergeProgress& progress) {
-            report(k, progress.tensors_done,
-                   static_cast<int64_t>(progress.bytes_done));
-          },
-          &run->cancelled);
-    }
-    if (status.ok()) {
-      absl::StatusOr<Storage::StagedArtifact> staged =
-          StageResult(*storage_, job, out_path, name, prepared->config_from,
-                      prepared->config_keys);
-      status = staged.status();
-      if (staged.ok()) outputs->files.push_back(*std::move(staged));
-    }
+    outputs->dirs.push_back(storage_->NewTempPath("result"));
+    for (int shard = 0; shard < shards; ++shard) tasks.push_back({k, shard});
+  }
+  std::optional<size_t> first;
+  {
+    absl::MutexLock lock(&mu_);
+    run->dirs = outputs->dirs;
+    run->tasks = std::move(tasks);
+    run->task_progress.assign(run->tasks.size(), {0, 0});
+    run->prepared = prepared.get();
+    first = TakeShard(run);
+  }
+  // Idle workers of this process take shards meanwhile.
+  RunShards(run, first);
+  absl::Status status;
+  {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](Running* r) { return r->active_tasks == 0; }, run));
+    run->prepared = nullptr;
+    status = run->failure;
+  }
+  for (int k = 0; k < prepared->outputs && status.ok(); ++k) {
+    const std::string& dir = outputs->dirs[k];
+    status = core::WriteModelIndex(dir, specs, shard_bytes);
+    if (!status.ok()) break;
+    absl::StatusOr<Storage::StagedArtifact> staged =
+        StageResult(*storage_, job, dir, ResultName(job, *prepared, k),
+                    prepared->config_from, prepared->config_keys);
+    status = staged.status();
+    if (staged.ok()) outputs->files.push_back(*std::move(staged));
   }
   return status;
 }
 
+std::vector<core::TensorSpec> JobManager::OutputSpecs(
+    const Prepared& prepared) {
+  std::vector<core::TensorSpec> specs;
+  if (prepared.grow_a != nullptr) {
+    for (const core::GrowTensor& t : prepared.grow_plan.tensors) {
+      specs.push_back({t.info.name, t.out_dtype, t.info.shape});
+    }
+  } else {
+    for (const core::PlannedTensor& t : prepared.plan.tensors) {
+      specs.push_back({t.info.name, t.out_dtype, t.info.shape});
+    }
+  }
+  return specs;
+}
+
+uint64_t JobManager::ShardBytes(const Prepared& prepared) {
+  return prepared.grow_a != nullptr ? prepared.grow_options.shard_bytes
+                                    : prepared.options.shard_bytes;
+}
+
+std::string JobManager::ResultName(const v1::Job& job, const Prepared& prepared,
+                                   int output) {
+  if (job.has_sweep()) {
+    return absl::StrCat(
+        job.sweep().result_name().empty() ? absl::StrCat("sweep-", job.id())
+                                          : job.sweep().result_name(),
+        "-t", absl::StrFormat("%.4f", prepared.sweep_ts[output]));
+  }
+  if (job.has_grow()) {
+    return job.grow().result_name().empty() ? absl::StrCat("grow-", job.id())
+                                            : job.grow().result_name();
+  }
+  return job.merge().result_name().empty() ? absl::StrCat("merge-", job.id())
+                                           : job.merge().result_name();
+}
+
+void JobManager::ReportShard(Running* run, size_t task, int64_t done,
+                             int64_t bytes_done) {
+  std::optional<v1::Job> persist;
+  {
+    absl::MutexLock lock(&mu_);
+    run->task_progress[task] = {done, bytes_done};
+    int64_t tensors = 0, bytes = 0;
+    for (const auto& [t, b] : run->task_progress) {
+      tensors += t;
+      bytes += b;
+    }
+    const Prepared& prepared = *run->prepared;
+    v1::Progress* p = run->job.mutable_progress();
+    p->set_tensors_done(tensors);
+    p->set_tensors_total(prepared.tensors_per_output * prepared.outputs);
+    p->set_bytes_done(bytes);
+    p->set_bytes_total(static_cast<int64_t>(prepared.bytes_per_output) *
+                       prepared.outputs);
+    // Watchers here hear of every step; the catalog (for watchers
+    // elsewhere) at most four times a second.
+    Notify(run->job);
+    if (absl::Now() - run->persisted >= absl::Milliseconds(250)) {
+      run->persisted = absl::Now();
+      persist = run->job;
+    }
+  }
+  if (persist.has_value()) LostIf(run, catalog()->UpdateRun(*persist));
+  if (options_.testing_step_delay > absl::ZeroDuration()) {
+    absl::SleepFor(options_.testing_step_delay);
+  }
+}
+
+absl::Status JobManager::RunShard(Running* run, size_t index) {
+  const Prepared* prepared;
+  ShardTask task;
+  std::string dir;
+  v1::Job job;
+  {
+    absl::MutexLock lock(&mu_);
+    prepared = run->prepared;
+    task = run->tasks[index];
+    dir = run->dirs[task.output];
+    job = run->job;
+  }
+  auto report = [&](int64_t done, int64_t bytes_done) {
+    ReportShard(run, index, done, bytes_done);
+  };
+  if (job.has_sweep()) {
+    return WriteSweepStep(*prepared, prepared->sweep_ts[task.output],
+                          task.shard, dir, report, &run->cancelled);
+  }
+  if (job.has_grow()) {
+    core::GrowOptions options = prepared->grow_options;
+    options.shard = task.shard;
+    // The bytes of the shard's tensors, in order.
+    const std::vector<int> shard_of =
+        core::AssignShards(OutputSpecs(*prepared), options.shard_bytes);
+    std::vector<uint64_t> sizes;
+    for (size_t i = 0; i < shard_of.size(); ++i) {
+      if (shard_of[i] == task.shard) {
+        sizes.push_back(prepared->grow_plan.tensors[i].out_nbytes);
+      }
+    }
+    int64_t counted = 0;
+    uint64_t bytes_done = 0;
+    return core::ExecuteGrow(
+        prepared->grow_plan, *prepared->grow_a, prepared->grow_b, options, dir,
+        [&](int64_t done, int64_t) {
+          while (counted < done) bytes_done += sizes[counted++];
+          report(done, static_cast<int64_t>(bytes_done));
+        },
+        &run->cancelled);
+  }
+  core::MergeOptions options = prepared->options;
+  options.shard = task.shard;
+  return core::ExecuteMerge(
+      prepared->plan, prepared->inputs, options, dir,
+      [&](const core::MergeProgress& progress) {
+        report(progress.tensors_done,
+               static_cast<int64_t>(progress.bytes_done));
+      },
+      &run->cancelled);
+}
+
 absl::Status JobManager::WriteSweepStep(
-    const Prepared& prepared, double t, const std::string& out_path,
+    const Prepared& prepared, double t, int shard, const std::string& out_path,
     const std::function<void(int64_t, int64_t)>& progress,
     const std::atomic<bool>* cancelled) {
   std::vector<core::MergeInput> inputs = prepared.inputs;
   inputs[0].coefficient = 1.0 - t;
   inputs[1].coefficient = t;
+  core::MergeOptions options = prepared.options;
+  options.shard = shard;
   AMALGAM_ASSIGN_OR_RETURN(core::MergePlan plan,
-                           core::PlanMerge(inputs, prepared.options));
+                           core::PlanMerge(inputs, options));
   if (t == 0.0 || t == 1.0) {
     // The endpoints are A's and B's tensors, bit for bit (the arithmetic
     // would turn -0 into +0).
@@ -999,7 +1158,7 @@ absl::Status JobManager::WriteSweepStep(
     }
   }
   return core::ExecuteMerge(
-      plan, inputs, prepared.options, out_path,
+      plan, inputs, options, out_path,
       [&](const core::MergeProgress& p) {
         progress(p.tensors_done, static_cast<int64_t>(p.bytes_done));
       },

@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -27,7 +28,8 @@
 namespace amalgam::server {
 
 struct JobManagerOptions {
-  // Jobs run concurrently.
+  // Jobs run concurrently; a running job's output shards are taken by idle
+  // workers too.
   int workers = 1;
   // Jobs waiting to run; a submission past it is RESOURCE_EXHAUSTED.
   int max_queued = 64;
@@ -140,6 +142,7 @@ class JobManager {
  private:
   struct Prepared;
   struct Running;
+  struct ShardTask;
 
   // Fills in, for a RegMean (Fisher) merge, the gram_id (fisher_id) of each
   // model that names none: the one statistics artifact of that kind,
@@ -190,12 +193,32 @@ class JobManager {
     Outputs& operator=(const Outputs&) = delete;
     ~Outputs();
   };
-  // Writes the job's outputs into `outputs`.
+  // Writes the job's outputs into `outputs`: each output model's shards
+  // (the tasks of `run`), run by this worker and by idle ones, then each
+  // model's index and side files.
   absl::Status RunJob(Running* run, Outputs* outputs);
-  // One model of a sweep, (1 - t) A + t B; the endpoints hold A's and B's
-  // tensors.
+  // Whether a job running here has shards no worker has begun.
+  bool HasShardWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The next task of `run` for the caller to run (counted active), or none.
+  std::optional<size_t> TakeShard(Running* run)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs task `task` (if any) of `run` and the next ones, until none is left.
+  void RunShards(Running* run, std::optional<size_t> task);
+  // Writes task `index` of `run`: one shard of one output model.
+  absl::Status RunShard(Running* run, size_t index);
+  // Records task `task`'s progress and the job's (the tasks' sum).
+  void ReportShard(Running* run, size_t task, int64_t done, int64_t bytes_done);
+  // The tensors every output model of `prepared` holds, and their shard size.
+  static std::vector<core::TensorSpec> OutputSpecs(const Prepared& prepared);
+  static uint64_t ShardBytes(const Prepared& prepared);
+  // The name of output model `output`.
+  static std::string ResultName(const v1::Job& job, const Prepared& prepared,
+                                int output);
+  // Shard `shard` of one model of a sweep, (1 - t) A + t B; the endpoints
+  // hold A's and B's tensors.
   static absl::Status WriteSweepStep(
-      const Prepared& prepared, double t, const std::string& out_path,
+      const Prepared& prepared, double t, int shard,
+      const std::string& out_path,
       const std::function<void(int64_t, int64_t)>& progress,
       const std::atomic<bool>* cancelled);
   // Deletes results that a job of an earlier version of amalgamd stored

@@ -41,17 +41,19 @@ class JobManagerTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
   }
 
-  void StartJobs(absl::Duration step_delay = absl::ZeroDuration()) {
+  void StartJobs(absl::Duration step_delay = absl::ZeroDuration(),
+                 int workers = 1) {
     JobManagerOptions options;
     options.testing_step_delay = step_delay;
+    options.workers = workers;
     options.poll_interval = absl::Milliseconds(20);
     jobs_ = std::make_unique<JobManager>(storage_.get(), options);
     ASSERT_TRUE(jobs_->Recover().ok());
   }
 
   // A weights artifact of org-a: tensors "t0".."t3" of 8 elements, all
-  // `value`.
-  v1::Artifact Weights(float value) {
+  // `value` (plus the tensor's index, with `ramp`).
+  v1::Artifact Weights(float value, bool ramp = false) {
     const std::string path = storage_->NewTempPath("w");
     std::vector<core::TensorSpec> specs;
     for (int t = 0; t < 4; ++t) {
@@ -59,8 +61,8 @@ class JobManagerTest : public ::testing::Test {
     }
     auto writer = core::SafetensorsWriter::Create(path, specs, {});
     EXPECT_TRUE(writer.ok()) << writer.status();
-    const std::vector<float> values(8, value);
     for (int t = 0; t < 4; ++t) {
+      const std::vector<float> values(8, ramp ? value + t : value);
       EXPECT_TRUE((*writer)
                       ->Append(absl::Span<const uint8_t>(
                           reinterpret_cast<const uint8_t*>(values.data()),
@@ -202,6 +204,63 @@ TEST_F(JobManagerTest, AJobLeftRunningIsRunAgainAfterARestart) {
   const v1::Job done = AwaitFinal("job_left");
   EXPECT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED) << done.error_message();
   EXPECT_EQ(done.attempt(), 2);
+}
+
+// A job's shards (two tensors each here) run on every idle worker of the
+// process at once, and make the files one worker makes, bit for bit.
+TEST_F(JobManagerTest, AJobsShardsRunOnIdleWorkersAtOnceAndMakeTheSameModel) {
+  const absl::Duration delay = absl::Seconds(2);  // after each tensor
+  StartJobs(delay, /*workers=*/2);
+  const v1::Artifact a = Weights(1, true), b = Weights(2, true);
+  v1::SubmitJobRequest request = Average(a, b);
+  request.mutable_merge()->mutable_output()->set_shard_size_bytes(64);
+  auto job = jobs_->Submit(request, "org-a");
+  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_EQ(job->progress().tensors_total(), 4);
+  // One worker would report a tensor, then wait `delay` before the next.
+  absl::Time running = absl::InfinitePast();
+  int64_t done = 0;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (done < 2 && absl::Now() < deadline) {
+    const absl::StatusOr<v1::Job> now = jobs_->Get(job->id(), "org-a");
+    ASSERT_TRUE(now.ok()) << now.status();
+    if (now->state() == v1::JOB_STATE_RUNNING &&
+        running == absl::InfinitePast()) {
+      running = absl::Now();
+    }
+    done = now->progress().tensors_done();
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(done, 2);
+  EXPECT_LT(absl::Now() - running, delay / 2)
+      << "the second shard began only after the first";
+  const v1::Job parallel = AwaitFinal(job->id());
+  ASSERT_EQ(parallel.state(), v1::JOB_STATE_SUCCEEDED)
+      << parallel.error_message();
+  EXPECT_EQ(parallel.progress().tensors_done(), 4);
+  EXPECT_EQ(parallel.progress().bytes_done(), 4 * 32);
+
+  jobs_.reset();
+  StartJobs();
+  auto again = jobs_->Submit(request, "org-a");
+  ASSERT_TRUE(again.ok()) << again.status();
+  const v1::Job serial = AwaitFinal(again->id());
+  ASSERT_EQ(serial.state(), v1::JOB_STATE_SUCCEEDED) << serial.error_message();
+  auto files = [&](const v1::Job& j) {
+    std::vector<std::pair<std::string, std::string>> out;
+    auto result = storage_->GetArtifact(j.result_ids(0));
+    EXPECT_TRUE(result.ok()) << result.status();
+    if (result.ok()) {
+      for (const v1::ModelFile& f : result->files()) {
+        out.emplace_back(f.name(), f.sha256());
+      }
+    }
+    return out;
+  };
+  const auto want = files(serial);
+  // 2 shards of 2 tensors, the index, config.json (torch_dtype).
+  EXPECT_GE(want.size(), 3u);
+  EXPECT_EQ(files(parallel), want);
 }
 
 }  // namespace

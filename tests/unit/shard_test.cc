@@ -172,11 +172,12 @@ TEST_F(ShardTest, GrownShardsAloneAreTheWholeGrowthBitwise) {
   }
   for (int shard = 3; shard < shards; ++shard) {
     options.shard = shard;
-    ASSERT_TRUE(ExecuteGrow(*plan, *ra, rb, options, Path("sharded"), nullptr,
-                            nullptr)
-                    .ok());
+    ASSERT_TRUE(
+        ExecuteGrow(*plan, *ra, rb, options, Path("sharded"), nullptr, nullptr)
+            .ok());
   }
-  ASSERT_TRUE(WriteModelIndex(Path("sharded"), specs, options.shard_bytes).ok());
+  ASSERT_TRUE(
+      WriteModelIndex(Path("sharded"), specs, options.shard_bytes).ok());
   EXPECT_TRUE(Files(Path("sharded")) == Files(Path("whole")));
 }
 
