@@ -409,14 +409,13 @@ absl::Status PlanRegMean(const std::vector<MergeInput>& inputs,
   std::map<std::string, PlannedTensor*> by_name;
   for (PlannedTensor& t : merged) by_name[t.info.name] = &t;
   for (size_t i = 0; i < n; ++i) {
+    if (absl::Status aliases = CheckGramAliases(*inputs[i].gram);
+        !aliases.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("the Grams of model ",
+                                                     ModelName(inputs, i), ": ",
+                                                     aliases.message()));
+    }
     for (const std::string& name : GramNames(*inputs[i].gram)) {
-      if (FindGram(*inputs[i].gram, name) == nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "the Grams of model ", ModelName(inputs, i), " have the alias \"",
-            kGramAliasPrefix, name, "\" naming \"",
-            inputs[i].gram->metadata().at(absl::StrCat(kGramAliasPrefix, name)),
-            "\", which is not a tensor of the file"));
-      }
       bool excluded = false;
       for (const auto& re : exclude) {
         if (RE2::FullMatch(name, *re)) {
@@ -1274,7 +1273,9 @@ absl::Status ExecuteMerge(
       // which is read again, from the page cache, by its next weight).
       release(t.info.name);
       for (size_t i = 0; i < t.grams.size(); ++i) {
-        if (inputs[i].gram != nullptr) inputs[i].gram->Release(t.grams[i]);
+        if (inputs[i].gram != nullptr && t.grams[i] != t.info.name) {
+          inputs[i].gram->Release(t.grams[i]);
+        }
       }
       const absl::Span<const uint8_t> bytes(
           static_cast<const uint8_t*>(out.data_ptr()), nbytes);

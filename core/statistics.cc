@@ -85,6 +85,30 @@ absl::Status CheckGramFitsWeight(const SafetensorsReader& weights,
 
 }  // namespace
 
+absl::Status CheckGramAliases(const SafetensorsReader& gram) {
+  for (const auto& [name, target] : GramAliases(gram)) {
+    const std::string key = absl::StrCat(kGramAliasPrefix, name);
+    if (name.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram alias \"", key, "\" names no weight (expected \"",
+                       kGramAliasPrefix, "<weight>\")"));
+    }
+    if (gram.Find(name) != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram \"", name,
+                       "\" is both a tensor of the file and "
+                       "an alias (metadata \"",
+                       key, "\")"));
+    }
+    if (gram.Find(target) == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram alias \"", key, "\" names \"", target,
+                       "\", which is not a tensor of the file"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 const TensorInfo* FindGram(const SafetensorsReader& gram,
                            absl::string_view name) {
   if (const TensorInfo* own = gram.Find(name)) return own;
@@ -165,28 +189,11 @@ absl::Status ValidateGram(const SafetensorsReader& gram,
       AMALGAM_RETURN_IF_ERROR(CheckGramFitsWeight(*weights, t.name, t));
     }
   }
-  for (const auto& [name, target] : GramAliases(gram)) {
-    const std::string key = absl::StrCat(kGramAliasPrefix, name);
-    if (name.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Gram alias \"", key, "\" names no weight (expected \"",
-                       kGramAliasPrefix, "<weight>\")"));
-    }
-    if (gram.Find(name) != nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Gram \"", name,
-                       "\" is both a tensor of the file and "
-                       "an alias (metadata \"",
-                       key, "\")"));
-    }
-    const TensorInfo* g = gram.Find(target);
-    if (g == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Gram alias \"", key, "\" names \"", target,
-                       "\", which is not a tensor of the file"));
-    }
-    if (weights != nullptr) {
-      AMALGAM_RETURN_IF_ERROR(CheckGramFitsWeight(*weights, name, *g));
+  AMALGAM_RETURN_IF_ERROR(CheckGramAliases(gram));
+  if (weights != nullptr) {
+    for (const auto& [name, target] : GramAliases(gram)) {
+      AMALGAM_RETURN_IF_ERROR(
+          CheckGramFitsWeight(*weights, name, *gram.Find(target)));
     }
   }
   return CheckAllFinite(gram);

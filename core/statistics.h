@@ -32,6 +32,10 @@ absl::Status ValidateGram(const SafetensorsReader& gram,
 // tensor <tensor> (of the first shard's metadata, for a sharded Gram).
 inline constexpr absl::string_view kGramAliasPrefix = "alias.";
 
+// Every alias of `gram` names a weight that is no tensor of the file itself,
+// and a tensor of the file: INVALID_ARGUMENT naming the alias otherwise.
+absl::Status CheckGramAliases(const SafetensorsReader& gram);
+
 // The Gram of weight `name`: its own tensor, else the tensor its alias names;
 // nullptr where there is neither (or the alias names no tensor).
 const TensorInfo* FindGram(const SafetensorsReader& gram,

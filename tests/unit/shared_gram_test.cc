@@ -221,8 +221,8 @@ TEST_F(SharedGramTest, AnAliasNamingAMissingTensorIsAnInvalidArgument) {
   const auto plan = PlanMerge(inputs, options);
   EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(plan.status().message(),
-              HasSubstr("the Grams of model m1 have the alias \"alias.a.k\" "
-                        "naming \"a.q\", which is not a tensor of the file"));
+              HasSubstr("the Grams of model m1: Gram alias \"alias.a.k\" "
+                        "names \"a.q\", which is not a tensor of the file"));
 }
 
 TEST_F(SharedGramTest, WeightsShareOnlyWhereEveryModelSharesTheGram) {
