@@ -1,10 +1,12 @@
 // Peak memory of a streaming merge: N models of M GiB each, merged by
 // core::ExecuteMerge in a child process whose peak RSS (getrusage) is
-// compared with the bound 1 GiB + N x largest tensor.
+// compared with the bound 1 GiB + W x N x largest tensor, the result's
+// shards written by W threads as the server's workers write them (each
+// taking the next shard, core::MergeOptions::shard; the index last).
 //
 //   merge_rss [--dir DIR] [--models 3] [--model-gib 1] [--tensor-mib 32]
 //             [--method average|fisher] [--queue-depth 2] [--out-dir DIR]
-//             [--runs 3] [--shard-size BYTES]
+//             [--runs 3] [--shard-size BYTES] [--workers 1]
 //
 // Input files are generated once into DIR (deterministic content) and reused.
 #include <sys/resource.h>
@@ -12,15 +14,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/merge.h"
+#include "core/model_writer.h"
 #include "core/runtime.h"
 #include "core/safetensors.h"
 
@@ -47,6 +52,8 @@ struct Args {
   double base_mib = 1024;
   // Largest shard of the result, in bytes of tensor data.
   uint64_t shard_bytes = core::kDefaultShardBytes;
+  // Threads writing shards at once.
+  int workers = 1;
 };
 
 Args ParseArgs(int argc, char** argv) {
@@ -73,6 +80,8 @@ Args ParseArgs(int argc, char** argv) {
       args.base_mib = std::atof(value.c_str());
     } else if (flag == "--shard-size") {
       args.shard_bytes = std::stoull(value);
+    } else if (flag == "--workers") {
+      args.workers = std::max(1, std::atoi(value.c_str()));
     } else if (flag == "--threads") {
       args.threads = std::max(0, std::atoi(value.c_str()));
     } else {
@@ -159,8 +168,33 @@ int RunMerge(const Args& args, const std::vector<std::string>& weights,
     std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
     return 1;
   }
-  auto status = core::ExecuteMerge(*plan, inputs, options, OutputPath(args),
-                                   nullptr, nullptr);
+  std::vector<core::TensorSpec> specs;
+  for (const core::PlannedTensor& t : plan->tensors) {
+    specs.push_back({t.info.name, t.out_dtype, t.info.shape});
+  }
+  const int shards = core::CountShards(specs, options.shard_bytes);
+  std::atomic<int> next{0};
+  std::atomic<bool> failed{false};
+  auto work = [&] {
+    core::MergeOptions mine = options;
+    for (int shard; (shard = next++) < shards && !failed;) {
+      mine.shard = shard;
+      const absl::Status status = core::ExecuteMerge(
+          *plan, inputs, mine, OutputPath(args), nullptr, &failed);
+      if (!status.ok()) {
+        std::fprintf(stderr, "shard %d: %s\n", shard,
+                     status.ToString().c_str());
+        failed = true;
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int w = 1; w < args.workers; ++w) threads.emplace_back(work);
+  work();
+  for (std::thread& thread : threads) thread.join();
+  if (failed) return 1;
+  const absl::Status status =
+      core::WriteModelIndex(OutputPath(args), specs, options.shard_bytes);
   if (!status.ok()) {
     std::fprintf(stderr, "%s\n", status.ToString().c_str());
     return 1;
@@ -270,21 +304,27 @@ int main(int argc, char** argv) {
   const Run& median = runs[runs.size() / 2];
   const double seconds = median.seconds;
   const double inputs_per_model = args.method == "fisher" ? 2 : 1;
-  const double bound_mib =
-      args.base_mib + inputs_per_model * args.models * tensor_bytes / 1048576.0;
+  const double bound_mib = args.base_mib + args.workers * inputs_per_model *
+                                               args.models * tensor_bytes /
+                                               1048576.0;
   const double input_gib =
       inputs_per_model * args.models * tensors * tensor_bytes / 1073741824.0;
   const double memcpy_gib = MemcpyGibPerSecond();
   const double write_alone = WriteAloneSeconds(out, tensors, elements);
   std::printf(
-      "| %s (queue %d) | %d x %.2f GiB | %d x %d MiB | %.0f | %.0f | %s | %.2f "
+      "| %s (queue %d, %d of %d shards at once) | %d x %.2f GiB | %d x %d MiB "
+      "| %.0f | %.0f | %s | %.2f "
       "| %.2f / %.2f | %.2f | %.2f | %.0f%% | %.2f | %.2f | %.0f%% | %s, %d "
       "|\n",
-      args.method.c_str(), args.queue_depth, args.models, args.model_gib,
-      tensors, args.tensor_mib, peak_mib, bound_mib,
-      peak_mib < bound_mib ? "yes" : "NO", seconds, median.user, median.system,
-      input_gib / seconds, memcpy_gib, 100 * input_gib / seconds / memcpy_gib,
-      write_alone, input_gib / write_alone, 100 * write_alone / seconds,
+      args.method.c_str(), args.queue_depth,
+      std::min(args.workers,
+               core::CountShards(Specs(tensors, elements), args.shard_bytes)),
+      core::CountShards(Specs(tensors, elements), args.shard_bytes),
+      args.models, args.model_gib, tensors, args.tensor_mib, peak_mib,
+      bound_mib, peak_mib < bound_mib ? "yes" : "NO", seconds, median.user,
+      median.system, input_gib / seconds, memcpy_gib,
+      100 * input_gib / seconds / memcpy_gib, write_alone,
+      input_gib / write_alone, 100 * write_alone / seconds,
       core::GetBlasInfo().core.c_str(), core::GetRuntimeInfo().threads);
   return peak_mib < bound_mib ? 0 : 3;
 }

@@ -45,6 +45,9 @@ for method in average fisher; do
   build/bin/merge_rss --dir build/bench-small --models 3 --model-gib 0.0625 \
     --tensor-mib 8 --method "$method" --runs 1 --base-mib 256
 done
+# Its 4 shards of 2 tensors written by 2 threads at once, as 2 workers do.
+build/bin/merge_rss --dir build/bench-small --models 3 --model-gib 0.0625 \
+  --tensor-mib 8 --runs 1 --base-mib 256 --shard-size 16777216 --workers 2
 
 # What scripts/gpu-check.sh does on a GPU machine, on the CPU with Debian's
 # LibTorch: core built alone against the unpacked .debs, its unit tests, the
