@@ -342,6 +342,27 @@ class SqlCatalog : public Catalog {
       }
       return db_->SetSchemaVersion(4);
     }));
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(db_->TransactionLock(kMigrationLock));
+      AMALGAM_ASSIGN_OR_RETURN(const int64_t version, db_->SchemaVersion());
+      if (version >= 5) return absl::OkStatus();
+      // 5: the tasks of running jobs (a shard of an output model each), and
+      // the blob each one wrote.
+      for (const char* sql :
+           {"CREATE TABLE job_tasks (job_id TEXT NOT NULL, task BIGINT NOT "
+            "NULL, created_at BIGINT NOT NULL, runner TEXT NOT NULL DEFAULT "
+            "'', attempt BIGINT NOT NULL DEFAULT 0, lease_until BIGINT NOT "
+            "NULL DEFAULT 0, tensors_done BIGINT NOT NULL DEFAULT 0, "
+            "bytes_done BIGINT NOT NULL DEFAULT 0, done BIGINT NOT NULL "
+            "DEFAULT 0, sha256 TEXT NOT NULL DEFAULT '', size_bytes BIGINT "
+            "NOT NULL DEFAULT 0, error_code BIGINT NOT NULL DEFAULT 0, "
+            "error_message TEXT NOT NULL DEFAULT '', PRIMARY KEY (job_id, "
+            "task))",
+            "CREATE INDEX job_tasks_by_sha256 ON job_tasks (sha256)"}) {
+        AMALGAM_RETURN_IF_ERROR(Run(sql).status());
+      }
+      return db_->SetSchemaVersion(5);
+    }));
     // The leases of open upload streams, shared by the processes on the
     // catalog: not versioned, since nothing in them outlives the streams
     // (and not crash-safe: UNLOGGED). Where one process owns the database,
@@ -543,7 +564,9 @@ class SqlCatalog : public Catalog {
       AMALGAM_RETURN_IF_ERROR(ContentLock(sha256));
       AMALGAM_ASSIGN_OR_RETURN(
           const int64_t references,
-          QueryInt("SELECT COUNT(*) FROM artifact_contents WHERE sha256 = ?1",
+          QueryInt("SELECT (SELECT COUNT(*) FROM artifact_contents WHERE "
+                   "sha256 = ?1) + (SELECT COUNT(*) FROM job_tasks WHERE "
+                   "sha256 = ?1)",
                    {SqlValue::Text(sha256)}));
       if (references > 0) return absl::OkStatus();
       AMALGAM_RETURN_IF_ERROR(remove());
@@ -924,9 +947,168 @@ class SqlCatalog : public Catalog {
       for (v1::Job& job : requeued) {
         AMALGAM_RETURN_IF_ERROR(Requeue(&job, /*fenced=*/false));
       }
-      return absl::OkStatus();
+      return Run("UPDATE job_tasks SET runner = '', lease_until = 0 WHERE "
+                 "done = 0 AND (runner = ?1 OR ?2 = 1)",
+                 {SqlValue::Text(runner), SqlValue::Int(every ? 1 : 0)})
+          .status();
     }));
     return requeued;
+  }
+
+  absl::Status AddTasks(const v1::Job& job, int count) override {
+    absl::MutexLock lock(&mu_);
+    return InTransaction([&]() -> absl::Status {
+      AMALGAM_ASSIGN_OR_RETURN(
+          SqlResult held,
+          Run(absl::StrCat("SELECT 1 FROM jobs WHERE id = ?1 AND attempt = ?2 "
+                           "AND state = ?3",
+                           db_->ForShare()),
+              {SqlValue::Text(job.id()), SqlValue::Int(job.attempt()),
+               SqlValue::Int(kRunning)}));
+      if (held.rows.empty()) return LostRun(job);
+      const int64_t now = NowMillis();
+      for (int task = 0; task < count; ++task) {
+        AMALGAM_RETURN_IF_ERROR(
+            Run("INSERT INTO job_tasks (job_id, task, created_at) VALUES (?1, "
+                "?2, ?3) ON CONFLICT DO NOTHING",
+                {SqlValue::Text(job.id()), SqlValue::Int(task),
+                 SqlValue::Int(now)})
+                .status());
+      }
+      return Notify(job.id());
+    });
+  }
+
+  absl::StatusOr<std::optional<JobTask>> ClaimTask(const std::string& runner,
+                                                   const std::string& config,
+                                                   const std::string& job_id,
+                                                   absl::Duration lease,
+                                                   int max_attempts,
+                                                   v1::Job* job) override {
+    absl::MutexLock lock(&mu_);
+    const int64_t now = NowMillis();
+    std::string claimable =
+        "FROM job_tasks WHERE done = 0 AND error_code = 0 AND lease_until < "
+        "?1 AND attempt < ?2 AND job_id IN (SELECT id FROM jobs WHERE state = "
+        "?3 AND cancel_requested = 0 AND config = ?4)";
+    std::vector<SqlValue> params = {
+        SqlValue::Int(now), SqlValue::Int(max_attempts),
+        SqlValue::Int(kRunning), SqlValue::Text(config)};
+    if (!job_id.empty()) {
+      claimable += " AND job_id = ?5";
+      params.push_back(SqlValue::Text(job_id));
+    }
+    // A read first, outside any transaction (as ClaimJob).
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult any,
+        Run(absl::StrCat("SELECT 1 ", claimable, " LIMIT 1"), params));
+    std::optional<JobTask> claimed;
+    if (any.rows.empty()) return claimed;
+    AMALGAM_RETURN_IF_ERROR(InTransaction([&]() -> absl::Status {
+      AMALGAM_ASSIGN_OR_RETURN(
+          SqlResult found,
+          Run(absl::StrCat("SELECT job_id, task, attempt ", claimable,
+                           " ORDER BY created_at, job_id, task LIMIT 1",
+                           db_->SkipLocked()),
+              params));
+      if (found.rows.empty()) return absl::OkStatus();
+      JobTask task;
+      task.job_id = found.rows[0][0].text;
+      task.task = static_cast<int>(found.rows[0][1].number);
+      task.attempt = static_cast<int>(found.rows[0][2].number) + 1;
+      task.runner = runner;
+      task.lease_until_ms = now + absl::ToInt64Milliseconds(lease);
+      AMALGAM_RETURN_IF_ERROR(
+          Run("UPDATE job_tasks SET runner = ?3, attempt = ?4, lease_until = "
+              "?5, tensors_done = 0, bytes_done = 0 WHERE job_id = ?1 AND "
+              "task = ?2",
+              {SqlValue::Text(task.job_id), SqlValue::Int(task.task),
+               SqlValue::Text(runner), SqlValue::Int(task.attempt),
+               SqlValue::Int(task.lease_until_ms)})
+              .status());
+      AMALGAM_ASSIGN_OR_RETURN(*job, ReadJob(task.job_id, ""));
+      claimed = std::move(task);
+      return absl::OkStatus();
+    }));
+    return claimed;
+  }
+
+  absl::StatusOr<bool> RenewTask(const JobTask& task,
+                                 absl::Duration lease) override {
+    absl::MutexLock lock(&mu_);
+    AMALGAM_RETURN_IF_ERROR(WriteTask(
+        task, "lease_until = ?6",
+        {SqlValue::Int(NowMillis() + absl::ToInt64Milliseconds(lease))}));
+    AMALGAM_ASSIGN_OR_RETURN(
+        const int64_t cancel,
+        QueryInt("SELECT cancel_requested FROM jobs WHERE id = ?1",
+                 {SqlValue::Text(task.job_id)}));
+    return cancel != 0;
+  }
+
+  absl::Status UpdateTask(const JobTask& task) override {
+    absl::MutexLock lock(&mu_);
+    return InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(WriteTask(
+          task,
+          "tensors_done = ?6, bytes_done = ?7, error_code = ?8, error_message "
+          "= ?9",
+          {SqlValue::Int(task.tensors_done), SqlValue::Int(task.bytes_done),
+           SqlValue::Int(task.error_code),
+           SqlValue::Text(task.error_message)}));
+      return task.error_code != 0 ? Notify(task.job_id) : absl::OkStatus();
+    });
+  }
+
+  absl::Status CompleteTask(
+      const JobTask& task,
+      const std::function<absl::Status()>& place) override {
+    absl::MutexLock lock(&mu_);
+    return InTransaction([&]() -> absl::Status {
+      AMALGAM_RETURN_IF_ERROR(ContentLock(task.sha256));
+      AMALGAM_RETURN_IF_ERROR(place());
+      AMALGAM_RETURN_IF_ERROR(WriteTask(
+          task,
+          "done = 1, sha256 = ?6, size_bytes = ?7, tensors_done = ?8, "
+          "bytes_done = ?9",
+          {SqlValue::Text(task.sha256), SqlValue::Int(task.size_bytes),
+           SqlValue::Int(task.tensors_done), SqlValue::Int(task.bytes_done)}));
+      return Notify(task.job_id);
+    });
+  }
+
+  absl::Status ReleaseTask(const JobTask& task) override {
+    absl::MutexLock lock(&mu_);
+    return WriteTask(task, "runner = '', lease_until = 0", {});
+  }
+
+  absl::StatusOr<std::vector<JobTask>> ListTasks(
+      const std::string& job_id) override {
+    absl::MutexLock lock(&mu_);
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult rows,
+        Run("SELECT task, runner, attempt, lease_until, tensors_done, "
+            "bytes_done, done, sha256, size_bytes, error_code, error_message "
+            "FROM job_tasks WHERE job_id = ?1 ORDER BY task",
+            {SqlValue::Text(job_id)}));
+    std::vector<JobTask> tasks;
+    for (const SqlRow& row : rows.rows) {
+      JobTask task;
+      task.job_id = job_id;
+      task.task = static_cast<int>(row[0].number);
+      task.runner = row[1].text;
+      task.attempt = static_cast<int>(row[2].number);
+      task.lease_until_ms = row[3].number;
+      task.tensors_done = row[4].number;
+      task.bytes_done = row[5].number;
+      task.done = row[6].number != 0;
+      task.sha256 = row[7].text;
+      task.size_bytes = row[8].number;
+      task.error_code = static_cast<int>(row[9].number);
+      task.error_message = row[10].text;
+      tasks.push_back(std::move(task));
+    }
+    return tasks;
   }
 
   absl::Status FailJob(const v1::Job& job) override {
@@ -1017,16 +1199,45 @@ class SqlCatalog : public Catalog {
     }
     AMALGAM_ASSIGN_OR_RETURN(SqlResult written, Run(sql, params));
     if (fence != nullptr) *fence = written.changed > 0;
-    if (written.changed > 0 && *db_->NotifyJob() != '\0') {
-      AMALGAM_RETURN_IF_ERROR(
-          Run(db_->NotifyJob(), {SqlValue::Text(job.id())}).status());
-    }
+    if (written.changed > 0) AMALGAM_RETURN_IF_ERROR(Notify(job.id()));
     if (IsFinal(job.state()) && (fence == nullptr || *fence)) {
-      return Run("DELETE FROM job_inputs WHERE job_id = ?1",
-                 {SqlValue::Text(job.id())})
-          .status();
+      for (const char* sql : {"DELETE FROM job_inputs WHERE job_id = ?1",
+                              "DELETE FROM job_tasks WHERE job_id = ?1"}) {
+        AMALGAM_RETURN_IF_ERROR(Run(sql, {SqlValue::Text(job.id())}).status());
+      }
     }
     return absl::OkStatus();
+  }
+
+  // Sets `columns` (parameters from ?6, `values`) of the task's row if its
+  // run still holds it and its job runs: FAILED_PRECONDITION otherwise.
+  absl::Status WriteTask(const JobTask& task, const std::string& columns,
+                         std::vector<SqlValue> values)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<SqlValue> params = {
+        SqlValue::Text(task.job_id), SqlValue::Int(task.task),
+        SqlValue::Int(task.attempt), SqlValue::Text(task.runner),
+        SqlValue::Int(kRunning)};
+    params.insert(params.end(), values.begin(), values.end());
+    AMALGAM_ASSIGN_OR_RETURN(
+        SqlResult written,
+        Run(absl::StrCat("UPDATE job_tasks SET ", columns,
+                         " WHERE job_id = ?1 AND task = ?2 AND attempt = ?3 "
+                         "AND runner = ?4 AND done = 0 AND job_id IN (SELECT "
+                         "id FROM jobs WHERE state = ?5)"),
+            params));
+    if (written.changed > 0) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "run ", task.attempt, " of task ", task.task, " of job ", task.job_id,
+        " no longer holds it (its lease expired and another run took it "
+        "over, or the job ended)"));
+  }
+
+  // Tells listeners in other processes, at commit, that job `id` changed.
+  absl::Status Notify(const std::string& id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (*db_->NotifyJob() == '\0') return absl::OkStatus();
+    return Run(db_->NotifyJob(), {SqlValue::Text(id)}).status();
   }
 
   // WriteJob fenced: FAILED_PRECONDITION when the run lost the job.

@@ -37,6 +37,27 @@ struct JobLimits {
   int max_active_per_org = 16;
 };
 
+// A task of a running job: one shard of one of its output models. Claimed
+// by a worker of any process as jobs are (a lease it renews, an attempt
+// that fences its writes), and written once, as a blob.
+struct JobTask {
+  std::string job_id;
+  int task = 0;
+  std::string runner;
+  int attempt = 0;
+  // Claimable again once this passes (milliseconds since the epoch).
+  int64_t lease_until_ms = 0;
+  int64_t tensors_done = 0;
+  int64_t bytes_done = 0;
+  // Done: the shard's blob.
+  bool done = false;
+  std::string sha256;
+  int64_t size_bytes = 0;
+  // A run that failed: its status (the job then fails with it).
+  int error_code = 0;
+  std::string error_message;
+};
+
 // The files of an artifact: its `files`, or, for an artifact stored before
 // models had files, one model.safetensors holding its content.
 std::vector<v1::ModelFile> ArtifactFiles(const v1::Artifact& artifact);
@@ -109,8 +130,8 @@ class Catalog {
   virtual absl::StatusOr<v1::Job> PublishResults(
       v1::Job job, std::vector<v1::Artifact>* results,
       const PlaceContent& place) = 0;
-  // Under the content lock of `sha256`: runs `remove` if no artifact has
-  // that content. Returns whether it ran.
+  // Under the content lock of `sha256`: runs `remove` if no artifact and no
+  // task has that content. Returns whether it ran.
   virtual absl::StatusOr<bool> RemoveUnreferencedContent(
       const std::string& sha256,
       const std::function<absl::Status()>& remove) = 0;
@@ -204,9 +225,45 @@ class Catalog {
                                             const std::string& owner) = 0;
   // At start: RUNNING jobs of `runner` (every RUNNING job when `every`, as
   // where one process owns the catalog) become QUEUED again, with their
-  // progress cleared. Returns the jobs it requeued.
+  // progress cleared, and the tasks it held (every task when `every`) are
+  // claimable again. Returns the jobs it requeued.
   virtual absl::StatusOr<std::vector<v1::Job>> RequeueRunsOf(
       const std::string& runner, bool every) = 0;
+  // Tasks. A job's run adds its tasks and publishes its results once every
+  // one is done; workers of every process on the catalog claim them. A job
+  // that ends (however it ends) drops its tasks; a task's writes are fenced
+  // by its attempt and by its job running.
+
+  // Adds tasks 0..count-1 that the job lacks (those of an earlier run stay,
+  // done or held), fenced by the run `job.attempt()`.
+  virtual absl::Status AddTasks(const v1::Job& job, int count) = 0;
+  // Claims a task not done, not failed and not held (or whose lease
+  // expired), claimed fewer than `max_attempts` times, of a RUNNING job not
+  // asked to cancel whose numeric configuration is `config` (only of job
+  // `job_id` unless empty), oldest job first: held by `runner` under the
+  // next attempt for `lease`, progress cleared. Returns it, and its job in
+  // `*job`; nullopt when there is none.
+  virtual absl::StatusOr<std::optional<JobTask>> ClaimTask(
+      const std::string& runner, const std::string& config,
+      const std::string& job_id, absl::Duration lease, int max_attempts,
+      v1::Job* job) = 0;
+  // Renews the task's lease; returns whether it should stop (its job is
+  // asked to cancel). FAILED_PRECONDITION when the run lost the task (or
+  // its job ended).
+  virtual absl::StatusOr<bool> RenewTask(const JobTask& task,
+                                         absl::Duration lease) = 0;
+  // Writes the task's progress, or its failure (error_code set), fenced.
+  virtual absl::Status UpdateTask(const JobTask& task) = 0;
+  // Marks the task done with its blob (`task.sha256`, `size_bytes`), which
+  // `place` puts in place under the content lock, fenced.
+  virtual absl::Status CompleteTask(
+      const JobTask& task, const std::function<absl::Status()>& place) = 0;
+  // The run gives its task back (shutdown): claimable at once.
+  virtual absl::Status ReleaseTask(const JobTask& task) = 0;
+  // The tasks of a job, by number.
+  virtual absl::StatusOr<std::vector<JobTask>> ListTasks(
+      const std::string& job_id) = 0;
+
   // Ends a job outside any run (its inputs no longer validate).
   virtual absl::Status FailJob(const v1::Job& job) = 0;
   // NOT_FOUND naming the id.

@@ -205,6 +205,50 @@ class CatalogPool : public Catalog {
     return member->RequeueRunsOf(runner, every);
   }
 
+  absl::Status AddTasks(const v1::Job& job, int count) override {
+    Lease member(this);
+    return member->AddTasks(job, count);
+  }
+
+  absl::StatusOr<std::optional<JobTask>> ClaimTask(const std::string& runner,
+                                                   const std::string& config,
+                                                   const std::string& job_id,
+                                                   absl::Duration lease,
+                                                   int max_attempts,
+                                                   v1::Job* job) override {
+    Lease member(this);
+    return member->ClaimTask(runner, config, job_id, lease, max_attempts, job);
+  }
+
+  absl::StatusOr<bool> RenewTask(const JobTask& task,
+                                 absl::Duration lease) override {
+    Lease member(this);
+    return member->RenewTask(task, lease);
+  }
+
+  absl::Status UpdateTask(const JobTask& task) override {
+    Lease member(this);
+    return member->UpdateTask(task);
+  }
+
+  absl::Status CompleteTask(
+      const JobTask& task,
+      const std::function<absl::Status()>& place) override {
+    Lease member(this);
+    return member->CompleteTask(task, place);
+  }
+
+  absl::Status ReleaseTask(const JobTask& task) override {
+    Lease member(this);
+    return member->ReleaseTask(task);
+  }
+
+  absl::StatusOr<std::vector<JobTask>> ListTasks(
+      const std::string& job_id) override {
+    Lease member(this);
+    return member->ListTasks(job_id);
+  }
+
   absl::Status FailJob(const v1::Job& job) override {
     Lease member(this);
     return member->FailJob(job);

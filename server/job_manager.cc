@@ -94,10 +94,15 @@ struct JobManager::Prepared {
   std::string config_keys;
 };
 
-// One shard of one output model of a job.
-struct JobManager::ShardTask {
-  int output = 0;
-  int shard = 0;
+// A task this process runs (of a job run here or by another process).
+struct JobManager::TaskRun {
+  JobTask task;
+  v1::Job job;
+  // Its job is asked to cancel, it was lost, or the process stops.
+  std::atomic<bool> cancelled{false};
+  std::atomic<bool> lost{false};
+  absl::Time persisted = absl::InfinitePast();
+  absl::Time renewed = absl::Now();
 };
 
 // A job this process runs.
@@ -111,18 +116,11 @@ struct JobManager::Running {
   // When progress was last written to the catalog.
   absl::Time persisted = absl::InfinitePast();
   absl::Time renewed = absl::Now();
-  // The job's shards, run by the worker that claimed it and by idle workers
-  // of this process. Guarded by the manager's mu_; `prepared` is set while
-  // shards are run, and outlives every shard taken.
-  const Prepared* prepared = nullptr;
-  std::vector<std::string> dirs;  // per output model
-  std::vector<ShardTask> tasks;
-  size_t next_task = 0;
-  int active_tasks = 0;
-  // Tensors and bytes written, per task.
-  std::vector<std::pair<int64_t, int64_t>> task_progress;
-  // The first error of a shard: the others are stopped.
-  absl::Status failure;
+  // The job's tasks (0 until they are in the catalog) and what they write
+  // in all; its progress is their sum.
+  int tasks = 0;
+  int64_t tensors_total = 0;
+  int64_t bytes_total = 0;
 };
 
 JobManager::JobManager(Storage* storage, JobManagerOptions options)
@@ -141,6 +139,7 @@ JobManager::~JobManager() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
     for (auto& [id, run] : running_) run->cancelled = true;
+    for (TaskRun* task : task_runs_) task->cancelled = true;
   }
   for (std::thread& worker : workers_) worker.join();
   heartbeat_.join();
@@ -710,6 +709,8 @@ void JobManager::HeartbeatLoop() {
   absl::Time polled = absl::InfinitePast();
   while (true) {
     std::vector<std::pair<Running*, v1::Job>> renew;
+    std::vector<std::pair<TaskRun*, JobTask>> renew_tasks;
+    std::vector<std::string> with_tasks;
     std::vector<std::string> remote;
     {
       absl::MutexLock lock(&mu_);
@@ -720,6 +721,13 @@ void JobManager::HeartbeatLoop() {
         if (now - run->renewed >= renew_every) {
           run->renewed = now;
           renew.emplace_back(run.get(), run->job);
+        }
+        if (run->tasks > 0) with_tasks.push_back(id);
+      }
+      for (TaskRun* task : task_runs_) {
+        if (now - task->renewed >= renew_every) {
+          task->renewed = now;
+          renew_tasks.emplace_back(task, task->task);
         }
       }
       // Polled as well while listening (a notification can be missed
@@ -746,85 +754,46 @@ void JobManager::HeartbeatLoop() {
       } else if (*cancel) {
         run->user_cancelled = true;
         run->cancelled = true;
+        // Its tasks here stop too.
+        for (TaskRun* task : task_runs_) {
+          if (task->task.job_id == job.id()) task->cancelled = true;
+        }
       }
     }
+    for (auto& [task, claim] : renew_tasks) {
+      absl::StatusOr<bool> stop =
+          catalog()->RenewTask(claim, options_.job_lease);
+      absl::MutexLock lock(&mu_);
+      if (task_runs_.count(task) == 0) continue;
+      if (!stop.ok() && absl::IsFailedPrecondition(stop.status())) {
+        task->lost = true;
+        task->cancelled = true;
+      } else if (stop.ok() && *stop) {
+        task->cancelled = true;
+      }
+    }
+    for (const std::string& id : with_tasks) RefreshProgress(id);
     ReadRemote(remote);
-  }
-}
-
-bool JobManager::HasShardWork() const {
-  for (const auto& [id, run] : running_) {
-    if (run->prepared != nullptr && !run->cancelled &&
-        run->next_task < run->tasks.size()) {
-      return true;
-    }
-  }
-  return false;
-}
-
-std::optional<size_t> JobManager::TakeShard(Running* run) {
-  if (run->prepared == nullptr || run->next_task >= run->tasks.size()) {
-    return std::nullopt;
-  }
-  if (run->cancelled) {
-    // Shards not begun are not run; the run ends as cancelled, unless a
-    // shard failed first.
-    run->next_task = run->tasks.size();
-    if (run->failure.ok()) {
-      run->failure = absl::CancelledError(
-          absl::StrCat("job ", run->job.id(), " was cancelled"));
-    }
-    return std::nullopt;
-  }
-  ++run->active_tasks;
-  return run->next_task++;
-}
-
-void JobManager::RunShards(Running* run, std::optional<size_t> task) {
-  while (task.has_value()) {
-    absl::Status status = RunShard(run, *task);
-    absl::MutexLock lock(&mu_);
-    --run->active_tasks;
-    if (!status.ok() && run->failure.ok()) {
-      run->failure = std::move(status);
-      run->cancelled = true;
-    }
-    task = TakeShard(run);
   }
 }
 
 void JobManager::WorkerLoop() {
   while (true) {
-    Running* help = nullptr;
-    std::optional<size_t> shard;
     {
       absl::MutexLock lock(&mu_);
       mu_.AwaitWithTimeout(
           absl::Condition(
               +[](JobManager* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
-                return self->stopping_ || (!self->draining_ && self->wake_) ||
-                       self->HasShardWork();
+                return self->stopping_ || (!self->draining_ && self->wake_);
               },
               this),
           options_.poll_interval);
       if (stopping_) return;
-      // Shards of a job running here come before a new job.
-      for (auto& [id, run] : running_) {
-        shard = TakeShard(run.get());
-        if (shard.has_value()) {
-          help = run.get();
-          break;
-        }
-      }
-      if (help == nullptr) {
-        if (draining_) continue;
-        wake_ = false;
-      }
+      if (draining_) continue;
+      wake_ = false;
     }
-    if (help != nullptr) {
-      RunShards(help, shard);
-      continue;
-    }
+    // A task of a running job (of any process) comes before a new job.
+    if (RunATask("", nullptr)) continue;
     absl::StatusOr<std::optional<v1::Job>> claimed =
         catalog()->ClaimJob(options_.replica_name, options_.numeric_config,
                             options_.job_lease, options_.max_attempts);
@@ -952,7 +921,7 @@ void JobManager::Drain(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   draining_ = true;
   auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return running_.empty();
+    return running_.empty() && task_runs_.empty();
   };
   mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
 }
@@ -979,43 +948,217 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
   const std::vector<core::TensorSpec> specs = OutputSpecs(*prepared);
   const uint64_t shard_bytes = ShardBytes(*prepared);
   const int shards = core::CountShards(specs, shard_bytes);
-  std::vector<ShardTask> tasks;
+  const int count = shards * prepared->outputs;
+  // Tasks done by an earlier run of the job stay done.
+  absl::Status added = catalog()->AddTasks(job, count);
+  LostIf(run, added);
+  AMALGAM_RETURN_IF_ERROR(added);
+  {
+    absl::MutexLock lock(&mu_);
+    run->tasks = count;
+    run->tensors_total = prepared->tensors_per_output * prepared->outputs;
+    run->bytes_total =
+        static_cast<int64_t>(prepared->bytes_per_output) * prepared->outputs;
+    wake_ = true;  // idle workers here take tasks too
+  }
+  std::vector<JobTask> tasks;
+  while (true) {
+    if (run->cancelled) {
+      return absl::CancelledError(
+          absl::StrCat("job ", job.id(),
+                       " stopped before its shards were "
+                       "written"));
+    }
+    // Its tasks are run here too, with the inputs already open.
+    if (RunATask(job.id(), prepared.get())) continue;
+    AMALGAM_ASSIGN_OR_RETURN(tasks, catalog()->ListTasks(job.id()));
+    int done = 0;
+    for (const JobTask& task : tasks) {
+      if (task.error_code != 0) {
+        return absl::Status(static_cast<absl::StatusCode>(task.error_code),
+                            task.error_message);
+      }
+      if (task.done) {
+        ++done;
+      } else if (task.attempt >= options_.max_attempts &&
+                 task.lease_until_ms < absl::ToUnixMillis(absl::Now())) {
+        return absl::AbortedError(absl::StrCat(
+            "the runner of shard ", task.task,
+            " stopped (killed, or cut off "
+            "from the catalog) in each of ",
+            task.attempt, " attempts; it is not tried again (--max-attempts)"));
+      }
+    }
+    if (done == count && static_cast<int>(tasks.size()) == count) break;
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.poll_interval);
+  }
+  RefreshProgress(job.id());
+  // Each output model: its shards' blobs, linked into a directory (removed
+  // with `outputs`), with its index and side files.
   for (int k = 0; k < prepared->outputs; ++k) {
-    // A model directory, removed with `outputs` (its files once published
-    // are links of the blobs).
-    outputs->dirs.push_back(storage_->NewTempPath("result"));
-    for (int shard = 0; shard < shards; ++shard) tasks.push_back({k, shard});
-  }
-  std::optional<size_t> first;
-  {
-    absl::MutexLock lock(&mu_);
-    run->dirs = outputs->dirs;
-    run->tasks = std::move(tasks);
-    run->task_progress.assign(run->tasks.size(), {0, 0});
-    run->prepared = prepared.get();
-    first = TakeShard(run);
-  }
-  // Idle workers of this process take shards meanwhile.
-  RunShards(run, first);
-  absl::Status status;
-  {
-    absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(
-        +[](Running* r) { return r->active_tasks == 0; }, run));
-    run->prepared = nullptr;
-    status = run->failure;
-  }
-  for (int k = 0; k < prepared->outputs && status.ok(); ++k) {
-    const std::string& dir = outputs->dirs[k];
-    status = core::WriteModelIndex(dir, specs, shard_bytes);
-    if (!status.ok()) break;
-    absl::StatusOr<Storage::StagedArtifact> staged =
+    const std::string dir = storage_->NewTempPath("result");
+    outputs->dirs.push_back(dir);
+    std::error_code error;
+    std::filesystem::create_directories(dir, error);
+    if (error) {
+      return absl::InternalError(
+          absl::StrCat("cannot create ", dir, ": ", error.message()));
+    }
+    for (int shard = 0; shard < shards; ++shard) {
+      const std::string name = shards == 1 ? std::string(core::kSingleFileName)
+                                           : core::ShardFileName(shard, shards);
+      AMALGAM_RETURN_IF_ERROR(storage_->LinkBlob(
+          tasks[k * shards + shard].sha256, absl::StrCat(dir, "/", name)));
+    }
+    AMALGAM_RETURN_IF_ERROR(core::WriteModelIndex(dir, specs, shard_bytes));
+    AMALGAM_ASSIGN_OR_RETURN(
+        Storage::StagedArtifact staged,
         StageResult(*storage_, job, dir, ResultName(job, *prepared, k),
-                    prepared->config_from, prepared->config_keys);
-    status = staged.status();
-    if (staged.ok()) outputs->files.push_back(*std::move(staged));
+                    prepared->config_from, prepared->config_keys));
+    outputs->files.push_back(std::move(staged));
   }
-  return status;
+  return absl::OkStatus();
+}
+
+void JobManager::RefreshProgress(const std::string& job_id) {
+  absl::StatusOr<std::vector<JobTask>> tasks = catalog()->ListTasks(job_id);
+  if (!tasks.ok()) return;
+  int64_t tensors = 0, bytes = 0;
+  for (const JobTask& task : *tasks) {
+    tensors += task.tensors_done;
+    bytes += task.bytes_done;
+  }
+  std::optional<v1::Job> persist;
+  Running* run = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = running_.find(job_id);
+    if (it == running_.end()) return;
+    run = it->second.get();
+    v1::Progress* p = run->job.mutable_progress();
+    if (p->tensors_done() == tensors && p->bytes_done() == bytes) return;
+    p->set_tensors_done(tensors);
+    p->set_tensors_total(run->tensors_total);
+    p->set_bytes_done(bytes);
+    p->set_bytes_total(run->bytes_total);
+    Notify(run->job);
+    // The catalog (for watchers elsewhere) at most four times a second.
+    if (absl::Now() - run->persisted >= absl::Milliseconds(250)) {
+      run->persisted = absl::Now();
+      persist = run->job;
+    }
+  }
+  // `run` stays in running_ while its worker waits for its tasks.
+  if (persist.has_value()) LostIf(run, catalog()->UpdateRun(*persist));
+}
+
+bool JobManager::RunATask(const std::string& job_id, const Prepared* prepared) {
+  v1::Job job;
+  absl::StatusOr<std::optional<JobTask>> claimed = catalog()->ClaimTask(
+      options_.replica_name, options_.numeric_config, job_id,
+      options_.job_lease, options_.max_attempts, &job);
+  if (!claimed.ok()) {
+    Log(LogLevel::kWarning,
+        LogFields("claim_failed").Add("error", claimed.status().message()));
+    return false;
+  }
+  if (!claimed->has_value()) return false;
+  TaskRun run;
+  run.task = **claimed;
+  run.job = std::move(job);
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) run.cancelled = true;
+    task_runs_.insert(&run);
+    wake_ = true;  // more tasks may wait: the next worker looks at once
+  }
+  RunTask(&run, prepared);
+  absl::MutexLock lock(&mu_);
+  task_runs_.erase(&run);
+  return true;
+}
+
+void JobManager::RunTask(TaskRun* run, const Prepared* prepared) {
+  std::unique_ptr<Prepared> own;
+  absl::Status status;
+  if (prepared == nullptr) {
+    absl::StatusOr<std::unique_ptr<Prepared>> opened = Prepare(run->job);
+    status = opened.status();
+    if (opened.ok()) {
+      own = *std::move(opened);
+      prepared = own.get();
+    }
+  }
+  const std::string dir = storage_->NewTempPath("shard");
+  if (status.ok()) {
+    const int shards =
+        core::CountShards(OutputSpecs(*prepared), ShardBytes(*prepared));
+    auto report = [&](int64_t done, int64_t bytes_done) {
+      std::optional<JobTask> persist;
+      {
+        absl::MutexLock lock(&mu_);
+        run->task.tensors_done = done;
+        run->task.bytes_done = bytes_done;
+        // In the catalog (for its job's progress) at most four times a
+        // second.
+        if (absl::Now() - run->persisted >= absl::Milliseconds(250)) {
+          run->persisted = absl::Now();
+          persist = run->task;
+        }
+      }
+      if (persist.has_value() &&
+          absl::IsFailedPrecondition(catalog()->UpdateTask(*persist))) {
+        run->lost = true;
+        run->cancelled = true;
+      }
+      if (options_.testing_step_delay > absl::ZeroDuration()) {
+        absl::SleepFor(options_.testing_step_delay);
+      }
+    };
+    status = WriteShard(*prepared, run->job, run->task.task / shards,
+                        run->task.task % shards, dir, report, &run->cancelled);
+  }
+  JobTask task;
+  {
+    absl::MutexLock lock(&mu_);
+    task = run->task;
+  }
+  if (status.ok() && !run->lost) {
+    // The one file the shard's writer made.
+    std::string path;
+    std::error_code error;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+      path = entry.path().string();
+    }
+    status = storage_->CompleteTask(task, path);
+    if (absl::IsFailedPrecondition(status)) run->lost = true;  // fenced out
+    if (status.ok()) {
+      Log(LogLevel::kInfo, LogFields("task_done")
+                               .Add("job", task.job_id)
+                               .Add("task", task.task)
+                               .Add("attempt", task.attempt)
+                               .Add("runner", task.runner));
+    }
+  }
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+  bool stopping = false;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping = stopping_;
+  }
+  if (status.ok() || run->lost) return;
+  if (run->cancelled) {
+    // Stopped by shutdown: given back, so that another worker takes it at
+    // once (a cancelled job drops its tasks itself).
+    if (stopping) catalog()->ReleaseTask(task).IgnoreError();
+    return;
+  }
+  // The job fails with it (its runner reads the tasks).
+  task.error_code = static_cast<int>(status.code());
+  task.error_message = PublicMessage(status.message());
+  catalog()->UpdateTask(task).IgnoreError();
 }
 
 std::vector<core::TensorSpec> JobManager::OutputSpecs(
@@ -1054,88 +1197,45 @@ std::string JobManager::ResultName(const v1::Job& job, const Prepared& prepared,
                                            : job.merge().result_name();
 }
 
-void JobManager::ReportShard(Running* run, size_t task, int64_t done,
-                             int64_t bytes_done) {
-  std::optional<v1::Job> persist;
-  {
-    absl::MutexLock lock(&mu_);
-    run->task_progress[task] = {done, bytes_done};
-    int64_t tensors = 0, bytes = 0;
-    for (const auto& [t, b] : run->task_progress) {
-      tensors += t;
-      bytes += b;
-    }
-    const Prepared& prepared = *run->prepared;
-    v1::Progress* p = run->job.mutable_progress();
-    p->set_tensors_done(tensors);
-    p->set_tensors_total(prepared.tensors_per_output * prepared.outputs);
-    p->set_bytes_done(bytes);
-    p->set_bytes_total(static_cast<int64_t>(prepared.bytes_per_output) *
-                       prepared.outputs);
-    // Watchers here hear of every step; the catalog (for watchers
-    // elsewhere) at most four times a second.
-    Notify(run->job);
-    if (absl::Now() - run->persisted >= absl::Milliseconds(250)) {
-      run->persisted = absl::Now();
-      persist = run->job;
-    }
-  }
-  if (persist.has_value()) LostIf(run, catalog()->UpdateRun(*persist));
-  if (options_.testing_step_delay > absl::ZeroDuration()) {
-    absl::SleepFor(options_.testing_step_delay);
-  }
-}
-
-absl::Status JobManager::RunShard(Running* run, size_t index) {
-  const Prepared* prepared;
-  ShardTask task;
-  std::string dir;
-  v1::Job job;
-  {
-    absl::MutexLock lock(&mu_);
-    prepared = run->prepared;
-    task = run->tasks[index];
-    dir = run->dirs[task.output];
-    job = run->job;
-  }
-  auto report = [&](int64_t done, int64_t bytes_done) {
-    ReportShard(run, index, done, bytes_done);
-  };
+absl::Status JobManager::WriteShard(
+    const Prepared& prepared, const v1::Job& job, int output, int shard,
+    const std::string& dir, const std::function<void(int64_t, int64_t)>& report,
+    const std::atomic<bool>* cancelled) {
   if (job.has_sweep()) {
-    return WriteSweepStep(*prepared, prepared->sweep_ts[task.output],
-                          task.shard, dir, report, &run->cancelled);
+    return WriteSweepStep(prepared, prepared.sweep_ts[output], shard, dir,
+                          report, cancelled);
   }
   if (job.has_grow()) {
-    core::GrowOptions options = prepared->grow_options;
-    options.shard = task.shard;
+    core::GrowOptions options = prepared.grow_options;
+    options.shard = shard;
     // The bytes of the shard's tensors, in order.
     const std::vector<int> shard_of =
-        core::AssignShards(OutputSpecs(*prepared), options.shard_bytes);
+        core::AssignShards(OutputSpecs(prepared), options.shard_bytes);
     std::vector<uint64_t> sizes;
     for (size_t i = 0; i < shard_of.size(); ++i) {
-      if (shard_of[i] == task.shard) {
-        sizes.push_back(prepared->grow_plan.tensors[i].out_nbytes);
+      if (shard_of[i] == shard) {
+        sizes.push_back(prepared.grow_plan.tensors[i].out_nbytes);
       }
     }
     int64_t counted = 0;
     uint64_t bytes_done = 0;
     return core::ExecuteGrow(
-        prepared->grow_plan, *prepared->grow_a, prepared->grow_b, options, dir,
+        prepared.grow_plan, *prepared.grow_a, prepared.grow_b, options, dir,
         [&](int64_t done, int64_t) {
           while (counted < done) bytes_done += sizes[counted++];
           report(done, static_cast<int64_t>(bytes_done));
         },
-        &run->cancelled);
+        cancelled);
   }
-  core::MergeOptions options = prepared->options;
-  options.shard = task.shard;
+  core::MergeOptions options = prepared.options;
+  options.shard = shard;
   return core::ExecuteMerge(
-      prepared->plan, prepared->inputs, options, dir,
+      prepared.plan, prepared.inputs, options, dir,
       [&](const core::MergeProgress& progress) {
         report(progress.tensors_done,
                static_cast<int64_t>(progress.bytes_done));
       },
-      &run->cancelled);
+      cancelled);
 }
 
 absl::Status JobManager::WriteSweepStep(

@@ -28,8 +28,7 @@
 namespace amalgam::server {
 
 struct JobManagerOptions {
-  // Jobs run concurrently; a running job's output shards are taken by idle
-  // workers too.
+  // Jobs and tasks (shards of jobs of any process) run concurrently.
   int workers = 1;
   // Jobs waiting to run; a submission past it is RESOURCE_EXHAUSTED.
   int max_queued = 64;
@@ -142,7 +141,7 @@ class JobManager {
  private:
   struct Prepared;
   struct Running;
-  struct ShardTask;
+  struct TaskRun;
 
   // Fills in, for a RegMean (Fisher) merge, the gram_id (fisher_id) of each
   // model that names none: the one statistics artifact of that kind,
@@ -193,21 +192,24 @@ class JobManager {
     Outputs& operator=(const Outputs&) = delete;
     ~Outputs();
   };
-  // Writes the job's outputs into `outputs`: each output model's shards
-  // (the tasks of `run`), run by this worker and by idle ones, then each
-  // model's index and side files.
+  // Writes the job's outputs into `outputs`: adds its tasks (a shard of an
+  // output model each) to the catalog, runs them with the workers of every
+  // process, then links each model's shards into a directory with its index
+  // and side files.
   absl::Status RunJob(Running* run, Outputs* outputs);
-  // Whether a job running here has shards no worker has begun.
-  bool HasShardWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The next task of `run` for the caller to run (counted active), or none.
-  std::optional<size_t> TakeShard(Running* run)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Runs task `task` (if any) of `run` and the next ones, until none is left.
-  void RunShards(Running* run, std::optional<size_t> task);
-  // Writes task `index` of `run`: one shard of one output model.
-  absl::Status RunShard(Running* run, size_t index);
-  // Records task `task`'s progress and the job's (the tasks' sum).
-  void ReportShard(Running* run, size_t task, int64_t done, int64_t bytes_done);
+  // Sets the progress of job `job_id`, run here, to its tasks' sum.
+  void RefreshProgress(const std::string& job_id);
+  // Claims a task (of job `job_id` only, unless empty) and runs it; false
+  // when there was none. `prepared`: the job's open inputs, or null.
+  bool RunATask(const std::string& job_id, const Prepared* prepared);
+  // Writes the task's shard and records it done (or failed) in the catalog.
+  void RunTask(TaskRun* run, const Prepared* prepared);
+  // Writes shard `shard` of output model `output` of `job` into `dir`.
+  static absl::Status WriteShard(
+      const Prepared& prepared, const v1::Job& job, int output, int shard,
+      const std::string& dir,
+      const std::function<void(int64_t, int64_t)>& report,
+      const std::atomic<bool>* cancelled);
   // The tensors every output model of `prepared` holds, and their shard size.
   static std::vector<core::TensorSpec> OutputSpecs(const Prepared& prepared);
   static uint64_t ShardBytes(const Prepared& prepared);
@@ -230,8 +232,9 @@ class JobManager {
   Catalog* catalog() const { return storage_->catalog(); }
 
   mutable absl::Mutex mu_;
-  // The jobs this process runs.
+  // The jobs this process runs, and the tasks.
   std::map<std::string, std::unique_ptr<Running>> running_ ABSL_GUARDED_BY(mu_);
+  std::set<TaskRun*> task_runs_ ABSL_GUARDED_BY(mu_);
   // Jobs cancelled here between their claim and their run's start.
   std::set<std::string> cancelled_here_ ABSL_GUARDED_BY(mu_);
   // Listeners by job id, and the last state each job was announced in.

@@ -131,6 +131,39 @@ absl::StatusOr<v1::Job> Storage::PublishResults(
   return published;
 }
 
+absl::Status Storage::CompleteTask(JobTask task, const std::string& path) {
+  AMALGAM_ASSIGN_OR_RETURN(task.sha256, core::Sha256File(path));
+  std::error_code error;
+  task.size_bytes = static_cast<int64_t>(fs::file_size(path, error));
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot read the size of ", path, ": ", error.message()));
+  }
+  bool created = false;
+  AMALGAM_RETURN_IF_ERROR(blobs_.Put(path, task.sha256, &created));
+  const absl::Status completed = catalog_->CompleteTask(task, [&] {
+    bool again = false;
+    return blobs_.Put(path, task.sha256, &again);
+  });
+  FinishPlacing(completed.ok(), {path},
+                created ? std::vector<std::string>{task.sha256}
+                        : std::vector<std::string>{});
+  return completed;
+}
+
+absl::Status Storage::LinkBlob(const std::string& sha256,
+                               const std::string& path) const {
+  std::error_code error;
+  fs::create_hard_link(blobs_.PathOf(sha256), path, error);
+  if (error) {
+    return absl::DataLossError(absl::StrCat("the blob ", sha256,
+                                            " of a written shard cannot be "
+                                            "read: ",
+                                            error.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Storage::PutAgain(const std::vector<std::string>& temp_paths,
                                const v1::Artifact& artifact) {
   const std::vector<v1::ModelFile> files = ArtifactFiles(artifact);

@@ -70,9 +70,19 @@ class Storage {
   absl::StatusOr<v1::Job> PublishResults(v1::Job job,
                                          std::vector<StagedArtifact> results);
 
+  // Records task `task` done with the shard file at `path` (complete,
+  // fsynced) as its blob, placed under its content lock, fenced (see
+  // Catalog::CompleteTask); the file is removed once the blob holds it.
+  absl::Status CompleteTask(JobTask task, const std::string& path);
+  // Links the blob of `sha256` (of a task) at `path`, for a job to
+  // assemble its model directory; DATA_LOSS naming the blob if it is gone.
+  absl::Status LinkBlob(const std::string& sha256,
+                        const std::string& path) const;
+
   // Removes blobs written more than `age` ago that no artifact references
-  // (left by a crash between a blob's placement and its row's commit, or a
-  // failed publication). Returns how many it removed.
+  // (left by a crash between a blob's placement and its row's commit, a
+  // failed publication, or a job that ended before its tasks' shards were
+  // published) and no task holds. Returns how many it removed.
   absl::StatusOr<int64_t> CollectGarbage(
       std::filesystem::file_time_type::duration age);
 

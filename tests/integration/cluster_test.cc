@@ -84,16 +84,16 @@ class ClusterTest : public ::testing::Test {
     return client.ok() ? *std::move(client) : nullptr;
   }
 
-  // Three models (weights and Grams) written to files, uploaded through
-  // `client`; the RegMean merge of them.
-  v1::SubmitJobRequest UploadRegMean(client::Client* client) {
+  // Three models of `layers` layers (weights and Grams) written to files,
+  // uploaded through `client`; the RegMean merge of them.
+  v1::SubmitJobRequest UploadRegMean(client::Client* client, int layers = 8) {
     std::mt19937 rng(7);
     std::normal_distribution<float> normal;
     v1::SubmitJobRequest request;
     request.mutable_merge()->set_method(v1::MERGE_METHOD_REGMEAN);
     for (int m = 0; m < 3; ++m) {
       Tensors weights;
-      for (int l = 0; l < 8; ++l) {
+      for (int l = 0; l < layers; ++l) {
         std::vector<float> w(kOut * kIn), b(kOut);
         for (float& x : w) x = normal(rng);
         for (float& x : b) x = normal(rng);
@@ -101,7 +101,7 @@ class ClusterTest : public ::testing::Test {
         weights[absl::StrCat("l", l, ".bias")] = {{kOut}, b};
       }
       Tensors grams;
-      for (int l = 0; l < 8; ++l) {
+      for (int l = 0; l < layers; ++l) {
         std::vector<double> x(64 * kIn);
         for (double& v : x) v = std::round(normal(rng) * 4);
         std::vector<float> g(kIn * kIn);
@@ -148,6 +148,26 @@ class ClusterTest : public ::testing::Test {
       absl::SleepFor(absl::Milliseconds(50));
     }
     return job;
+  }
+
+  // Waits until job `id` runs with `tensors` done, kills (kill -9) the
+  // replica running it and follows the job through another (`*watcher`)
+  // until it ends; it must be taken over (attempt 2, another runner).
+  v1::Job KillRunnerAndAwait(const std::string& id, int64_t tensors,
+                             int* watcher) {
+    const v1::Job running = AwaitProgress(clients_[1].get(), id, tensors);
+    EXPECT_EQ(running.state(), v1::JOB_STATE_RUNNING);
+    const int runner = RunnerIndex(running);
+    EXPECT_GE(runner, 0) << running.runner();
+    if (runner < 0) return running;
+    replicas_[runner]->Kill();
+    *watcher = (runner + 1) % 3;
+    auto done = clients_[*watcher]->WatchJob(id);
+    EXPECT_TRUE(done.ok()) << done.status();
+    if (!done.ok()) return running;
+    EXPECT_EQ(done->attempt(), 2);
+    EXPECT_NE(RunnerIndex(*done), runner);
+    return *done;
   }
 
   // The replica index named by a job's runner.
@@ -197,18 +217,10 @@ TEST_F(ClusterTest, AKilledRunnerIsReplacedAndTheResultIsTheSameBits) {
   ASSERT_EQ(request.merge().models_size(), 3);
   auto job = clients_[1]->SubmitJob(request);
   ASSERT_TRUE(job.ok()) << job.status();
-  const v1::Job running = AwaitProgress(clients_[1].get(), job->id(), 4);
-  ASSERT_EQ(running.state(), v1::JOB_STATE_RUNNING);
-  const int runner = RunnerIndex(running);
-  ASSERT_GE(runner, 0) << running.runner();
-  replicas_[runner]->Kill();
-  const int watcher = (runner + 1) % 3;
-  auto done = clients_[watcher]->WatchJob(job->id());
-  ASSERT_TRUE(done.ok()) << done.status();
-  ASSERT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error_message();
-  EXPECT_EQ(done->attempt(), 2);
-  EXPECT_NE(RunnerIndex(*done), runner);
-  auto cluster_result = clients_[watcher]->GetArtifact(done->result_ids(0));
+  int watcher = -1;
+  const v1::Job done = KillRunnerAndAwait(job->id(), 4, &watcher);
+  ASSERT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED) << done.error_message();
+  auto cluster_result = clients_[watcher]->GetArtifact(done.result_ids(0));
   ASSERT_TRUE(cluster_result.ok()) << cluster_result.status();
 
   // The same job on one node with the embedded catalog.
@@ -226,6 +238,81 @@ TEST_F(ClusterTest, AKilledRunnerIsReplacedAndTheResultIsTheSameBits) {
   EXPECT_EQ(cluster_result->sha256(), single_result->sha256());
   EXPECT_EQ(cluster_result->metadata().at("amalgam.blas_core"),
             single_result->metadata().at("amalgam.blas_core"));
+}
+
+// Every file of a directory, by name, as bytes.
+std::map<std::string, std::string> Files(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    std::ifstream in(entry.path(), std::ios::binary);
+    files[entry.path().filename().string()] =
+        std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  return files;
+}
+
+// The replicas (by index) whose log says they wrote a shard of job `id`.
+std::vector<int> ShardWriters(
+    const std::unique_ptr<ServerProcess> (&replicas)[3],
+    const std::string& id) {
+  std::vector<int> writers;
+  for (int i = 0; i < 3; ++i) {
+    std::ifstream in(replicas[i]->log_path());
+    const std::string log((std::istreambuf_iterator<char>(in)), {});
+    if (log.find(absl::StrCat("event=task_done job=", id)) !=
+        std::string::npos) {
+      writers.push_back(i);
+    }
+  }
+  return writers;
+}
+
+// One merge's 12 shards are written by the workers of three replicas
+// (--workers 1 each); the replica that runs the job is killed (kill -9)
+// half-way. Its shard in flight is written again elsewhere, the job is taken
+// over, and the model directory is bit for bit that of one replica with one
+// worker.
+TEST_F(ClusterTest, ThreeReplicasWriteOneMergesShardsAndAKillLosesNothing) {
+  const std::vector<std::string> args = {
+      "--workers", "1", "--testing-step-delay", "150ms", "--job-lease", "1s"};
+  for (int i = 0; i < 3; ++i) Replica(i, args);
+  v1::SubmitJobRequest request = UploadRegMean(clients_[0].get(), 12);
+  ASSERT_EQ(request.merge().models_size(), 3);
+  // A layer's bias and weight (4 * (6 + 6 * 48) bytes) make one shard.
+  request.mutable_merge()->mutable_output()->set_shard_size_bytes(
+      4 * (kOut + kOut * kIn));
+  auto job = clients_[1]->SubmitJob(request);
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->progress().tensors_total(), 24);
+  int watcher = -1;
+  const v1::Job done = KillRunnerAndAwait(job->id(), 6, &watcher);
+  ASSERT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED) << done.error_message();
+  EXPECT_EQ(done.progress().tensors_done(), 24);
+  EXPECT_GE(ShardWriters(replicas_, job->id()).size(), 2u)
+      << "the shards were written by one replica";
+  const std::string cluster_dir = dir_ + "/cluster-model";
+  auto cluster_result =
+      clients_[watcher]->DownloadModel(done.result_ids(0), cluster_dir);
+  ASSERT_TRUE(cluster_result.ok()) << cluster_result.status();
+
+  // The same job on one node, one worker, with the embedded catalog.
+  ServerProcess single(AMALGAMD_PATH, dir_ + "/single");
+  ASSERT_TRUE(single.Start());
+  auto client = Connect(single);
+  v1::SubmitJobRequest again = UploadRegMean(client.get(), 12);
+  *again.mutable_merge()->mutable_output() = request.merge().output();
+  auto single_job = client->SubmitJob(again);
+  ASSERT_TRUE(single_job.ok()) << single_job.status();
+  auto single_done = client->WatchJob(single_job->id());
+  ASSERT_TRUE(single_done.ok() &&
+              single_done->state() == v1::JOB_STATE_SUCCEEDED);
+  const std::string single_dir = dir_ + "/single-model";
+  ASSERT_TRUE(
+      client->DownloadModel(single_done->result_ids(0), single_dir).ok());
+  const std::map<std::string, std::string> want = Files(single_dir);
+  EXPECT_EQ(want.size(), 13u) << "12 shards and the index";
+  EXPECT_TRUE(want.count("model-00012-of-00012.safetensors"));
+  EXPECT_TRUE(Files(cluster_dir) == want);
 }
 
 TEST_F(ClusterTest, ACancelOnAReplicaThatDoesNotRunTheJobStopsIt) {

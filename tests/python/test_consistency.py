@@ -184,5 +184,5 @@ def test_a_catalog_of_the_first_schema_is_migrated_with_its_shares(tmp_path, ama
         process.wait(timeout=30)
     version = sqlite3.connect(data / "catalog.db").execute("PRAGMA user_version").fetchone()[0]
     # 1: artifact columns and shares; 2: the job queue; 3: the housekeeping
-    # lease; 4: the contents of each artifact
-    assert version == 4
+    # lease; 4: the contents of each artifact; 5: the tasks of jobs
+    assert version == 5
