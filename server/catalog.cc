@@ -356,8 +356,9 @@ class SqlCatalog : public Catalog {
             "bytes_done BIGINT NOT NULL DEFAULT 0, done BIGINT NOT NULL "
             "DEFAULT 0, sha256 TEXT NOT NULL DEFAULT '', size_bytes BIGINT "
             "NOT NULL DEFAULT 0, error_code BIGINT NOT NULL DEFAULT 0, "
-            "error_message TEXT NOT NULL DEFAULT '', PRIMARY KEY (job_id, "
-            "task))",
+            "error_message TEXT NOT NULL DEFAULT '', stops BIGINT NOT NULL "
+            "DEFAULT 0, layout TEXT NOT NULL DEFAULT '', PRIMARY KEY "
+            "(job_id, task))",
             "CREATE INDEX job_tasks_by_sha256 ON job_tasks (sha256)"}) {
         AMALGAM_RETURN_IF_ERROR(Run(sql).status());
       }
@@ -499,8 +500,9 @@ class SqlCatalog : public Catalog {
       for (const std::string& sha256 : Contents(current)) {
         AMALGAM_ASSIGN_OR_RETURN(
             const int64_t others,
-            QueryInt("SELECT COUNT(*) FROM artifact_contents WHERE sha256 = "
-                     "?1 AND artifact_id != ?2",
+            QueryInt("SELECT (SELECT COUNT(*) FROM artifact_contents WHERE "
+                     "sha256 = ?1 AND artifact_id != ?2) + (SELECT COUNT(*) "
+                     "FROM job_tasks WHERE sha256 = ?1)",
                      {SqlValue::Text(sha256), id}));
         if (others == 0) sole.push_back(sha256);
       }
@@ -955,7 +957,8 @@ class SqlCatalog : public Catalog {
     return requeued;
   }
 
-  absl::Status AddTasks(const v1::Job& job, int count) override {
+  absl::Status AddTasks(const v1::Job& job, int count,
+                        const std::string& layout) override {
     absl::MutexLock lock(&mu_);
     return InTransaction([&]() -> absl::Status {
       AMALGAM_ASSIGN_OR_RETURN(
@@ -966,13 +969,17 @@ class SqlCatalog : public Catalog {
               {SqlValue::Text(job.id()), SqlValue::Int(job.attempt()),
                SqlValue::Int(kRunning)}));
       if (held.rows.empty()) return LostRun(job);
+      AMALGAM_RETURN_IF_ERROR(
+          Run("DELETE FROM job_tasks WHERE job_id = ?1 AND layout != ?2",
+              {SqlValue::Text(job.id()), SqlValue::Text(layout)})
+              .status());
       const int64_t now = NowMillis();
       for (int task = 0; task < count; ++task) {
         AMALGAM_RETURN_IF_ERROR(
-            Run("INSERT INTO job_tasks (job_id, task, created_at) VALUES (?1, "
-                "?2, ?3) ON CONFLICT DO NOTHING",
+            Run("INSERT INTO job_tasks (job_id, task, created_at, layout) "
+                "VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
                 {SqlValue::Text(job.id()), SqlValue::Int(task),
-                 SqlValue::Int(now)})
+                 SqlValue::Int(now), SqlValue::Text(layout)})
                 .status());
       }
       return Notify(job.id());
@@ -988,9 +995,11 @@ class SqlCatalog : public Catalog {
     absl::MutexLock lock(&mu_);
     const int64_t now = NowMillis();
     std::string claimable =
-        "FROM job_tasks WHERE done = 0 AND error_code = 0 AND lease_until < "
-        "?1 AND attempt < ?2 AND job_id IN (SELECT id FROM jobs WHERE state = "
-        "?3 AND cancel_requested = 0 AND config = ?4)";
+        "FROM job_tasks WHERE done = 0 AND lease_until < ?1 AND stops + "
+        "(CASE WHEN runner = '' THEN 0 ELSE 1 END) < ?2 AND job_id IN "
+        "(SELECT id FROM jobs WHERE state = ?3 AND cancel_requested = 0 AND "
+        "config = ?4) AND NOT EXISTS (SELECT 1 FROM job_tasks f WHERE "
+        "f.job_id = job_tasks.job_id AND f.error_code != 0)";
     std::vector<SqlValue> params = {
         SqlValue::Int(now), SqlValue::Int(max_attempts),
         SqlValue::Int(kRunning), SqlValue::Text(config)};
@@ -1019,7 +1028,8 @@ class SqlCatalog : public Catalog {
       task.runner = runner;
       task.lease_until_ms = now + absl::ToInt64Milliseconds(lease);
       AMALGAM_RETURN_IF_ERROR(
-          Run("UPDATE job_tasks SET runner = ?3, attempt = ?4, lease_until = "
+          Run("UPDATE job_tasks SET stops = stops + (CASE WHEN runner = '' "
+              "THEN 0 ELSE 1 END), runner = ?3, attempt = ?4, lease_until = "
               "?5, tensors_done = 0, bytes_done = 0 WHERE job_id = ?1 AND "
               "task = ?2",
               {SqlValue::Text(task.job_id), SqlValue::Int(task.task),
@@ -1037,13 +1047,15 @@ class SqlCatalog : public Catalog {
                                  absl::Duration lease) override {
     absl::MutexLock lock(&mu_);
     AMALGAM_RETURN_IF_ERROR(WriteTask(
-        task, "lease_until = ?6",
+        task, "lease_until = ?5",
         {SqlValue::Int(NowMillis() + absl::ToInt64Milliseconds(lease))}));
     AMALGAM_ASSIGN_OR_RETURN(
-        const int64_t cancel,
-        QueryInt("SELECT cancel_requested FROM jobs WHERE id = ?1",
+        const int64_t stop,
+        QueryInt("SELECT (SELECT COALESCE(MAX(cancel_requested), 0) FROM jobs "
+                 "WHERE id = ?1) + (SELECT COUNT(*) FROM job_tasks WHERE "
+                 "job_id = ?1 AND error_code != 0)",
                  {SqlValue::Text(task.job_id)}));
-    return cancel != 0;
+    return stop != 0;
   }
 
   absl::Status UpdateTask(const JobTask& task) override {
@@ -1051,8 +1063,8 @@ class SqlCatalog : public Catalog {
     return InTransaction([&]() -> absl::Status {
       AMALGAM_RETURN_IF_ERROR(WriteTask(
           task,
-          "tensors_done = ?6, bytes_done = ?7, error_code = ?8, error_message "
-          "= ?9",
+          "tensors_done = ?5, bytes_done = ?6, error_code = ?7, error_message "
+          "= ?8",
           {SqlValue::Int(task.tensors_done), SqlValue::Int(task.bytes_done),
            SqlValue::Int(task.error_code),
            SqlValue::Text(task.error_message)}));
@@ -1069,8 +1081,8 @@ class SqlCatalog : public Catalog {
       AMALGAM_RETURN_IF_ERROR(place());
       AMALGAM_RETURN_IF_ERROR(WriteTask(
           task,
-          "done = 1, sha256 = ?6, size_bytes = ?7, tensors_done = ?8, "
-          "bytes_done = ?9",
+          "done = 1, sha256 = ?5, size_bytes = ?6, tensors_done = ?7, "
+          "bytes_done = ?8",
           {SqlValue::Text(task.sha256), SqlValue::Int(task.size_bytes),
            SqlValue::Int(task.tensors_done), SqlValue::Int(task.bytes_done)}));
       return Notify(task.job_id);
@@ -1088,8 +1100,8 @@ class SqlCatalog : public Catalog {
     AMALGAM_ASSIGN_OR_RETURN(
         SqlResult rows,
         Run("SELECT task, runner, attempt, lease_until, tensors_done, "
-            "bytes_done, done, sha256, size_bytes, error_code, error_message "
-            "FROM job_tasks WHERE job_id = ?1 ORDER BY task",
+            "bytes_done, done, sha256, size_bytes, error_code, error_message, "
+            "stops FROM job_tasks WHERE job_id = ?1 ORDER BY task",
             {SqlValue::Text(job_id)}));
     std::vector<JobTask> tasks;
     for (const SqlRow& row : rows.rows) {
@@ -1106,6 +1118,7 @@ class SqlCatalog : public Catalog {
       task.size_bytes = row[8].number;
       task.error_code = static_cast<int>(row[9].number);
       task.error_message = row[10].text;
+      task.stops = static_cast<int>(row[11].number);
       tasks.push_back(std::move(task));
     }
     return tasks;
@@ -1209,22 +1222,21 @@ class SqlCatalog : public Catalog {
     return absl::OkStatus();
   }
 
-  // Sets `columns` (parameters from ?6, `values`) of the task's row if its
-  // run still holds it and its job runs: FAILED_PRECONDITION otherwise.
+  // Sets `columns` (parameters from ?5, `values`) of the task's row if its
+  // run still holds it (the row is gone once its job ended):
+  // FAILED_PRECONDITION otherwise.
   absl::Status WriteTask(const JobTask& task, const std::string& columns,
                          std::vector<SqlValue> values)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::vector<SqlValue> params = {
         SqlValue::Text(task.job_id), SqlValue::Int(task.task),
-        SqlValue::Int(task.attempt), SqlValue::Text(task.runner),
-        SqlValue::Int(kRunning)};
+        SqlValue::Int(task.attempt), SqlValue::Text(task.runner)};
     params.insert(params.end(), values.begin(), values.end());
     AMALGAM_ASSIGN_OR_RETURN(
         SqlResult written,
         Run(absl::StrCat("UPDATE job_tasks SET ", columns,
                          " WHERE job_id = ?1 AND task = ?2 AND attempt = ?3 "
-                         "AND runner = ?4 AND done = 0 AND job_id IN (SELECT "
-                         "id FROM jobs WHERE state = ?5)"),
+                         "AND runner = ?4 AND done = 0"),
             params));
     if (written.changed > 0) return absl::OkStatus();
     return absl::FailedPreconditionError(absl::StrCat(

@@ -43,8 +43,10 @@ struct JobLimits {
 struct JobTask {
   std::string job_id;
   int task = 0;
-  std::string runner;
+  std::string runner;  // empty while nobody holds it
   int attempt = 0;
+  // Runs that stopped holding it (lease expired); a released run is not one.
+  int stops = 0;
   // Claimable again once this passes (milliseconds since the epoch).
   int64_t lease_until_ms = 0;
   int64_t tensors_done = 0;
@@ -232,24 +234,26 @@ class Catalog {
   // Tasks. A job's run adds its tasks and publishes its results once every
   // one is done; workers of every process on the catalog claim them. A job
   // that ends (however it ends) drops its tasks; a task's writes are fenced
-  // by its attempt and by its job running.
+  // by its attempt and runner (a job's rows exist until it ends).
 
-  // Adds tasks 0..count-1 that the job lacks (those of an earlier run stay,
-  // done or held), fenced by the run `job.attempt()`.
-  virtual absl::Status AddTasks(const v1::Job& job, int count) = 0;
-  // Claims a task not done, not failed and not held (or whose lease
-  // expired), claimed fewer than `max_attempts` times, of a RUNNING job not
-  // asked to cancel whose numeric configuration is `config` (only of job
-  // `job_id` unless empty), oldest job first: held by `runner` under the
-  // next attempt for `lease`, progress cleared. Returns it, and its job in
-  // `*job`; nullopt when there is none.
+  // Adds tasks 0..count-1 that the job lacks, fenced by the run
+  // `job.attempt()`: those of an earlier run with the same `layout` (the
+  // shards planned) stay, done or held; those of another are replaced.
+  virtual absl::Status AddTasks(const v1::Job& job, int count,
+                                const std::string& layout) = 0;
+  // Claims a task not done and not held (or whose lease expired: one more
+  // stop, of at most `max_attempts`), of a RUNNING job not asked to cancel,
+  // none of whose tasks failed, whose numeric configuration is `config`
+  // (only of job `job_id` unless empty), oldest job first: held by `runner`
+  // under the next attempt for `lease`, progress cleared. Returns it, and
+  // its job in `*job`; nullopt when there is none.
   virtual absl::StatusOr<std::optional<JobTask>> ClaimTask(
       const std::string& runner, const std::string& config,
       const std::string& job_id, absl::Duration lease, int max_attempts,
       v1::Job* job) = 0;
   // Renews the task's lease; returns whether it should stop (its job is
-  // asked to cancel). FAILED_PRECONDITION when the run lost the task (or
-  // its job ended).
+  // asked to cancel, or another of its tasks failed). FAILED_PRECONDITION
+  // when the run lost the task (or its job ended).
   virtual absl::StatusOr<bool> RenewTask(const JobTask& task,
                                          absl::Duration lease) = 0;
   // Writes the task's progress, or its failure (error_code set), fenced.

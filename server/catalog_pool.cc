@@ -205,9 +205,10 @@ class CatalogPool : public Catalog {
     return member->RequeueRunsOf(runner, every);
   }
 
-  absl::Status AddTasks(const v1::Job& job, int count) override {
+  absl::Status AddTasks(const v1::Job& job, int count,
+                        const std::string& layout) override {
     Lease member(this);
-    return member->AddTasks(job, count);
+    return member->AddTasks(job, count, layout);
   }
 
   absl::StatusOr<std::optional<JobTask>> ClaimTask(const std::string& runner,

@@ -116,8 +116,8 @@ struct JobManager::Running {
   // When progress was last written to the catalog.
   absl::Time persisted = absl::InfinitePast();
   absl::Time renewed = absl::Now();
-  // The job's tasks (0 until they are in the catalog) and what they write
-  // in all; its progress is their sum.
+  // The job's tasks (0 until they are in the catalog, and once all are
+  // written) and what they write in all; its progress is their sum.
   int tasks = 0;
   int64_t tensors_total = 0;
   int64_t bytes_total = 0;
@@ -599,6 +599,8 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& id,
                                            const std::string& organization) {
   AMALGAM_ASSIGN_OR_RETURN(v1::Job job, catalog()->CancelJob(id, organization));
   absl::MutexLock lock(&mu_);
+  // Its tasks run here stop now; elsewhere at their next renewal.
+  CancelTasksOf(id);
   auto it = running_.find(id);
   if (it != running_.end()) {
     // Run here: it stops now. Run elsewhere: at its runner's next renewal.
@@ -754,17 +756,19 @@ void JobManager::HeartbeatLoop() {
       } else if (*cancel) {
         run->user_cancelled = true;
         run->cancelled = true;
-        // Its tasks here stop too.
-        for (TaskRun* task : task_runs_) {
-          if (task->task.job_id == job.id()) task->cancelled = true;
-        }
+        CancelTasksOf(job.id());
       }
     }
     for (auto& [task, claim] : renew_tasks) {
       absl::StatusOr<bool> stop =
           catalog()->RenewTask(claim, options_.job_lease);
       absl::MutexLock lock(&mu_);
-      if (task_runs_.count(task) == 0) continue;
+      // The same run still (a worker's next task may have its address).
+      if (task_runs_.count(task) == 0 || task->task.job_id != claim.job_id ||
+          task->task.task != claim.task ||
+          task->task.attempt != claim.attempt) {
+        continue;
+      }
       if (!stop.ok() && absl::IsFailedPrecondition(stop.status())) {
         task->lost = true;
         task->cancelled = true;
@@ -774,6 +778,12 @@ void JobManager::HeartbeatLoop() {
     }
     for (const std::string& id : with_tasks) RefreshProgress(id);
     ReadRemote(remote);
+  }
+}
+
+void JobManager::CancelTasksOf(const std::string& job_id) {
+  for (TaskRun* task : task_runs_) {
+    if (task->task.job_id == job_id) task->cancelled = true;
   }
 }
 
@@ -949,8 +959,10 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
   const uint64_t shard_bytes = ShardBytes(*prepared);
   const int shards = core::CountShards(specs, shard_bytes);
   const int count = shards * prepared->outputs;
-  // Tasks done by an earlier run of the job stay done.
-  absl::Status added = catalog()->AddTasks(job, count);
+  // Tasks done by an earlier run of the job stay done (where it planned the
+  // same shards).
+  absl::Status added = catalog()->AddTasks(
+      job, count, absl::StrCat(count, " x ", shard_bytes, " bytes"));
   LostIf(run, added);
   AMALGAM_RETURN_IF_ERROR(added);
   {
@@ -980,20 +992,30 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
       }
       if (task.done) {
         ++done;
-      } else if (task.attempt >= options_.max_attempts &&
+      } else if (task.stops + (task.runner.empty() ? 0 : 1) >=
+                     options_.max_attempts &&
                  task.lease_until_ms < absl::ToUnixMillis(absl::Now())) {
-        return absl::AbortedError(absl::StrCat(
-            "the runner of shard ", task.task,
-            " stopped (killed, or cut off "
-            "from the catalog) in each of ",
-            task.attempt, " attempts; it is not tried again (--max-attempts)"));
+        return absl::AbortedError(
+            absl::StrCat("the runners of shard ", task.task,
+                         " stopped (killed, or cut off from the catalog) ",
+                         options_.max_attempts,
+                         " times; it is not tried again (--max-attempts)"));
       }
     }
     if (done == count && static_cast<int>(tasks.size()) == count) break;
     absl::MutexLock lock(&mu_);
     mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.poll_interval);
   }
-  RefreshProgress(job.id());
+  {
+    // Every shard is written: the job's progress is whole (and no longer
+    // read from the tasks).
+    absl::MutexLock lock(&mu_);
+    run->tasks = 0;
+    v1::Progress* p = run->job.mutable_progress();
+    p->set_tensors_done(run->tensors_total);
+    p->set_bytes_done(run->bytes_total);
+    Notify(run->job);
+  }
   // Each output model: its shards' blobs, linked into a directory (removed
   // with `outputs`), with its index and side files.
   for (int k = 0; k < prepared->outputs; ++k) {
@@ -1034,7 +1056,7 @@ void JobManager::RefreshProgress(const std::string& job_id) {
   {
     absl::MutexLock lock(&mu_);
     auto it = running_.find(job_id);
-    if (it == running_.end()) return;
+    if (it == running_.end() || it->second->tasks == 0) return;
     run = it->second.get();
     v1::Progress* p = run->job.mutable_progress();
     if (p->tensors_done() == tensors && p->bytes_done() == bytes) return;
@@ -1049,8 +1071,12 @@ void JobManager::RefreshProgress(const std::string& job_id) {
       persist = run->job;
     }
   }
-  // `run` stays in running_ while its worker waits for its tasks.
-  if (persist.has_value()) LostIf(run, catalog()->UpdateRun(*persist));
+  if (!persist.has_value()) return;
+  const absl::Status written = catalog()->UpdateRun(*persist);
+  absl::MutexLock lock(&mu_);
+  // The run may have ended meanwhile (and its job been written final).
+  auto it = running_.find(job_id);
+  if (it != running_.end() && it->second.get() == run) LostIf(run, written);
 }
 
 bool JobManager::RunATask(const std::string& job_id, const Prepared* prepared) {
@@ -1128,10 +1154,13 @@ void JobManager::RunTask(TaskRun* run, const Prepared* prepared) {
     // The one file the shard's writer made.
     std::string path;
     std::error_code error;
-    for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
-      path = entry.path().string();
+    for (std::filesystem::directory_iterator it(dir, error), end;
+         !error && it != end; it.increment(error)) {
+      path = it->path().string();
     }
-    status = storage_->CompleteTask(task, path);
+    status = error ? absl::InternalError(absl::StrCat("cannot list ", dir, ": ",
+                                                      error.message()))
+                   : storage_->CompleteTask(task, path);
     if (absl::IsFailedPrecondition(status)) run->lost = true;  // fenced out
     if (status.ok()) {
       Log(LogLevel::kInfo, LogFields("task_done")
@@ -1149,10 +1178,13 @@ void JobManager::RunTask(TaskRun* run, const Prepared* prepared) {
     stopping = stopping_;
   }
   if (status.ok() || run->lost) return;
-  if (run->cancelled) {
-    // Stopped by shutdown: given back, so that another worker takes it at
-    // once (a cancelled job drops its tasks itself).
-    if (stopping) catalog()->ReleaseTask(task).IgnoreError();
+  if (run->cancelled || absl::IsUnavailable(status)) {
+    // Stopped by shutdown, or cut off from the catalog: given back, so that
+    // another worker takes it at once (a cancelled job drops its tasks
+    // itself).
+    if (stopping || absl::IsUnavailable(status)) {
+      catalog()->ReleaseTask(task).IgnoreError();
+    }
     return;
   }
   // The job fails with it (its runner reads the tasks).

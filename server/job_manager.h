@@ -197,6 +197,9 @@ class JobManager {
   // process, then links each model's shards into a directory with its index
   // and side files.
   absl::Status RunJob(Running* run, Outputs* outputs);
+  // Stops the runs here of job `job_id`'s tasks.
+  void CancelTasksOf(const std::string& job_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Sets the progress of job `job_id`, run here, to its tasks' sum.
   void RefreshProgress(const std::string& job_id);
   // Claims a task (of job `job_id` only, unless empty) and runs it; false

@@ -225,6 +225,150 @@ TEST_P(StorageTest, AJobWhoseRunnersKeepStoppingFailsAfterMaxAttempts) {
   EXPECT_THAT(job->error_message(), HasSubstr("--max-attempts"));
 }
 
+// A job's tasks: claimed once at a time, their writes fenced by the claim,
+// a run that stops counted (a release not), the blob of a done task spared by
+// the collection of unreferenced blobs, and the rows gone with the job.
+TEST_P(StorageTest, TasksAreClaimedFencedCountedAndDroppedWithTheirJob) {
+  auto storage = Open("tasks");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  Storage& s = **storage;
+  Catalog& catalog = *s.catalog();
+  ASSERT_TRUE(
+      catalog.SubmitJob(Queued("job_t", "org-a"), {}, JobLimits()).ok());
+  v1::Job stale_run;
+  stale_run.set_id("job_t");
+  stale_run.set_attempt(7);
+  EXPECT_EQ(catalog.AddTasks(stale_run, 2, "2").code(),
+            absl::StatusCode::kFailedPrecondition)
+      << "tasks are added by the job's run";
+  auto run = catalog.ClaimJob("coordinator", "c", absl::Seconds(30), 3);
+  ASSERT_TRUE(run.ok() && run->has_value()) << run.status();
+  ASSERT_TRUE(catalog.AddTasks(**run, 2, "2").ok());
+  ASSERT_TRUE(catalog.AddTasks(**run, 2, "2").ok()) << "added once";
+  v1::Job job;
+  auto none = catalog.ClaimTask("w1", "other", "", absl::Seconds(30), 2, &job);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value()) << "another numeric configuration";
+  auto t0 = catalog.ClaimTask("w1", "c", "", absl::Milliseconds(200), 2, &job);
+  ASSERT_TRUE(t0.ok() && t0->has_value()) << t0.status();
+  EXPECT_EQ(job.id(), "job_t");
+  EXPECT_EQ((*t0)->task, 0);
+  EXPECT_EQ((*t0)->attempt, 1);
+  auto t1 = catalog.ClaimTask("w2", "c", "job_t", absl::Seconds(30), 2, &job);
+  ASSERT_TRUE(t1.ok() && t1->has_value()) << t1.status();
+  EXPECT_EQ((*t1)->task, 1);
+  auto busy = catalog.ClaimTask("w3", "c", "", absl::Seconds(30), 2, &job);
+  ASSERT_TRUE(busy.ok());
+  EXPECT_FALSE(busy->has_value()) << "both held";
+
+  // Task 1 is given back (not a stop) and claimed again.
+  ASSERT_TRUE(catalog.ReleaseTask(**t1).ok());
+  auto t1b = catalog.ClaimTask("w3", "c", "", absl::Seconds(30), 2, &job);
+  ASSERT_TRUE(t1b.ok() && t1b->has_value()) << t1b.status();
+  EXPECT_EQ((*t1b)->task, 1);
+  EXPECT_EQ((*t1b)->attempt, 2);
+  EXPECT_EQ(catalog.UpdateTask(**t1).code(),
+            absl::StatusCode::kFailedPrecondition)
+      << "the released run changes nothing";
+
+  // Task 0's runner stops renewing: its lease runs out, the next claim is a
+  // second stop... of at most 2.
+  absl::SleepFor(absl::Milliseconds(400));
+  auto t0b = catalog.ClaimTask("w4", "c", "", absl::Milliseconds(200), 2, &job);
+  ASSERT_TRUE(t0b.ok() && t0b->has_value()) << t0b.status();
+  EXPECT_EQ((*t0b)->task, 0);
+  JobTask late = **t0;
+  late.sha256 = std::string(64, 'a');
+  late.size_bytes = 3;
+  EXPECT_EQ(s.CompleteTask(late, WriteFile(s.NewTempPath("s"), "old")).code(),
+            absl::StatusCode::kFailedPrecondition)
+      << "a run past its lease completes nothing";
+  EXPECT_EQ(catalog.RenewTask(**t0, absl::Seconds(30)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  absl::SleepFor(absl::Milliseconds(400));
+  auto exhausted = catalog.ClaimTask("w5", "c", "", absl::Seconds(30), 2, &job);
+  ASSERT_TRUE(exhausted.ok());
+  EXPECT_FALSE(exhausted->has_value()) << "task 0's runners stopped twice";
+  auto listed = catalog.ListTasks("job_t");
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 2u);
+  EXPECT_EQ((*listed)[0].stops, 1);
+  EXPECT_EQ((*listed)[0].runner, "w4");
+  EXPECT_EQ((*listed)[1].stops, 0) << "a release is not a stop";
+
+  // Task 1 is done: its blob is spared by the collection, and by the delete
+  // of an artifact with the same content.
+  JobTask done = **t1b;
+  done.tensors_done = 2;
+  done.bytes_done = 8;
+  const std::string shard = WriteFile(s.NewTempPath("s"), "shard");
+  ASSERT_TRUE(s.CompleteTask(done, shard).ok());
+  EXPECT_FALSE(std::filesystem::exists(shard)) << "moved into the blob store";
+  listed = catalog.ListTasks("job_t");
+  ASSERT_TRUE(listed.ok() && listed->size() == 2u);
+  const JobTask& written = (*listed)[1];
+  EXPECT_TRUE(written.done);
+  EXPECT_EQ(written.size_bytes, 5);
+  EXPECT_EQ(written.bytes_done, 8);
+  auto same = s.AddArtifact({WriteFile(s.NewTempPath("t"), "shard")},
+                            Weights("org-a", written.sha256));
+  ASSERT_TRUE(same.ok()) << same.status();
+  ASSERT_TRUE(s.DeleteArtifact(*same).ok());
+  auto collected = s.CollectGarbage(std::chrono::seconds(-1));
+  ASSERT_TRUE(collected.ok()) << collected.status();
+  EXPECT_EQ(*collected, 0);
+  EXPECT_TRUE(s.LinkBlob(written.sha256, dir_ + "/linked").ok())
+      << "the done task's blob is kept";
+
+  // Another plan of the job's shards replaces the tasks; the job's end
+  // drops them, and their blobs are collected.
+  ASSERT_TRUE(catalog.AddTasks(**run, 3, "3").ok());
+  listed = catalog.ListTasks("job_t");
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->size(), 3u);
+  EXPECT_FALSE((*listed)[1].done);
+  v1::Job failed = **run;
+  failed.set_state(v1::JOB_STATE_FAILED);
+  ASSERT_TRUE(catalog.UpdateRun(failed).ok());
+  EXPECT_TRUE(catalog.ListTasks("job_t")->empty());
+  collected = s.CollectGarbage(std::chrono::seconds(-1));
+  ASSERT_TRUE(collected.ok()) << collected.status();
+  EXPECT_EQ(*collected, 1);
+}
+
+// A failed task stops its job's other tasks: none is claimed, and a renewal
+// says stop.
+TEST_P(StorageTest, AFailedTaskStopsItsSiblings) {
+  auto storage = Open("failed-task");
+  ASSERT_TRUE(storage.ok()) << storage.status();
+  Catalog& catalog = *(*storage)->catalog();
+  ASSERT_TRUE(
+      catalog.SubmitJob(Queued("job_f", "org-a"), {}, JobLimits()).ok());
+  auto run = catalog.ClaimJob("coordinator", "c", absl::Seconds(30), 3);
+  ASSERT_TRUE(run.ok() && run->has_value()) << run.status();
+  ASSERT_TRUE(catalog.AddTasks(**run, 3, "3").ok());
+  v1::Job job;
+  auto t0 = catalog.ClaimTask("w1", "c", "", absl::Seconds(30), 3, &job);
+  auto t1 = catalog.ClaimTask("w2", "c", "", absl::Seconds(30), 3, &job);
+  ASSERT_TRUE(t0.ok() && t0->has_value() && t1.ok() && t1->has_value());
+  auto renewed = catalog.RenewTask(**t1, absl::Seconds(30));
+  ASSERT_TRUE(renewed.ok()) << renewed.status();
+  EXPECT_FALSE(*renewed);
+  JobTask failure = **t0;
+  failure.error_code = static_cast<int>(absl::StatusCode::kFailedPrecondition);
+  failure.error_message = "singular";
+  ASSERT_TRUE(catalog.UpdateTask(failure).ok());
+  auto stop = catalog.RenewTask(**t1, absl::Seconds(30));
+  ASSERT_TRUE(stop.ok()) << stop.status();
+  EXPECT_TRUE(*stop);
+  auto none = catalog.ClaimTask("w3", "c", "", absl::Seconds(30), 3, &job);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value()) << "task 2 of a failed job";
+  auto listed = catalog.ListTasks("job_f");
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ((*listed)[0].error_message, "singular");
+}
+
 TEST_P(StorageTest, LimitsCancelsAndDeletesAreDecidedInTheCatalog) {
   auto storage = Open("limits");
   ASSERT_TRUE(storage.ok()) << storage.status();
