@@ -168,10 +168,7 @@ int RunMerge(const Args& args, const std::vector<std::string>& weights,
     std::fprintf(stderr, "%s\n", plan.status().ToString().c_str());
     return 1;
   }
-  std::vector<core::TensorSpec> specs;
-  for (const core::PlannedTensor& t : plan->tensors) {
-    specs.push_back({t.info.name, t.out_dtype, t.info.shape});
-  }
+  const std::vector<core::TensorSpec> specs = core::TensorSpecs(*plan);
   const int shards = core::CountShards(specs, options.shard_bytes);
   std::atomic<int> next{0};
   std::atomic<bool> failed{false};
@@ -311,16 +308,15 @@ int main(int argc, char** argv) {
       inputs_per_model * args.models * tensors * tensor_bytes / 1073741824.0;
   const double memcpy_gib = MemcpyGibPerSecond();
   const double write_alone = WriteAloneSeconds(out, tensors, elements);
+  const int shards =
+      core::CountShards(Specs(tensors, elements), args.shard_bytes);
   std::printf(
       "| %s (queue %d, %d of %d shards at once) | %d x %.2f GiB | %d x %d MiB "
       "| %.0f | %.0f | %s | %.2f "
       "| %.2f / %.2f | %.2f | %.2f | %.0f%% | %.2f | %.2f | %.0f%% | %s, %d "
       "|\n",
-      args.method.c_str(), args.queue_depth,
-      std::min(args.workers,
-               core::CountShards(Specs(tensors, elements), args.shard_bytes)),
-      core::CountShards(Specs(tensors, elements), args.shard_bytes),
-      args.models, args.model_gib, tensors, args.tensor_mib, peak_mib,
+      args.method.c_str(), args.queue_depth, std::min(args.workers, shards),
+      shards, args.models, args.model_gib, tensors, args.tensor_mib, peak_mib,
       bound_mib, peak_mib < bound_mib ? "yes" : "NO", seconds, median.user,
       median.system, input_gib / seconds, memcpy_gib,
       100 * input_gib / seconds / memcpy_gib, write_alone,

@@ -553,6 +553,15 @@ absl::StatusOr<std::string> GrownConfigKeys(const GrowPlan& plan,
   return keys.dump();
 }
 
+std::vector<TensorSpec> TensorSpecs(const GrowPlan& plan) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(plan.tensors.size());
+  for (const GrowTensor& t : plan.tensors) {
+    specs.push_back(TensorSpec{t.info.name, t.out_dtype, t.info.shape});
+  }
+  return specs;
+}
+
 absl::Status ExecuteGrow(
     const GrowPlan& plan, const SafetensorsReader& a,
     const SafetensorsReader* b_or_null, const GrowOptions& options,
@@ -560,18 +569,10 @@ absl::Status ExecuteGrow(
     const std::function<void(int64_t done, int64_t total)>& progress,
     const std::atomic<bool>* cancelled) {
   const SafetensorsReader& b = b_or_null != nullptr ? *b_or_null : a;
-  std::vector<TensorSpec> specs;
-  for (const GrowTensor& t : plan.tensors) {
-    specs.push_back(TensorSpec{t.info.name, t.out_dtype, t.info.shape});
-  }
+  std::vector<TensorSpec> specs = TensorSpecs(plan);
   // The tensors written: those of options.shard when it is set.
-  std::vector<const GrowTensor*> work;
-  const std::vector<int> shard_of = AssignShards(specs, options.shard_bytes);
-  for (size_t i = 0; i < plan.tensors.size(); ++i) {
-    if (options.shard == kEveryShard || shard_of[i] == options.shard) {
-      work.push_back(&plan.tensors[i]);
-    }
-  }
+  const std::vector<size_t> work =
+      ShardTensors(specs, options.shard_bytes, options.shard);
   AMALGAM_ASSIGN_OR_RETURN(
       std::unique_ptr<ModelWriter> writer,
       ModelWriter::Create(out_dir, std::move(specs),
@@ -582,8 +583,8 @@ absl::Status ExecuteGrow(
   CpuCacheScope cache;  // same-shaped layers reuse their buffers
   const int64_t total = static_cast<int64_t>(work.size());
   int64_t done = 0;
-  for (const GrowTensor* tensor : work) {
-    const GrowTensor& t = *tensor;
+  for (const size_t index : work) {
+    const GrowTensor& t = plan.tensors[index];
     if (cancelled != nullptr && cancelled->load()) {
       return absl::CancelledError(absl::StrCat("grow cancelled after ", done,
                                                " of ", total, " tensors"));

@@ -74,6 +74,9 @@ struct GrowPlan {
   uint64_t output_bytes = 0;
 };
 
+// The tensors the growth writes, in order (name, output dtype, shape).
+std::vector<TensorSpec> TensorSpecs(const GrowPlan& plan);
+
 // Validates the growth without reading tensor data. `b` may be null
 // (self-fusion). INVALID_ARGUMENT for an unknown layout or bad rules, or a
 // tensor that fits no rule of the layout (naming the first);

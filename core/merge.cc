@@ -1073,6 +1073,15 @@ absl::StatusOr<MergePlan> PlanMerge(const std::vector<MergeInput>& inputs,
   return plan;
 }
 
+std::vector<TensorSpec> TensorSpecs(const MergePlan& plan) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(plan.tensors.size());
+  for (const PlannedTensor& t : plan.tensors) {
+    specs.push_back(TensorSpec{t.info.name, t.out_dtype, t.info.shape});
+  }
+  return specs;
+}
+
 absl::Status ExecuteMerge(
     const MergePlan& plan, const std::vector<MergeInput>& inputs,
     const MergeOptions& options, const std::string& out_dir,
@@ -1098,11 +1107,7 @@ absl::Status ExecuteMerge(
         return at::Device(device_name);
       }));
 
-  std::vector<TensorSpec> specs;
-  specs.reserve(plan.tensors.size());
-  for (const PlannedTensor& t : plan.tensors) {
-    specs.push_back(TensorSpec{t.info.name, t.out_dtype, t.info.shape});
-  }
+  std::vector<TensorSpec> specs = TensorSpecs(plan);
   std::map<std::string, std::string> metadata = {
       {"format", "pt"},
       {"amalgam.method", MethodName(options.method)},
@@ -1153,9 +1158,8 @@ absl::Status ExecuteMerge(
     shard_plan = plan;
     shard_plan.tensors.clear();
     shard_plan.output_bytes = 0;
-    const std::vector<int> shard_of = AssignShards(specs, options.shard_bytes);
-    for (size_t i = 0; i < plan.tensors.size(); ++i) {
-      if (shard_of[i] != options.shard) continue;
+    for (const size_t i :
+         ShardTensors(specs, options.shard_bytes, options.shard)) {
       shard_plan.tensors.push_back(plan.tensors[i]);
       shard_plan.output_bytes += plan.tensors[i].out_nbytes;
     }

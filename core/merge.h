@@ -165,6 +165,9 @@ struct MergePlan {
   uint64_t output_bytes = 0;
 };
 
+// The tensors the merge writes, in order (name, output dtype, shape).
+std::vector<TensorSpec> TensorSpecs(const MergePlan& plan);
+
 // Validates a merge in full without reading tensor data (beyond metadata):
 // at least two models; coefficients >= 0 and not all zero unless all are
 // zero; alpha in [0,1]; statistics present for the method; the same tensor

@@ -86,16 +86,34 @@ std::vector<int> AssignShards(const std::vector<TensorSpec>& tensors,
   return shard_of;
 }
 
-int CountShards(const std::vector<TensorSpec>& tensors, uint64_t shard_bytes) {
-  const std::vector<int> shard_of = AssignShards(tensors, shard_bytes);
+namespace {
+
+// The shards of an assignment (AssignShards): 1 when there are no tensors.
+int ShardsOf(const std::vector<int>& shard_of) {
   return shard_of.empty() ? 1 : shard_of.back() + 1;
+}
+
+}  // namespace
+
+int CountShards(const std::vector<TensorSpec>& tensors, uint64_t shard_bytes) {
+  return ShardsOf(AssignShards(tensors, shard_bytes));
+}
+
+std::vector<size_t> ShardTensors(const std::vector<TensorSpec>& tensors,
+                                 uint64_t shard_bytes, int shard) {
+  const std::vector<int> shard_of = AssignShards(tensors, shard_bytes);
+  std::vector<size_t> indices;
+  for (size_t i = 0; i < shard_of.size(); ++i) {
+    if (shard == kEveryShard || shard_of[i] == shard) indices.push_back(i);
+  }
+  return indices;
 }
 
 absl::Status WriteModelIndex(const std::string& dir,
                              const std::vector<TensorSpec>& tensors,
                              uint64_t shard_bytes) {
   const std::vector<int> shard_of = AssignShards(tensors, shard_bytes);
-  const int shards = shard_of.empty() ? 1 : shard_of.back() + 1;
+  const int shards = ShardsOf(shard_of);
   if (shards == 1) return absl::OkStatus();
   nlohmann::json weight_map = nlohmann::json::object();
   uint64_t total = 0;
@@ -115,7 +133,8 @@ absl::StatusOr<std::unique_ptr<ModelWriter>> ModelWriter::Create(
   if (shard_bytes == 0) {
     return absl::InvalidArgumentError("the shard size must be positive");
   }
-  const int shards = CountShards(tensors, shard_bytes);
+  std::vector<int> shard_of = AssignShards(tensors, shard_bytes);
+  const int shards = ShardsOf(shard_of);
   if (shard != kEveryShard && (shard < 0 || shard >= shards)) {
     return absl::InvalidArgumentError(
         absl::StrCat("shard ", shard, " is not one of the model's ", shards));
@@ -138,7 +157,7 @@ absl::StatusOr<std::unique_ptr<ModelWriter>> ModelWriter::Create(
   writer->made_dir_ = made;
   writer->only_ = shard;
   writer->max_shard_bytes_ = shard_bytes;
-  writer->shard_of_ = AssignShards(tensors, shard_bytes);
+  writer->shard_of_ = std::move(shard_of);
   writer->shard_bytes_.assign(static_cast<size_t>(shards), 0);
   writer->first_tensor_.assign(static_cast<size_t>(shards), tensors.size());
   for (size_t i = tensors.size(); i-- > 0;) {

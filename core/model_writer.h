@@ -25,17 +25,23 @@ inline constexpr uint64_t kDefaultShardBytes = 5'000'000'000;
 std::vector<int> AssignShards(const std::vector<TensorSpec>& tensors,
                               uint64_t shard_bytes);
 
+// What a ModelWriter (or a merge, a growth) writes: every shard, or the one
+// numbered (from 0).
+inline constexpr int kEveryShard = -1;
+
 // The shards `tensors` take (1 when there are none).
 int CountShards(const std::vector<TensorSpec>& tensors, uint64_t shard_bytes);
+
+// The indices, in order, of the tensors in shard `shard` (every tensor for
+// kEveryShard).
+std::vector<size_t> ShardTensors(const std::vector<TensorSpec>& tensors,
+                                 uint64_t shard_bytes, int shard);
 
 // Writes model.safetensors.index.json of the model of `tensors` into `dir`
 // (atomically), where they take more than one shard; nothing for one.
 absl::Status WriteModelIndex(const std::string& dir,
                              const std::vector<TensorSpec>& tensors,
                              uint64_t shard_bytes);
-
-// What a ModelWriter writes.
-inline constexpr int kEveryShard = -1;
 
 // Streams tensors, in the order given, into the directory `dir` (created if
 // missing): one shard is model.safetensors; several are

@@ -116,11 +116,9 @@ struct JobManager::Running {
   // When progress was last written to the catalog.
   absl::Time persisted = absl::InfinitePast();
   absl::Time renewed = absl::Now();
-  // The job's tasks (0 until they are in the catalog, and once all are
-  // written) and what they write in all; its progress is their sum.
-  int tasks = 0;
-  int64_t tensors_total = 0;
-  int64_t bytes_total = 0;
+  // Its progress is its tasks' sum: from when they are in the catalog until
+  // all are written (the totals are the submission's).
+  bool from_tasks = false;
 };
 
 JobManager::JobManager(Storage* storage, JobManagerOptions options)
@@ -724,7 +722,7 @@ void JobManager::HeartbeatLoop() {
           run->renewed = now;
           renew.emplace_back(run.get(), run->job);
         }
-        if (run->tasks > 0) with_tasks.push_back(id);
+        if (run->from_tasks) with_tasks.push_back(id);
       }
       for (TaskRun* task : task_runs_) {
         if (now - task->renewed >= renew_every) {
@@ -967,10 +965,7 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
   AMALGAM_RETURN_IF_ERROR(added);
   {
     absl::MutexLock lock(&mu_);
-    run->tasks = count;
-    run->tensors_total = prepared->tensors_per_output * prepared->outputs;
-    run->bytes_total =
-        static_cast<int64_t>(prepared->bytes_per_output) * prepared->outputs;
+    run->from_tasks = true;
     wake_ = true;  // idle workers here take tasks too
   }
   std::vector<JobTask> tasks;
@@ -1010,10 +1005,10 @@ absl::Status JobManager::RunJob(Running* run, Outputs* outputs) {
     // Every shard is written: the job's progress is whole (and no longer
     // read from the tasks).
     absl::MutexLock lock(&mu_);
-    run->tasks = 0;
+    run->from_tasks = false;
     v1::Progress* p = run->job.mutable_progress();
-    p->set_tensors_done(run->tensors_total);
-    p->set_bytes_done(run->bytes_total);
+    p->set_tensors_done(p->tensors_total());
+    p->set_bytes_done(p->bytes_total());
     Notify(run->job);
   }
   // Each output model: its shards' blobs, linked into a directory (removed
@@ -1056,14 +1051,12 @@ void JobManager::RefreshProgress(const std::string& job_id) {
   {
     absl::MutexLock lock(&mu_);
     auto it = running_.find(job_id);
-    if (it == running_.end() || it->second->tasks == 0) return;
+    if (it == running_.end() || !it->second->from_tasks) return;
     run = it->second.get();
     v1::Progress* p = run->job.mutable_progress();
     if (p->tensors_done() == tensors && p->bytes_done() == bytes) return;
     p->set_tensors_done(tensors);
-    p->set_tensors_total(run->tensors_total);
     p->set_bytes_done(bytes);
-    p->set_bytes_total(run->bytes_total);
     Notify(run->job);
     // The catalog (for watchers elsewhere) at most four times a second.
     if (absl::Now() - run->persisted >= absl::Milliseconds(250)) {
@@ -1195,17 +1188,8 @@ void JobManager::RunTask(TaskRun* run, const Prepared* prepared) {
 
 std::vector<core::TensorSpec> JobManager::OutputSpecs(
     const Prepared& prepared) {
-  std::vector<core::TensorSpec> specs;
-  if (prepared.grow_a != nullptr) {
-    for (const core::GrowTensor& t : prepared.grow_plan.tensors) {
-      specs.push_back({t.info.name, t.out_dtype, t.info.shape});
-    }
-  } else {
-    for (const core::PlannedTensor& t : prepared.plan.tensors) {
-      specs.push_back({t.info.name, t.out_dtype, t.info.shape});
-    }
-  }
-  return specs;
+  return prepared.grow_a != nullptr ? core::TensorSpecs(prepared.grow_plan)
+                                    : core::TensorSpecs(prepared.plan);
 }
 
 uint64_t JobManager::ShardBytes(const Prepared& prepared) {
@@ -1241,13 +1225,10 @@ absl::Status JobManager::WriteShard(
     core::GrowOptions options = prepared.grow_options;
     options.shard = shard;
     // The bytes of the shard's tensors, in order.
-    const std::vector<int> shard_of =
-        core::AssignShards(OutputSpecs(prepared), options.shard_bytes);
     std::vector<uint64_t> sizes;
-    for (size_t i = 0; i < shard_of.size(); ++i) {
-      if (shard_of[i] == shard) {
-        sizes.push_back(prepared.grow_plan.tensors[i].out_nbytes);
-      }
+    for (const size_t i : core::ShardTensors(OutputSpecs(prepared),
+                                             options.shard_bytes, shard)) {
+      sizes.push_back(prepared.grow_plan.tensors[i].out_nbytes);
     }
     int64_t counted = 0;
     uint64_t bytes_done = 0;
