@@ -1279,11 +1279,19 @@ absl::Status JobManager::WriteSweepStep(
 }
 
 void JobManager::DiscardResults(const std::string& job_id) {
+  // Listed before the job is read: a result that a run elsewhere published
+  // meanwhile (having taken the requeued job over) is either not listed, or
+  // one of the job's results.
   absl::StatusOr<std::vector<v1::Artifact>> artifacts =
       storage_->ListArtifacts();
   if (!artifacts.ok()) return;
+  absl::StatusOr<v1::Job> job = catalog()->GetJob(job_id);
+  if (!job.ok()) return;
+  const std::set<std::string> results(job->result_ids().begin(),
+                                      job->result_ids().end());
   for (const v1::Artifact& artifact : *artifacts) {
-    if (artifact.produced_by_job() == job_id) {
+    if (artifact.produced_by_job() == job_id &&
+        results.count(artifact.id()) == 0) {
       // Not while another job reads it (then it stays, as a stray result).
       DeleteIfUnused(artifact).IgnoreError();
     }

@@ -227,7 +227,8 @@ class JobManager {
       const std::function<void(int64_t, int64_t)>& progress,
       const std::atomic<bool>* cancelled);
   // Deletes results that a job of an earlier version of amalgamd stored
-  // before it was re-run (results are now published with SUCCEEDED).
+  // before it was re-run (results are now published with SUCCEEDED), never
+  // those the job was published with.
   void DiscardResults(const std::string& job_id);
   Storage* const storage_;
   const JobManagerOptions options_;
