@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/sketch.h"
 
 namespace amalgam::core {
 namespace {
@@ -106,13 +107,12 @@ bool UseFloat32Solve(const MergeOptions& options, const at::Device& device) {
 }
 
 // The fast mode's check: each weight's output error, estimated in float64 on
-// kSketchColumns fixed random combinations of its output columns.
-constexpr int64_t kSketchColumns = 4;
+// kSketchRows fixed random combinations of its output columns.
 
-// A fixed matrix [rows, kSketchColumns] of +-1 (a counter hash, the same in
-// every run), so that E ||M z||_F^2 = kSketchColumns ||M||_F^2.
-at::Tensor Sketch(int64_t rows, const at::Device& device) {
-  at::Tensor z = at::empty({rows, kSketchColumns}, at::kDouble);
+// A fixed matrix [kSketchRows, columns] of +-1 (a counter hash, the same in
+// every run), so that E ||z^T M||_F^2 = kSketchRows ||M||_F^2.
+at::Tensor Sketch(int64_t columns, const at::Device& device) {
+  at::Tensor z = at::empty({kSketchRows, columns}, at::kDouble);
   double* p = z.data_ptr<double>();
   for (int64_t j = 0; j < z.numel(); ++j) {
     uint64_t h = static_cast<uint64_t>(j + 1) * 0x9E3779B97F4A7C15ull;
@@ -122,35 +122,19 @@ at::Tensor Sketch(int64_t rows, const at::Device& device) {
   return z.to(device);
 }
 
-// m z in float64, for m [r, c] of any floating type and z [c, k] float64,
-// converting kCheckRows rows of m at a time (no float64 copy of m).
-constexpr int64_t kCheckRows = 256;
-
-at::Tensor TimesInFloat64(const at::Tensor& m, const at::Tensor& z) {
-  at::Tensor out = at::empty({m.size(0), z.size(1)}, z.options());
-  at::Tensor block =
-      at::empty({std::min(kCheckRows, m.size(0)), m.size(1)}, z.options());
-  for (int64_t r = 0; r < m.size(0); r += kCheckRows) {
-    const int64_t rows = std::min(kCheckRows, m.size(0) - r);
-    at::Tensor converted = block.narrow(0, 0, rows);
-    converted.copy_(m.narrow(0, r, rows));
-    at::Tensor slice = out.narrow(0, r, rows);
-    at::mm_out(slice, converted, z);
-  }
-  return out;
-}
-
 // The fast mode: with f_i = s_i alpha and d_i = s_i (1 - alpha),
 //   a = sum_i f_i G_i + diag(sum_i d_i diag(G_i)),
-//   b = sum_i f_i G_i W_i^T + d_i diag(G_i) W_i^T,
+//   b^T = sum_i f_i W_i G_i^T + d_i W_i diag(G_i),
 // the Cholesky factor of a and the two triangular solves, all in float32 on
-// the mapped tensors (no copy of a Gram). Then the check, in float64: with
+// the mapped tensors (no copy of a Gram; b is formed transposed, where the
+// diagonal term runs along W's rows). Then the check, in float64: with
 // a = L L^T, x* the exact solution and r = b - a x, the output error
 // ||L^T (x - x*)||_F / ||L^T x||_F (the bench's, on the pooled inputs) is
-// ||L^-1 r||_F / ||L^T x||_F, here estimated on r z and x z for the sketch
-// z, with r z = sum_i G~_i (W_i^T z - x z): each weight and Gram read once
-// more, converted to float64 a block of rows at a time. Nothing where a sum is
-// not finite, a column has no input (the float64 path splits those off), the
+// ||L^-1 r||_F / ||L^T x||_F, here estimated on the sketch z: the numerator
+// from r z = sum_i G~_i (W_i^T z - x z), each weight and Gram read once more
+// in float64; the denominator from (x z)^T b z, which is (x z)^T a (x z) to
+// the order of the estimate itself. Nothing where a sum is not finite, a
+// column has no input (the float64 path splits those off), the
 // factorisation fails or its pivots are below float32's resolution, or the
 // estimate is over `tolerance`; `estimate` is set where it was made. The
 // factor of a is `shared`'s where another weight made it (then a is not
@@ -161,13 +145,13 @@ std::optional<at::Tensor> FastRegMean(const RegMeanSystem& s,
                                       RegMeanFactors& shared) {
   const size_t models = s.scales.size();
   const bool form = !shared.fast_l.has_value();
-  at::Tensor a, b, diagonal;
+  at::Tensor a, bt, diagonal;
   for (size_t i = 0; i < models; ++i) {
     const at::Tensor w = s.load(i, false, at::kFloat, false);
     const at::Tensor g = s.load(i, true, at::kFloat, false);
     const double f = s.scales[i] * s.alpha;
     const double d = s.scales[i] * (1 - s.alpha);
-    if (i == 0) b = at::empty({g.size(0), w.size(0)}, g.options());
+    if (i == 0) bt = at::empty({w.size(0), g.size(0)}, g.options());
     if (form && i == 0) {
       a = g.mul(f);
       diagonal = g.diagonal().mul(d);
@@ -175,8 +159,8 @@ std::optional<at::Tensor> FastRegMean(const RegMeanSystem& s,
       a.add_(g, f);
       diagonal.add_(g.diagonal(), d);
     }
-    b.addmm_(g, w.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/f);
-    if (d != 0) b.addcmul_(g.diagonal().unsqueeze(1), w.t(), d);
+    bt.addmm_(w, g.t(), /*beta=*/i == 0 ? 0.0 : 1.0, /*alpha=*/f);
+    if (d != 0) bt.addcmul_(w, g.diagonal().contiguous().unsqueeze(0), d);
   }
   if (form) {
     a.diagonal().add_(diagonal);
@@ -196,35 +180,36 @@ std::optional<at::Tensor> FastRegMean(const RegMeanSystem& s,
     shared.fast_l = factored ? a : at::Tensor();
   }
   const at::Tensor& l = *shared.fast_l;
-  if (!l.defined() || !AllFinite(b)) return std::nullopt;
+  if (!l.defined() || !AllFinite(bt)) return std::nullopt;
+  const at::Tensor b = bt.t();
   const at::Tensor x = CholeskySolve(l, b);
   if (!AllFinite(x)) return std::nullopt;
 
-  const at::Tensor z = Sketch(x.size(1), device);
-  const at::Tensor xz = x.to(at::kDouble).matmul(z);
-  at::Tensor rz = at::zeros_like(xz), axz = at::zeros_like(xz);
+  // With the sketch z [out, k] as its transpose zt: (x z)^T = zt x^T.
+  const at::Tensor zt = Sketch(x.size(1), device);
+  const at::Tensor xt = x.t();  // the merged weight [out, in]
+  const at::Tensor xz = SketchTimes(zt, xt);
+  at::Tensor rz = at::zeros_like(xz);
   for (size_t i = 0; i < models; ++i) {
     const at::Tensor w = s.load(i, false, at::kFloat, false);
     const at::Tensor g = s.load(i, true, at::kFloat, false);
     const double f = s.scales[i] * s.alpha;
     const double d = s.scales[i] * (1 - s.alpha);
-    const at::Tensor v = at::cat({TimesInFloat64(w.t(), z), xz}, 1);
-    at::Tensor gv = TimesInFloat64(g, v).mul_(f);
+    const at::Tensor u = SketchTimes(zt, w).sub_(xz);  // (W_i^T z - x z)^T
+    rz.add_(SketchTimesTransposed(u, g), f);
     if (d != 0) {
-      gv.addcmul_(g.diagonal().to(at::kDouble).unsqueeze(1), v, d);
+      rz.addcmul_(g.diagonal().to(at::kDouble).unsqueeze(0), u, d);
     }
-    rz.add_(gv.narrow(1, 0, kSketchColumns))
-        .sub_(gv.narrow(1, kSketchColumns, kSketchColumns));
-    axz.add_(gv.narrow(1, kSketchColumns, kSketchColumns));
   }
+  const double squared_norm = xz.mul(SketchTimes(zt, bt)).sum().item<double>();
   const double error =
-      at::linalg_solve_triangular(l, rz.to(at::kFloat), /*upper=*/false)
+      at::linalg_solve_triangular(l, rz.t().to(at::kFloat), /*upper=*/false)
           .norm()
           .item<double>() /
-      std::sqrt(xz.mul(axz).sum().item<double>());
+      std::sqrt(squared_norm);
   *estimate = error;
   if (!(error <= tolerance)) return std::nullopt;
-  return x.t();
+  return xt;
 }
 
 // The precise mode: sums, factorisation and solve in float64 (or, where

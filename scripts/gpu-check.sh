@@ -92,7 +92,7 @@ torch.version.cuda, "available", torch.cuda.is_available())' ||
   # (safetensors_test is left out: it runs /usr/bin/python3, which may have no
   # NumPy there.)
   local tests=(merge_test runtime_test cpu_cache_test statistics_test grow_test
-    task_vectors_test sha256_test)
+    task_vectors_test sha256_test shared_gram_test shard_test sketch_test)
   for t in "${tests[@]}"; do
     SECONDS=0
     if AMALGAM_TEST_TMPDIR=$PWD/$build/tmp "$build/bin/$t" \
