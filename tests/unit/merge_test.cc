@@ -592,7 +592,7 @@ class RegMeanTest : public MergeTest {
     }
   }
 
-  // Three models of 1101 features (over kCholeskyLeaf, an odd size) with
+  // Three models of 1101 features (over kCholeskyBlock, an odd size) with
   // unequal coefficients.
   void MakeLargeModels() {
     in_ = 1101;
@@ -776,8 +776,8 @@ TEST_F(RegMeanTest, AlphaHalfWithCoefficientsMatchesTheNormalEquations) {
   EXPECT_GT(RelErr(got, Reference(0.0)), 1e-3);
 }
 
-// Systems of over kCholeskyLeaf (512) features are factorised recursively,
-// in both precisions; an odd size splits unevenly.
+// Systems of over kCholeskyBlock (256) features are factorised in blocks,
+// in both precisions; an odd size leaves a partial block.
 TEST_F(RegMeanTest, LargeSystemsMatchTheNormalEquations) {
   MakeLargeModels();
   MergeOptions options;
@@ -803,7 +803,7 @@ double OutputError(const at::Tensor& merged, const at::Tensor& want,
       .item<double>();
 }
 
-// The fast mode (float32 throughout) on a system over kCholeskyLeaf: its
+// The fast mode (float32 throughout) on a system over kCholeskyBlock: its
 // output error is under the tolerance, and the check's estimate of it (made
 // on 4 random combinations of the columns) is within 2x of the truth.
 TEST_F(RegMeanTest, FastPrecisionKeepsItsErrorUnderTheToleranceAndEstimatesIt) {
