@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -47,6 +48,10 @@ ABSL_FLAG(std::string, device, "cpu",
           "where amalgam's merge runs (the references run on the CPU)");
 ABSL_FLAG(std::string, python, "/usr/bin/python3",
           "the Python (with PyTorch) that runs the references");
+ABSL_FLAG(int, runs, 1,
+          "rounds of amalgam's merges and the authors' style, one after the "
+          "other; the rows give each one's median and the speed-ups those of "
+          "the medians and, per round, their least and greatest");
 ABSL_FLAG(bool, reference, true,
           "also run the PyTorch reference (bench/regmean_reference.py)");
 
@@ -61,6 +66,12 @@ constexpr double kAlpha = 0.9;
 
 double Seconds(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t h = v.size() / 2;
+  return v.size() % 2 == 1 ? v[h] : (v[h - 1] + v[h]) / 2;
 }
 
 struct Linear {
@@ -212,6 +223,7 @@ int RunMerge(const std::string& dir, core::RegMeanPrecision precision,
 struct Ours {
   std::string precision;
   double seconds = 0, rss_mib = 0, weight_error = 0, output_error = 0;
+  std::vector<double> rounds;  // seconds
   long long fast_solves = 0, fast_fallbacks = 0;
 };
 
@@ -227,8 +239,8 @@ bool RunOurs(const std::string& dir, Ours* ours) {
   int status = 0;
   struct rusage usage {};
   ::wait4(child, &status, 0, &usage);
-  ours->seconds = Seconds(start);
-  ours->rss_mib = usage.ru_maxrss / 1024.0;
+  ours->rounds.push_back(Seconds(start));
+  ours->rss_mib = std::max(ours->rss_mib, usage.ru_maxrss / 1024.0);
   std::FILE* counts = std::fopen((out + "/counts").c_str(), "r");
   const bool read =
       counts != nullptr && std::fscanf(counts, "%lld %lld", &ours->fast_solves,
@@ -271,7 +283,11 @@ int main(int argc, char** argv) {
       return 2;
     }
     ours.push_back({precision});
-    if (!RunOurs(dir, &ours.back())) return 1;
+  }
+  const int runs = absl::GetFlag(FLAGS_runs);
+  if (runs < 1) {
+    std::fprintf(stderr, "--runs: at least 1, not %d\n", runs);
+    return 2;
   }
 
   // The references, same files, same machine: float64 (the ground truth of
@@ -280,6 +296,7 @@ int main(int argc, char** argv) {
   // RSS and errors against the float64 solve.
   struct Reference {
     double seconds = 0, rss_mib = 0, weight_error = 0, output_error = 0;
+    std::vector<double> rounds;  // seconds
   };
   auto run_reference = [&](const char* style, Reference* r,
                            std::vector<Ours>* scored) {
@@ -302,37 +319,61 @@ int main(int argc, char** argv) {
       read = read && std::fscanf(pipe, " weight_error=%lf output_error=%lf",
                                  &o.weight_error, &o.output_error) == 2;
     }
+    r->rounds.push_back(r->seconds);
     return pipe != nullptr && ::pclose(pipe) == 0 && read;
   };
+  // Rounds of ours and the authors' style, one after the other (this
+  // machine's speed drifts by 20% over minutes); the float64 solve, which
+  // scores ours (the same results every round), after the first.
   Reference float64, authors;
   std::vector<Ours> none;
   const bool reference = absl::GetFlag(FLAGS_reference);
-  if (reference && (!run_reference("float64", &float64, &ours) ||
-                    !run_reference("authors", &authors, &none))) {
-    std::fprintf(stderr, "a reference failed\n");
-    return 1;
+  for (int round = 0; round < runs; ++round) {
+    for (Ours& o : ours) {
+      if (!RunOurs(dir, &o)) return 1;
+    }
+    if (reference &&
+        ((round == 0 && !run_reference("float64", &float64, &ours)) ||
+         !run_reference("authors", &authors, &none))) {
+      std::fprintf(stderr, "a reference failed\n");
+      return 1;
+    }
   }
+  for (Ours& o : ours) o.seconds = Median(o.rounds);
+  if (reference) authors.seconds = Median(authors.rounds);
 
   const double gflop = Flops(layers) / 1e9;
   const at::Device device(absl::GetFlag(FLAGS_device));
   const double peak = MatmulGflops(device);
   std::printf(
-      "| implementation | seconds | speed-up over the authors' style | GFLOP/s "
+      "| implementation | seconds (median of %d) | speed-up over the authors' "
+      "style | per round, least - greatest | GFLOP/s "
       "| share of %s %s matmul (%.1f GFLOP/s) | peak RSS (MiB) "
       "| weight error | output error "
       "| weights solved in float32 / redone in float64 "
       "| BLAS core, intra-op threads |\n",
-      device.str().c_str(), device.is_cpu() ? "f64" : "f32", peak);
-  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+      runs, device.str().c_str(), device.is_cpu() ? "f64" : "f32", peak);
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+  // The speed-ups of each round (ours against the authors' style of the
+  // same round), least and greatest.
+  auto spread = [&](const std::vector<double>& rounds) -> std::string {
+    if (!reference || rounds.size() != authors.rounds.size()) return "-";
+    double least = 1e300, greatest = 0;
+    for (size_t i = 0; i < rounds.size(); ++i) {
+      least = std::min(least, authors.rounds[i] / rounds[i]);
+      greatest = std::max(greatest, authors.rounds[i] / rounds[i]);
+    }
+    return absl::StrFormat("%.2fx - %.2fx", least, greatest);
+  };
   auto row = [&](const std::string& name, double seconds, double rss_mib,
                  double weight_error, double output_error,
-                 const std::string& fast) {
+                 const std::string& fast, const std::string& rounds) {
     std::printf(
-        "| %s | %.1f | %s | %.1f | %.0f%% | %.0f | %s | %s | %s | %s |\n",
+        "| %s | %.1f | %s | %s | %.1f | %.0f%% | %.0f | %s | %s | %s | %s |\n",
         name.c_str(), seconds,
         reference ? absl::StrFormat("%.2fx", authors.seconds / seconds).c_str()
                   : "-",
-        gflop / seconds, 100 * gflop / seconds / peak, rss_mib,
+        rounds.c_str(), gflop / seconds, 100 * gflop / seconds / peak, rss_mib,
         reference ? absl::StrFormat("%.2g", weight_error).c_str() : "-",
         reference ? absl::StrFormat("%.2g", output_error).c_str() : "-",
         fast.c_str(), core_threads.c_str());
@@ -343,15 +384,17 @@ int main(int argc, char** argv) {
         o.seconds, o.rss_mib, o.weight_error, o.output_error,
         o.precision == "float32"
             ? absl::StrCat(o.fast_solves, " / ", o.fast_fallbacks)
-            : "-");
+            : "-",
+        spread(o.rounds));
   }
   if (reference) {
-    row("PyTorch float64 solve (bench/regmean_reference.py float64)",
-        float64.seconds, float64.rss_mib, 0.0, 0.0, "-");
+    row("PyTorch float64 solve (bench/regmean_reference.py float64, one "
+        "run)",
+        float64.seconds, float64.rss_mib, 0.0, 0.0, "-", "-");
     row("PyTorch, the authors' style: float32, torch.inverse "
         "(bench/regmean_reference.py authors)",
         authors.seconds, authors.rss_mib, authors.weight_error,
-        authors.output_error, "-");
+        authors.output_error, "-", "-");
   }
   std::printf(
       "\n%d layers, %d models, %.1f GFLOP per merge (formula count); errors "
