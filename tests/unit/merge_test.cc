@@ -544,7 +544,7 @@ class RegMeanTest : public MergeTest {
  protected:
   // Input features: small, or large enough for the blocked factorisation.
   int64_t in_ = 8;
-  static constexpr int64_t kOut = 5;
+  int64_t out_ = 5;  // outputs of "lin"
   // The dtype the Grams are stored in.
   at::ScalarType gram_type_ = at::kFloat;
   // When > 0, input feature 1 is feature 0 plus this much noise: nearly
@@ -553,7 +553,7 @@ class RegMeanTest : public MergeTest {
   // Offsets every random stream of MakeModels (0: the fixed data).
   int64_t seed_ = 0;
 
-  // Model i: weight "lin.weight" [kOut, in_], bias "lin.bias" [kOut], inputs
+  // Model i: weight "lin.weight" [out_, in_], bias "lin.bias" [out_], inputs
   // X_i [rows_i, in_] and their Gram X_i^T X_i (a sum over rows).
   void MakeModels(std::vector<int64_t> rows,
                   std::vector<std::map<std::string, std::string>> meta = {},
@@ -570,8 +570,8 @@ class RegMeanTest : public MergeTest {
                              collinear_ *
                                  Randn({rows[i]}, 800 + i + 1000 * seed_));
       }
-      at::Tensor w = Randn({kOut, in_}, 600 + i + 1000 * seed_).to(at::kFloat);
-      at::Tensor b = Randn({kOut}, 700 + i + 1000 * seed_).to(at::kFloat);
+      at::Tensor w = Randn({out_, in_}, 600 + i + 1000 * seed_).to(at::kFloat);
+      at::Tensor b = Randn({out_}, 700 + i + 1000 * seed_).to(at::kFloat);
       at::Tensor g = x.t().matmul(x);
       std::map<std::string, std::string> m =
           i < meta.size() ? meta[i]
@@ -640,7 +640,7 @@ class RegMeanTest : public MergeTest {
   at::Tensor Reference(double alpha, std::vector<double> scale = {}) const {
     std::vector<double> c = NormalisedCoeffs();
     at::Tensor a = at::zeros({in_, in_}, at::kDouble);
-    at::Tensor b = at::zeros({in_, kOut}, at::kDouble);
+    at::Tensor b = at::zeros({in_, out_}, at::kDouble);
     for (size_t i = 0; i < ws_.size(); ++i) {
       at::Tensor g = grams_[i] * (scale.empty() ? 1.0 : scale[i]);
       at::Tensor gt = alpha * g + (1 - alpha) * at::diag(at::diag(g));
@@ -663,7 +663,7 @@ class RegMeanTest : public MergeTest {
 
   at::Tensor AverageBias() const {
     std::vector<double> c = NormalisedCoeffs();
-    at::Tensor ref = at::zeros({kOut}, at::kDouble);
+    at::Tensor ref = at::zeros({out_}, at::kDouble);
     for (size_t i = 0; i < bs_.size(); ++i) ref += c[i] * bs_[i];
     return ref;
   }
@@ -824,6 +824,33 @@ TEST_F(RegMeanTest, FastPrecisionKeepsItsErrorUnderTheToleranceAndEstimatesIt) {
   EXPECT_LE(RelErr(merged, Reference(0.7)), 1e-4);
 }
 
+// With far more output columns than the check's 4 combinations of them
+// (and a column count off its 8-lane blocks), the estimate still reads the
+// true output error within 2x, and a tolerance under it sends the weight
+// to float64.
+TEST_F(RegMeanTest, FastPrecisionEstimatesTheErrorOfAWideWeight) {
+  in_ = 1101;
+  out_ = 301;
+  coeffs_ = {1, 2, 3};
+  MakeModels({1400, 1300, 1900});
+  MergeOptions options;
+  options.alpha = 0.7;
+  at::Tensor merged;
+  MergeProgress last = MergeFast(options, merged);
+  ASSERT_TRUE(merged.defined());
+  ASSERT_EQ(last.fast_solves, 1);
+  const double truth = OutputError(merged, Reference(0.7), Pooled(0.7));
+  EXPECT_GT(truth, 1e-9);
+  EXPECT_GE(last.fast_output_error, truth / 2);
+  EXPECT_LE(last.fast_output_error, truth * 2);
+
+  options.fast_output_tolerance = last.fast_output_error / 2;
+  last = MergeFast(options, merged);
+  EXPECT_EQ(last.fast_solves, 0);
+  EXPECT_EQ(last.fast_fallbacks, 1);
+  EXPECT_LE(RelErr(merged, Reference(0.7)), 1e-6);
+}
+
 // A weight whose estimate is over the tolerance is solved again in float64,
 // giving bitwise the precise mode's result; so is one that float32 cannot
 // factor (condition number near 1e12).
@@ -938,7 +965,7 @@ TEST_F(RegMeanTest, AlphaZeroWithEqualGramsEqualsTheWeightedAverage) {
   options.alpha = 0.0;
   auto out = Merge(inputs_, options);
   ASSERT_TRUE(out.ok()) << out.status();
-  at::Tensor avg = at::zeros({kOut, in_}, at::kDouble);
+  at::Tensor avg = at::zeros({out_, in_}, at::kDouble);
   for (size_t i = 0; i < 3; ++i) avg += ws_[i] * (coeffs_[i] / 6.0);
   EXPECT_LE(RelErr(Read(**out, "lin.weight"), avg), 1e-6);
 }
@@ -1134,8 +1161,8 @@ TEST_F(RegMeanTest, FeaturesZeroInEveryModelTakeTheAverageAndTheRestIsSolved) {
   }
   at::Tensor index = at::tensor(live, at::kLong);
   at::Tensor a = at::zeros({in_ - 1, in_ - 1}, at::kDouble);
-  at::Tensor b = at::zeros({in_ - 1, kOut}, at::kDouble);
-  at::Tensor average = at::zeros({kOut, in_}, at::kDouble);
+  at::Tensor b = at::zeros({in_ - 1, out_}, at::kDouble);
+  at::Tensor average = at::zeros({out_, in_}, at::kDouble);
   for (size_t i = 0; i < ws_.size(); ++i) {
     at::Tensor g = grams_[i].index_select(0, index).index_select(1, index);
     a += g / 3.0;
@@ -1405,7 +1432,7 @@ TEST_F(ExecutionTest, ProgressReachesTheTotal) {
   ASSERT_EQ(seen.size(), 2u);
   EXPECT_EQ(seen[0].tensors_done, 1);
   EXPECT_EQ(seen[0].bytes_done,
-            static_cast<uint64_t>(kOut * 4));  // lin.bias first
+            static_cast<uint64_t>(out_ * 4));  // lin.bias first
   EXPECT_EQ(seen[1].tensors_done, seen[1].tensors_total);
   EXPECT_EQ(seen[1].tensors_total, 2);
   EXPECT_EQ(seen[1].bytes_done, plan->output_bytes);
