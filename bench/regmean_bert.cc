@@ -222,7 +222,7 @@ int RunMerge(const std::string& dir, core::RegMeanPrecision precision,
 // Ours in one precision, run in a child (for its peak RSS).
 struct Ours {
   std::string precision;
-  double seconds = 0, rss_mib = 0, weight_error = 0, output_error = 0;
+  double rss_mib = 0, weight_error = 0, output_error = 0;
   std::vector<double> rounds;  // seconds
   long long fast_solves = 0, fast_fallbacks = 0;
 };
@@ -295,7 +295,7 @@ int main(int argc, char** argv) {
   // reports its own time (load, merge, save: no interpreter start-up), peak
   // RSS and errors against the float64 solve.
   struct Reference {
-    double seconds = 0, rss_mib = 0, weight_error = 0, output_error = 0;
+    double rss_mib = 0, weight_error = 0, output_error = 0;
     std::vector<double> rounds;  // seconds
   };
   auto run_reference = [&](const char* style, Reference* r,
@@ -309,17 +309,18 @@ int main(int argc, char** argv) {
                       "/model.safetensors");
     }
     std::FILE* pipe = ::popen(command.c_str(), "r");
+    double seconds = 0;
     bool read = pipe != nullptr &&
                 std::fscanf(pipe,
                             " seconds=%lf peak_rss_mib=%lf weight_error=%lf "
                             "output_error=%lf",
-                            &r->seconds, &r->rss_mib, &r->weight_error,
+                            &seconds, &r->rss_mib, &r->weight_error,
                             &r->output_error) == 4;
     for (Ours& o : *scored) {
       read = read && std::fscanf(pipe, " weight_error=%lf output_error=%lf",
                                  &o.weight_error, &o.output_error) == 2;
     }
-    r->rounds.push_back(r->seconds);
+    r->rounds.push_back(seconds);
     return pipe != nullptr && ::pclose(pipe) == 0 && read;
   };
   // Rounds of ours and the authors' style, one after the other (this
@@ -339,8 +340,7 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  for (Ours& o : ours) o.seconds = Median(o.rounds);
-  if (reference) authors.seconds = Median(authors.rounds);
+  const double authors_seconds = reference ? Median(authors.rounds) : 0;
 
   const double gflop = Flops(layers) / 1e9;
   const at::Device device(absl::GetFlag(FLAGS_device));
@@ -371,7 +371,7 @@ int main(int argc, char** argv) {
     std::printf(
         "| %s | %.1f | %s | %s | %.1f | %.0f%% | %.0f | %s | %s | %s | %s |\n",
         name.c_str(), seconds,
-        reference ? absl::StrFormat("%.2fx", authors.seconds / seconds).c_str()
+        reference ? absl::StrFormat("%.2fx", authors_seconds / seconds).c_str()
                   : "-",
         rounds.c_str(), gflop / seconds, 100 * gflop / seconds / peak, rss_mib,
         reference ? absl::StrFormat("%.2g", weight_error).c_str() : "-",
@@ -381,7 +381,7 @@ int main(int argc, char** argv) {
   for (const Ours& o : ours) {
     row(absl::StrCat("amalgam core::ExecuteMerge on ", device.str(),
                      ", precision ", o.precision),
-        o.seconds, o.rss_mib, o.weight_error, o.output_error,
+        Median(o.rounds), o.rss_mib, o.weight_error, o.output_error,
         o.precision == "float32"
             ? absl::StrCat(o.fast_solves, " / ", o.fast_fallbacks)
             : "-",
@@ -390,10 +390,10 @@ int main(int argc, char** argv) {
   if (reference) {
     row("PyTorch float64 solve (bench/regmean_reference.py float64, one "
         "run)",
-        float64.seconds, float64.rss_mib, 0.0, 0.0, "-", "-");
+        float64.rounds[0], float64.rss_mib, 0.0, 0.0, "-", "-");
     row("PyTorch, the authors' style: float32, torch.inverse "
         "(bench/regmean_reference.py authors)",
-        authors.seconds, authors.rss_mib, authors.weight_error,
+        authors_seconds, authors.rss_mib, authors.weight_error,
         authors.output_error, "-", "-");
   }
   std::printf(

@@ -113,10 +113,9 @@ bool UseFloat32Solve(const MergeOptions& options, const at::Device& device) {
 }
 
 // The fast mode's check: each weight's output error, estimated in float64 on
-// kSketchRows fixed random combinations of its output columns.
-
-// A fixed matrix [kSketchRows, columns] of +-1 (a counter hash, the same in
-// every run), so that E ||z^T M||_F^2 = kSketchRows ||M||_F^2.
+// kSketchRows fixed random combinations of its output columns, the rows of
+// the sketch: a fixed matrix [kSketchRows, columns] of +-1 (a counter hash,
+// the same in every run), so that E ||z^T M||_F^2 = kSketchRows ||M||_F^2.
 at::Tensor Sketch(int64_t columns, const at::Device& device) {
   at::Tensor z = at::empty({kSketchRows, columns}, at::kDouble);
   double* p = z.data_ptr<double>();
